@@ -1,0 +1,323 @@
+"""
+``imapproxy``: the admin command. It works on the same store as the server
+(``--store``, ``--config``, ``--secret-file`` mean the same), through the
+same store code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import react
+
+from .config import ConfigError, readConfig
+from .encryption import SecretKeyError
+from .model import TLS_MODES, Account, OAuth2Grant, Token, Upstream, validAccountId
+from .store import StoreError, defaultStoreURL, makeStore
+from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId
+
+
+class CommandError(Exception):
+    """A refusal to print (without a traceback) and exit 1."""
+
+
+def _secretArg(value: str) -> str:
+    # "-" reads the secret from standard input, keeping it out of `ps`.
+    if value == "-":
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise argparse.ArgumentTypeError("no value on standard input")
+        return line
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="store URL, e.g. sqlite:///var/lib/imapproxy/imapproxy.sqlite3",
+    )
+    common.add_argument(
+        "--config",
+        "-c",
+        default=argparse.SUPPRESS,
+        help="the server's config file (its store and secret-file)",
+    )
+    common.add_argument(
+        "--secret-file",
+        default=argparse.SUPPRESS,
+        help="file with the key that encrypts provider secrets",
+    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+    p = argparse.ArgumentParser(
+        prog="imapproxy", parents=[common], description="Manage imapproxy accounts and tokens."
+    )
+    top = p.add_subparsers(dest="group", required=True)
+
+    acc = top.add_parser("accounts", help="mailbox accounts").add_subparsers(
+        dest="command", required=True
+    )
+    add = acc.add_parser("add", parents=[common], help="register a mailbox")
+    add.add_argument("account", help="account id (what clients log in as)")
+    add.add_argument("--email", required=True, help="mailbox address (XOAUTH2 user)")
+    add.add_argument("--imap-host", required=True)
+    add.add_argument("--imap-port", type=int, default=993)
+    add.add_argument("--imap-tls", choices=TLS_MODES, default="implicit")
+    add.add_argument(
+        "--imap-ca-file", help="PEM CA bundle for the IMAP server [default: the system's CAs]"
+    )
+    add.add_argument("--token-url", required=True, help="the provider's token endpoint")
+    add.add_argument("--client-id", required=True)
+    add.add_argument(
+        "--client-secret",
+        required=True,
+        type=_secretArg,
+        help="OAuth2 client secret ('-' reads it from stdin)",
+    )
+    add.add_argument(
+        "--refresh-token",
+        required=True,
+        type=_secretArg,
+        help="OAuth2 refresh token ('-' reads it from stdin)",
+    )
+    add.add_argument(
+        "--oauth2-scope",
+        action="append",
+        default=[],
+        help="scope to ask for when refreshing (repeatable)",
+    )
+    add.add_argument(
+        "--replace", action="store_true", help="replace an existing account of that id"
+    )
+    acc.add_parser("list", parents=[common], help="list accounts")
+    show = acc.add_parser("show", parents=[common], help="show one account")
+    show.add_argument("account")
+    rm = acc.add_parser("remove", parents=[common], help="remove an account and revoke its tokens")
+    rm.add_argument("account")
+
+    tok = top.add_parser("tokens", help="access tokens").add_subparsers(
+        dest="command", required=True
+    )
+    issue = tok.add_parser(
+        "issue", parents=[common], help="issue a token; prints it (only it) on stdout"
+    )
+    issue.add_argument("--account", help="the account (none: a root token)")
+    issue.add_argument(
+        "--scope", action="append", required=True, help="imap-proxy, smtp, api or * (repeatable)"
+    )
+    issue.add_argument("--description", required=True)
+    issue.add_argument(
+        "--address", action="append", default=[], help="allowed client network, CIDR (repeatable)"
+    )
+    issue.add_argument("--expires-in", type=int, metavar="SECONDS")
+    lst = tok.add_parser("list", parents=[common], help="list tokens (never their values)")
+    lst.add_argument("--account")
+    rev = tok.add_parser("revoke", parents=[common], help="revoke a token")
+    rev.add_argument("token", metavar="TOKEN-OR-ID")
+    return p
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def accountView(a: Account) -> dict[str, Any]:
+    """An account as shown to operators: secrets only as "set"."""
+    return {
+        "account": a.id,
+        "email": a.email,
+        "imap": {
+            "host": a.upstream.host,
+            "port": a.upstream.port,
+            "tls": a.upstream.tls,
+            "caFile": a.upstream.caFile,
+        },
+        "oauth2": {
+            "tokenUrl": a.oauth2.tokenURL,
+            "clientId": a.oauth2.clientId,
+            "clientSecretSet": bool(a.oauth2.clientSecret),
+            "refreshTokenSet": bool(a.oauth2.refreshToken),
+            "scopes": list(a.oauth2.scopes),
+        },
+        "state": a.state,
+        "stateReason": a.stateReason,
+        "created": _iso(a.created),
+        "updated": _iso(a.updated),
+    }
+
+
+def tokenView(t: Token) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "account": t.account,
+        "description": t.description,
+        "scopes": list(t.scopes),
+        "restrictions": {"addresses": list(t.addresses)} if t.addresses else {},
+        "created": _iso(t.created),
+        "expires": _iso(t.expires),
+        "lastUse": {"time": _iso(t.lastUseTime), "address": t.lastUseAddress}
+        if t.lastUseTime
+        else None,
+    }
+
+
+async def _run(args: argparse.Namespace, store: Any, out: Any) -> None:
+    asJSON = getattr(args, "json", False)
+    group, command = args.group, args.command
+    if group == "accounts" and command == "add":
+        if not validAccountId(args.account):
+            raise CommandError(
+                "account ids are letters, digits and . _ @ + - "
+                "(at most 128, starting with a letter or digit)"
+            )
+        if not args.token_url.startswith("https://"):
+            raise CommandError("--token-url must be an https:// URL")
+        if not 0 < args.imap_port < 65536:
+            raise CommandError("--imap-port must be 1-65535")
+        existing = await store.getAccount(args.account)
+        if existing is not None and not args.replace:
+            raise CommandError(f"account {args.account} exists (use --replace)")
+        account = Account(
+            id=args.account,
+            email=args.email,
+            upstream=Upstream(
+                host=args.imap_host,
+                port=args.imap_port,
+                tls=args.imap_tls,
+                caFile=args.imap_ca_file,
+            ),
+            oauth2=OAuth2Grant(
+                tokenURL=args.token_url,
+                clientId=args.client_id,
+                clientSecret=args.client_secret,
+                refreshToken=args.refresh_token,
+                scopes=tuple(args.oauth2_scope),
+            ),
+            created=existing.created if existing else 0.0,
+        )
+        await store.putAccount(account)
+        print(f"account {args.account} saved", file=sys.stderr)
+    elif group == "accounts" and command == "list":
+        accounts = await store.listAccounts()
+        if asJSON:
+            json.dump({"accounts": [accountView(a) for a in accounts]}, out, indent=2)
+            out.write("\n")
+        else:
+            for a in accounts:
+                out.write(f"{a.id}\t{a.email}\t{a.upstream.host}:{a.upstream.port}\t{a.state}\n")
+    elif group == "accounts" and command == "show":
+        a = await store.getAccount(args.account)
+        if a is None:
+            raise CommandError(f"no account {args.account}")
+        json.dump(accountView(a), out, indent=2)
+        out.write("\n")
+    elif group == "accounts" and command == "remove":
+        if not await store.removeAccount(args.account):
+            raise CommandError(f"no account {args.account}")
+        print(f"account {args.account} removed with its tokens", file=sys.stderr)
+    elif group == "tokens" and command == "issue":
+        try:
+            scopes = parseScopes(args.scope)
+            addresses = parseNetworks(args.address)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        if not args.description.strip():
+            raise CommandError("--description must not be empty")
+        if args.account is not None and await store.getAccount(args.account) is None:
+            raise CommandError(f"no account {args.account}")
+        if args.expires_in is not None and args.expires_in <= 0:
+            raise CommandError("--expires-in must be positive")
+        token, tid = newToken()
+        now = time.time()
+        await store.addToken(
+            Token(
+                id=tid,
+                account=args.account,
+                scopes=scopes,
+                description=args.description.strip(),
+                addresses=addresses,
+                created=now,
+                expires=now + args.expires_in if args.expires_in else None,
+            )
+        )
+        out.write(token + "\n")
+        print(f"token id {tid}", file=sys.stderr)
+    elif group == "tokens" and command == "list":
+        tokens = await store.listTokens(args.account)
+        if asJSON:
+            json.dump({"tokens": [tokenView(t) for t in tokens]}, out, indent=2)
+            out.write("\n")
+        else:
+            for t in tokens:
+                out.write(
+                    f"{t.id}\t{t.account or '(root)'}\t{','.join(t.scopes)}\t{t.description}\n"
+                )
+    elif group == "tokens" and command == "revoke":
+        value = args.token.strip().lower()
+        if not looksLikeToken(value):
+            raise CommandError("give a token or a token id (64 hex characters)")
+        if not await store.removeToken(value) and not await store.removeToken(tokenId(value)):
+            raise CommandError("no such token")
+        print("token revoked", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    settings: dict[str, str] = {}
+    if getattr(args, "config", None):
+        try:
+            settings = readConfig(args.config, _serverSettings())
+        except ConfigError as e:
+            sys.exit(f"imapproxy: {e}")
+    url = getattr(args, "store", None) or settings.get("store") or defaultStoreURL()
+    secretFile = getattr(args, "secret_file", None) or settings.get("secret-file")
+    try:
+        store = makeStore(url, secretFile)
+        store.openBlocking()
+    except (StoreError, SecretKeyError) as e:
+        sys.exit(f"imapproxy: {e}")
+
+    async def run(reactor: Any) -> None:
+        try:
+            await _run(args, store, sys.stdout)
+        finally:
+            await store.close()
+
+    code = 0
+
+    def outer(reactor: Any) -> Any:
+        def failed(f: Any) -> None:
+            nonlocal code
+            if f.check(CommandError, StoreError, SecretKeyError):
+                print(f"imapproxy: {f.value}", file=sys.stderr)
+                code = 1
+                return None
+            return f
+
+        return ensureDeferred(run(reactor)).addErrback(failed)
+
+    try:
+        react(outer)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    sys.exit(code)
+
+
+def _serverSettings() -> set[str]:
+    from .tap import SETTINGS
+
+    return set(SETTINGS) | {"port"}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""
+``twisted.cred`` for the proxy: the checker decides whether a client's token
+lets it in; the realm turns the account id it yields into a logged-in
+upstream connection (the avatar).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from .errors import AccessDenied, AuthenticationFailed, UpstreamRejectedToken
+from .oauth import AccessTokens
+from .store import IAccountStore, ITokenStore
+from .tokens import checkToken, tokenId
+from .upstream import UpstreamProtocol, connectUpstream
+
+log = Logger()
+
+IMAP_SCOPE = "imap-proxy"
+
+
+class ITokenCredentials(ICredentials):
+    account = Attribute("The account id the client names as its user name (str).")
+    token = Attribute("The token presented as the password (str).")
+    address = Attribute("The client's IP address (str), for IP restrictions.")
+
+
+@implementer(ITokenCredentials)
+@attrs.frozen
+class TokenCredentials:
+    account: str
+    token: str = attrs.field(repr=False)
+    address: str
+
+
+class IUpstreamSession(Interface):
+    """The avatar: a logged-in upstream connection, ready to be spliced."""
+
+    protocol = Attribute("The logged-in ``UpstreamProtocol``.")
+    capabilities = Attribute("The provider's capabilities after login (list of bytes).")
+
+
+@implementer(IUpstreamSession)
+@attrs.define
+class UpstreamSession:
+    protocol: UpstreamProtocol
+    account: str
+    tokenId: str
+
+    @property
+    def capabilities(self) -> list[bytes]:
+        return self.protocol.capabilities
+
+    def logout(self) -> None:
+        if self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+
+
+@implementer(ICredentialsChecker)
+class TokenChecker:
+    """
+    :param tokens: the token store.
+    :param clock: ``IReactorTime``, for expiry and last-use times.
+    :param scope: the scope a token needs here.
+    """
+
+    credentialInterfaces = (ITokenCredentials,)
+
+    def __init__(self, tokens: ITokenStore, clock: Any, scope: str = IMAP_SCOPE):
+        self._tokens = tokens
+        self._clock = clock
+        self._scope = scope
+
+    def requestAvatarId(self, credentials: TokenCredentials) -> Deferred[Any]:
+        return ensureDeferred(self._check(credentials))
+
+    async def _check(self, c: TokenCredentials) -> tuple[str, str]:
+        tid = tokenId(c.token)
+        record = await self._tokens.getToken(tid)
+        now = self._clock.seconds()
+        try:
+            checkToken(
+                record,
+                c.token,
+                account=c.account,
+                scope=self._scope,
+                address=c.address,
+                now=now,
+            )
+        except AccessDenied as e:
+            log.info(
+                "login refused for {account} from {address}: {reason}",
+                account=c.account,
+                address=c.address,
+                reason=e.reason,
+            )
+            raise
+        self._tokens.touchToken(tid, now, c.address).addErrback(
+            lambda f: log.failure("recording token use failed", f)
+        )
+        # The avatar id carries the token's id too, so a session can be found
+        # (and closed) by the token it was opened with.
+        return (c.account, tid)
+
+
+@implementer(IRealm)
+class UpstreamRealm:
+    """
+    :param connect: ``(upstream, user, accessToken) -> Deferred[UpstreamProtocol]``.
+    """
+
+    def __init__(self, accounts: IAccountStore, accessTokens: AccessTokens, connect: Any):
+        self._accounts = accounts
+        self._access = accessTokens
+        self._connect = connect
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        if IUpstreamSession not in interfaces:
+            raise NotImplementedError("only IUpstreamSession avatars")
+        account, tid = avatarId
+        d = ensureDeferred(self._login(account, tid))
+        return d.addCallback(lambda s: (IUpstreamSession, s, s.logout))
+
+    async def _login(self, accountId: str, tid: str) -> UpstreamSession:
+        account = await self._accounts.getAccount(accountId)
+        if account is None:
+            raise AccessDenied("username")
+        if account.state == "disabled":
+            raise AccessDenied("account-disabled")
+        token = await self._access.get(account)
+        try:
+            proto = await self._connect(account.upstream, account.email, token.value)
+        except UpstreamRejectedToken:
+            if token.fresh:
+                log.warn("provider refused a fresh access token for {account}", account=accountId)
+                raise AuthenticationFailed() from None
+            log.info(
+                "provider refused the cached access token for {account}; refreshing",
+                account=accountId,
+            )
+            token = await self._access.get(account, force=True)
+            try:
+                proto = await self._connect(account.upstream, account.email, token.value)
+            except UpstreamRejectedToken:
+                log.warn("provider refused a fresh access token for {account}", account=accountId)
+                raise AuthenticationFailed() from None
+        return UpstreamSession(proto, accountId, tid)
+
+
+def upstreamConnector(reactor: Any, timeout: float) -> Any:
+    """The realm's ``connect``, bound to a reactor and a time bound."""
+
+    def connect(upstream: Any, user: str, accessToken: str) -> Deferred[UpstreamProtocol]:
+        return ensureDeferred(connectUpstream(reactor, upstream, user, accessToken, timeout))
+
+    return connect

@@ -1,0 +1,88 @@
+"""
+Encryption at rest for provider secrets (refresh tokens, client secrets).
+
+Fernet from ``cryptography``; several keys may be given (newest first) so that
+data written under an older key stays readable while keys are rotated.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+ENV_VAR = "IMAPPROXY_SECRET_KEY"
+
+
+class SecretKeyError(Exception):
+    """The secret key is missing, malformed or does not match the store."""
+
+
+class Secrets:
+    def __init__(self, keys: list[bytes]):
+        if not keys:
+            raise SecretKeyError("no secret key given")
+        try:
+            self._fernet = MultiFernet([Fernet(k) for k in keys])
+        except (ValueError, TypeError):
+            raise SecretKeyError(
+                "a secret key is not a valid Fernet key (32 url-safe base64 bytes)"
+            ) from None
+
+    def encrypt(self, plaintext: str) -> str:
+        return self._fernet.encrypt(plaintext.encode("utf-8")).decode("ascii")
+
+    def decrypt(self, ciphertext: str) -> str:
+        try:
+            return self._fernet.decrypt(ciphertext.encode("ascii")).decode("utf-8")
+        except InvalidToken:
+            raise SecretKeyError(
+                "stored secrets cannot be decrypted with the configured key"
+            ) from None
+
+
+def parseKeys(text: str) -> list[bytes]:
+    """One key a line (or separated by commas); ``#`` starts a comment."""
+    keys = []
+    for line in text.replace(",", "\n").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            keys.append(line.encode("ascii"))
+    return keys
+
+
+def loadSecrets(secretFile: str | None, defaultFile: str | None, environ=os.environ) -> Secrets:
+    """
+    Find the key: ``secretFile`` if given, else the environment variable
+    ``IMAPPROXY_SECRET_KEY``, else ``defaultFile``, which is created (mode
+    0600) with a new key when it does not exist yet.
+
+    :raises SecretKeyError: when no key can be found or read.
+    """
+    if secretFile:
+        return Secrets(_readKeyFile(secretFile))
+    if environ.get(ENV_VAR):
+        return Secrets(parseKeys(environ[ENV_VAR]))
+    if defaultFile is None:
+        raise SecretKeyError(f"no secret key: give --secret-file or set {ENV_VAR}")
+    if not os.path.exists(defaultFile):
+        _createKeyFile(defaultFile)
+    return Secrets(_readKeyFile(defaultFile))
+
+
+def _readKeyFile(path: str) -> list[bytes]:
+    try:
+        with open(path, encoding="ascii") as f:
+            keys = parseKeys(f.read())
+    except OSError as e:
+        raise SecretKeyError(f"cannot read secret file {path}: {e.strerror}") from None
+    if not keys:
+        raise SecretKeyError(f"secret file {path} holds no key")
+    return keys
+
+
+def _createKeyFile(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(Fernet.generate_key().decode("ascii") + "\n")

@@ -1,0 +1,98 @@
+"""
+The errors a login can end in, each with the fixed text and IMAP response code
+a client is shown.
+
+Nothing here carries a token, a provider secret or an exception's text: the
+``message`` of every error is chosen from fixed strings, so it is safe to send
+to a client and to log.
+"""
+
+from __future__ import annotations
+
+from twisted.cred.error import UnauthorizedLogin
+
+
+class ProxyError(Exception):
+    """
+    A login failure the client is told about as ``tag NO [code] message``.
+
+    :ivar code: the IMAP response code (RFC 5530), as bytes.
+    :ivar message: a fixed human-readable text, as str.
+    :ivar reason: a short machine-readable reason, for logs and metrics.
+    """
+
+    code = b"UNAVAILABLE"
+    message = "Service temporarily unavailable, try again later"
+    reason = "unavailable"
+
+    def __init__(self, reason: str | None = None, message: str | None = None):
+        if reason is not None:
+            self.reason = reason
+        if message is not None:
+            self.message = message
+        super().__init__(self.reason)
+
+    def imapResponse(self) -> bytes:
+        return b"NO [" + self.code + b"] " + self.message.encode("ascii")
+
+
+class Unavailable(ProxyError):
+    """The provider (its IMAP server or its token endpoint) cannot be used now."""
+
+
+class LimitReached(Unavailable):
+    """The provider refused the connection because of a connection limit."""
+
+    code = b"LIMIT"
+    message = "The provider refused: too many connections for this account"
+    reason = "upstream-limit"
+
+
+class AuthenticationFailed(ProxyError):
+    """The provider refused the account's credentials."""
+
+    code = b"AUTHENTICATIONFAILED"
+    message = "Authentication with the provider failed"
+    reason = "upstream-auth"
+
+
+class UpstreamRejectedToken(AuthenticationFailed):
+    """
+    The provider's IMAP server refused an access token: it may be stale, so the
+    realm refreshes it once and tries again.
+    """
+
+    reason = "upstream-token-rejected"
+
+
+class GrantInvalid(AuthenticationFailed):
+    """The provider answered ``invalid_grant``: the mailbox owner must consent again."""
+
+    message = "Account needs re-authorization"
+    reason = "invalid-grant"
+
+
+class AccessDenied(UnauthorizedLogin):
+    """
+    The proxy's own token check refused a login. ``reason`` is one of the keys
+    of ``TEXTS``; the client is shown the matching fixed text.
+    """
+
+    TEXTS = {
+        "unknown-token": "Access denied, failed to authenticate user",
+        "expired": "Access denied, token expired",
+        "scope": "Access denied, invalid scope",
+        "username": "Access denied, invalid username",
+        "address": "Access denied, traffic not accepted from this IP",
+        "account-disabled": "Access denied, account disabled",
+    }
+    code = b"AUTHENTICATIONFAILED"
+
+    def __init__(self, reason: str):
+        assert reason in self.TEXTS, reason
+        self.reason = reason
+        self.message = self.TEXTS[reason]
+        super().__init__(reason)
+
+    def imapResponse(self) -> bytes:
+        return b"NO [" + self.code + b"] " + self.message.encode("ascii")

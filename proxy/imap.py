@@ -1,0 +1,433 @@
+"""
+The client side: an ``IMAP4Server`` that speaks IMAP only until the login.
+It answers the few commands that make sense before authentication, checks the
+login through the portal, and from the tagged OK on hands both connections to
+the splice.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from typing import Any
+
+import attrs
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.interfaces import INegotiated
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.mail.imap4 import IllegalClientResponse, IMAP4Server
+
+from .cred import IUpstreamSession, TokenCredentials
+from .errors import AccessDenied, ProxyError
+from .splice import Splice
+
+log = Logger()
+
+PLAINTEXT_POLICIES = ("allow", "loopback", "deny")
+
+
+@attrs.frozen
+class ServerPolicy:
+    """
+    The pre-authentication bounds. An idle or hostile peer is cut off by
+    these before it costs anything lasting.
+
+    :ivar loginTimeout: seconds from connect to a completed login.
+    :ivar maxBadCommands: BAD responses before ``* BYE``.
+    :ivar maxFailedLogins: refused logins before ``* BYE``.
+    :ivar maxLineLength: longest command line before login.
+    :ivar maxLiteral: largest literal (a LOGIN argument) before login.
+    :ivar plaintextLogin: ``allow``, ``loopback`` or ``deny`` logins without TLS.
+    """
+
+    loginTimeout: float = 60.0
+    maxBadCommands: int = 10
+    maxFailedLogins: int = 3
+    maxLineLength: int = 8192
+    maxLiteral: int = 4096
+    plaintextLogin: str = attrs.field(
+        default="loopback", validator=attrs.validators.in_(PLAINTEXT_POLICIES)
+    )
+
+
+def isLoopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _fixedBad(error: Exception) -> bytes:
+    # Twisted's parser messages are fixed texts except the "too many
+    # arguments" one, which quotes the rest of the line (maybe a token).
+    text = str(error)
+    if text.startswith("Too many arguments"):
+        return b"Too many arguments"
+    return b"Syntax error: " + text.encode("ascii", "replace")[:80]
+
+
+class ProxyServer(IMAP4Server):
+    """
+    :ivar sink: after the splice starts, where client bytes go (the upstream
+        transport's ``write``).
+    """
+
+    IDENT = b"imapproxy"
+
+    def __init__(
+        self, portal: Any, policy: ServerPolicy, contextFactory: Any = None, sessions: Any = None
+    ):
+        IMAP4Server.__init__(self, chal={}, contextFactory=contextFactory)
+        self.portal = portal
+        self.policy = policy
+        self.MAX_LENGTH = policy.maxLineLength
+        self._literalStringLimit = policy.maxLiteral
+        self._sessions = sessions
+        self._phase = "preauth"
+        self._badCommands = 0
+        self._failedLogins = 0
+        self.sink: Any = None
+        self.splice: Splice | None = None
+        self.bytesReceived = 0
+        self.address = "unknown"
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.tags = {}
+        peer = self.transport.getPeer()
+        self.address = getattr(peer, "host", "unknown")
+        self.canStartTLS = self.ctx is not None and hasattr(self.transport, "startTLS")
+        self.setTimeout(self.policy.loginTimeout)
+        self.sendLine(
+            b"* OK imapproxy ready for requests from " + self.address.encode("ascii", "replace")
+        )
+
+    def resetTimeout(self) -> None:
+        # The pre-auth timeout is a deadline for the whole login, not an idle
+        # timer: a client cannot keep an unauthenticated connection alive.
+        pass
+
+    def timeoutConnection(self) -> None:
+        self._bye(b"Login timeout, closing connection")
+
+    def connectionLost(self, reason: Any) -> None:
+        self.setTimeout(None)
+        phase, self._phase = self._phase, "closed"
+        if phase == "spliced" and self.splice is not None:
+            self.splice.clientLost()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.bytesReceived += len(data)
+            self.sink(data)
+        else:
+            IMAP4Server.dataReceived(self, data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._bye(b"Command line too long")
+
+    def _bye(self, text: bytes) -> None:
+        if self._phase in ("spliced", "closed"):
+            return
+        self.sendLine(b"* BYE " + text)
+        self.transport.loseConnection()
+        self._phase = "closed"
+
+    # -- parsing ------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._phase != "preauth":
+            return
+        f = getattr(self, "parse_" + self.parseState)
+        try:
+            f(line)
+        except Exception:
+            log.failure("error handling a pre-auth command")
+            self.sendBadResponse(None, b"Internal error")
+
+    def parse_command(self, line: bytes) -> None:
+        args = line.split(None, 2)
+        if len(args) < 2:
+            self.sendBadResponse(args[0] if args else None, b"Missing command")
+            return
+        tag, cmd = args[0], args[1].upper()
+        rest = args[2] if len(args) == 3 else None
+        try:
+            self.dispatchCommand(tag, cmd, rest)
+        except IllegalClientResponse as e:
+            self.sendBadResponse(tag, _fixedBad(e))
+
+    def _IMAP4Server__ebDispatch(self, failure: Any, tag: bytes) -> None:
+        # Errors of arguments parsed after a literal arrive here.
+        if failure.check(IllegalClientResponse):
+            self.sendBadResponse(tag, _fixedBad(failure.value))
+        else:
+            log.failure("error handling a pre-auth command", failure)
+            self.sendBadResponse(tag, b"Internal error")
+
+    def lookupCommand(self, cmd: bytes) -> Any:
+        if self._phase != "preauth":
+            return None
+        return getattr(self, "unauth_" + cmd.decode("ascii", "replace").upper(), None)
+
+    def dispatchCommand(self, tag: bytes, cmd: bytes, rest: Any, uid: Any = None) -> None:
+        if self.lookupCommand(cmd) is None:
+            self.sendBadResponse(tag, b"Command unknown or not valid before login")
+            return
+        IMAP4Server.dispatchCommand(self, tag, cmd, rest, uid)
+
+    def sendBadResponse(self, tag: Any = None, message: bytes = b"") -> None:
+        IMAP4Server.sendBadResponse(self, tag, message)
+        self._badCommands += 1
+        if self._badCommands >= self.policy.maxBadCommands:
+            self._bye(b"Too many invalid commands")
+
+    # -- capabilities -------------------------------------------------------
+
+    def secure(self) -> bool:
+        """Whether this connection runs over TLS (implicit or STARTTLS)."""
+        if self.startedTLS:
+            return True
+        t = self.transport
+        while t is not None:
+            if INegotiated.providedBy(t) or getattr(t, "TLS", False):
+                return True
+            t = getattr(t, "transport", None)
+        return False
+
+    def plaintextAllowed(self) -> bool:
+        if self.secure() or self.policy.plaintextLogin == "allow":
+            return True
+        return self.policy.plaintextLogin == "loopback" and isLoopback(self.address)
+
+    def listCapabilities(self) -> list[bytes]:
+        caps = [b"IMAP4rev1", b"SASL-IR", b"ID"]
+        if not self.secure() and self.canStartTLS:
+            caps.append(b"STARTTLS")
+        if self.plaintextAllowed():
+            caps.append(b"AUTH=PLAIN")
+        else:
+            caps.append(b"LOGINDISABLED")
+        return caps
+
+    # -- commands -----------------------------------------------------------
+
+    def do_LOGOUT(self, tag: bytes) -> None:
+        self.sendUntaggedResponse(b"BYE imapproxy logging out")
+        self.sendPositiveResponse(tag, b"LOGOUT completed")
+        self.transport.loseConnection()
+        self._phase = "closed"
+
+    unauth_LOGOUT = (do_LOGOUT,)
+
+    def do_ID(self, tag: bytes, args: Any) -> None:
+        # The client's ID is not needed before login; answer with ours.
+        from . import __version__
+
+        self.sendUntaggedResponse(
+            b'ID ("name" "imapproxy" "version" "' + __version__.encode("ascii") + b'")'
+        )
+        self.sendPositiveResponse(tag, b"ID completed")
+
+    unauth_ID = (do_ID, IMAP4Server.arg_line)
+
+    def do_STARTTLS(self, tag: bytes) -> None:
+        if self.secure():
+            self.sendBadResponse(tag, b"TLS already active")
+        elif not self.canStartTLS:
+            self.sendNegativeResponse(tag, b"[CANNOT] TLS not available")
+        else:
+            self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
+            # Commands sent with STARTTLS in the clear must not be executed
+            # inside TLS (RFC 3501, 11.1 / CVE-2011-0411 class of bugs).
+            self._buffer = b""
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = True
+
+    unauth_STARTTLS = (do_STARTTLS,)
+
+    def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
+        self._login(tag, user, passwd)
+
+    unauth_LOGIN = (do_LOGIN, IMAP4Server.arg_astring, IMAP4Server.arg_finalastring)
+
+    def do_AUTHENTICATE(self, tag: bytes, mechanism: bytes, initial: Any) -> None:
+        if mechanism.upper() != b"PLAIN":
+            self.sendNegativeResponse(tag, b"[CANNOT] Unsupported authentication mechanism")
+            return
+        if not self.plaintextAllowed():
+            self._privacyRequired(tag)
+            return
+        if initial:
+            self._plain(tag, initial.strip())
+            return
+        self.sendLine(b"+ ")
+        from twisted.internet.defer import Deferred
+
+        self.parseState = "pending"
+        pending: Deferred[bytes] = Deferred()
+        self._pendingLiteral = pending
+        pending.addCallback(lambda line: self._plain(tag, line.strip()))
+
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, IMAP4Server.arg_atom, IMAP4Server.arg_line)
+
+    def _plain(self, tag: bytes, response: bytes) -> None:
+        if response == b"*":
+            self.sendBadResponse(tag, b"Authentication cancelled")
+            return
+        try:
+            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
+        except (binascii.Error, ValueError):
+            self.sendBadResponse(tag, b"Invalid base64 in SASL response")
+            return
+        parts = decoded.split(b"\x00")
+        if len(parts) != 3:
+            self.sendBadResponse(tag, b"Malformed SASL PLAIN response")
+            return
+        authzid, authcid, passwd = parts
+        if authzid and authzid != authcid:
+            self._refused(tag, AccessDenied("username").imapResponse())
+            return
+        self._login(tag, authcid, passwd)
+
+    def _privacyRequired(self, tag: bytes) -> None:
+        self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Login without TLS is not allowed")
+
+    # -- the login ----------------------------------------------------------
+
+    def _login(self, tag: bytes, user: bytes, passwd: bytes) -> None:
+        if not self.plaintextAllowed():
+            self._privacyRequired(tag)
+            return
+        try:
+            account = user.decode("utf-8")
+            token = passwd.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refused(tag, AccessDenied("username").imapResponse())
+            return
+        # Hold whatever the client pipelined behind its login, unparsed and
+        # unanswered, and stop reading until the login is decided.
+        self._phase = "login"
+        self.pauseProducing()
+        creds = TokenCredentials(account=account, token=token, address=self.address)
+        d = self.portal.login(creds, None, IUpstreamSession)
+        d.addCallbacks(self._loggedIn, self._loginFailed, (tag,), None, (tag,), None)
+        d.addErrback(lambda f: log.failure("login completion failed", f))
+
+    def _loggedIn(self, result: Any, tag: bytes) -> None:
+        _iface, session, logout = result
+        if self._phase != "login":
+            # The client left (or timed out) while we logged in upstream.
+            logout()
+            return
+        self._phase = "spliced"
+        self.setTimeout(None)
+        caps = b" ".join(session.capabilities)
+        self.sendLine(
+            tag
+            + b" OK [CAPABILITY "
+            + caps
+            + b"] "
+            + session.account.encode("utf-8")
+            + b" authenticated"
+        )
+        label = f"{session.account}@{self.address}"
+        self.splice = Splice(self, session.protocol, label, self._spliceEnded)
+        if self._sessions is not None:
+            self._sessions.add(session, self.splice)
+        self._session = session
+        held, self._buffer = self._buffer, b""
+        log.info("session {label} spliced", label=label)
+        self.splice.start(held)
+
+    def _spliceEnded(self, splice: Splice) -> None:
+        if self._sessions is not None:
+            self._sessions.discard(self._session, splice)
+
+    def _loginFailed(self, failure: Any, tag: bytes) -> None:
+        if self._phase != "login":
+            return
+        error = failure.value
+        if isinstance(error, (AccessDenied, ProxyError)):
+            response = error.imapResponse()
+            if isinstance(error, ProxyError):
+                log.warn(
+                    "login for {address} failed upstream: {reason}",
+                    address=self.address,
+                    reason=error.reason,
+                )
+        elif isinstance(error, UnauthorizedLogin):
+            response = AccessDenied("unknown-token").imapResponse()
+        else:
+            log.failure("unexpected error during login", failure)
+            response = b"NO [UNAVAILABLE] Internal error, try again later"
+        self._phase = "preauth"
+        self._refused(tag, response)
+        if self._phase == "preauth":
+            self.resumeProducing()
+
+    def _refused(self, tag: bytes, response: bytes) -> None:
+        self.sendLine(tag + b" " + response)
+        self._failedLogins += 1
+        if self._failedLogins >= self.policy.maxFailedLogins:
+            self._bye(b"Too many failed logins")
+
+
+class SessionRegistry:
+    """The live spliced sessions, by account and by token id."""
+
+    def __init__(self) -> None:
+        self._splices: dict[Splice, Any] = {}
+
+    def add(self, session: Any, splice: Splice) -> None:
+        self._splices[splice] = session
+
+    def discard(self, session: Any, splice: Splice) -> None:
+        self._splices.pop(splice, None)
+
+    def __len__(self) -> int:
+        return len(self._splices)
+
+    def close(self, account: str | None = None, tokenId: str | None = None) -> int:
+        """Close the matching sessions; :return: how many."""
+        matched = [
+            sp
+            for sp, s in self._splices.items()
+            if (account is None or s.account == account)
+            and (tokenId is None or s.tokenId == tokenId)
+        ]
+        for sp in matched:
+            sp.close()
+        return len(matched)
+
+
+class ProxyFactory(Factory):
+    """
+    :param contextFactory: TLS server options for STARTTLS, or None.
+    """
+
+    protocol = ProxyServer  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        portal: Any,
+        policy: ServerPolicy,
+        contextFactory: Any = None,
+        sessions: SessionRegistry | None = None,
+    ):
+        self.portal = portal
+        self.policy = policy
+        self.contextFactory = contextFactory
+        self.sessions = sessions if sessions is not None else SessionRegistry()
+
+    def buildProtocol(self, addr: Any) -> ProxyServer:
+        p = ProxyServer(self.portal, self.policy, self.contextFactory, self.sessions)
+        p.factory = self
+        return p

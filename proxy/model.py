@@ -1,0 +1,78 @@
+"""
+The data the proxy keeps: accounts (a mailbox and its OAuth2 grant) and access
+tokens (what clients log in with). Plain attrs classes, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+TLS_MODES = ("implicit", "starttls", "plain")
+SCOPES = ("imap-proxy", "smtp", "api", "*")
+ACCOUNT_STATES = ("ok", "reauth-required", "disabled")
+
+_ACCOUNT_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
+
+
+def validAccountId(value: str) -> bool:
+    """
+    Account ids are IMAP atoms and URL path segments, so they keep to a small
+    alphabet: letters, digits and ``. _ @ + -``, at most 128 characters.
+    """
+    return bool(_ACCOUNT_ID.match(value))
+
+
+@attrs.frozen
+class Upstream:
+    """Where an account's mailbox lives."""
+
+    host: str
+    port: int = 993
+    tls: str = attrs.field(default="implicit", validator=attrs.validators.in_(TLS_MODES))
+    caFile: str | None = None
+
+
+@attrs.frozen
+class OAuth2Grant:
+    """
+    An account's OAuth2 grant. ``clientSecret`` and ``refreshToken`` are the
+    decrypted values; they live only in memory, never in a log line or repr.
+    """
+
+    tokenURL: str
+    clientId: str
+    clientSecret: str = attrs.field(repr=False)
+    refreshToken: str = attrs.field(repr=False)
+    scopes: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Account:
+    id: str
+    email: str
+    upstream: Upstream
+    oauth2: OAuth2Grant
+    state: str = "ok"
+    stateReason: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@attrs.frozen
+class Token:
+    """
+    A stored access token: never the token itself, only its SHA-256 (``id``).
+    ``account`` is None for a root token.
+    """
+
+    id: str
+    account: str | None
+    scopes: tuple[str, ...]
+    description: str
+    addresses: tuple[str, ...] = ()
+    created: float = 0.0
+    expires: float | None = None
+    lastUseTime: float | None = None
+    lastUseAddress: str | None = None

@@ -1,0 +1,245 @@
+"""
+Provider access tokens: fetched with the account's refresh grant through
+requests-oauthlib (in a bounded thread pool, never on the reactor thread),
+cached until shortly before they expire, one refresh in flight per account.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from .errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
+from .model import Account
+
+log = Logger()
+
+
+@attrs.frozen
+class Grant:
+    """What a token endpoint answered. Secrets never reach a repr."""
+
+    accessToken: str = attrs.field(repr=False)
+    expiresIn: float | None
+    refreshToken: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
+class AccessToken:
+    """
+    :ivar fresh: True when it was fetched for this request, so a refusal by
+        the provider is final rather than a stale cache entry.
+    """
+
+    value: str = attrs.field(repr=False)
+    expires: float | None
+    fresh: bool
+
+
+class _ServerError(Exception):
+    """The token endpoint answered 5xx or 429."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def refreshBlocking(account: Account, timeout: float) -> Grant:
+    """
+    The ``refresh_token`` grant against the account's token URL. Blocking:
+    call only from a worker thread.
+
+    :raises ProxyError: ``GrantInvalid`` on ``invalid_grant``,
+        ``AuthenticationFailed`` when the provider refuses the client,
+        ``Unavailable`` for anything transient.
+    """
+    import requests
+    from oauthlib.oauth2 import OAuth2Error
+    from oauthlib.oauth2.rfc6749.errors import (
+        InsecureTransportError,
+        InvalidClientError,
+        InvalidGrantError,
+        UnauthorizedClientError,
+    )
+    from requests_oauthlib import OAuth2Session
+
+    grant = account.oauth2
+    session = OAuth2Session(client_id=grant.clientId)
+
+    def checkStatus(response):
+        if response.status_code >= 500 or response.status_code == 429:
+            raise _ServerError(response.status_code)
+        return response
+
+    session.register_compliance_hook("refresh_token_response", checkStatus)
+    try:
+        token = session.refresh_token(
+            grant.tokenURL,
+            refresh_token=grant.refreshToken,
+            client_id=grant.clientId,
+            client_secret=grant.clientSecret,
+            timeout=timeout,
+            **({"scope": " ".join(grant.scopes)} if grant.scopes else {}),
+        )
+    except InvalidGrantError:
+        raise GrantInvalid() from None
+    except (InvalidClientError, UnauthorizedClientError):
+        raise AuthenticationFailed(
+            "oauth2-client", "The provider refused the proxy's OAuth2 client"
+        ) from None
+    except InsecureTransportError:
+        raise Unavailable("oauth2-insecure-url") from None
+    except _ServerError:
+        raise Unavailable("oauth2-server-error") from None
+    except OAuth2Error:
+        raise Unavailable("oauth2-bad-response") from None
+    except requests.RequestException:
+        raise Unavailable("oauth2-unreachable") from None
+    except ValueError:
+        raise Unavailable("oauth2-bad-response") from None
+    finally:
+        session.close()
+    access = token.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise Unavailable("oauth2-bad-response")
+    expiresIn = token.get("expires_in")
+    try:
+        expires = float(expiresIn) if expiresIn is not None else None
+    except (TypeError, ValueError):
+        expires = None
+    rotated = token.get("refresh_token")
+    if not isinstance(rotated, str) or rotated == grant.refreshToken:
+        rotated = None
+    return Grant(accessToken=access, expiresIn=expires, refreshToken=rotated)
+
+
+class ThreadedRefresher:
+    """
+    Runs ``refreshBlocking`` in its own bounded thread pool.
+
+    :param timeout: seconds for each HTTP request to the token endpoint.
+    """
+
+    def __init__(self, reactor: Any, threads: int = 4, timeout: float = 10.0):
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="imapproxy-oauth2")
+        self._timeout = timeout
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._pool.stop()
+            self._started = False
+
+    def refresh(self, account: Account) -> Deferred[Grant]:
+        self.start()
+        return deferToThreadPool(self._reactor, self._pool, refreshBlocking, account, self._timeout)
+
+
+def needsRefresh(expires: float | None, now: float, margin: float) -> bool:
+    """
+    Whether a cached token should be replaced: within ``margin`` seconds of its
+    expiry (an unknown expiry is trusted for an hour from when it was fetched,
+    which the caller folds into ``expires``).
+    """
+    return expires is None or now >= expires - margin
+
+
+class AccessTokens:
+    """
+    The cache of provider access tokens.
+
+    :param refresh: ``Account -> Deferred[Grant]``.
+    :param saveRefreshToken: ``(accountId, refreshToken) -> Deferred``; called
+        when the provider rotates the refresh token, before the new access
+        token is used.
+    :param clock: an ``IReactorTime`` (``seconds()``).
+    :param margin: refresh this many seconds before expiry.
+    """
+
+    UNKNOWN_LIFETIME = 3600.0
+
+    def __init__(
+        self,
+        refresh: Callable[[Account], Deferred[Grant]],
+        saveRefreshToken: Callable[[str, str], Deferred[Any]],
+        clock: Any,
+        margin: float = 300.0,
+    ):
+        self._refresh = refresh
+        self._save = saveRefreshToken
+        self._clock = clock
+        self._margin = margin
+        self._cache: dict[str, tuple[str, float]] = {}
+        self._inflight: dict[str, list[Deferred[AccessToken]]] = {}
+
+    def forget(self, accountId: str) -> None:
+        self._cache.pop(accountId, None)
+
+    def get(self, account: Account, force: bool = False) -> Deferred[AccessToken]:
+        """
+        A usable access token for ``account``.
+
+        :param force: ignore the cache (the provider refused the cached token).
+        """
+        now = self._clock.seconds()
+        cached = self._cache.get(account.id)
+        if cached is not None and not force:
+            value, expires = cached
+            margin = min(self._margin, max(0.0, (expires - now) / 2))
+            if not needsRefresh(expires, now, margin):
+                return succeed(AccessToken(value, expires, fresh=False))
+        waiter: Deferred[AccessToken] = Deferred()
+        if account.id in self._inflight:
+            self._inflight[account.id].append(waiter)
+            return waiter
+        self._inflight[account.id] = [waiter]
+        ensureDeferred(self._fetch(account)).addBoth(self._done, account.id)
+        return waiter
+
+    async def _fetch(self, account: Account) -> AccessToken:
+        started = self._clock.seconds()
+        try:
+            grant = await self._refresh(account)
+        except ProxyError as e:
+            log.warn(
+                "OAuth2 refresh for account {account} failed: {reason}",
+                account=account.id,
+                reason=e.reason,
+            )
+            self._cache.pop(account.id, None)
+            raise
+        except Exception:
+            log.failure("OAuth2 refresh for account {account} failed", account=account.id)
+            raise Unavailable("oauth2-internal") from None
+        if grant.refreshToken is not None:
+            await self._save(account.id, grant.refreshToken)
+            log.info("provider rotated the refresh token of {account}", account=account.id)
+        lifetime = grant.expiresIn if grant.expiresIn is not None else self.UNKNOWN_LIFETIME
+        expires = started + lifetime
+        self._cache[account.id] = (grant.accessToken, expires)
+        log.info(
+            "new provider access token for {account}, valid {lifetime:.0f}s",
+            account=account.id,
+            lifetime=lifetime,
+        )
+        return AccessToken(grant.accessToken, expires, fresh=True)
+
+    def _done(self, result: Any, accountId: str) -> None:
+        for waiter in self._inflight.pop(accountId, []):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)

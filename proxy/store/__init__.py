@@ -1,0 +1,68 @@
+"""
+Stores for accounts and tokens. ``openStore`` turns a ``--store`` URL into a
+started store.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote, urlsplit
+
+from ..encryption import Secrets, loadSecrets
+from ._interfaces import IAccountStore, ITokenStore
+from .sqlite import SQLiteStore, StoreError
+
+__all__ = [
+    "IAccountStore",
+    "ITokenStore",
+    "SQLiteStore",
+    "StoreError",
+    "defaultStateDir",
+    "defaultStoreURL",
+    "makeStore",
+    "sqlitePath",
+]
+
+
+def defaultStateDir(environ=os.environ) -> str:
+    """
+    systemd's ``$STATE_DIRECTORY`` when set, ``/var/lib/imapproxy`` for root,
+    else ``$XDG_STATE_HOME/imapproxy`` (``~/.local/state/imapproxy``).
+    """
+    if environ.get("STATE_DIRECTORY"):
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/imapproxy"
+    base = environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "imapproxy")
+
+
+def defaultStoreURL(environ=os.environ) -> str:
+    return "sqlite://" + os.path.join(defaultStateDir(environ), "imapproxy.sqlite3")
+
+
+def sqlitePath(url: str) -> str:
+    """
+    ``sqlite:///abs/path`` (or ``sqlite:relative/path``) to a file path.
+
+    :raises StoreError: for any other kind of URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise StoreError(f"unsupported store URL scheme {parts.scheme!r} (use sqlite://)")
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise StoreError("the sqlite store URL names no file")
+    return path
+
+
+def makeStore(url: str, secretFile: str | None, reactor=None) -> SQLiteStore:
+    """
+    Build (not yet open) the store named by ``url`` with its secret key. With
+    no key configured, the key lives in ``secret.key`` beside the database and
+    is created on first use (mode 0600).
+    """
+    path = sqlitePath(url)
+    defaultKey = os.path.join(os.path.dirname(os.path.abspath(path)), "secret.key")
+    secrets: Secrets = loadSecrets(secretFile, defaultKey)
+    return SQLiteStore(path, secrets, reactor)

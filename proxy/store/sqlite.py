@@ -1,0 +1,390 @@
+"""
+The embedded default store: one SQLite file, used from one dedicated thread so
+that the reactor never waits on the disk and writes never contend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from ..encryption import SecretKeyError, Secrets
+from ..model import Account, OAuth2Grant, Token, Upstream
+from ._interfaces import IAccountStore, ITokenStore
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    email TEXT NOT NULL,
+    imap_host TEXT NOT NULL,
+    imap_port INTEGER NOT NULL,
+    imap_tls TEXT NOT NULL,
+    imap_ca_file TEXT,
+    token_url TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    client_secret_enc TEXT NOT NULL,
+    refresh_token_enc TEXT NOT NULL,
+    oauth_scopes TEXT NOT NULL DEFAULT '[]',
+    state TEXT NOT NULL DEFAULT 'ok',
+    state_reason TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    account TEXT,
+    scopes TEXT NOT NULL,
+    description TEXT NOT NULL,
+    addresses TEXT NOT NULL DEFAULT '[]',
+    created REAL NOT NULL,
+    expires REAL,
+    last_use_time REAL,
+    last_use_address TEXT
+);
+CREATE INDEX IF NOT EXISTS tokens_account ON tokens(account);
+"""
+
+# Encrypted under the store's key when the store is created; a key that cannot
+# decrypt it is the wrong key, and the store refuses to open.
+_KEY_CHECK = "imapproxy key check"
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used; the message is safe to show."""
+
+
+@implementer(IAccountStore, ITokenStore)
+class SQLiteStore(Service):
+    """
+    :param path: the database file; its directory is created (mode 0700).
+    :param secrets: encrypts provider secrets on the way in, decrypts on the
+        way out.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, secrets: Secrets, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.path = path
+        self._secrets = secrets
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="imapproxy-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    # -- life cycle ---------------------------------------------------------
+
+    def open(self):
+        """
+        Open (or create) the database from the store's thread.
+
+        :return: Deferred firing when the store is usable; errback
+            ``StoreError`` when the file cannot be opened or the key is wrong.
+        """
+        return self._run(self.openBlocking)
+
+    def close(self):
+        d = self._run(self._closeBlocking)
+
+        def stop(result):
+            self._pool.stop()
+            return result
+
+        return d.addBoth(stop)
+
+    def startService(self):
+        # The server opens the store before the reactor runs (openBlocking),
+        # so that a wrong key or an unreadable file stops start-up with a
+        # clear message instead of a half-started service.
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        return self.close()
+
+    def _run(self, f: Callable[..., T], *args: Any):
+        if not self._pool.started:
+            self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def openBlocking(self) -> None:
+        """
+        Open the database in the calling thread: only before the reactor runs
+        (or from the store's own thread). The connection is then used from the
+        store's single thread only.
+        """
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fresh = not os.path.exists(self.path)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=10, check_same_thread=False
+            )
+            if fresh:
+                os.chmod(self.path, 0o600)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open the SQLite store {self.path}: {e}") from None
+        row = db.execute("SELECT value FROM meta WHERE key='key_check'").fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES('key_check', ?)",
+                (self._secrets.encrypt(_KEY_CHECK),),
+            )
+        else:
+            try:
+                ok = self._secrets.decrypt(row[0]) == _KEY_CHECK
+            except SecretKeyError:
+                ok = False
+            if not ok:
+                db.close()
+                raise StoreError(
+                    f"the secret key does not match the store {self.path}: "
+                    "refusing to start (give the key the store was created with)"
+                )
+        self._db = db
+
+    def _closeBlocking(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- accounts -----------------------------------------------------------
+
+    _ACCOUNT_COLUMNS = (
+        "id, email, imap_host, imap_port, imap_tls, imap_ca_file, token_url, "
+        "client_id, client_secret_enc, refresh_token_enc, oauth_scopes, state, "
+        "state_reason, created, updated"
+    )
+
+    def _account(self, row: tuple) -> Account:
+        (
+            aid,
+            email,
+            host,
+            port,
+            tls,
+            ca,
+            url,
+            cid,
+            csec,
+            rt,
+            scopes,
+            state,
+            reason,
+            created,
+            updated,
+        ) = row
+        return Account(
+            id=aid,
+            email=email,
+            upstream=Upstream(host=host, port=port, tls=tls, caFile=ca),
+            oauth2=OAuth2Grant(
+                tokenURL=url,
+                clientId=cid,
+                clientSecret=self._secrets.decrypt(csec),
+                refreshToken=self._secrets.decrypt(rt),
+                scopes=tuple(json.loads(scopes)),
+            ),
+            state=state,
+            stateReason=reason,
+            created=created,
+            updated=updated,
+        )
+
+    def getAccount(self, accountId: str):
+        def q() -> Account | None:
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE id=?",
+                    (accountId,),
+                )
+                .fetchone()
+            )
+            return None if row is None else self._account(row)
+
+        return self._run(q)
+
+    def listAccounts(self):
+        def q() -> list[Account]:
+            rows = self._conn().execute(f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts ORDER BY id")
+            return [self._account(r) for r in rows]
+
+        return self._run(q)
+
+    def putAccount(self, account: Account):
+        s = self._secrets
+        now = time.time()
+        values = (
+            account.id,
+            account.email,
+            account.upstream.host,
+            account.upstream.port,
+            account.upstream.tls,
+            account.upstream.caFile,
+            account.oauth2.tokenURL,
+            account.oauth2.clientId,
+            s.encrypt(account.oauth2.clientSecret),
+            s.encrypt(account.oauth2.refreshToken),
+            json.dumps(account.oauth2.scopes),
+            account.state,
+            account.stateReason,
+            account.created or now,
+            now,
+        )
+
+        def q() -> None:
+            self._conn().execute(
+                f"INSERT INTO accounts ({self._ACCOUNT_COLUMNS}) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "email=excluded.email, imap_host=excluded.imap_host, "
+                "imap_port=excluded.imap_port, imap_tls=excluded.imap_tls, "
+                "imap_ca_file=excluded.imap_ca_file, token_url=excluded.token_url, "
+                "client_id=excluded.client_id, "
+                "client_secret_enc=excluded.client_secret_enc, "
+                "refresh_token_enc=excluded.refresh_token_enc, "
+                "oauth_scopes=excluded.oauth_scopes, state=excluded.state, "
+                "state_reason=excluded.state_reason, updated=excluded.updated",
+                values,
+            )
+
+        return self._run(q)
+
+    def removeAccount(self, accountId: str):
+        def q() -> bool:
+            db = self._conn()
+            with _transaction(db):
+                db.execute("DELETE FROM tokens WHERE account=?", (accountId,))
+                cur = db.execute("DELETE FROM accounts WHERE id=?", (accountId,))
+            return cur.rowcount > 0
+
+        return self._run(q)
+
+    def setRefreshToken(self, accountId: str, refreshToken: str):
+        enc = self._secrets.encrypt(refreshToken)
+
+        def q() -> None:
+            self._conn().execute(
+                "UPDATE accounts SET refresh_token_enc=?, updated=? WHERE id=?",
+                (enc, time.time(), accountId),
+            )
+
+        return self._run(q)
+
+    # -- tokens -------------------------------------------------------------
+
+    _TOKEN_COLUMNS = (
+        "id, account, scopes, description, addresses, created, expires, "
+        "last_use_time, last_use_address"
+    )
+
+    @staticmethod
+    def _token(row: tuple) -> Token:
+        tid, account, scopes, desc, addrs, created, expires, lut, lua = row
+        return Token(
+            id=tid,
+            account=account,
+            scopes=tuple(json.loads(scopes)),
+            description=desc,
+            addresses=tuple(json.loads(addrs)),
+            created=created,
+            expires=expires,
+            lastUseTime=lut,
+            lastUseAddress=lua,
+        )
+
+    def addToken(self, token: Token):
+        values = (
+            token.id,
+            token.account,
+            json.dumps(token.scopes),
+            token.description,
+            json.dumps(token.addresses),
+            token.created,
+            token.expires,
+            None,
+            None,
+        )
+
+        def q() -> None:
+            self._conn().execute(
+                f"INSERT INTO tokens ({self._TOKEN_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+
+        return self._run(q)
+
+    def getToken(self, tokenId: str):
+        def q() -> Token | None:
+            row = (
+                self._conn()
+                .execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE id=?", (tokenId,))
+                .fetchone()
+            )
+            return None if row is None else self._token(row)
+
+        return self._run(q)
+
+    def listTokens(self, account: str | None = None):
+        def q() -> list[Token]:
+            sql = f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
+            args: tuple = ()
+            if account is not None:
+                sql += " WHERE account=?"
+                args = (account,)
+            rows = self._conn().execute(sql + " ORDER BY created DESC, id", args)
+            return [self._token(r) for r in rows]
+
+        return self._run(q)
+
+    def removeToken(self, tokenId: str):
+        def q() -> bool:
+            cur = self._conn().execute("DELETE FROM tokens WHERE id=?", (tokenId,))
+            return cur.rowcount > 0
+
+        return self._run(q)
+
+    def touchToken(self, tokenId: str, when: float, address: str):
+        def q() -> None:
+            self._conn().execute(
+                "UPDATE tokens SET last_use_time=?, last_use_address=? WHERE id=?",
+                (when, address, tokenId),
+            )
+
+        return self._run(q)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+
+class _transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, tb):
+        self._db.execute("ROLLBACK" if kind else "COMMIT")
+        return False

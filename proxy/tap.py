@@ -1,0 +1,241 @@
+"""
+``twistd imapproxy``: the options and ``makeService``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints, ssl
+from twisted.logger import Logger
+from twisted.python import usage
+
+from .config import ConfigError, readConfig, splitList
+from .cred import TokenChecker, UpstreamRealm, upstreamConnector
+from .encryption import SecretKeyError
+from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
+from .oauth import AccessTokens, ThreadedRefresher
+from .store import StoreError, defaultStoreURL, makeStore
+
+log = Logger()
+
+DEFAULT_PORT = "tcp:2143:interface=127.0.0.1"
+
+# name -> (default, converter, help). One table for the options, the config
+# file and tap.example.conf.
+SETTINGS: dict[str, tuple[Any, Any, str]] = {
+    "store": (
+        None,
+        str,
+        "Where accounts and tokens live: sqlite:///PATH "
+        "[default: an SQLite file in the state directory]",
+    ),
+    "secret-file": (
+        None,
+        str,
+        "File holding the key(s) that encrypt provider secrets "
+        "[default: $IMAPPROXY_SECRET_KEY, else secret.key beside the "
+        "SQLite file, created on first run]",
+    ),
+    "plaintext-login": (
+        "loopback",
+        str,
+        "Logins without TLS: allow, loopback (only from loopback clients) or deny",
+    ),
+    "tls-certificate": (None, str, "PEM certificate (chain) offered with STARTTLS on plain ports"),
+    "tls-key": (None, str, "PEM private key for --tls-certificate"),
+    "login-timeout": (60.0, float, "Seconds a client has from connecting to logging in"),
+    "upstream-timeout": (
+        20.0,
+        float,
+        "Seconds to connect and log in to the provider's IMAP server",
+    ),
+    "oauth2-timeout": (10.0, float, "Seconds for a request to a token endpoint"),
+    "max-bad-commands": (10, int, "Invalid commands before login, then * BYE"),
+    "max-failed-logins": (3, int, "Refused logins on one connection, then * BYE"),
+    "max-line-length": (8192, int, "Longest command line accepted before login"),
+    "max-literal": (4096, int, "Largest literal accepted before login"),
+    "oauth2-threads": (4, int, "Threads for requests to token endpoints"),
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "An IMAP proxy for OAuth2-only mailboxes: clients log in with an account "
+        "id and an imapproxy token; the proxy logs in to the provider with "
+        "XOAUTH2 and relays the session. Settings may also come from --config "
+        "(see tap.example.conf); command-line options win."
+    )
+    optParameters = [
+        ["config", "c", None, "INI file with an [imapproxy] section of these settings"],
+    ] + [
+        [
+            name,
+            None,
+            None,
+            f"{help_} [default: {default}]"
+            if default is not None and "default" not in help_
+            else help_,
+        ]
+        for name, (default, _conv, help_) in SETTINGS.items()
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["port"] = []
+
+    def opt_port(self, description: str) -> None:
+        """
+        Endpoint to accept IMAP clients on, e.g. ssl:2993:privateKey=key.pem:certKey=cert.pem
+        or haproxy:tcp:2143 (repeatable) [default: tcp:2143:interface=127.0.0.1]
+        """
+        self["port"].append(description)
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        fromFile: dict[str, str] = {}
+        if self["config"]:
+            try:
+                fromFile = readConfig(self["config"], set(SETTINGS) | {"port"})
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+        if not self["port"]:
+            self["port"] = splitList(fromFile.get("port", "")) or [DEFAULT_PORT]
+        for name, (default, conv, _help) in SETTINGS.items():
+            raw = self[name] if self[name] is not None else fromFile.get(name)
+            if raw is None:
+                self[name] = default
+                continue
+            try:
+                self[name] = conv(raw)
+            except ValueError:
+                raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
+        if self["plaintext-login"] not in PLAINTEXT_POLICIES:
+            raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
+        for name in ("login-timeout", "upstream-timeout", "oauth2-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        if bool(self["tls-certificate"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-certificate and --tls-key go together")
+        self["starttls"] = self._loadStartTLS()
+        from twisted.internet import reactor
+
+        for description in self["port"]:
+            try:
+                endpoints.serverFromString(reactor, description)
+            except (ValueError, KeyError, OSError) as e:
+                raise usage.UsageError(f"--port {description!r}: {e}") from None
+        if self["store"] is None:
+            self["store"] = defaultStoreURL()
+        try:
+            store = makeStore(self["store"], self["secret-file"], reactor)
+            store.openBlocking()
+        except (StoreError, SecretKeyError) as e:
+            raise usage.UsageError(str(e)) from None
+        self["_store"] = store
+
+    def _loadStartTLS(self) -> Any:
+        if not self["tls-certificate"]:
+            return None
+        try:
+            with open(self["tls-certificate"], "rb") as f:
+                chain = f.read()
+            with open(self["tls-key"], "rb") as f:
+                key = f.read()
+            return ssl.PrivateCertificate.loadPEM(chain + b"\n" + key).options()
+        except (OSError, ValueError, ssl.SSL.Error) as e:
+            raise usage.UsageError(f"cannot load the STARTTLS certificate: {e}") from None
+
+
+class _Listener(Service):
+    """Listens on one endpoint string and logs the address it got."""
+
+    def __init__(self, reactor: Any, description: str, factory: Any, what: str):
+        self._reactor = reactor
+        self._description = description
+        self._factory = factory
+        self._what = what
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = endpoints.serverFromString(self._reactor, self._description).listen(self._factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: Any) -> None:
+        self._port = port
+        host = port.getHost()
+        log.info(
+            "{what} listening on {host}:{port}",
+            what=self._what,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+        )
+
+    def _failed(self, failure: Any) -> None:
+        log.critical(
+            "cannot listen on {description}: {error}",
+            description=self._description,
+            error=failure.getErrorMessage(),
+        )
+        self._reactor.stop()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
+
+class _Closing(Service):
+    """Runs a callable when the service stops (thread pools, open sessions)."""
+
+    def __init__(self, onStop: Any):
+        self._onStop = onStop
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._onStop()
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    top = MultiService()
+    store = options["_store"]
+    store.setServiceParent(top)
+
+    refresher = ThreadedRefresher(reactor, options["oauth2-threads"], options["oauth2-timeout"])
+    accessTokens = AccessTokens(refresher.refresh, store.setRefreshToken, reactor)
+    realm = UpstreamRealm(
+        store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])
+    )
+    portal = Portal(realm, [TokenChecker(store, reactor)])
+    policy = ServerPolicy(
+        loginTimeout=options["login-timeout"],
+        maxBadCommands=options["max-bad-commands"],
+        maxFailedLogins=options["max-failed-logins"],
+        maxLineLength=options["max-line-length"],
+        maxLiteral=options["max-literal"],
+        plaintextLogin=options["plaintext-login"],
+    )
+    sessions = SessionRegistry()
+    factory = ProxyFactory(portal, policy, options["starttls"], sessions)
+
+    def shutdown() -> None:
+        closed = sessions.close()
+        if closed:
+            log.info("closed {n} sessions at shutdown", n=closed)
+        refresher.stop()
+
+    _Closing(shutdown).setServiceParent(top)
+    for description in options["port"]:
+        _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
+    log.info("imapproxy starting, store {store}", store=os.path.basename(store.path))
+    return top

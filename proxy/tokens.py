@@ -1,0 +1,117 @@
+"""
+Issuing access tokens and deciding whether one may be used. Pure functions:
+no store, no reactor, the time is passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections.abc import Iterable
+
+from .errors import AccessDenied
+from .model import SCOPES, Token
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def newToken() -> tuple[str, str]:
+    """
+    :return: ``(token, id)``: 32 random bytes as 64 hex characters, shown once,
+        and the SHA-256 of it, which is all the store keeps.
+    """
+    token = secrets.token_hex(32)
+    return token, tokenId(token)
+
+
+def tokenId(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def looksLikeToken(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def parseNetworks(addresses: Iterable[str]) -> tuple[str, ...]:
+    """
+    Validate CIDR restrictions (a bare address means a single host) and return
+    them normalized.
+
+    :raises ValueError: with a message naming the bad entry.
+    """
+    out = []
+    for a in addresses:
+        try:
+            out.append(str(ipaddress.ip_network(a.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"not an IP address or CIDR network: {a!r}") from None
+    return tuple(out)
+
+
+def parseScopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for s in scopes:
+        if s not in SCOPES:
+            raise ValueError(f"unknown scope {s!r} (known: {', '.join(SCOPES)})")
+        if s not in out:
+            out.append(s)
+    if not out:
+        raise ValueError("at least one scope is required")
+    return tuple(out)
+
+
+def addressAllowed(address: str, networks: Iterable[str]) -> bool:
+    """
+    Whether ``address`` lies in one of ``networks``. An IPv4-mapped IPv6
+    address (``::ffff:10.1.2.3``, as a dual-stack listener reports IPv4 peers)
+    is checked as the IPv4 address it carries.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for n in networks:
+        net = ipaddress.ip_network(n, strict=False)
+        if ip.version == net.version and ip in net:
+            return True
+    return False
+
+
+def hasScope(token: Token, scope: str) -> bool:
+    return scope in token.scopes or "*" in token.scopes
+
+
+def checkToken(
+    token: Token | None,
+    presented: str,
+    *,
+    account: str | None,
+    scope: str,
+    address: str,
+    now: float,
+) -> Token:
+    """
+    Decide whether ``presented`` may be used for ``scope`` on ``account`` from
+    ``address``. The checks run in a fixed order, so a refusal names the first
+    one that failed.
+
+    :param token: the stored record found under the hash of ``presented``.
+    :param account: the account the client asks for; None skips the check
+        (the API checks account access per route).
+    :raises AccessDenied: with the reason of the first failed check.
+    """
+    if token is None or not hmac.compare_digest(token.id, tokenId(presented)):
+        raise AccessDenied("unknown-token")
+    if token.expires is not None and now >= token.expires:
+        raise AccessDenied("expired")
+    if not hasScope(token, scope):
+        raise AccessDenied("scope")
+    if account is not None and token.account != account:
+        raise AccessDenied("username")
+    if token.addresses and not addressAllowed(address, token.addresses):
+        raise AccessDenied("address")
+    return token

@@ -1,0 +1,417 @@
+"""
+The upstream side: connect to the provider's IMAP server, log in with
+XOAUTH2 (or OAUTHBEARER), learn its capabilities, and hand the connection to
+the splice with nothing consumed past the login.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import endpoints, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.mail.interfaces import IClientAuthentication
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from .errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
+from .model import Upstream
+
+log = Logger()
+
+
+@implementer(IClientAuthentication)
+class XOAUTH2Authenticator:
+    """
+    Google's XOAUTH2 SASL mechanism. After a refusal the server sends an error
+    challenge (base64 JSON); the client must answer it with an empty response.
+    """
+
+    def __init__(self, user: bytes):
+        self.user = user
+
+    def getName(self) -> bytes:
+        return b"XOAUTH2"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        if chal:
+            return b""
+        return b"user=" + self.user + b"\x01auth=Bearer " + secret + b"\x01\x01"
+
+
+@implementer(IClientAuthentication)
+class OAUTHBEARERAuthenticator:
+    """RFC 7628 OAUTHBEARER; the error challenge is answered with ``%x01``."""
+
+    def __init__(self, user: bytes):
+        self.user = user
+
+    def getName(self) -> bytes:
+        return b"OAUTHBEARER"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        if chal:
+            return b"\x01"
+        user = self.user.replace(b"=", b"=3D").replace(b",", b"=2C")
+        return b"n,a=" + user + b",\x01auth=Bearer " + secret + b"\x01\x01"
+
+
+_CODE = re.compile(rb"^\[([A-Za-z0-9-]+)(?: ([^\]]*))?\]")
+
+
+def responseCode(text: bytes) -> tuple[bytes | None, bytes]:
+    """``b"[CODE args] text"`` → ``(b"CODE", b"args")``; no code → ``(None, b"")``."""
+    m = _CODE.match(text)
+    if m is None:
+        return None, b""
+    return m.group(1).upper(), m.group(2) or b""
+
+
+def parseCapabilities(text: bytes) -> list[bytes]:
+    return text.split()
+
+
+def hasCapability(caps: list[bytes], name: bytes) -> bool:
+    name = name.upper()
+    return any(c.upper() == name for c in caps)
+
+
+class UpstreamProtocol(LineReceiver):
+    """
+    Drives the login as a small state machine fed one line at a time; once
+    logged in it stops parsing and keeps what it has read (``_buffer``) for the
+    splice, which then takes the transport over.
+
+    :ivar ready: fires with this protocol once logged in, or errbacks with a
+        ``ProxyError``.
+    """
+
+    MAX_LENGTH = 65536
+    delimiter = b"\r\n"
+
+    def __init__(
+        self,
+        authenticator: Any,
+        secret: bytes,
+        mode: str,
+        tlsOptions: Any = None,
+    ):
+        self.authenticator = authenticator
+        self.secret = secret
+        self.mode = mode
+        self.tlsOptions = tlsOptions
+        self.ready: Deferred[UpstreamProtocol] = Deferred()
+        self.capabilities: list[bytes] = []
+        self.sink: Callable[[bytes], Any] | None = None
+        self.onLost: Callable[[Any], Any] | None = None
+        self.bytesReceived = 0
+        self._state = "greeting"
+        self._tag = 0
+        self._tlsStarted = False
+        self._sentResponse = False
+        self._errorChallenge = False
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _send(self, command: bytes) -> bytes:
+        self._tag += 1
+        tag = b"U%d" % self._tag
+        self.sendLine(tag + b" " + command)
+        return tag
+
+    def _fail(self, error: ProxyError) -> None:
+        if self._state in ("failed", "ready", "relay"):
+            return
+        self._state = "failed"
+        self.transport.loseConnection()
+        self.ready.errback(error)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(Unavailable("upstream-protocol"))
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._state not in ("ready", "relay"):
+            self._fail(Unavailable("upstream-closed"))
+        elif self.onLost is not None:
+            self.onLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.bytesReceived += len(data)
+            self.sink(data)
+        else:
+            LineReceiver.dataReceived(self, data)
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            getattr(self, "_line_" + self._state)(line)
+        except ProxyError as e:
+            self._fail(e)
+        except Exception:
+            log.failure("unexpected upstream response handling error")
+            self._fail(Unavailable("upstream-protocol"))
+
+    def _line_failed(self, line: bytes) -> None:
+        pass
+
+    def _tagged(self, line: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """``U3 OK text`` → ``(b"U3", b"OK", b"text")``; untagged lines → None."""
+        if line.startswith((b"* ", b"+")):
+            return None
+        parts = line.split(b" ", 2)
+        if len(parts) < 2:
+            raise Unavailable("upstream-protocol")
+        return parts[0], parts[1].upper(), parts[2] if len(parts) == 3 else b""
+
+    def _untaggedCapability(self, line: bytes) -> bool:
+        if line[:13].upper() == b"* CAPABILITY ":
+            self.capabilities = parseCapabilities(line[13:])
+            return True
+        return False
+
+    # -- states -------------------------------------------------------------
+
+    def _line_greeting(self, line: bytes) -> None:
+        upper = line.upper()
+        if upper.startswith(b"* OK"):
+            code, args = responseCode(line[5:])
+            if code == b"CAPABILITY":
+                self.capabilities = parseCapabilities(args)
+                self._afterCapabilities()
+            else:
+                self._askCapabilities()
+        elif upper.startswith(b"* BYE"):
+            raise Unavailable("upstream-bye")
+        else:
+            # PREAUTH or garbage: not a server we can log in to.
+            raise Unavailable("upstream-protocol")
+
+    def _askCapabilities(self) -> None:
+        self.capabilities = []
+        self._capTag = self._send(b"CAPABILITY")
+        self._state = "capability"
+
+    def _line_capability(self, line: bytes) -> None:
+        if self._untaggedCapability(line):
+            return
+        tagged = self._tagged(line)
+        if tagged is None:
+            return
+        if tagged[1] != b"OK":
+            raise Unavailable("upstream-capability")
+        self._afterCapabilities()
+
+    def _afterCapabilities(self) -> None:
+        if self.mode == "starttls" and not self._tlsStarted:
+            if not hasCapability(self.capabilities, b"STARTTLS"):
+                raise Unavailable("upstream-no-starttls")
+            self._send(b"STARTTLS")
+            self._state = "starttls"
+            return
+        self._authenticate()
+
+    def _line_starttls(self, line: bytes) -> None:
+        tagged = self._tagged(line)
+        if tagged is None:
+            return
+        if tagged[1] != b"OK":
+            raise Unavailable("upstream-starttls")
+        # Anything the server sent after its OK and before the handshake is
+        # outside TLS: drop it rather than trust it.
+        self._buffer = b""
+        self.transport.startTLS(self.tlsOptions)
+        self._tlsStarted = True
+        self._askCapabilities()
+
+    def _authenticate(self) -> None:
+        name = self.authenticator.getName()
+        if not hasCapability(self.capabilities, b"AUTH=" + name):
+            if hasCapability(self.capabilities, b"AUTH=OAUTHBEARER") and name == b"XOAUTH2":
+                self.authenticator = OAUTHBEARERAuthenticator(self.authenticator.user)
+                name = b"OAUTHBEARER"
+            else:
+                raise Unavailable("upstream-no-xoauth2")
+        saslIR = hasCapability(self.capabilities, b"SASL-IR")
+        # Capabilities change with the login; collect them afresh.
+        self.capabilities = []
+        initial = base64.b64encode(self.authenticator.challengeResponse(self.secret, b""))
+        if saslIR:
+            self._authTag = self._send(b"AUTHENTICATE " + name + b" " + initial)
+            self._sentResponse = True
+        else:
+            self._authTag = self._send(b"AUTHENTICATE " + name)
+            self._initial = initial
+        self._state = "auth"
+
+    def _line_auth(self, line: bytes) -> None:
+        if line.startswith(b"+"):
+            if not self._sentResponse:
+                self.sendLine(self._initial)
+                self._sentResponse = True
+            else:
+                # The error challenge: answer as the mechanism says, then the
+                # server sends the tagged NO.
+                self._errorChallenge = True
+                chal = base64.b64decode(line[2:] or b"", validate=False) or b"\x00"
+                self.sendLine(
+                    base64.b64encode(self.authenticator.challengeResponse(self.secret, chal))
+                )
+            return
+        if self._untaggedCapability(line):
+            return
+        tagged = self._tagged(line)
+        if tagged is None:
+            return
+        tag, status, text = tagged
+        if tag != self._authTag:
+            raise Unavailable("upstream-protocol")
+        code, args = responseCode(text)
+        if status == b"OK":
+            if code == b"CAPABILITY":
+                self.capabilities = parseCapabilities(args)
+            if self.capabilities:
+                self._loggedIn()
+            else:
+                self._send(b"CAPABILITY")
+                self._state = "postcaps"
+            return
+        if code == b"UNAVAILABLE":
+            raise Unavailable("upstream-unavailable")
+        if code == b"LIMIT":
+            raise LimitReached()
+        raise UpstreamRejectedToken()
+
+    def _line_postcaps(self, line: bytes) -> None:
+        if self._untaggedCapability(line):
+            return
+        tagged = self._tagged(line)
+        if tagged is None:
+            return
+        if tagged[1] != b"OK" or not self.capabilities:
+            raise Unavailable("upstream-capability")
+        self._loggedIn()
+
+    def _loggedIn(self) -> None:
+        self._state = "ready"
+        # Stop parsing: what follows belongs to the client's session.
+        self.pauseProducing()
+        self.ready.callback(self)
+
+    # -- the splice takes over ---------------------------------------------
+
+    def takeOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> bytes:
+        """
+        From now on every byte read goes to ``sink``; ``onLost`` is called when
+        the connection ends.
+
+        :return: the bytes read after the login that were not parsed.
+        """
+        leftover, self._buffer = self._buffer, b""
+        self.sink = sink
+        self.onLost = onLost
+        self._state = "relay"
+        self.paused = False
+        self.setRawMode()
+        return leftover
+
+    def rawDataReceived(self, data: bytes) -> None:
+        # Only reached in relay mode, through LineReceiver; dataReceived
+        # normally bypasses the parser entirely once ``sink`` is set.
+        if self.sink is not None:
+            self.sink(data)
+
+
+def tlsOptionsFor(upstream: Upstream) -> Any:
+    """
+    Client TLS options that verify the server's certificate and host name,
+    against the system's CAs or the account's CA file.
+    """
+    if upstream.caFile:
+        with open(upstream.caFile, "rb") as f:
+            pem = f.read()
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(c) for c in _splitPEM(pem)])
+    else:
+        trust = ssl.platformTrust()
+    return ssl.optionsForClientTLS(upstream.host, trustRoot=trust)
+
+
+def _splitPEM(pem: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [part + end for part in pem.split(end) if b"-----BEGIN" in part]
+
+
+async def connectUpstream(
+    reactor: Any,
+    upstream: Upstream,
+    user: str,
+    accessToken: str,
+    timeout: float,
+) -> UpstreamProtocol:
+    """
+    Connect and log in within ``timeout`` seconds.
+
+    :raises ProxyError: ``Unavailable`` for anything that is not a refusal of
+        the token, ``UpstreamRejectedToken`` when the provider refused it.
+    """
+    try:
+        tls = tlsOptionsFor(upstream) if upstream.tls != "plain" else None
+    except (OSError, ValueError):
+        raise Unavailable("upstream-ca-file") from None
+    endpoint: Any = endpoints.HostnameEndpoint(
+        reactor, upstream.host, upstream.port, timeout=timeout
+    )
+    if upstream.tls == "implicit":
+        endpoint = endpoints.wrapClientTLS(tls, endpoint)
+    proto = UpstreamProtocol(
+        XOAUTH2Authenticator(user.encode("utf-8")),
+        accessToken.encode("utf-8"),
+        upstream.tls,
+        tls,
+    )
+    factory = Factory.forProtocol(lambda: proto)
+    factory.noisy = False
+    connecting = endpoint.connect(factory)
+    finished: Deferred[UpstreamProtocol] = Deferred()
+
+    def timedOut() -> None:
+        connecting.cancel()
+        if proto.transport is not None:
+            proto.transport.abortConnection()
+        if not finished.called:
+            finished.errback(Unavailable("upstream-timeout"))
+
+    timer = reactor.callLater(timeout, timedOut)
+
+    def connected(_: Any) -> None:
+        proto.ready.addBoth(done)
+
+    def connectFailed(failure: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not finished.called:
+            if failure.check(ProxyError):
+                finished.errback(failure)
+            else:
+                finished.errback(Unavailable("upstream-unreachable"))
+
+    def done(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if finished.called:
+            # Timed out meanwhile: a late success must not leak a connection.
+            if result is proto:
+                proto.transport.abortConnection()
+            return
+        if isinstance(result, UpstreamProtocol):
+            finished.callback(result)
+        else:
+            finished.errback(result)
+
+    connecting.addCallbacks(connected, connectFailed)
+    connecting.addErrback(lambda f: None)
+    return await finished

@@ -1,0 +1,141 @@
+"""
+Session fixtures for the integration tests: one PKI, one fake OAuth2
+provider, one Dovecot and one ``twistd imapproxy`` shared by the tests, and a
+factory that registers a fresh mailbox account with its own grant and token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import attrs
+import pytest
+
+from tests.upstream import Dovecot, Provider, make_pki
+from tests.upstream.proxyproc import ProxyProcess
+
+CLIENT_ID = "app-client"
+CLIENT_SECRET = "app-secret"
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="imapproxy-tests-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pki(workdir):
+    return make_pki(os.path.join(workdir, "pki"))
+
+
+@pytest.fixture(scope="session")
+def provider(pki, workdir):
+    p = Provider(pki, os.path.join(workdir, "provider"))
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot(pki, provider):
+    d = Dovecot(pki, provider.introspection_url)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(pki, workdir, dovecot):
+    p = ProxyProcess(os.path.join(workdir, "proxy"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert})
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@attrs.frozen
+class Mailbox:
+    """A registered account: what a client logs in with, and its secrets."""
+
+    account: str
+    email: str
+    token: str = attrs.field(repr=False)
+    refresh_token: str = attrs.field(repr=False)
+
+
+_counter = itertools.count(1)
+
+
+def register(
+    proxy: ProxyProcess,
+    provider: Provider,
+    dovecot: Dovecot,
+    pki,
+    *,
+    tls: str = "implicit",
+    token_args: tuple[str, ...] = (),
+    expires_in: int = 3600,
+    rotate: bool = False,
+) -> Mailbox:
+    """A fresh account (own mailbox, own grant) with an imap-proxy token."""
+    n = next(_counter)
+    account = f"acct{n}-{secrets.token_hex(3)}"
+    email = f"user{n}-{secrets.token_hex(3)}@example.com"
+    refresh_token = "rt-" + secrets.token_urlsafe(24)
+    provider.add_grant(
+        refresh_token, email, CLIENT_ID, CLIENT_SECRET, expires_in=expires_in, rotate=rotate
+    )
+    port = dovecot.tls_port if tls == "implicit" else dovecot.plain_port
+    proxy.cli(
+        "accounts",
+        "add",
+        account,
+        "--email",
+        email,
+        "--imap-host",
+        "localhost",
+        "--imap-port",
+        str(port),
+        "--imap-tls",
+        tls,
+        "--imap-ca-file",
+        pki.ca_cert,
+        "--token-url",
+        provider.token_url,
+        "--client-id",
+        CLIENT_ID,
+        "--client-secret",
+        CLIENT_SECRET,
+        "--refresh-token",
+        "-",
+        input=refresh_token + "\n",
+    )
+    token = proxy.cli(
+        "tokens",
+        "issue",
+        "--account",
+        account,
+        "--scope",
+        "imap-proxy",
+        "--description",
+        f"test token {n}",
+        *token_args,
+    ).stdout.strip()
+    return Mailbox(account, email, token, refresh_token)
+
+
+@pytest.fixture
+def mailbox(proxy, provider, dovecot, pki) -> Mailbox:
+    return register(proxy, provider, dovecot, pki)

@@ -1,0 +1,159 @@
+"""
+Run the real product as the tests' subject: ``twistd -n imapproxy`` and the
+``imapproxy`` admin command, as installed in the test environment (the
+scripts beside ``sys.executable``), from a work directory outside the source
+tree so that the installed package, plugin included, is what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+BIN = os.path.dirname(sys.executable)
+START_TIMEOUT = 20.0
+
+_LISTENING = re.compile(r"IMAP listening on (\S+):(\d+)")
+
+
+class ProxyError(RuntimeError):
+    """The proxy did not start, or an admin command failed."""
+
+
+def _script(name: str) -> str:
+    path = os.path.join(BIN, name)
+    if not os.path.exists(path):
+        raise ProxyError(f"{path} is missing: install the package (pip install .) first")
+    return path
+
+
+class ProxyProcess:
+    """
+    :param workdir: holds the store, the secret key and ``twistd.log``.
+    :param env: extra environment (e.g. ``REQUESTS_CA_BUNDLE`` for the fake
+        provider's HTTPS token endpoint).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        env: dict[str, str] | None = None,
+        store: str | None = None,
+        secret_file: str | None = None,
+    ):
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.store = store or f"sqlite:///{workdir}/state/imapproxy.sqlite3"
+        self.secret_file = secret_file
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("PYTHONPATH", None)
+        self.log_path = os.path.join(workdir, "twistd.log")
+        self.host = "127.0.0.1"
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._logOffset = 0
+
+    def _storeArgs(self) -> list[str]:
+        args = ["--store", self.store]
+        if self.secret_file:
+            args += ["--secret-file", self.secret_file]
+        return args
+
+    # -- the admin command --------------------------------------------------
+
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [_script("imapproxy"), *args[:2], *self._storeArgs(), *args[2:]]
+        result = subprocess.run(
+            cmd,
+            cwd=self.workdir,
+            env=self.env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise ProxyError(f"imapproxy {' '.join(args[:2])} failed: {result.stderr}")
+        return result
+
+    # -- the server ---------------------------------------------------------
+
+    def start(self, *extra: str) -> None:
+        if self._proc is not None:
+            raise ProxyError("already started")
+        if os.path.exists(self.log_path):
+            self._logOffset = os.path.getsize(self.log_path)
+        cmd = [
+            _script("twistd"),
+            "-n",
+            "--pidfile=",
+            "--logfile",
+            self.log_path,
+            "imapproxy",
+            *self._storeArgs(),
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            *extra,
+        ]
+        self._proc = subprocess.Popen(
+            cmd, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            m = _LISTENING.search(self.log())
+            if m:
+                self.port = int(m.group(2))
+                return
+            if self._proc.poll() is not None:
+                out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
+                self._proc = None
+                raise ProxyError(f"twistd exited: {out}\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        self.stop()
+        raise ProxyError("twistd did not start listening in time:\n" + self.log()[-3000:])
+
+    def log(self) -> str:
+        """This run's log (what was written since ``start``)."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                f.seek(self._logOffset)
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def full_log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
