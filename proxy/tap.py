@@ -171,10 +171,11 @@ class _Listener(Service):
         self._port = port
         host = port.getHost()
         log.info(
-            "{what} listening on {host}:{port}",
+            "{what} listening on {host}:{port} ({kind})",
             what=self._what,
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
+            kind=self._description.split(":", 1)[0],
         )
 
     def _failed(self, failure: Any) -> None:

@@ -58,7 +58,14 @@ def dovecot(pki, provider):
 @pytest.fixture(scope="session")
 def proxy(pki, workdir, dovecot):
     p = ProxyProcess(os.path.join(workdir, "proxy"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert})
-    p.start()
+    p.start(
+        "--port",
+        f"ssl:0:interface=127.0.0.1:privateKey={pki.key}:certKey={pki.cert}",
+        "--tls-certificate",
+        pki.cert,
+        "--tls-key",
+        pki.key,
+    )
     try:
         yield p
     finally:
@@ -76,6 +83,10 @@ class Mailbox:
 
 
 _counter = itertools.count(1)
+
+# Every secret the tests hand the proxy; test_integration_logs checks that
+# none of them ever reaches its log.
+ISSUED_SECRETS: list[str] = [CLIENT_SECRET]
 
 
 def register(
@@ -133,6 +144,7 @@ def register(
         f"test token {n}",
         *token_args,
     ).stdout.strip()
+    ISSUED_SECRETS.extend([token, refresh_token])
     return Mailbox(account, email, token, refresh_token)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 BIN = os.path.dirname(sys.executable)
 START_TIMEOUT = 20.0
 
-_LISTENING = re.compile(r"IMAP listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"IMAP listening on (\S+):(\d+) \((\w+)\)")
 
 
 class ProxyError(RuntimeError):
@@ -55,6 +55,7 @@ class ProxyProcess:
         self.log_path = os.path.join(workdir, "twistd.log")
         self.host = "127.0.0.1"
         self.port: int | None = None
+        self.ports: dict[str, int] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._logOffset = 0
 
@@ -86,6 +87,10 @@ class ProxyProcess:
     # -- the server ---------------------------------------------------------
 
     def start(self, *extra: str) -> None:
+        """
+        :param extra: more ``twistd imapproxy`` options; each ``--port`` in
+            them adds a listener to wait for.
+        """
         if self._proc is not None:
             raise ProxyError("already started")
         if os.path.exists(self.log_path):
@@ -107,9 +112,10 @@ class ProxyProcess:
         )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            m = _LISTENING.search(self.log())
-            if m:
-                self.port = int(m.group(2))
+            found = _LISTENING.findall(self.log())
+            if len(found) >= 1 + list(extra).count("--port"):
+                self.ports = {kind: int(port) for _host, port, kind in found}
+                self.port = self.ports["tcp"]
                 return
             if self._proc.poll() is not None:
                 out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
