@@ -15,9 +15,10 @@ from typing import Any
 import attrs
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.interfaces import INegotiated
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.mail.imap4 import IllegalClientResponse, IMAP4Server
+from twisted.python.failure import Failure
 
 from .cred import IUpstreamSession, TokenCredentials
 from .errors import AccessDenied, ProxyError
@@ -78,6 +79,8 @@ class ProxyServer(IMAP4Server):
     """
 
     IDENT = b"imapproxy"
+    transport: Any
+    portal: Any
 
     def __init__(
         self, portal: Any, policy: ServerPolicy, contextFactory: Any = None, sessions: Any = None
@@ -116,7 +119,7 @@ class ProxyServer(IMAP4Server):
     def timeoutConnection(self) -> None:
         self._bye(b"Login timeout, closing connection")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         phase, self._phase = self._phase, "closed"
         if phase == "spliced" and self.splice is not None:
@@ -224,7 +227,7 @@ class ProxyServer(IMAP4Server):
         self.transport.loseConnection()
         self._phase = "closed"
 
-    unauth_LOGOUT = (do_LOGOUT,)
+    unauth_LOGOUT = (do_LOGOUT,)  # type: ignore[assignment]
 
     def do_ID(self, tag: bytes, args: Any) -> None:
         # The client's ID is not needed before login; answer with ours.
@@ -250,14 +253,20 @@ class ProxyServer(IMAP4Server):
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
 
-    unauth_STARTTLS = (do_STARTTLS,)
+    unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
 
     def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         self._login(tag, user, passwd)
 
-    unauth_LOGIN = (do_LOGIN, IMAP4Server.arg_astring, IMAP4Server.arg_finalastring)
+    unauth_LOGIN = (  # type: ignore[assignment]
+        do_LOGIN,
+        IMAP4Server.arg_astring,
+        IMAP4Server.arg_finalastring,
+    )
 
-    def do_AUTHENTICATE(self, tag: bytes, mechanism: bytes, initial: Any) -> None:
+    def do_AUTHENTICATE(  # type: ignore[override]
+        self, tag: bytes, mechanism: bytes, initial: Any
+    ) -> None:
         if mechanism.upper() != b"PLAIN":
             self.sendNegativeResponse(tag, b"[CANNOT] Unsupported authentication mechanism")
             return
@@ -272,10 +281,14 @@ class ProxyServer(IMAP4Server):
 
         self.parseState = "pending"
         pending: Deferred[bytes] = Deferred()
-        self._pendingLiteral = pending
+        self._pendingLiteral = pending  # type: ignore[assignment]
         pending.addCallback(lambda line: self._plain(tag, line.strip()))
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, IMAP4Server.arg_atom, IMAP4Server.arg_line)
+    unauth_AUTHENTICATE = (  # type: ignore[assignment]
+        do_AUTHENTICATE,
+        IMAP4Server.arg_atom,
+        IMAP4Server.arg_line,
+    )
 
     def _plain(self, tag: bytes, response: bytes) -> None:
         if response == b"*":

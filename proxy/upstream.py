@@ -13,10 +13,11 @@ from typing import Any
 
 from twisted.internet import endpoints, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.mail.interfaces import IClientAuthentication
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
@@ -93,6 +94,7 @@ class UpstreamProtocol(LineReceiver):
 
     MAX_LENGTH = 65536
     delimiter = b"\r\n"
+    transport: Any
 
     def __init__(
         self,
@@ -134,7 +136,7 @@ class UpstreamProtocol(LineReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail(Unavailable("upstream-protocol"))
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._state not in ("ready", "relay"):
             self._fail(Unavailable("upstream-closed"))
         elif self.onLost is not None:
@@ -366,6 +368,7 @@ async def connectUpstream(
         reactor, upstream.host, upstream.port, timeout=timeout
     )
     if upstream.tls == "implicit":
+        assert tls is not None
         endpoint = endpoints.wrapClientTLS(tls, endpoint)
     proto = UpstreamProtocol(
         XOAUTH2Authenticator(user.encode("utf-8")),

@@ -7,6 +7,7 @@ IMAPClient, raw sockets).
 from __future__ import annotations
 
 import imaplib
+import socket
 import sqlite3
 import threading
 import time
@@ -511,3 +512,40 @@ def test_same_result_as_direct_connection(proxy, mailbox, pki, dovecot, provider
     d.logout()
     assert got_proxy == got_direct
     assert len(got_proxy[1]) == 10  # five (envelope, body) pairs
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_flow_control_bounds_memory_for_a_client_that_does_not_read(proxy, mailbox, dovecot):
+    """A 40 MB FETCH to a client that stops reading is not buffered in the proxy."""
+    size = 40 * 1024 * 1024
+    msg = message(size, "flow control")
+    dovecot.seed(mailbox.email, msg)
+    r = Raw(proxy.port)
+    r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        r.line()
+        r.send(f"a LOGIN {mailbox.account} {mailbox.token}\r\nb EXAMINE INBOX\r\n".encode())
+        r.until(b"b")
+        before = _rss_kib(proxy.pid())
+        r.send(b"c FETCH 1 BODY.PEEK[]\r\n")
+        # Wait until the proxy's memory stops moving (Dovecot has sent what
+        # flow control lets through), bounded at 5 s.
+        last, still, deadline = before, 0, time.monotonic() + 5
+        while time.monotonic() < deadline and still < 5:
+            threading.Event().wait(0.1)
+            now = _rss_kib(proxy.pid())
+            still = still + 1 if abs(now - last) < 64 else 0
+            last = now
+        grown = _rss_kib(proxy.pid()) - before
+        assert grown < 8 * 1024, f"proxy grew by {grown} KiB while the client did not read"
+        got = r.until(b"c")
+        assert got[-1].startswith(b"c OK")
+    finally:
+        r.close()
