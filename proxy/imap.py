@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from .cred import IUpstreamSession, TokenCredentials
 from .errors import AccessDenied, ProxyError
-from .splice import Splice
+from .splice import Splice, tuneSocket
 
 log = Logger()
 
@@ -103,6 +103,7 @@ class ProxyServer(IMAP4Server):
 
     def connectionMade(self) -> None:
         self.tags = {}
+        tuneSocket(self.transport)
         peer = self.transport.getPeer()
         self.address = getattr(peer, "host", "unknown")
         self.canStartTLS = self.ctx is not None and hasattr(self.transport, "startTLS")

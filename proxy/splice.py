@@ -5,20 +5,27 @@ control (each transport is the other's producer), until either side closes.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.logger import Logger
 
 log = Logger()
 
 
-class _ClientSide(Protocol):
-    transport: Any
-    sink: Any
-    paused: Any
-    bytesReceived: int
-
-    def spliceEnded(self) -> None: ...
+def tuneSocket(transport: Any) -> None:
+    """
+    TCP_NODELAY (IMAP is small commands and replies: no waiting on Nagle) and
+    keepalive (an IDLE session lasts hours; dead peers must show up). TLS and
+    PROXY-protocol wrappers pass these through to the socket; other
+    transports (UNIX sockets, test transports) simply lack them.
+    """
+    for name in ("setTcpNoDelay", "setTcpKeepAlive"):
+        method = getattr(transport, name, None)
+        if method is not None:
+            try:
+                method(True)
+            except (OSError, AttributeError):
+                pass
 
 
 class Splice:

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from .errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
 from .model import Upstream
+from .splice import tuneSocket
 
 log = Logger()
 
@@ -157,6 +158,9 @@ class UpstreamProtocol(LineReceiver):
         except Exception:
             log.failure("unexpected upstream response handling error")
             self._fail(Unavailable("upstream-protocol"))
+
+    def connectionMade(self) -> None:
+        tuneSocket(self.transport)
 
     def _line_failed(self, line: bytes) -> None:
         pass
