@@ -63,13 +63,26 @@ def isLoopback(address: str) -> bool:
     return ip.is_loopback
 
 
+# Twisted's argument parser explains itself; some of its messages quote the
+# client's input (which may hold a token), so only these fixed texts are
+# ever sent back.
+_PARSER_ERRORS = (
+    ("Too many arguments", b"Too many arguments"),
+    ("Missing argument", b"Missing argument"),
+    ("Unmatched quotes", b"Unmatched quotes"),
+    ("Malformed literal", b"Malformed literal"),
+    ("Bad literal size", b"Bad literal size"),
+    ("Literal too long", b"Literal too long"),
+    ("Malformed ATOM", b"Malformed atom"),
+)
+
+
 def _fixedBad(error: Exception) -> bytes:
-    # Twisted's parser messages are fixed texts except the "too many
-    # arguments" one, which quotes the rest of the line (maybe a token).
     text = str(error)
-    if text.startswith("Too many arguments"):
-        return b"Too many arguments"
-    return b"Syntax error: " + text.encode("ascii", "replace")[:80]
+    for prefix, fixed in _PARSER_ERRORS:
+        if text.startswith(prefix):
+            return b"Syntax error: " + fixed
+    return b"Syntax error"
 
 
 class ProxyServer(IMAP4Server):
@@ -183,6 +196,11 @@ class ProxyServer(IMAP4Server):
     def dispatchCommand(self, tag: bytes, cmd: bytes, rest: Any, uid: Any = None) -> None:
         if self.lookupCommand(cmd) is None:
             self.sendBadResponse(tag, b"Command unknown or not valid before login")
+            return
+        if cmd == b"LOGIN" and not self.plaintextAllowed():
+            # Before parsing: no continuation for a literal password that
+            # must not be sent in the clear anyway.
+            self._privacyRequired(tag)
             return
         IMAP4Server.dispatchCommand(self, tag, cmd, rest, uid)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -86,7 +87,9 @@ def refreshBlocking(account: Account, timeout: float) -> Grant:
             client_id=grant.clientId,
             client_secret=grant.clientSecret,
             timeout=timeout,
-            **({"scope": " ".join(grant.scopes)} if grant.scopes else {}),
+            # In the body: requests-oauthlib passes its own scope argument,
+            # and a session scope would make a changed scope an error.
+            body=urlencode({"scope": " ".join(grant.scopes)}) if grant.scopes else "",
         )
     except InvalidGrantError:
         raise GrantInvalid() from None
@@ -182,7 +185,11 @@ class AccessTokens:
         self._save = saveRefreshToken
         self._clock = clock
         self._margin = margin
-        self._cache: dict[str, tuple[str, float]] = {}
+        # account id -> (access token, expiry time, lifetime)
+        self._cache: dict[str, tuple[str, float, float]] = {}
+        # Rotated refresh tokens whose save failed: used instead of the
+        # stored one until a save succeeds, so a store hiccup loses nothing.
+        self._unsaved: dict[str, str] = {}
         self._inflight: dict[str, list[Deferred[AccessToken]]] = {}
 
     def forget(self, accountId: str) -> None:
@@ -197,8 +204,8 @@ class AccessTokens:
         now = self._clock.seconds()
         cached = self._cache.get(account.id)
         if cached is not None and not force:
-            value, expires = cached
-            margin = min(self._margin, max(0.0, (expires - now) / 2))
+            value, expires, lifetime = cached
+            margin = min(self._margin, lifetime / 2)
             if not needsRefresh(expires, now, margin):
                 return succeed(AccessToken(value, expires, fresh=False))
         waiter: Deferred[AccessToken] = Deferred()
@@ -211,6 +218,11 @@ class AccessTokens:
 
     async def _fetch(self, account: Account) -> AccessToken:
         started = self._clock.seconds()
+        if account.id in self._unsaved:
+            account = attrs.evolve(
+                account,
+                oauth2=attrs.evolve(account.oauth2, refreshToken=self._unsaved[account.id]),
+            )
         try:
             grant = await self._refresh(account)
         except ProxyError as e:
@@ -225,11 +237,22 @@ class AccessTokens:
             log.failure("OAuth2 refresh for account {account} failed", account=account.id)
             raise Unavailable("oauth2-internal") from None
         if grant.refreshToken is not None:
-            await self._save(account.id, grant.refreshToken)
+            self._unsaved[account.id] = grant.refreshToken
             log.info("provider rotated the refresh token of {account}", account=account.id)
+        if account.id in self._unsaved:
+            try:
+                await self._save(account.id, self._unsaved[account.id])
+            except Exception:
+                log.failure(
+                    "saving the rotated refresh token of {account} failed; "
+                    "keeping it in memory and retrying on the next refresh",
+                    account=account.id,
+                )
+            else:
+                del self._unsaved[account.id]
         lifetime = grant.expiresIn if grant.expiresIn is not None else self.UNKNOWN_LIFETIME
         expires = started + lifetime
-        self._cache[account.id] = (grant.accessToken, expires)
+        self._cache[account.id] = (grant.accessToken, expires, lifetime)
         log.info(
             "new provider access token for {account}, valid {lifetime:.0f}s",
             account=account.id,

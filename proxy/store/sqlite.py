@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
+from twisted.internet.defer import fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -100,6 +101,8 @@ class SQLiteStore(Service):
         return self._run(self.openBlocking)
 
     def close(self):
+        if self._pool.joined:
+            return succeed(None)
         d = self._run(self._closeBlocking)
 
         def stop(result):
@@ -119,6 +122,8 @@ class SQLiteStore(Service):
         return self.close()
 
     def _run(self, f: Callable[..., T], *args: Any):
+        if self._pool.joined:
+            return fail(StoreError("the store is closed"))
         if not self._pool.started:
             self._pool.start()
         return deferToThreadPool(self._reactor, self._pool, f, *args)

@@ -1,0 +1,488 @@
+"""
+Tests for ``proxy.oauth``: the access-token cache (time from ``task.Clock``,
+refreshes from a fake with Deferreds the test fires) and the error mapping of
+``refreshBlocking`` (requests-oauthlib patched, no network).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from urllib.parse import parse_qs
+
+import requests
+from oauthlib.oauth2 import OAuth2Error
+from oauthlib.oauth2.rfc6749.errors import (
+    InsecureTransportError,
+    InvalidClientError,
+    InvalidGrantError,
+    UnauthorizedClientError,
+)
+from requests_oauthlib import OAuth2Session
+from twisted.internet import task
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from proxy import oauth
+from proxy.errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
+from proxy.model import Account, OAuth2Grant, Upstream
+from proxy.oauth import AccessToken, AccessTokens, Grant, ThreadedRefresher, needsRefresh
+
+TOKEN_URL = "https://oauth.example.com/token"
+
+
+def account(aid: str = "alice", scopes: tuple[str, ...] = (), url: str = TOKEN_URL) -> Account:
+    return Account(
+        id=aid,
+        email=f"{aid}@example.com",
+        upstream=Upstream(host="imap.example.com"),
+        oauth2=OAuth2Grant(
+            tokenURL=url,
+            clientId="client-1",
+            clientSecret="client-secret",
+            refreshToken="rt-1",
+            scopes=scopes,
+        ),
+    )
+
+
+class FakeRefresher:
+    """``refresh``: records each call and returns a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Account, Deferred[Grant]]] = []
+
+    def __call__(self, account: Account) -> Deferred[Grant]:
+        d: Deferred[Grant] = Deferred()
+        self.calls.append((account, d))
+        return d
+
+    def answer(self, grant: Grant, index: int = -1) -> None:
+        self.calls[index][1].callback(grant)
+
+
+class FakeSaver:
+    """``saveRefreshToken``: records each call; answers at once unless told not to."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.pending: list[Deferred[None]] = []
+        self.hold = False
+
+    def __call__(self, accountId: str, refreshToken: str) -> Deferred[None]:
+        self.calls.append((accountId, refreshToken))
+        if not self.hold:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class AccessTokensTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.refresh = FakeRefresher()
+        self.save = FakeSaver()
+        self.tokens = AccessTokens(self.refresh, self.save, self.clock, margin=300.0)
+        self.account = account()
+
+    def tearDown(self):
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def fetch(self, value: str = "at-1", expiresIn: float | None = 3600.0, **kw) -> AccessToken:
+        """A get() that needs a refresh, answered with ``value``."""
+        before = len(self.refresh.calls)
+        d = self.tokens.get(self.account, **kw)
+        self.assertEqual(len(self.refresh.calls), before + 1, "expected a refresh")
+        self.refresh.answer(Grant(value, expiresIn))
+        return self.successResultOf(d)
+
+    def cached(self, **kw) -> AccessToken:
+        """A get() that must be answered from the cache."""
+        before = len(self.refresh.calls)
+        d = self.tokens.get(self.account, **kw)
+        self.assertEqual(len(self.refresh.calls), before, "expected no refresh")
+        return self.successResultOf(d)
+
+    def test_firstGetRefreshes(self):
+        """The first get() refreshes and gives a fresh token expiring after expires_in."""
+        self.clock.advance(100)
+        t = self.fetch("at-1", 3600)
+        self.assertEqual(t, AccessToken("at-1", 3700.0, fresh=True))
+        self.assertIs(self.refresh.calls[0][0], self.account)
+
+    def test_cachedReused(self):
+        """A later get() reuses the cached token, marked not fresh."""
+        self.fetch("at-1")
+        self.clock.advance(1000)
+        t = self.cached()
+        self.assertEqual((t.value, t.expires, t.fresh), ("at-1", 3600.0, False))
+
+    def test_refreshAheadOfExpiry(self):
+        """Within the margin before expiry the token is refreshed, not used up."""
+        self.fetch("at-1", 3600)
+        self.clock.advance(3600 - 300 - 1)
+        self.assertEqual(self.cached().value, "at-1")
+        self.clock.advance(2)  # 299 s left, inside the 300 s margin
+        t = self.fetch("at-2", 3600)
+        self.assertEqual((t.value, t.fresh), ("at-2", True))
+
+    def test_shortLivedTokenNotRefreshedEveryTime(self):
+        """A token living less than the margin is reused for a while, then refreshed early."""
+        self.fetch("at-1", 60)
+        self.clock.advance(10)
+        self.assertEqual(self.cached().value, "at-1")
+        self.clock.advance(40)  # 10 s left of 60: past half its life
+        self.assertEqual(self.fetch("at-2", 60).value, "at-2")
+
+    def test_expiredRefreshed(self):
+        """A token past its expiry is refreshed."""
+        self.fetch("at-1", 3600)
+        self.clock.advance(3600)
+        self.assertEqual(self.fetch("at-2").value, "at-2")
+
+    def test_unknownLifetime(self):
+        """Without expires_in a token is trusted for UNKNOWN_LIFETIME."""
+        t = self.fetch("at-1", None)
+        self.assertEqual(t.expires, AccessTokens.UNKNOWN_LIFETIME)
+        self.clock.advance(60)
+        self.assertEqual(self.cached().value, "at-1")
+
+    def test_expiryFromRequestStart(self):
+        """The lifetime counts from when the refresh started, not when it answered."""
+        d = self.tokens.get(self.account)
+        self.clock.advance(30)
+        self.refresh.answer(Grant("at-1", 3600))
+        self.assertEqual(self.successResultOf(d).expires, 3600.0)
+
+    def test_force(self):
+        """force=True refreshes although a cached token is valid."""
+        self.fetch("at-1")
+        t = self.fetch("at-2", force=True)
+        self.assertEqual((t.value, t.fresh), ("at-2", True))
+        self.assertEqual(self.cached().value, "at-2")
+
+    def test_forget(self):
+        """forget() drops the cached token."""
+        self.fetch("at-1")
+        self.tokens.forget("alice")
+        self.assertEqual(self.fetch("at-2").value, "at-2")
+
+    def test_accountsSeparate(self):
+        """Each account has its own cache entry."""
+        self.fetch("at-alice")
+        d = self.tokens.get(account("bob"))
+        self.assertEqual(len(self.refresh.calls), 2)
+        self.refresh.answer(Grant("at-bob", 3600))
+        self.assertEqual(self.successResultOf(d).value, "at-bob")
+        self.assertEqual(self.cached().value, "at-alice")
+
+    def test_concurrentOneRefresh(self):
+        """Concurrent get() calls for one account share a single refresh and its result."""
+        ds = [self.tokens.get(self.account) for _ in range(3)]
+        ds.append(self.tokens.get(self.account, force=True))
+        self.assertEqual(len(self.refresh.calls), 1)
+        for d in ds:
+            self.assertNoResult(d)
+        self.refresh.answer(Grant("at-1", 3600))
+        results = [self.successResultOf(d) for d in ds]
+        self.assertEqual({r.value for r in results}, {"at-1"})
+        self.assertTrue(all(r.fresh for r in results))
+
+    def test_failureErrbacksAll(self):
+        """A failed refresh errbacks every waiter with the same ProxyError."""
+        ds = [self.tokens.get(self.account) for _ in range(2)]
+        self.refresh.calls[0][1].errback(GrantInvalid())
+        for d in ds:
+            self.failureResultOf(d, GrantInvalid)
+
+    def test_failureNotCached(self):
+        """After a failed refresh the next get() tries again."""
+        d = self.tokens.get(self.account)
+        self.refresh.calls[0][1].errback(Unavailable("oauth2-unreachable"))
+        self.failureResultOf(d, Unavailable)
+        self.assertEqual(self.fetch("at-1").value, "at-1")
+
+    def test_failureForgetsCachedToken(self):
+        """A failed forced refresh also drops the old cached token."""
+        self.fetch("at-1")
+        d = self.tokens.get(self.account, force=True)
+        self.refresh.calls[-1][1].errback(GrantInvalid())
+        self.failureResultOf(d, GrantInvalid)
+        self.assertEqual(self.fetch("at-2").value, "at-2")
+
+    def test_unexpectedErrorWrapped(self):
+        """A non-ProxyError from the refresher reaches waiters as Unavailable and is logged."""
+        d = self.tokens.get(self.account)
+        self.refresh.calls[0][1].errback(RuntimeError("boom client-secret"))
+        f = self.failureResultOf(d, Unavailable)
+        self.assertEqual(f.value.reason, "oauth2-internal")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_rotatedRefreshTokenSavedFirst(self):
+        """A rotated refresh token is saved before the access token is delivered."""
+        self.save.hold = True
+        d = self.tokens.get(self.account)
+        self.refresh.answer(Grant("at-1", 3600, refreshToken="rt-2"))
+        self.assertEqual(self.save.calls, [("alice", "rt-2")])
+        self.assertNoResult(d)
+        self.save.pending[0].callback(None)
+        self.assertEqual(self.successResultOf(d).value, "at-1")
+
+    def test_noRotationNoSave(self):
+        """Without a new refresh token nothing is saved."""
+        self.fetch("at-1")
+        self.assertEqual(self.save.calls, [])
+
+    def test_saveFailure(self):
+        """A failed save of a rotated refresh token loses nothing: it is used and saved later."""
+        self.save.hold = True
+        d = self.tokens.get(self.account)
+        self.refresh.answer(Grant("at-1", 3600, refreshToken="rt-2"))
+        self.save.pending[0].errback(OSError("disk full"))
+        self.assertEqual(self.successResultOf(d).value, "at-1")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.save.hold = False
+        d = self.tokens.get(self.account, force=True)
+        used, _ = self.refresh.calls[-1]
+        self.assertEqual(used.oauth2.refreshToken, "rt-2")
+        self.refresh.answer(Grant("at-2", 3600))
+        self.assertEqual(self.successResultOf(d).value, "at-2")
+        self.assertEqual(self.save.calls[-1], ("alice", "rt-2"))
+        self.tokens.get(self.account, force=True)
+        self.refresh.answer(Grant("at-3", 3600))
+        self.assertEqual(len(self.save.calls), 2)
+
+    def test_needsRefresh(self):
+        """needsRefresh is true for unknown expiry and from expires - margin on."""
+        self.assertTrue(needsRefresh(None, 0, 10))
+        self.assertFalse(needsRefresh(100, 89, 10))
+        self.assertTrue(needsRefresh(100, 90, 10))
+
+    def test_secretsNotInRepr(self):
+        """Grant and AccessToken reprs never show token values."""
+        text = repr(Grant("at-secret", 1, "rt-secret")) + repr(AccessToken("at-secret", 1, True))
+        self.assertNotIn("secret", text)
+
+
+class FakeResponse:
+    """Enough of ``requests.Response`` for the compliance hook."""
+
+    def __init__(self, status: int):
+        self.status_code = status
+        self.text = "{}"
+
+
+class RefreshBlockingErrorTests(SynchronousTestCase):
+    """refreshBlocking with ``OAuth2Session.refresh_token`` replaced."""
+
+    def setUp(self):
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def answer(self, result=None, raises: Exception | None = None, status: int | None = None):
+        def refresh_token(session, url, **kw):
+            self.calls.append(((url,), kw))
+            if status is not None:
+                for hook in session.compliance_hook["refresh_token_response"]:
+                    hook(FakeResponse(status))
+            if raises is not None:
+                raise raises
+            return result
+
+        self.patch(OAuth2Session, "refresh_token", refresh_token)
+
+    def refused(self, error: Exception, kind: type[ProxyError], reason: str) -> ProxyError:
+        self.answer(raises=error)
+        e = self.assertRaises(kind, oauth.refreshBlocking, account(), 5.0)
+        self.assertEqual(e.reason, reason)
+        return e
+
+    def test_invalidGrant(self):
+        """invalid_grant becomes GrantInvalid (re-authorization needed)."""
+        e = self.refused(InvalidGrantError(), GrantInvalid, "invalid-grant")
+        self.assertEqual(
+            e.imapResponse(), b"NO [AUTHENTICATIONFAILED] Account needs re-authorization"
+        )
+
+    def test_invalidClient(self):
+        """invalid_client becomes AuthenticationFailed for the OAuth2 client."""
+        self.refused(InvalidClientError(), AuthenticationFailed, "oauth2-client")
+
+    def test_unauthorizedClient(self):
+        """unauthorized_client becomes AuthenticationFailed for the OAuth2 client."""
+        self.refused(UnauthorizedClientError(), AuthenticationFailed, "oauth2-client")
+
+    def test_insecureTransport(self):
+        """A non-HTTPS token URL becomes Unavailable."""
+        self.refused(InsecureTransportError(), Unavailable, "oauth2-insecure-url")
+
+    def test_otherOAuth2Error(self):
+        """Any other OAuth2 error becomes Unavailable, not an authentication failure."""
+        e = self.refused(OAuth2Error("server_error"), Unavailable, "oauth2-bad-response")
+        self.assertNotIsInstance(e, AuthenticationFailed)
+
+    def test_connectionError(self):
+        """A connection error becomes Unavailable."""
+        self.refused(requests.ConnectionError("refused"), Unavailable, "oauth2-unreachable")
+
+    def test_timeout(self):
+        """A timeout becomes Unavailable."""
+        self.refused(requests.Timeout("slow"), Unavailable, "oauth2-unreachable")
+
+    def test_valueError(self):
+        """A response that cannot be parsed (ValueError) becomes Unavailable."""
+        self.refused(ValueError("not json"), Unavailable, "oauth2-bad-response")
+
+    def test_serverError(self):
+        """A 5xx from the token endpoint becomes Unavailable via the compliance hook."""
+        self.answer(result={"access_token": "at"}, status=503)
+        e = self.assertRaises(Unavailable, oauth.refreshBlocking, account(), 5.0)
+        self.assertEqual(e.reason, "oauth2-server-error")
+
+    def test_tooManyRequests(self):
+        """A 429 from the token endpoint becomes Unavailable."""
+        self.answer(result={"access_token": "at"}, status=429)
+        e = self.assertRaises(Unavailable, oauth.refreshBlocking, account(), 5.0)
+        self.assertEqual(e.reason, "oauth2-server-error")
+
+    def test_requestArguments(self):
+        """The grant's URL, refresh token, client credentials and timeout are used."""
+        self.answer(result={"access_token": "at", "refresh_token": "rt-1"})
+        oauth.refreshBlocking(account(), 7.0)
+        (args, kw) = self.calls[0]
+        self.assertEqual(args, (TOKEN_URL,))
+        self.assertEqual(kw["refresh_token"], "rt-1")
+        self.assertEqual(kw["client_id"], "client-1")
+        self.assertEqual(kw["client_secret"], "client-secret")
+        self.assertEqual(kw["timeout"], 7.0)
+
+    def test_successRotated(self):
+        """A successful answer with a new refresh token gives a Grant carrying it."""
+        self.answer(result={"access_token": "at-1", "expires_in": 3599, "refresh_token": "rt-2"})
+        self.assertEqual(oauth.refreshBlocking(account(), 5.0), Grant("at-1", 3599.0, "rt-2"))
+
+    def test_successSameRefreshToken(self):
+        """The old refresh token echoed back is not a rotation."""
+        self.answer(result={"access_token": "at-1", "expires_in": "60", "refresh_token": "rt-1"})
+        self.assertEqual(oauth.refreshBlocking(account(), 5.0), Grant("at-1", 60.0, None))
+
+    def test_badExpiresIn(self):
+        """An unparseable expires_in is treated as unknown."""
+        self.answer(result={"access_token": "at-1", "expires_in": "soon"})
+        self.assertIsNone(oauth.refreshBlocking(account(), 5.0).expiresIn)
+
+    def test_noAccessToken(self):
+        """An answer without an access token becomes Unavailable."""
+        self.answer(result={"token_type": "Bearer"})
+        e = self.assertRaises(Unavailable, oauth.refreshBlocking, account(), 5.0)
+        self.assertEqual(e.reason, "oauth2-bad-response")
+
+
+class RefreshBlockingHTTPTests(SynchronousTestCase):
+    """
+    refreshBlocking through the real requests-oauthlib code, with the HTTP
+    adapter replaced by a canned answer (no socket).
+    """
+
+    def setUp(self):
+        self.requests: list[requests.PreparedRequest] = []
+        insecure = os.environ.pop("OAUTHLIB_INSECURE_TRANSPORT", None)
+        if insecure is not None:
+            self.addCleanup(os.environ.__setitem__, "OAUTHLIB_INSECURE_TRANSPORT", insecure)
+
+    def respond(self, status: int, body: dict) -> None:
+        def send(adapter, request, **kw):
+            self.requests.append(request)
+            r = requests.Response()
+            r.status_code = status
+            r._content = json.dumps(body).encode()
+            r.headers["Content-Type"] = "application/json"
+            r.url = request.url
+            r.request = request
+            r.encoding = "utf-8"
+            return r
+
+        self.patch(requests.adapters.HTTPAdapter, "send", send)
+
+    def form(self) -> dict[str, list[str]]:
+        return parse_qs(self.requests[0].body)
+
+    def test_success(self):
+        """A 200 token answer gives the access token and the rotated refresh token."""
+        self.respond(
+            200,
+            {
+                "access_token": "at-1",
+                "token_type": "Bearer",
+                "expires_in": 3599,
+                "refresh_token": "rt-2",
+            },
+        )
+        grant = oauth.refreshBlocking(account(), 5.0)
+        self.assertEqual(grant, Grant("at-1", 3599.0, "rt-2"))
+        form = self.form()
+        self.assertEqual(form["grant_type"], ["refresh_token"])
+        self.assertEqual(form["refresh_token"], ["rt-1"])
+        self.assertEqual(self.requests[0].url, TOKEN_URL)
+
+    def test_noRotation(self):
+        """An answer without a refresh token is not a rotation."""
+        self.respond(200, {"access_token": "at-1", "token_type": "Bearer", "expires_in": 60})
+        self.assertIsNone(oauth.refreshBlocking(account(), 5.0).refreshToken)
+
+    def test_scopesSent(self):
+        """An account's OAuth2 scopes are sent with the refresh request."""
+        self.respond(200, {"access_token": "at-1", "token_type": "Bearer", "expires_in": 60})
+        grant = oauth.refreshBlocking(account(scopes=("https://mail.example.com/", "email")), 5.0)
+        self.assertEqual(grant.accessToken, "at-1")
+        self.assertEqual(self.form()["scope"], ["https://mail.example.com/ email"])
+
+    def test_invalidGrant(self):
+        """A 400 invalid_grant answer becomes GrantInvalid."""
+        self.respond(400, {"error": "invalid_grant", "error_description": "revoked"})
+        self.assertRaises(GrantInvalid, oauth.refreshBlocking, account(), 5.0)
+
+    def test_invalidClient(self):
+        """A 401 invalid_client answer becomes AuthenticationFailed."""
+        self.respond(401, {"error": "invalid_client"})
+        e = self.assertRaises(AuthenticationFailed, oauth.refreshBlocking, account(), 5.0)
+        self.assertEqual(e.reason, "oauth2-client")
+
+    def test_serverError(self):
+        """A 503 answer becomes Unavailable, whatever its body says."""
+        self.respond(503, {"error": "invalid_grant"})
+        e = self.assertRaises(Unavailable, oauth.refreshBlocking, account(), 5.0)
+        self.assertEqual(e.reason, "oauth2-server-error")
+
+    def test_insecureURL(self):
+        """An http:// token URL is refused before any request."""
+        self.respond(200, {"access_token": "at-1", "token_type": "Bearer"})
+        e = self.assertRaises(
+            Unavailable, oauth.refreshBlocking, account(url="http://oauth.example.com/t"), 5.0
+        )
+        self.assertEqual(e.reason, "oauth2-insecure-url")
+        self.assertEqual(self.requests, [])
+
+
+class ThreadedRefresherTests(TestCase):
+    def test_refreshInThread(self):
+        """refresh() runs refreshBlocking in the pool and delivers its result; stop() ends it."""
+        seen = []
+
+        def fake(acct, timeout):
+            seen.append((acct.id, timeout))
+            return Grant("at-1", 60.0)
+
+        self.patch(oauth, "refreshBlocking", fake)
+        from twisted.internet import reactor
+
+        refresher = ThreadedRefresher(reactor, threads=1, timeout=3.0)
+        self.addCleanup(refresher.stop)
+
+        def check(grant):
+            self.assertEqual(grant, Grant("at-1", 60.0))
+            self.assertEqual(seen, [("alice", 3.0)])
+            refresher.stop()
+            self.assertFalse(refresher._pool.started)
+
+        return refresher.refresh(account()).addCallback(check)

@@ -1,0 +1,207 @@
+"""
+Tests for ``proxy.tap``: the twistd options (defaults, config file, command
+line) and ``makeService``. Every store is a temporary SQLite file, closed
+again by the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from cryptography.fernet import Fernet
+from twisted.application.service import MultiService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from proxy.encryption import ENV_VAR
+from proxy.store import SQLiteStore
+from proxy.tap import DEFAULT_PORT, SETTINGS, Options, makeService
+
+
+def closeStore(store: SQLiteStore) -> None:
+    """Close a store opened with openBlocking, without a thread or the reactor."""
+    store._closeBlocking()
+    if store._pool.started:
+        store._pool.stop()
+
+
+class OptionsMixin:
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        # The key then comes from secret.key beside the store, not the environment.
+        saved = os.environ.pop(ENV_VAR, None)
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, ENV_VAR, saved)
+        self.storeURL = "sqlite://" + os.path.join(self.dir, "x.sqlite3")
+
+    def parse(self, *args: str, store: bool = True) -> Options:
+        options = Options()
+        argv = list(args)
+        if store:
+            argv = ["--store", self.storeURL, *argv]
+        options.parseOptions(argv)
+        self.addCleanup(closeStore, options["_store"])
+        return options
+
+    def config(self, text: str) -> str:
+        path = os.path.join(self.dir, "imapproxy.conf")
+        with open(path, "w") as f:
+            f.write("[imapproxy]\n" + text)
+        return path
+
+
+class OptionsTests(OptionsMixin, SynchronousTestCase):
+    def test_defaults(self):
+        """Without options every setting has its default and one loopback port."""
+        o = self.parse()
+        self.assertEqual(o["port"], [DEFAULT_PORT])
+        for name, (default, _conv, _help) in SETTINGS.items():
+            if name != "store":
+                self.assertEqual(o[name], default, name)
+        self.assertEqual(o["plaintext-login"], "loopback")
+        self.assertEqual(o["login-timeout"], 60.0)
+        self.assertIsNone(o["starttls"])
+
+    def test_storeOpened(self):
+        """The store is opened in postOptions, beside a new secret key file."""
+        o = self.parse()
+        store = o["_store"]
+        self.assertIsInstance(store, SQLiteStore)
+        self.assertEqual(store.path, os.path.join(self.dir, "x.sqlite3"))
+        self.assertIsNotNone(store._db)
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "secret.key")))
+        self.assertFalse(store._pool.started)
+
+    def test_converted(self):
+        """Numeric options are converted to their types."""
+        o = self.parse("--login-timeout", "12.5", "--max-bad-commands", "4")
+        self.assertEqual((o["login-timeout"], o["max-bad-commands"]), (12.5, 4))
+
+    def test_configFile(self):
+        """Values from the config file are used, converted."""
+        path = self.config(
+            "port =\n  tcp:1143:interface=127.0.0.1\n  tcp:1144:interface=127.0.0.1\n"
+            "login-timeout = 30\nplaintext-login = deny\nmax-literal = 100\n"
+        )
+        o = self.parse("--config", path)
+        self.assertEqual(
+            o["port"], ["tcp:1143:interface=127.0.0.1", "tcp:1144:interface=127.0.0.1"]
+        )
+        self.assertEqual(o["login-timeout"], 30.0)
+        self.assertEqual(o["plaintext-login"], "deny")
+        self.assertEqual(o["max-literal"], 100)
+
+    def test_configStore(self):
+        """The store URL may come from the config file."""
+        path = self.config(f"store = {self.storeURL}\n")
+        o = self.parse("--config", path, store=False)
+        self.assertEqual(o["_store"].path, os.path.join(self.dir, "x.sqlite3"))
+
+    def test_commandLineWins(self):
+        """A command-line option wins over the config file, ports included."""
+        path = self.config("port = tcp:1143\nlogin-timeout = 30\nplaintext-login = deny\n")
+        o = self.parse(
+            "--config", path, "--login-timeout", "5", "--port", "tcp:1999:interface=127.0.0.1"
+        )
+        self.assertEqual(o["login-timeout"], 5.0)
+        self.assertEqual(o["port"], ["tcp:1999:interface=127.0.0.1"])
+        self.assertEqual(o["plaintext-login"], "deny")
+
+    def test_repeatablePort(self):
+        """--port (and -p) may be given several times, in order."""
+        o = self.parse("--port", "tcp:1143", "-p", "tcp:1144", "--port=tcp:1145")
+        self.assertEqual(o["port"], ["tcp:1143", "tcp:1144", "tcp:1145"])
+
+    def usageError(self, *args: str) -> str:
+        options = Options()
+        e = self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--store", self.storeURL, *args]
+        )
+        if "_store" in options:
+            closeStore(options["_store"])
+        return str(e)
+
+    def test_badPlaintextLogin(self):
+        """An unknown --plaintext-login is a usage error."""
+        self.assertIn("plaintext-login", self.usageError("--plaintext-login", "sometimes"))
+
+    def test_badEndpoint(self):
+        """An endpoint string that does not parse is a usage error naming it."""
+        self.assertIn("bogus:2143", self.usageError("--port", "bogus:2143"))
+
+    def test_badEndpointArguments(self):
+        """An endpoint string with a bad port is a usage error."""
+        self.usageError("--port", "tcp:notaport")
+
+    def test_badNumber(self):
+        """A non-numeric number is a usage error."""
+        self.assertIn("login-timeout", self.usageError("--login-timeout", "soon"))
+
+    def test_nonPositiveTimeout(self):
+        """A zero or negative timeout is a usage error."""
+        self.usageError("--upstream-timeout", "0")
+        self.usageError("--oauth2-timeout", "-1")
+
+    def test_certificateWithoutKey(self):
+        """--tls-certificate without --tls-key is a usage error."""
+        self.usageError("--tls-certificate", os.path.join(self.dir, "cert.pem"))
+
+    def test_unreadableCertificate(self):
+        """A certificate that cannot be read is a usage error, not a traceback."""
+        missing = os.path.join(self.dir, "missing.pem")
+        self.usageError("--tls-certificate", missing, "--tls-key", missing)
+
+    def test_unknownConfigKey(self):
+        """An unknown setting in the config file is a usage error."""
+        path = self.config("login_timeout = 30\n")
+        self.assertIn("login_timeout", self.usageError("--config", path))
+
+    def test_missingConfigFile(self):
+        """A config file that cannot be read is a usage error."""
+        self.usageError("--config", os.path.join(self.dir, "nope.conf"))
+
+    def test_badConfigValue(self):
+        """A bad value in the config file is a usage error."""
+        path = self.config("max-literal = lots\n")
+        self.assertIn("max-literal", self.usageError("--config", path))
+
+    def test_badStoreURL(self):
+        """A store URL of an unknown scheme is a usage error."""
+        options = Options()
+        self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--store", "redis://localhost/0"]
+        )
+
+    def test_wrongSecretKey(self):
+        """A secret key that does not match the existing store is a usage error."""
+        closeStore(self.parse()["_store"])
+        keyFile = os.path.join(self.dir, "other.key")
+        with open(keyFile, "wb") as f:
+            f.write(Fernet.generate_key())
+        self.assertIn("does not match", self.usageError("--secret-file", keyFile))
+
+
+class MakeServiceTests(OptionsMixin, TestCase):
+    def test_service(self):
+        """makeService listens on every port and closes the store when stopped."""
+        o = self.parse("--port", "tcp:1143:interface=127.0.0.1", "--port", "tcp:1144")
+        reactor = MemoryReactorClock()
+        service = makeService(o, reactor)
+        self.assertIsInstance(service, MultiService)
+        self.assertIn(o["_store"], list(service))
+        service.startService()
+        self.assertEqual(
+            [(port, interface) for port, _f, _b, interface in reactor.tcpServers],
+            [(1143, "127.0.0.1"), (1144, "")],
+        )
+
+        def stopped(_):
+            self.assertIsNone(o["_store"]._db)
+            self.assertFalse(o["_store"]._pool.started)
+            self.assertEqual(reactor.getDelayedCalls(), [])
+
+        return service.stopService().addCallback(stopped)
