@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from .admin import Admin, AdminError, accountView, tokenView
 from .config import ConfigError, readConfig
 from .encryption import SecretKeyError
-from .model import TLS_MODES, Account, OAuth2Grant, Token, Upstream, validAccountId
+from .model import TLS_MODES
 from .store import StoreError, defaultStoreURL, makeStore
-from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId
-
-
-class CommandError(Exception):
-    """A refusal to print (without a traceback) and exit 1."""
 
 
 def _secretArg(value: str) -> str:
@@ -124,150 +120,71 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def accountView(a: Account) -> dict[str, Any]:
-    """An account as shown to operators: secrets only as "set"."""
-    return {
-        "account": a.id,
-        "email": a.email,
-        "imap": {
-            "host": a.upstream.host,
-            "port": a.upstream.port,
-            "tls": a.upstream.tls,
-            "caFile": a.upstream.caFile,
-        },
-        "oauth2": {
-            "tokenUrl": a.oauth2.tokenURL,
-            "clientId": a.oauth2.clientId,
-            "clientSecretSet": bool(a.oauth2.clientSecret),
-            "refreshTokenSet": bool(a.oauth2.refreshToken),
-            "scopes": list(a.oauth2.scopes),
-        },
-        "state": a.state,
-        "stateReason": a.stateReason,
-        "created": _iso(a.created),
-        "updated": _iso(a.updated),
-    }
-
-
-def tokenView(t: Token) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "account": t.account,
-        "description": t.description,
-        "scopes": list(t.scopes),
-        "restrictions": {"addresses": list(t.addresses)} if t.addresses else {},
-        "created": _iso(t.created),
-        "expires": _iso(t.expires),
-        "lastUse": {"time": _iso(t.lastUseTime), "address": t.lastUseAddress}
-        if t.lastUseTime
-        else None,
-    }
-
-
-async def _run(args: argparse.Namespace, store: Any, out: Any) -> None:
+async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     asJSON = getattr(args, "json", False)
     group, command = args.group, args.command
     if group == "accounts" and command == "add":
-        if not validAccountId(args.account):
-            raise CommandError(
-                "account ids are letters, digits and . _ @ + - "
-                "(at most 128, starting with a letter or digit)"
-            )
-        if not args.token_url.startswith("https://"):
-            raise CommandError("--token-url must be an https:// URL")
-        if not 0 < args.imap_port < 65536:
-            raise CommandError("--imap-port must be 1-65535")
-        existing = await store.getAccount(args.account)
-        if existing is not None and not args.replace:
-            raise CommandError(f"account {args.account} exists (use --replace)")
-        account = Account(
-            id=args.account,
-            email=args.email,
-            upstream=Upstream(
-                host=args.imap_host,
-                port=args.imap_port,
-                tls=args.imap_tls,
-                caFile=args.imap_ca_file,
-            ),
-            oauth2=OAuth2Grant(
-                tokenURL=args.token_url,
-                clientId=args.client_id,
-                clientSecret=args.client_secret,
-                refreshToken=args.refresh_token,
-                scopes=tuple(args.oauth2_scope),
-            ),
-            created=existing.created if existing else 0.0,
+        imap: dict[str, Any] = {
+            "host": args.imap_host,
+            "port": args.imap_port,
+            "tls": args.imap_tls,
+        }
+        if args.imap_ca_file:
+            imap["caFile"] = os.path.abspath(args.imap_ca_file)
+        oauth2: dict[str, Any] = {
+            "tokenUrl": args.token_url,
+            "clientId": args.client_id,
+            "clientSecret": args.client_secret,
+            "refreshToken": args.refresh_token,
+        }
+        if args.oauth2_scope:
+            oauth2["scopes"] = args.oauth2_scope
+        await admin.createAccount(
+            {"account": args.account, "email": args.email, "imap": imap, "oauth2": oauth2},
+            replace=args.replace,
         )
-        await store.putAccount(account)
         print(f"account {args.account} saved", file=sys.stderr)
     elif group == "accounts" and command == "list":
-        accounts = await store.listAccounts()
+        accounts = await admin.listAccounts()
         if asJSON:
-            json.dump({"accounts": [accountView(a) for a in accounts]}, out, indent=2)
-            out.write("\n")
+            _json({"accounts": [accountView(a) for a in accounts]}, out)
         else:
             for a in accounts:
                 out.write(f"{a.id}\t{a.email}\t{a.upstream.host}:{a.upstream.port}\t{a.state}\n")
     elif group == "accounts" and command == "show":
-        a = await store.getAccount(args.account)
-        if a is None:
-            raise CommandError(f"no account {args.account}")
-        json.dump(accountView(a), out, indent=2)
-        out.write("\n")
+        _json(accountView(await admin.getAccount(args.account)), out)
     elif group == "accounts" and command == "remove":
-        if not await store.removeAccount(args.account):
-            raise CommandError(f"no account {args.account}")
+        await admin.removeAccount(args.account)
         print(f"account {args.account} removed with its tokens", file=sys.stderr)
     elif group == "tokens" and command == "issue":
-        try:
-            scopes = parseScopes(args.scope)
-            addresses = parseNetworks(args.address)
-        except ValueError as e:
-            raise CommandError(str(e)) from None
-        if not args.description.strip():
-            raise CommandError("--description must not be empty")
-        if args.account is not None and await store.getAccount(args.account) is None:
-            raise CommandError(f"no account {args.account}")
-        if args.expires_in is not None and args.expires_in <= 0:
-            raise CommandError("--expires-in must be positive")
-        token, tid = newToken()
-        now = time.time()
-        await store.addToken(
-            Token(
-                id=tid,
-                account=args.account,
-                scopes=scopes,
-                description=args.description.strip(),
-                addresses=addresses,
-                created=now,
-                expires=now + args.expires_in if args.expires_in else None,
-            )
-        )
+        request: dict[str, Any] = {
+            "account": args.account,
+            "scopes": args.scope,
+            "description": args.description,
+            "restrictions": {"addresses": args.address},
+        }
+        if args.expires_in is not None:
+            request["expiresIn"] = args.expires_in
+        token, record = await admin.issueToken(request)
         out.write(token + "\n")
-        print(f"token id {tid}", file=sys.stderr)
+        print(f"token id {record.id}", file=sys.stderr)
     elif group == "tokens" and command == "list":
-        tokens = await store.listTokens(args.account)
+        tokens = await admin.listTokens(args.account)
         if asJSON:
-            json.dump({"tokens": [tokenView(t) for t in tokens]}, out, indent=2)
-            out.write("\n")
+            _json({"tokens": [tokenView(t) for t in tokens]}, out)
         else:
             for t in tokens:
                 out.write(
                     f"{t.id}\t{t.account or '(root)'}\t{','.join(t.scopes)}\t{t.description}\n"
                 )
     elif group == "tokens" and command == "revoke":
-        value = args.token.strip().lower()
-        if not looksLikeToken(value):
-            raise CommandError("give a token or a token id (64 hex characters)")
-        if not await store.removeToken(value) and not await store.removeToken(tokenId(value)):
-            raise CommandError("no such token")
+        await admin.revokeToken(args.token)
         print("token revoked", file=sys.stderr)
+
+
+def _json(value: Any, out: Any) -> None:
+    json.dump(value, out, indent=2)
+    out.write("\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run(reactor: Any) -> None:
         try:
-            await _run(args, store, sys.stdout)
+            await _run(args, Admin(store), sys.stdout)
         finally:
             await store.close()
 
@@ -297,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     def outer(reactor: Any) -> Any:
         def failed(f: Any) -> None:
             nonlocal code
-            if f.check(CommandError, StoreError, SecretKeyError):
+            if f.check(AdminError, StoreError, SecretKeyError):
                 print(f"imapproxy: {f.value}", file=sys.stderr)
                 code = 1
                 return None
@@ -314,9 +231,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serverSettings() -> set[str]:
-    from .tap import SETTINGS
+    from .tap import LIST_SETTINGS, SETTINGS
 
-    return set(SETTINGS) | {"port"}
+    return set(SETTINGS) | LIST_SETTINGS
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .admin import Admin
+from .api import TokenAPI
 from .config import ConfigError, readConfig, splitList
 from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
@@ -23,6 +25,7 @@ from .store import StoreError, defaultStoreURL, makeStore
 log = Logger()
 
 DEFAULT_PORT = "tcp:2143:interface=127.0.0.1"
+DEFAULT_API_PORT = "tcp:8080:interface=127.0.0.1"
 
 # name -> (default, converter, help). One table for the options, the config
 # file and tap.example.conf.
@@ -62,6 +65,10 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
 }
 
 
+# Settings that may be given several times (one a line in the config file).
+LIST_SETTINGS = {"port", "api-port"}
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -87,6 +94,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["port"] = []
+        self["api-port"] = []
 
     def opt_port(self, description: str) -> None:
         """
@@ -97,15 +105,26 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_api_port(self, description: str) -> None:
+        """
+        Endpoint for the HTTP API, e.g. ssl:8443:privateKey=key.pem:certKey=cert.pem
+        (repeatable; "none" for no API) [default: tcp:8080:interface=127.0.0.1]
+        """
+        self["api-port"].append(description)
+
     def postOptions(self) -> None:
         fromFile: dict[str, str] = {}
         if self["config"]:
             try:
-                fromFile = readConfig(self["config"], set(SETTINGS) | {"port"})
+                fromFile = readConfig(self["config"], set(SETTINGS) | LIST_SETTINGS)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
         if not self["port"]:
             self["port"] = splitList(fromFile.get("port", "")) or [DEFAULT_PORT]
+        if not self["api-port"]:
+            self["api-port"] = splitList(fromFile.get("api-port", "")) or [DEFAULT_API_PORT]
+        if self["api-port"] == ["none"]:
+            self["api-port"] = []
         for name, (default, conv, _help) in SETTINGS.items():
             raw = self[name] if self[name] is not None else fromFile.get(name)
             if raw is None:
@@ -125,7 +144,7 @@ class Options(usage.Options):
         self["starttls"] = self._loadStartTLS()
         from twisted.internet import reactor
 
-        for description in self["port"]:
+        for description in self["port"] + self["api-port"]:
             try:
                 endpoints.serverFromString(reactor, description)
             except (ValueError, KeyError, OSError) as e:
@@ -238,5 +257,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     _Closing(shutdown).setServiceParent(top)
     for description in options["port"]:
         _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
+    api = TokenAPI(Admin(store, sessions, reactor), reactor)
+    site = api.site()
+    for description in options["api-port"]:
+        _Listener(reactor, description, site, "API").setServiceParent(top)
     log.info("imapproxy starting, store {store}", store=os.path.basename(store.path))
     return top

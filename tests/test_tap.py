@@ -187,8 +187,15 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
 
 class MakeServiceTests(OptionsMixin, TestCase):
     def test_service(self):
-        """makeService listens on every port and closes the store when stopped."""
-        o = self.parse("--port", "tcp:1143:interface=127.0.0.1", "--port", "tcp:1144")
+        """makeService listens on every IMAP and API port and closes the store when stopped."""
+        o = self.parse(
+            "--port",
+            "tcp:1143:interface=127.0.0.1",
+            "--port",
+            "tcp:1144",
+            "--api-port",
+            "tcp:18080:interface=127.0.0.1",
+        )
         reactor = MemoryReactorClock()
         service = makeService(o, reactor)
         self.assertIsInstance(service, MultiService)
@@ -196,7 +203,7 @@ class MakeServiceTests(OptionsMixin, TestCase):
         service.startService()
         self.assertEqual(
             [(port, interface) for port, _f, _b, interface in reactor.tcpServers],
-            [(1143, "127.0.0.1"), (1144, "")],
+            [(1143, "127.0.0.1"), (1144, ""), (18080, "127.0.0.1")],
         )
 
         def stopped(_):

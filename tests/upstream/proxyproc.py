@@ -19,6 +19,7 @@ BIN = os.path.dirname(sys.executable)
 START_TIMEOUT = 20.0
 
 _LISTENING = re.compile(r"IMAP listening on (\S+):(\d+) \((\w+)\)")
+_API_LISTENING = re.compile(r"API listening on (\S+):(\d+) \((\w+)\)")
 
 
 class ProxyError(RuntimeError):
@@ -56,6 +57,7 @@ class ProxyProcess:
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.ports: dict[str, int] = {}
+        self.api_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._logOffset = 0
 
@@ -105,6 +107,8 @@ class ProxyProcess:
             *self._storeArgs(),
             "--port",
             "tcp:0:interface=127.0.0.1",
+            "--api-port",
+            "tcp:0:interface=127.0.0.1",
             *extra,
         ]
         self._proc = subprocess.Popen(
@@ -112,10 +116,13 @@ class ProxyProcess:
         )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            found = _LISTENING.findall(self.log())
-            if len(found) >= 1 + list(extra).count("--port"):
+            log = self.log()
+            found = _LISTENING.findall(log)
+            api = _API_LISTENING.search(log)
+            if len(found) >= 1 + list(extra).count("--port") and api:
                 self.ports = {kind: int(port) for _host, port, kind in found}
                 self.port = self.ports["tcp"]
+                self.api_port = int(api.group(2))
                 return
             if self._proc.poll() is not None:
                 out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
@@ -153,6 +160,10 @@ class ProxyProcess:
             proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     def pid(self) -> int:
         assert self._proc is not None

@@ -1,0 +1,383 @@
+"""
+The operations on accounts and tokens, with their validation, shared by the
+admin command and the HTTP API: both are thin faces over these.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any
+
+import attrs
+
+from .model import TLS_MODES, Account, OAuth2Grant, Token, Upstream, validAccountId
+from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId
+
+
+class AdminError(Exception):
+    """
+    A refused operation. ``message`` is safe to show (it never holds a secret);
+    ``status`` is the HTTP status the API answers with.
+    """
+
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(AdminError):
+    status = 400
+
+
+class NotFound(AdminError):
+    status = 404
+
+
+class Conflict(AdminError):
+    status = 409
+
+
+# Provider presets: what an account on a big provider needs besides its own
+# address and grant. ``{tenant}`` is filled from the account's tenant
+# (default ``common``).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gmail": {
+        "imap": {"host": "imap.gmail.com", "port": 993, "tls": "implicit"},
+        "tokenUrl": "https://oauth2.googleapis.com/token",
+        "scopes": ["https://mail.google.com/"],
+    },
+    "outlook": {
+        "imap": {"host": "outlook.office365.com", "port": 993, "tls": "implicit"},
+        "tokenUrl": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "scopes": ["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"],
+    },
+    "generic": {},
+}
+
+ACCOUNT_FIELDS = {"account", "email", "provider", "tenant", "imap", "oauth2", "state"}
+IMAP_FIELDS = {"host", "port", "tls", "caFile"}
+OAUTH2_FIELDS = {"tokenUrl", "clientId", "clientSecret", "refreshToken", "scopes"}
+TOKEN_FIELDS = {"account", "scopes", "description", "restrictions", "expires", "expiresIn"}
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise InvalidInput(message)
+
+
+def _object(value: Any, name: str, allowed: set[str]) -> dict[str, Any]:
+    _check(isinstance(value, dict), f"{name} must be an object")
+    unknown = sorted(set(value) - allowed)
+    _check(not unknown, f"{name}: unknown field(s): {', '.join(unknown)}")
+    return value
+
+
+def _string(value: Any, name: str, maxlen: int = 2048, empty: bool = False) -> str:
+    _check(isinstance(value, str), f"{name} must be a string")
+    _check(empty or bool(value.strip()), f"{name} must not be empty")
+    _check(len(value) <= maxlen, f"{name} is too long (at most {maxlen} characters)")
+    _check(not any(ord(c) < 32 for c in value), f"{name} must not contain control characters")
+    return value
+
+
+def _hostname(value: Any, name: str) -> str:
+    host = _string(value, name, 253)
+    _check(" " not in host and "/" not in host, f"{name} is not a host name")
+    return host
+
+
+def _https(value: Any, name: str) -> str:
+    url = _string(value, name)
+    _check(url.startswith("https://") and len(url) > 8, f"{name} must be an https:// URL")
+    return url
+
+
+def buildAccount(
+    data: Any, existing: Account | None = None, accountId: str | None = None
+) -> Account:
+    """
+    Validate an account description (the API's JSON shape) and build the
+    ``Account``. With ``existing``, fields left out keep their values (PUT
+    replaces what it names; secrets are kept unless given).
+
+    :raises InvalidInput: naming the first field that is wrong.
+    """
+    data = _object(data, "account", ACCOUNT_FIELDS)
+    aid = accountId if accountId is not None else data.get("account")
+    if accountId is not None and "account" in data:
+        _check(data["account"] == accountId, "account in the body differs from the URL")
+    aid = _string(aid, "account", 128)
+    _check(
+        validAccountId(aid),
+        "account: letters, digits and . _ @ + - only, "
+        "starting with a letter or digit, at most 128 characters",
+    )
+    provider = data.get("provider", "generic")
+    _check(provider in PRESETS, f"provider must be one of {', '.join(PRESETS)}")
+    preset = PRESETS[provider]
+    tenant = _string(data.get("tenant", "common"), "tenant", 128)
+    _check(tenant.replace("-", "").replace(".", "").isalnum(), "tenant is not a tenant id")
+
+    imap = _object(data.get("imap", {}), "imap", IMAP_FIELDS)
+    old = existing.upstream if existing else None
+    presetImap = preset.get("imap", {})
+    host = imap.get("host", presetImap.get("host", old.host if old else None))
+    _check(host is not None, "imap.host is required")
+    port = imap.get("port", presetImap.get("port", old.port if old else 993))
+    _check(
+        isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536,
+        "imap.port must be an integer 1-65535",
+    )
+    tls = imap.get("tls", presetImap.get("tls", old.tls if old else "implicit"))
+    _check(tls in TLS_MODES, f"imap.tls must be one of {', '.join(TLS_MODES)}")
+    caFile = imap.get("caFile", old.caFile if old else None)
+    if caFile is not None:
+        caFile = _string(caFile, "imap.caFile", 4096)
+        _check(caFile.startswith("/"), "imap.caFile must be an absolute path")
+
+    oauth = _object(data.get("oauth2", {}), "oauth2", OAUTH2_FIELDS)
+    oldGrant = existing.oauth2 if existing else None
+    tokenUrl = oauth.get("tokenUrl")
+    if tokenUrl is None and "tokenUrl" in preset:
+        tokenUrl = preset["tokenUrl"].format(tenant=tenant)
+    if tokenUrl is None and oldGrant is not None:
+        tokenUrl = oldGrant.tokenURL
+    _check(tokenUrl is not None, "oauth2.tokenUrl is required")
+    scopes = oauth.get("scopes", preset.get("scopes", list(oldGrant.scopes) if oldGrant else []))
+    _check(
+        isinstance(scopes, list) and all(isinstance(s, str) and s and " " not in s for s in scopes),
+        "oauth2.scopes must be a list of scope strings",
+    )
+
+    def secret(name: str, old: str | None) -> str:
+        if name in oauth:
+            return _string(oauth[name], f"oauth2.{name}", 8192)
+        _check(old is not None, f"oauth2.{name} is required")
+        return old  # type: ignore[return-value]
+
+    email = data.get("email", existing.email if existing else None)
+    _check(email is not None, "email is required")
+    email = _string(email, "email", 320)
+    _check("@" in email and " " not in email, "email is not a mail address")
+    state = data.get("state", existing.state if existing else "ok")
+    _check(state in ("ok", "disabled"), "state must be ok or disabled")
+    return Account(
+        id=aid,
+        email=email,
+        upstream=Upstream(host=_hostname(host, "imap.host"), port=port, tls=tls, caFile=caFile),
+        oauth2=OAuth2Grant(
+            tokenURL=_https(tokenUrl, "oauth2.tokenUrl"),
+            clientId=_string(
+                oauth.get("clientId", oldGrant.clientId if oldGrant else None),
+                "oauth2.clientId",
+                1024,
+            ),
+            clientSecret=secret("clientSecret", oldGrant.clientSecret if oldGrant else None),
+            refreshToken=secret("refreshToken", oldGrant.refreshToken if oldGrant else None),
+            scopes=tuple(scopes),
+        ),
+        state=state,
+        stateReason=None if state == "ok" else (existing.stateReason if existing else None),
+        created=existing.created if existing else 0.0,
+    )
+
+
+def parseExpiry(data: dict[str, Any], now: float) -> float | None:
+    """``expires`` (ISO 8601 time) or ``expiresIn`` (seconds) to a time."""
+    if "expires" in data and "expiresIn" in data:
+        raise InvalidInput("give expires or expiresIn, not both")
+    if data.get("expiresIn") is not None:
+        v = data["expiresIn"]
+        _check(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10 * 365 * 86400,
+            "expiresIn must be a positive whole number of seconds (at most ten years)",
+        )
+        return now + v
+    if data.get("expires") is not None:
+        v = _string(data["expires"], "expires", 64)
+        try:
+            when = datetime.datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidInput("expires must be an ISO 8601 time") from None
+        _check(when.tzinfo is not None, "expires must include a time zone (e.g. Z)")
+        t = when.timestamp()
+        _check(t > now, "expires must be in the future")
+        return t
+    return None
+
+
+def buildToken(data: Any, now: float) -> Token:
+    """
+    Validate a token request (the API's JSON shape) into a ``Token`` record
+    without its id (filled in by ``Admin.issueToken``).
+    """
+    data = _object(data, "token request", TOKEN_FIELDS)
+    account = data.get("account")
+    if account is not None:
+        account = _string(account, "account", 128)
+    scopes = data.get("scopes")
+    _check(
+        isinstance(scopes, list) and all(isinstance(s, str) for s in scopes),
+        "scopes must be a list of strings",
+    )
+    try:
+        scopes = parseScopes(scopes)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
+    description = _string(data.get("description"), "description", 1024)
+    restrictions = _object(data.get("restrictions") or {}, "restrictions", {"addresses"})
+    addresses = restrictions.get("addresses") or []
+    _check(
+        isinstance(addresses, list)
+        and all(isinstance(a, str) for a in addresses)
+        and len(addresses) <= 256,
+        "restrictions.addresses must be a list of CIDR strings",
+    )
+    try:
+        networks = parseNetworks(addresses)
+    except ValueError as e:
+        raise InvalidInput(f"restrictions.addresses: {e}") from None
+    return Token(
+        id="",
+        account=account,
+        scopes=scopes,
+        description=description.strip(),
+        addresses=networks,
+        created=now,
+        expires=parseExpiry(data, now),
+    )
+
+
+class Admin:
+    """
+    :param store: accounts and tokens.
+    :param sessions: the live sessions of this process (``close(account=,
+        tokenId=)``), or None where there are none (the admin command).
+    :param clock: ``IReactorTime`` or anything with ``seconds()``.
+    """
+
+    def __init__(self, store: Any, sessions: Any = None, clock: Any = None):
+        self.store = store
+        self.sessions = sessions
+        self._now = clock.seconds if clock is not None else time.time
+
+    async def issueToken(self, data: Any) -> tuple[str, Token]:
+        """:return: the token (shown once) and its stored record."""
+        record = buildToken(data, self._now())
+        if record.account is not None and await self.store.getAccount(record.account) is None:
+            raise NotFound(f"no account {record.account}")
+        token, tid = newToken()
+        record = attrs.evolve(record, id=tid)
+        await self.store.addToken(record)
+        return token, record
+
+    async def listTokens(self, account: str | None = None) -> list[Token]:
+        if account is not None and await self.store.getAccount(account) is None:
+            raise NotFound(f"no account {account}")
+        return list(await self.store.listTokens(account))
+
+    async def findToken(self, tokenOrId: str) -> Token:
+        """A token by its id or by the token itself."""
+        value = tokenOrId.strip().lower()
+        if not looksLikeToken(value):
+            raise NotFound("no such token")
+        record = await self.store.getToken(value)
+        if record is None:
+            record = await self.store.getToken(tokenId(value))
+        if record is None:
+            raise NotFound("no such token")
+        return record
+
+    async def revokeToken(self, tokenOrId: str, disconnect: bool = False) -> int:
+        """
+        :param disconnect: also close the live sessions opened with it.
+        :return: how many sessions were closed.
+        """
+        record = await self.findToken(tokenOrId)
+        await self.store.removeToken(record.id)
+        if disconnect and self.sessions is not None:
+            return int(self.sessions.close(tokenId=record.id))
+        return 0
+
+    async def getAccount(self, accountId: str) -> Account:
+        account = await self.store.getAccount(accountId)
+        if account is None:
+            raise NotFound(f"no account {accountId}")
+        return account  # type: ignore[no-any-return]
+
+    async def listAccounts(self) -> list[Account]:
+        return list(await self.store.listAccounts())
+
+    async def createAccount(self, data: Any, replace: bool = False) -> Account:
+        account = buildAccount(data)
+        existing = await self.store.getAccount(account.id)
+        if existing is not None and not replace:
+            raise Conflict(f"account {account.id} exists")
+        if existing is not None:
+            account = attrs.evolve(account, created=existing.created)
+        await self.store.putAccount(account)
+        return await self.getAccount(account.id)
+
+    async def updateAccount(self, accountId: str, data: Any) -> Account:
+        existing = await self.getAccount(accountId)
+        account = buildAccount(data, existing, accountId)
+        await self.store.putAccount(account)
+        return await self.getAccount(accountId)
+
+    async def removeAccount(self, accountId: str) -> int:
+        """Remove the account and its tokens; :return: sessions closed."""
+        if not await self.store.removeAccount(accountId):
+            raise NotFound(f"no account {accountId}")
+        if self.sessions is not None:
+            return int(self.sessions.close(account=accountId))
+        return 0
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def accountView(a: Account) -> dict[str, Any]:
+    """An account as shown to operators and API clients: secrets only as set/unset."""
+    return {
+        "account": a.id,
+        "email": a.email,
+        "imap": {
+            "host": a.upstream.host,
+            "port": a.upstream.port,
+            "tls": a.upstream.tls,
+            "caFile": a.upstream.caFile,
+        },
+        "oauth2": {
+            "tokenUrl": a.oauth2.tokenURL,
+            "clientId": a.oauth2.clientId,
+            "clientSecretSet": bool(a.oauth2.clientSecret),
+            "refreshTokenSet": bool(a.oauth2.refreshToken),
+            "scopes": list(a.oauth2.scopes),
+        },
+        "state": a.state,
+        "stateReason": a.stateReason,
+        "created": _iso(a.created),
+        "updated": _iso(a.updated),
+    }
+
+
+def tokenView(t: Token) -> dict[str, Any]:
+    """A token's record (never the token)."""
+    return {
+        "id": t.id,
+        "account": t.account,
+        "description": t.description,
+        "scopes": list(t.scopes),
+        "restrictions": {"addresses": list(t.addresses)} if t.addresses else {},
+        "created": _iso(t.created),
+        "expires": _iso(t.expires),
+        "lastUse": {"time": _iso(t.lastUseTime), "address": t.lastUseAddress}
+        if t.lastUseTime
+        else None,
+    }

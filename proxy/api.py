@@ -1,0 +1,288 @@
+"""
+The HTTP API (Klein, in the proxy's reactor): tokens and accounts as JSON,
+behind Bearer tokens with the ``api`` scope. Every answer, errors included,
+is JSON; no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web import server
+from werkzeug.exceptions import HTTPException
+
+from .admin import Admin, AdminError, NotFound, accountView, tokenView
+from .errors import AccessDenied
+from .model import Token
+from .tokens import checkToken, tokenId
+
+log = Logger()
+
+API_SCOPE = "api"
+MAX_BODY = 64 * 1024
+
+OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "openapi.json")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class LimitedRequest(server.Request):
+    """
+    A request whose body is bounded: past ``MAX_BODY`` bytes the rest is
+    dropped unread into memory and the route answers 413.
+    """
+
+    tooLarge = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self.tooLarge = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        assert self.content is not None
+        if self.tooLarge or self.content.tell() + len(data) > MAX_BODY:
+            self.tooLarge = True
+            return
+        super().handleContentChunk(data)
+
+
+def _send(request: Any, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+def _error(request: Any, status: int, message: str) -> bytes:
+    return _send(request, status, {"error": message, "statusCode": status})
+
+
+def _flag(request: Any, name: bytes) -> bool:
+    values = request.args.get(name, [])
+    if not values:
+        return False
+    value = values[-1].lower()
+    if value in (b"true", b"1", b"yes"):
+        return True
+    if value in (b"false", b"0", b"no"):
+        return False
+    raise ApiError(400, f"{name.decode()} must be true or false")
+
+
+class TokenAPI:
+    """
+    :param admin: the shared operations (with this process's live sessions).
+    :param clock: ``IReactorTime``.
+    """
+
+    app = Klein()
+
+    def __init__(self, admin: Admin, clock: Any):
+        self.admin = admin
+        self.store = admin.store
+        self._clock = clock
+        with open(OPENAPI_PATH, "rb") as f:
+            self._openapi = f.read()
+
+    def site(self) -> server.Site:
+        site = server.Site(self.app.resource())
+        site.requestFactory = LimitedRequest
+        site.displayTracebacks = False
+        site.noisy = False
+        return site
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _caller(self, request: Any) -> Token:
+        """The API token presenting this request, checked like an IMAP login."""
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not value.strip():
+            raise ApiError(401, "missing Bearer token")
+        try:
+            presented = value.strip().decode("ascii")
+        except UnicodeDecodeError:
+            raise ApiError(401, "invalid token") from None
+        address = getattr(request.getClientAddress(), "host", "")
+        record = await self.store.getToken(tokenId(presented))
+        now = self._clock.seconds()
+        try:
+            checkToken(record, presented, account=None, scope=API_SCOPE, address=address, now=now)
+        except AccessDenied as e:
+            log.info(
+                "API request refused from {address}: {reason}", address=address, reason=e.reason
+            )
+            if e.reason in ("unknown-token", "expired"):
+                raise ApiError(401, e.message) from None
+            raise ApiError(403, e.message) from None
+        assert record is not None
+        self.store.touchToken(record.id, now, address).addErrback(
+            lambda f: log.failure("recording token use failed", f)
+        )
+        return record  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _mayUse(caller: Token, account: str | None) -> None:
+        """Root tokens act on every account; account tokens on their own only."""
+        if caller.account is not None and caller.account != account:
+            raise ApiError(403, "this token may not act on that account")
+
+    @staticmethod
+    def _body(request: Any) -> Any:
+        if getattr(request, "tooLarge", False):
+            raise ApiError(413, f"request body larger than {MAX_BODY} bytes")
+        raw = request.content.read()
+        if not raw.strip():
+            raise ApiError(400, "a JSON body is required")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON") from None
+
+    # -- errors -------------------------------------------------------------
+
+    @app.handle_errors(ApiError)
+    def _apiError(self, request: Any, failure: Any) -> bytes:
+        return _error(request, failure.value.status, failure.value.message)
+
+    @app.handle_errors(AdminError)
+    def _adminError(self, request: Any, failure: Any) -> bytes:
+        return _error(request, failure.value.status, failure.value.message)
+
+    @app.handle_errors(HTTPException)
+    def _httpError(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return _error(request, e.code or 500, e.name)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: Any, failure: Any) -> bytes:
+        log.failure("API request failed", failure)
+        return _error(request, 500, "internal error")
+
+    # -- tokens -------------------------------------------------------------
+
+    @app.route("/v1/token", methods=["POST"])
+    @app.route("/v1/tokens", methods=["POST"])
+    async def createToken(self, request: Any) -> bytes:
+        caller = await self._caller(request)
+        data = self._body(request)
+        account = data.get("account") if isinstance(data, dict) else None
+        self._mayUse(caller, account)
+        token, record = await self.admin.issueToken(data)
+        log.info(
+            "token {id} issued for {account} by token {caller}",
+            id=record.id[:12],
+            account=record.account or "(root)",
+            caller=caller.id[:12],
+        )
+        return _send(request, 200, {"token": token, "id": record.id})
+
+    @app.route("/v1/tokens", methods=["GET"])
+    async def listTokens(self, request: Any) -> bytes:
+        caller = await self._caller(request)
+        accounts = request.args.get(b"account")
+        account = accounts[-1].decode("utf-8", "replace") if accounts else caller.account
+        self._mayUse(caller, account)
+        tokens = await self.admin.listTokens(account)
+        return _send(request, 200, {"tokens": [tokenView(t) for t in tokens]})
+
+    @app.route("/v1/tokens/account/<string:account>", methods=["GET"])
+    async def listAccountTokens(self, request: Any, account: str) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, account)
+        tokens = await self.admin.listTokens(account)
+        return _send(request, 200, {"tokens": [tokenView(t) for t in tokens]})
+
+    @app.route("/v1/token/<string:token>", methods=["DELETE"])
+    @app.route("/v1/tokens/<string:token>", methods=["DELETE"])
+    async def deleteToken(self, request: Any, token: str) -> bytes:
+        caller = await self._caller(request)
+        disconnect = _flag(request, b"disconnect")
+        record = await self.admin.findToken(token)
+        if caller.account is not None and record.account != caller.account:
+            raise NotFound("no such token")
+        closed = await self.admin.revokeToken(record.id, disconnect=disconnect)
+        log.info(
+            "token {id} revoked by token {caller}, {n} sessions closed",
+            id=record.id[:12],
+            caller=caller.id[:12],
+            n=closed,
+        )
+        body: dict[str, Any] = {"deleted": True}
+        if disconnect:
+            body["disconnected"] = closed
+        return _send(request, 200, body)
+
+    # -- accounts -----------------------------------------------------------
+
+    @app.route("/v1/account", methods=["POST"])
+    @app.route("/v1/accounts", methods=["POST"])
+    async def createAccount(self, request: Any) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, None)
+        account = await self.admin.createAccount(self._body(request))
+        log.info(
+            "account {account} created by token {caller}", account=account.id, caller=caller.id[:12]
+        )
+        return _send(request, 200, accountView(account))
+
+    @app.route("/v1/accounts", methods=["GET"])
+    async def listAccounts(self, request: Any) -> bytes:
+        caller = await self._caller(request)
+        if caller.account is not None:
+            accounts = [await self.admin.getAccount(caller.account)]
+        else:
+            accounts = await self.admin.listAccounts()
+        return _send(request, 200, {"accounts": [accountView(a) for a in accounts]})
+
+    @app.route("/v1/account/<string:account>", methods=["GET"])
+    async def getAccount(self, request: Any, account: str) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, account)
+        return _send(request, 200, accountView(await self.admin.getAccount(account)))
+
+    @app.route("/v1/account/<string:account>", methods=["PUT"])
+    async def updateAccount(self, request: Any, account: str) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, account)
+        updated = await self.admin.updateAccount(account, self._body(request))
+        log.info(
+            "account {account} updated by token {caller}", account=account, caller=caller.id[:12]
+        )
+        return _send(request, 200, accountView(updated))
+
+    @app.route("/v1/account/<string:account>", methods=["DELETE"])
+    async def deleteAccount(self, request: Any, account: str) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, account)
+        closed = await self.admin.removeAccount(account)
+        log.info(
+            "account {account} deleted by token {caller}, {n} sessions closed",
+            account=account,
+            caller=caller.id[:12],
+            n=closed,
+        )
+        return _send(request, 200, {"deleted": True, "disconnected": closed})
+
+    # -- service ------------------------------------------------------------
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return self._openapi
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: Any) -> bytes:
+        await self.store.getToken("0" * 64)
+        return _send(request, 200, {"status": "ok"})
