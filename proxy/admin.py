@@ -162,8 +162,14 @@ def buildAccount(
     _check(email is not None, "email is required")
     email = _string(email, "email", 320)
     _check("@" in email and " " not in email, "email is not a mail address")
-    state = data.get("state", existing.state if existing else "ok")
-    _check(state in ("ok", "disabled"), "state must be ok or disabled")
+    state = data.get("state")
+    if state is None:
+        state = existing.state if existing else "ok"
+        if state == "reauth-required" and "refreshToken" in oauth:
+            # A new grant is what re-authorization means.
+            state = "ok"
+    else:
+        _check(state in ("ok", "disabled"), "state must be ok or disabled")
     return Account(
         id=aid,
         email=email,
@@ -180,7 +186,9 @@ def buildAccount(
             scopes=tuple(scopes),
         ),
         state=state,
-        stateReason=None if state == "ok" else (existing.stateReason if existing else None),
+        stateReason=None
+        if state != (existing.state if existing else None)
+        else (existing.stateReason if existing else None),
         created=existing.created if existing else 0.0,
     )
 

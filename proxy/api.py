@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from werkzeug.exceptions import HTTPException
 
 from .admin import Admin, AdminError, NotFound, accountView, tokenView
@@ -57,6 +58,28 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+_TOKEN_IN_PATH = re.compile(rb"[0-9A-Fa-f]{64}")
+
+
+class _Redacted:
+    """A request as the access log sees it: token-shaped path parts hidden."""
+
+    def __init__(self, request: Any):
+        self._request = request
+        self.uri = _TOKEN_IN_PATH.sub(b"[token-or-id]", request.uri)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def redactingLogFormatter(timestamp: str, request: Any) -> str:
+    """
+    The combined log format, minus secrets: ``DELETE /v1/token/<token>`` (the
+    reference API's form) must not write the token into the access log.
+    """
+    return http.combinedLogFormatter(timestamp, _Redacted(request))
+
+
 def _send(request: Any, status: int, body: Any) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
@@ -96,7 +119,7 @@ class TokenAPI:
             self._openapi = f.read()
 
     def site(self) -> server.Site:
-        site = server.Site(self.app.resource())
+        site = server.Site(self.app.resource(), logFormatter=redactingLogFormatter)
         site.requestFactory = LimitedRequest
         site.displayTracebacks = False
         site.noisy = False

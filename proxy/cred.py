@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from .errors import AccessDenied, AuthenticationFailed, UpstreamRejectedToken
+from .errors import AccessDenied, AuthenticationFailed, GrantInvalid, UpstreamRejectedToken
 from .oauth import AccessTokens
 from .store import IAccountStore, ITokenStore
 from .tokens import checkToken, tokenId
@@ -135,6 +135,10 @@ class UpstreamRealm:
             raise AccessDenied("username")
         if account.state == "disabled":
             raise AccessDenied("account-disabled")
+        if account.state == "reauth-required":
+            # Fail fast: the grant is known dead; asking the provider again
+            # would only add load and latency until someone re-authorizes.
+            raise GrantInvalid()
         token = await self._access.get(account)
         try:
             proto = await self._connect(account.upstream, account.email, token.value)

@@ -66,10 +66,18 @@ class UpstreamRejectedToken(AuthenticationFailed):
 
 
 class GrantInvalid(AuthenticationFailed):
-    """The provider answered ``invalid_grant``: the mailbox owner must consent again."""
+    """
+    The provider answered ``invalid_grant``: the mailbox owner must consent
+    again. ``detail`` is the provider's description (printable, short), for
+    the account's state; it is never sent to an IMAP client.
+    """
 
     message = "Account needs re-authorization"
     reason = "invalid-grant"
+
+    def __init__(self, reason: str | None = None, message: str | None = None, detail: str = ""):
+        super().__init__(reason, message)
+        self.detail = detail
 
 
 class AccessDenied(UnauthorizedLogin):

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -91,8 +92,8 @@ def refreshBlocking(account: Account, timeout: float) -> Grant:
             # and a session scope would make a changed scope an error.
             body=urlencode({"scope": " ".join(grant.scopes)}) if grant.scopes else "",
         )
-    except InvalidGrantError:
-        raise GrantInvalid() from None
+    except InvalidGrantError as e:
+        raise GrantInvalid(detail=_printable(e.description)) from None
     except (InvalidClientError, UnauthorizedClientError):
         raise AuthenticationFailed(
             "oauth2-client", "The provider refused the proxy's OAuth2 client"
@@ -121,6 +122,13 @@ def refreshBlocking(account: Account, timeout: float) -> Grant:
     if not isinstance(rotated, str) or rotated == grant.refreshToken:
         rotated = None
     return Grant(accessToken=access, expiresIn=expires, refreshToken=rotated)
+
+
+def _printable(text: Any, limit: int = 200) -> str:
+    """A provider's error text, safe for a log line and an API answer."""
+    if not isinstance(text, str):
+        return ""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:limit]
 
 
 class ThreadedRefresher:
@@ -168,8 +176,13 @@ class AccessTokens:
     :param saveRefreshToken: ``(accountId, refreshToken) -> Deferred``; called
         when the provider rotates the refresh token, before the new access
         token is used.
-    :param clock: an ``IReactorTime`` (``seconds()``).
+    :param clock: an ``IReactorTime`` (``seconds()``, ``callLater``).
     :param margin: refresh this many seconds before expiry.
+    :param markReauth: ``(accountId, reason) -> Deferred``; called once when
+        the provider answers ``invalid_grant``, to set the account's state.
+    :param deadline: seconds a refresh may take in all, retries included;
+        past it the login gets ``NO [UNAVAILABLE]``.
+    :param backoff: delays between attempts after transient failures.
     """
 
     UNKNOWN_LIFETIME = 3600.0
@@ -180,11 +193,17 @@ class AccessTokens:
         saveRefreshToken: Callable[[str, str], Deferred[Any]],
         clock: Any,
         margin: float = 300.0,
+        markReauth: Callable[[str, str], Deferred[Any]] | None = None,
+        deadline: float = 15.0,
+        backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
     ):
         self._refresh = refresh
         self._save = saveRefreshToken
         self._clock = clock
         self._margin = margin
+        self._markReauth = markReauth
+        self._deadline = deadline
+        self._backoff = backoff
         # account id -> (access token, expiry time, lifetime)
         self._cache: dict[str, tuple[str, float, float]] = {}
         # Rotated refresh tokens whose save failed: used instead of the
@@ -218,24 +237,99 @@ class AccessTokens:
 
     async def _fetch(self, account: Account) -> AccessToken:
         started = self._clock.seconds()
+        deadline = started + self._deadline
         if account.id in self._unsaved:
             account = attrs.evolve(
                 account,
                 oauth2=attrs.evolve(account.oauth2, refreshToken=self._unsaved[account.id]),
             )
-        try:
-            grant = await self._refresh(account)
-        except ProxyError as e:
-            log.warn(
-                "OAuth2 refresh for account {account} failed: {reason}",
-                account=account.id,
-                reason=e.reason,
-            )
-            self._cache.pop(account.id, None)
-            raise
-        except Exception:
-            log.failure("OAuth2 refresh for account {account} failed", account=account.id)
-            raise Unavailable("oauth2-internal") from None
+        attempt = 0
+        while True:
+            try:
+                grant = await self._bounded(account, deadline - self._clock.seconds())
+                break
+            except GrantInvalid as e:
+                self._cache.pop(account.id, None)
+                await self._reauthRequired(account.id, e)
+                raise
+            except Unavailable as e:
+                self._cache.pop(account.id, None)
+                delay = self._backoff[min(attempt, len(self._backoff) - 1)]
+                if self._clock.seconds() + delay >= deadline:
+                    log.warn(
+                        "OAuth2 refresh for {account} failed after {n} attempt(s): {reason}",
+                        account=account.id,
+                        n=attempt + 1,
+                        reason=e.reason,
+                    )
+                    raise
+                log.info(
+                    "OAuth2 refresh for {account} failed ({reason}); retrying in {delay}s",
+                    account=account.id,
+                    reason=e.reason,
+                    delay=delay,
+                )
+                attempt += 1
+                await deferLater(self._clock, delay)
+            except ProxyError as e:
+                log.warn(
+                    "OAuth2 refresh for account {account} refused: {reason}",
+                    account=account.id,
+                    reason=e.reason,
+                )
+                self._cache.pop(account.id, None)
+                raise
+            except Exception:
+                log.failure("OAuth2 refresh for account {account} failed", account=account.id)
+                raise Unavailable("oauth2-internal") from None
+        return await self._accept(account, grant, started)
+
+    def _bounded(self, account: Account, seconds: float) -> Deferred[Grant]:
+        """
+        One refresh, waited for at most ``seconds``. A request that answers
+        after that is not thrown away: what it brings (a rotated refresh token
+        above all) is kept, because the provider has already acted on it.
+        """
+        out: Deferred[Grant] = Deferred()
+        started = self._clock.seconds()
+
+        def expired() -> None:
+            if not out.called:
+                out.errback(Unavailable("oauth2-timeout"))
+
+        timer = self._clock.callLater(max(seconds, 0.0), expired)
+
+        def answered(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                if isinstance(result, Failure):
+                    out.errback(result)
+                else:
+                    out.callback(result)
+            elif not isinstance(result, Failure):
+                ensureDeferred(self._accept(account, result, started)).addErrback(
+                    lambda f: log.failure("keeping a late OAuth2 answer failed", f)
+                )
+
+        self._refresh(account).addBoth(answered)
+        return out
+
+    async def _reauthRequired(self, accountId: str, error: GrantInvalid) -> None:
+        reason = "invalid_grant" + (f": {error.detail}" if error.detail else "")
+        log.warn(
+            "account {account} needs re-authorization: the provider answered {reason}",
+            account=accountId,
+            reason=reason,
+        )
+        if self._markReauth is not None:
+            try:
+                await self._markReauth(accountId, reason)
+            except Exception:
+                log.failure("recording the state of {account} failed", account=accountId)
+
+    async def _accept(self, account: Account, grant: Grant, started: float) -> AccessToken:
+        """Keep a new access token (and a rotated refresh token)."""
         if grant.refreshToken is not None:
             self._unsaved[account.id] = grant.refreshToken
             log.info("provider rotated the refresh token of {account}", account=account.id)

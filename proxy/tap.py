@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -56,7 +57,13 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         float,
         "Seconds to connect and log in to the provider's IMAP server",
     ),
-    "oauth2-timeout": (10.0, float, "Seconds for a request to a token endpoint"),
+    "oauth2-timeout": (10.0, float, "Seconds for one request to a token endpoint"),
+    "oauth2-deadline": (
+        15.0,
+        float,
+        "Seconds a token refresh may take in all, retries with backoff included; "
+        "past it the login gets NO [UNAVAILABLE]",
+    ),
     "max-bad-commands": (10, int, "Invalid commands before login, then * BYE"),
     "max-failed-logins": (3, int, "Refused logins on one connection, then * BYE"),
     "max-line-length": (8192, int, "Longest command line accepted before login"),
@@ -136,7 +143,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
-        for name in ("login-timeout", "upstream-timeout", "oauth2-timeout"):
+        for name in ("login-timeout", "upstream-timeout", "oauth2-timeout", "oauth2-deadline"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
@@ -169,6 +176,10 @@ class Options(usage.Options):
             return ssl.PrivateCertificate.loadPEM(chain + b"\n" + key).options()
         except (OSError, ValueError, ssl.SSL.Error) as e:
             raise usage.UsageError(f"cannot load the STARTTLS certificate: {e}") from None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class _Listener(Service):
@@ -232,7 +243,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     store.setServiceParent(top)
 
     refresher = ThreadedRefresher(reactor, options["oauth2-threads"], options["oauth2-timeout"])
-    accessTokens = AccessTokens(refresher.refresh, store.setRefreshToken, reactor)
+    accessTokens = AccessTokens(
+        refresher.refresh,
+        store.setRefreshToken,
+        reactor,
+        markReauth=lambda account, reason: store.setAccountState(
+            account, "reauth-required", f"{reason} ({_now()})"
+        ),
+        deadline=options["oauth2-deadline"],
+    )
     realm = UpstreamRealm(
         store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])
     )

@@ -21,6 +21,8 @@ from tests.upstream.proxyproc import ProxyProcess
 
 CLIENT_ID = "app-client"
 CLIENT_SECRET = "app-secret"
+# The session proxy's bound on a token refresh, retries included.
+OAUTH2_DEADLINE = 3.0
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +67,8 @@ def proxy(pki, workdir, dovecot):
         pki.cert,
         "--tls-key",
         pki.key,
+        "--oauth2-deadline",
+        str(OAUTH2_DEADLINE),
     )
     try:
         yield p

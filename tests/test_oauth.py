@@ -151,7 +151,7 @@ class AccessTokensTests(SynchronousTestCase):
     def test_expiryFromRequestStart(self):
         """The lifetime counts from when the refresh started, not when it answered."""
         d = self.tokens.get(self.account)
-        self.clock.advance(30)
+        self.clock.advance(10)
         self.refresh.answer(Grant("at-1", 3600))
         self.assertEqual(self.successResultOf(d).expires, 3600.0)
 
@@ -197,11 +197,65 @@ class AccessTokensTests(SynchronousTestCase):
             self.failureResultOf(d, GrantInvalid)
 
     def test_failureNotCached(self):
-        """After a failed refresh the next get() tries again."""
+        """After a refresh that failed for good, the next get() tries again."""
         d = self.tokens.get(self.account)
-        self.refresh.calls[0][1].errback(Unavailable("oauth2-unreachable"))
-        self.failureResultOf(d, Unavailable)
+        self.refresh.calls[0][1].errback(AuthenticationFailed("oauth2-client"))
+        self.failureResultOf(d, AuthenticationFailed)
         self.assertEqual(self.fetch("at-1").value, "at-1")
+
+    def test_transientFailureRetriedWithBackoff(self):
+        """An Unavailable refresh is retried after the backoff delays, then succeeds."""
+        d = self.tokens.get(self.account)
+        self.refresh.calls[0][1].errback(Unavailable("oauth2-server-error"))
+        self.assertNoResult(d)
+        self.clock.advance(0.49)
+        self.assertEqual(len(self.refresh.calls), 1)
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.refresh.calls), 2)
+        self.refresh.calls[1][1].errback(Unavailable("oauth2-server-error"))
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.refresh.calls), 3)
+        self.refresh.answer(Grant("at-1", 3600))
+        self.assertEqual(self.successResultOf(d).value, "at-1")
+
+    def test_outageEndsAtDeadline(self):
+        """Retries stop before the deadline: the waiter gets Unavailable within it."""
+        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=3.0)
+        d = tokens.get(self.account)
+        for wait in (0.5, 1.0):  # attempts at 0, 0.5 and 1.5 s
+            self.refresh.calls[-1][1].errback(Unavailable("oauth2-server-error"))
+            self.assertNoResult(d)
+            self.clock.advance(wait)
+        # The next delay (2 s) would end at 3.5 s, past the deadline: give up now.
+        self.refresh.calls[-1][1].errback(Unavailable("oauth2-server-error"))
+        self.failureResultOf(d, Unavailable)
+        self.assertEqual(len(self.refresh.calls), 3)
+        self.assertEqual(self.clock.seconds(), 1.5)
+
+    def test_slowRefreshTimesOutButLateAnswerIsKept(self):
+        """A refresh slower than the deadline fails the login, yet its rotated token is kept."""
+        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=2.0, backoff=(5.0,))
+        d = tokens.get(self.account)
+        self.clock.advance(2.0)
+        self.failureResultOf(d, Unavailable)
+        self.refresh.calls[0][1].callback(Grant("at-late", 3600, refreshToken="rt-rotated"))
+        self.assertEqual(self.save.calls, [("alice", "rt-rotated")])
+        self.assertEqual(self.successResultOf(tokens.get(self.account)).value, "at-late")
+
+    def test_invalidGrantMarksReauthOnce(self):
+        """invalid_grant is not retried and records reauth-required with the provider's words."""
+        marked = []
+        tokens = AccessTokens(
+            self.refresh,
+            self.save,
+            self.clock,
+            markReauth=lambda a, r: succeed(marked.append((a, r))),
+        )
+        d = tokens.get(self.account)
+        self.refresh.calls[0][1].errback(GrantInvalid(detail="Token has been revoked."))
+        self.failureResultOf(d, GrantInvalid)
+        self.assertEqual(len(self.refresh.calls), 1)
+        self.assertEqual(marked, [("alice", "invalid_grant: Token has been revoked.")])
 
     def test_failureForgetsCachedToken(self):
         """A failed forced refresh also drops the old cached token."""

@@ -39,6 +39,14 @@ class IAccountStore(Interface):
         :return: Deferred firing with None.
         """
 
+    def setAccountState(accountId, state, reason):
+        """
+        Set an account's state (``ok``, ``reauth-required``, ``disabled``) and
+        the reason shown with it, atomically, without touching its grant.
+
+        :return: Deferred firing with None.
+        """
+
 
 class ITokenStore(Interface):
     def addToken(token):

@@ -295,6 +295,15 @@ class SQLiteStore(Service):
 
         return self._run(q)
 
+    def setAccountState(self, accountId: str, state: str, reason: str | None):
+        def q() -> None:
+            self._conn().execute(
+                "UPDATE accounts SET state=?, state_reason=?, updated=? WHERE id=?",
+                (state, reason, time.time(), accountId),
+            )
+
+        return self._run(q)
+
     # -- tokens -------------------------------------------------------------
 
     _TOKEN_COLUMNS = (
