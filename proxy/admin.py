@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .model import TLS_MODES, Account, OAuth2Grant, Token, Upstream, validAccountId
+from .model import TLS_MODES, Account, OAuth2App, OAuth2Grant, Token, Upstream, validAccountId
 from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId
 
 
@@ -57,9 +57,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     "generic": {},
 }
 
+# What an OAuth2 app of each provider talks to. Google offers no device flow
+# for Gmail's scope; Microsoft does.
+APP_PRESETS: dict[str, dict[str, Any]] = {
+    "gmail": {
+        "authorizationUrl": "https://accounts.google.com/o/oauth2/v2/auth",
+        "tokenUrl": "https://oauth2.googleapis.com/token",
+        "deviceAuthorizationUrl": None,
+        "scopes": ["https://mail.google.com/", "openid", "email"],
+    },
+    "outlook": {
+        "authorizationUrl": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+        "tokenUrl": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "deviceAuthorizationUrl": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        "scopes": [
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "offline_access",
+            "openid",
+            "email",
+        ],
+    },
+    "generic": {},
+}
+
 ACCOUNT_FIELDS = {"account", "email", "provider", "tenant", "imap", "oauth2", "state"}
 IMAP_FIELDS = {"host", "port", "tls", "caFile"}
-OAUTH2_FIELDS = {"tokenUrl", "clientId", "clientSecret", "refreshToken", "scopes"}
+OAUTH2_FIELDS = {"tokenUrl", "clientId", "clientSecret", "refreshToken", "scopes", "app"}
+APP_FIELDS = {
+    "app",
+    "provider",
+    "tenant",
+    "clientId",
+    "clientSecret",
+    "redirectUrl",
+    "authorizationUrl",
+    "tokenUrl",
+    "deviceAuthorizationUrl",
+    "scopes",
+}
 TOKEN_FIELDS = {"account", "scopes", "description", "restrictions", "expires", "expiresIn"}
 
 
@@ -96,7 +131,10 @@ def _https(value: Any, name: str) -> str:
 
 
 def buildAccount(
-    data: Any, existing: Account | None = None, accountId: str | None = None
+    data: Any,
+    existing: Account | None = None,
+    accountId: str | None = None,
+    app: OAuth2App | None = None,
 ) -> Account:
     """
     Validate an account description (the API's JSON shape) and build the
@@ -115,8 +153,11 @@ def buildAccount(
         "account: letters, digits and . _ @ + - only, "
         "starting with a letter or digit, at most 128 characters",
     )
-    provider = data.get("provider", "generic")
-    _check(provider in PRESETS, f"provider must be one of {', '.join(PRESETS)}")
+    provider = data.get("provider", app.provider if app is not None else "generic")
+    _check(
+        isinstance(provider, str) and provider in PRESETS,
+        f"provider must be one of {', '.join(PRESETS)}",
+    )
     preset = PRESETS[provider]
     tenant = _string(data.get("tenant", "common"), "tenant", 128)
     _check(tenant.replace("-", "").replace(".", "").isalnum(), "tenant is not a tenant id")
@@ -140,12 +181,18 @@ def buildAccount(
 
     oauth = _object(data.get("oauth2", {}), "oauth2", OAUTH2_FIELDS)
     oldGrant = existing.oauth2 if existing else None
+    if app is not None:
+        clientFields = sorted(set(oauth) & {"tokenUrl", "clientId", "clientSecret", "scopes"})
+        _check(
+            not clientFields,
+            f"oauth2: {', '.join(clientFields)} come from the app; give only app and refreshToken",
+        )
     tokenUrl = oauth.get("tokenUrl")
     if tokenUrl is None and "tokenUrl" in preset:
         tokenUrl = preset["tokenUrl"].format(tenant=tenant)
     if tokenUrl is None and oldGrant is not None:
         tokenUrl = oldGrant.tokenURL
-    _check(tokenUrl is not None, "oauth2.tokenUrl is required")
+    _check(app is not None or tokenUrl is not None, "oauth2.tokenUrl is required")
     scopes = oauth.get("scopes", preset.get("scopes", list(oldGrant.scopes) if oldGrant else []))
     _check(
         isinstance(scopes, list) and all(isinstance(s, str) and s and " " not in s for s in scopes),
@@ -170,10 +217,31 @@ def buildAccount(
             state = "ok"
     else:
         _check(state in ("ok", "disabled"), "state must be ok or disabled")
+    upstream = Upstream(host=_hostname(host, "imap.host"), port=port, tls=tls, caFile=caFile)
+    if app is not None:
+        keep = oldGrant.refreshToken if oldGrant is not None else None
+        return Account(
+            id=aid,
+            email=email,
+            upstream=upstream,
+            oauth2=OAuth2Grant(
+                tokenURL=app.tokenURL,
+                clientId=app.clientId,
+                clientSecret=app.clientSecret,
+                refreshToken=secret("refreshToken", keep),
+                scopes=app.scopes,
+                app=app.id,
+            ),
+            state=state,
+            stateReason=None
+            if state != (existing.state if existing else None)
+            else (existing.stateReason if existing else None),
+            created=existing.created if existing else 0.0,
+        )
     return Account(
         id=aid,
         email=email,
-        upstream=Upstream(host=_hostname(host, "imap.host"), port=port, tls=tls, caFile=caFile),
+        upstream=upstream,
         oauth2=OAuth2Grant(
             tokenURL=_https(tokenUrl, "oauth2.tokenUrl"),
             clientId=_string(
@@ -190,6 +258,53 @@ def buildAccount(
         if state != (existing.state if existing else None)
         else (existing.stateReason if existing else None),
         created=existing.created if existing else 0.0,
+    )
+
+
+def buildApp(data: Any, appId: str | None = None) -> OAuth2App:
+    """Validate an OAuth2 app description (the API's JSON shape)."""
+    data = _object(data, "app", APP_FIELDS)
+    aid = _string(appId if appId is not None else data.get("app"), "app", 128)
+    _check(validAccountId(aid), "app: letters, digits and . _ @ + - only")
+    provider = data.get("provider", "generic")
+    _check(
+        isinstance(provider, str) and provider in APP_PRESETS,
+        f"provider must be one of {', '.join(APP_PRESETS)}",
+    )
+    preset = APP_PRESETS[provider]
+    tenant = _string(data.get("tenant", "common"), "tenant", 128)
+    _check(tenant.replace("-", "").replace(".", "").isalnum(), "tenant is not a tenant id")
+
+    def url(name: str, required: bool) -> str | None:
+        value = data.get(name, preset.get(name))
+        if value is None:
+            _check(not required, f"{name} is required for a {provider} app")
+            return None
+        return _https(value.format(tenant=tenant) if name in preset else value, name)
+
+    scopes = data.get("scopes", preset.get("scopes", []))
+    _check(
+        isinstance(scopes, list) and all(isinstance(x, str) and x and " " not in x for x in scopes),
+        "scopes must be a list of scope strings",
+    )
+    redirect = data.get("redirectUrl")
+    if redirect is not None:
+        redirect = _string(redirect, "redirectUrl")
+        _check(
+            redirect.startswith(("https://", "http://localhost", "http://127.0.0.1")),
+            "redirectUrl must be https:// (or http:// on localhost)",
+        )
+    return OAuth2App(
+        id=aid,
+        provider=provider,
+        clientId=_string(data.get("clientId"), "clientId", 1024),
+        clientSecret=_string(data.get("clientSecret"), "clientSecret", 8192),
+        redirectURL=redirect,
+        authorizationURL=url("authorizationUrl", False),
+        tokenURL=url("tokenUrl", True),  # type: ignore[arg-type]
+        deviceURL=url("deviceAuthorizationUrl", False),
+        scopes=tuple(scopes),
+        tenant=tenant,
     )
 
 
@@ -213,6 +328,7 @@ def parseExpiry(data: dict[str, Any], now: float) -> float | None:
         _check(when.tzinfo is not None, "expires must include a time zone (e.g. Z)")
         t = when.timestamp()
         _check(t > now, "expires must be in the future")
+        _check(t <= now + 10 * 365 * 86400, "expires must be within ten years")
         return t
     return None
 
@@ -319,8 +435,42 @@ class Admin:
     async def listAccounts(self) -> list[Account]:
         return list(await self.store.listAccounts())
 
+    async def _appFor(self, data: Any) -> OAuth2App | None:
+        oauth = data.get("oauth2") if isinstance(data, dict) else None
+        if isinstance(oauth, dict) and oauth.get("app") is not None:
+            return await self.getApp(_string(oauth["app"], "oauth2.app", 128))
+        return None
+
+    async def getApp(self, appId: str) -> OAuth2App:
+        app = await self.store.getApp(appId)
+        if app is None:
+            raise NotFound(f"no OAuth2 app {appId}")
+        return app  # type: ignore[no-any-return]
+
+    async def listApps(self) -> list[OAuth2App]:
+        return list(await self.store.listApps())
+
+    async def createApp(self, data: Any, replace: bool = False) -> OAuth2App:
+        app = buildApp(data)
+        existing = await self.store.getApp(app.id)
+        if existing is not None and not replace:
+            raise Conflict(f"OAuth2 app {app.id} exists")
+        if existing is not None:
+            app = attrs.evolve(app, created=existing.created)
+        await self.store.putApp(app)
+        return await self.getApp(app.id)
+
+    async def removeApp(self, appId: str) -> None:
+        from .store import StoreError
+
+        await self.getApp(appId)
+        try:
+            await self.store.removeApp(appId)
+        except StoreError as e:
+            raise Conflict(f"OAuth2 app {appId} is in use: {e}") from None
+
     async def createAccount(self, data: Any, replace: bool = False) -> Account:
-        account = buildAccount(data)
+        account = buildAccount(data, app=await self._appFor(data))
         existing = await self.store.getAccount(account.id)
         if existing is not None and not replace:
             raise Conflict(f"account {account.id} exists")
@@ -331,7 +481,18 @@ class Admin:
 
     async def updateAccount(self, accountId: str, data: Any) -> Account:
         existing = await self.getAccount(accountId)
-        account = buildAccount(data, existing, accountId)
+        app = await self._appFor(data)
+        if (
+            app is None
+            and existing.oauth2.app is not None
+            and not (
+                isinstance(data, dict)
+                and isinstance(data.get("oauth2"), dict)
+                and "clientId" in data["oauth2"]
+            )
+        ):
+            app = await self.getApp(existing.oauth2.app)
+        account = buildAccount(data, existing, accountId, app=app)
         await self.store.putAccount(account)
         return await self.getAccount(accountId)
 
@@ -370,6 +531,24 @@ def accountView(a: Account) -> dict[str, Any]:
         },
         "state": a.state,
         "stateReason": a.stateReason,
+        "created": _iso(a.created),
+        "updated": _iso(a.updated),
+    }
+
+
+def appView(a: OAuth2App) -> dict[str, Any]:
+    """An OAuth2 app as shown: the client secret only as set/unset."""
+    return {
+        "app": a.id,
+        "provider": a.provider,
+        "tenant": a.tenant,
+        "clientId": a.clientId,
+        "clientSecretSet": bool(a.clientSecret),
+        "redirectUrl": a.redirectURL,
+        "authorizationUrl": a.authorizationURL,
+        "tokenUrl": a.tokenURL,
+        "deviceAuthorizationUrl": a.deviceURL,
+        "scopes": list(a.scopes),
         "created": _iso(a.created),
         "updated": _iso(a.updated),
     }

@@ -6,6 +6,7 @@ is JSON; no traceback ever reaches a client.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -16,9 +17,10 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from werkzeug.exceptions import HTTPException
 
-from .admin import Admin, AdminError, NotFound, accountView, tokenView
+from .admin import Admin, AdminError, NotFound, accountView, appView, tokenView
 from .errors import AccessDenied
 from .model import Token
+from .onboarding import Onboarding
 from .tokens import checkToken, tokenId
 
 log = Logger()
@@ -91,6 +93,14 @@ def _error(request: Any, status: int, message: str) -> bytes:
     return _send(request, status, {"error": message, "statusCode": status})
 
 
+def _page(title: str, text: str) -> bytes:
+    t, x = html.escape(title), html.escape(text)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title></head>"
+        f"<body><h1>{t}</h1><p>{x}</p></body></html>"
+    ).encode()
+
+
 def _flag(request: Any, name: bytes) -> bool:
     values = request.args.get(name, [])
     if not values:
@@ -111,9 +121,10 @@ class TokenAPI:
 
     app = Klein()
 
-    def __init__(self, admin: Admin, clock: Any):
+    def __init__(self, admin: Admin, clock: Any, onboarding: Onboarding | None = None):
         self.admin = admin
         self.store = admin.store
+        self.onboarding = onboarding
         self._clock = clock
         with open(OPENAPI_PATH, "rb") as f:
             self._openapi = f.read()
@@ -172,6 +183,8 @@ class TokenAPI:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the body is not valid JSON") from None
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply") from None
 
     # -- errors -------------------------------------------------------------
 
@@ -297,6 +310,73 @@ class TokenAPI:
             n=closed,
         )
         return _send(request, 200, {"deleted": True, "disconnected": closed})
+
+    # -- OAuth2 apps and onboarding ------------------------------------------
+
+    @app.route("/v1/oauth2", methods=["POST"])
+    async def createApp(self, request: Any) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, None)
+        created = await self.admin.createApp(self._body(request))
+        log.info(
+            "OAuth2 app {app} created by token {caller}", app=created.id, caller=caller.id[:12]
+        )
+        return _send(request, 200, appView(created))
+
+    @app.route("/v1/oauth2", methods=["GET"])
+    async def listApps(self, request: Any) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, None)
+        return _send(request, 200, {"apps": [appView(a) for a in await self.admin.listApps()]})
+
+    @app.route("/v1/oauth2/<string:appId>", methods=["GET"])
+    async def getApp(self, request: Any, appId: str) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, None)
+        return _send(request, 200, appView(await self.admin.getApp(appId)))
+
+    @app.route("/v1/oauth2/<string:appId>", methods=["DELETE"])
+    async def deleteApp(self, request: Any, appId: str) -> bytes:
+        caller = await self._caller(request)
+        self._mayUse(caller, None)
+        await self.admin.removeApp(appId)
+        log.info("OAuth2 app {app} deleted by token {caller}", app=appId, caller=caller.id[:12])
+        return _send(request, 200, {"deleted": True})
+
+    @app.route("/v1/oauth2/authorize", methods=["POST"])
+    async def authorize(self, request: Any) -> bytes:
+        """Start a consent; the answer's ``url`` goes to the mailbox owner."""
+        caller = await self._caller(request)
+        data = self._body(request)
+        self._mayUse(caller, data.get("account") if isinstance(data, dict) else None)
+        if self.onboarding is None:
+            raise ApiError(503, "onboarding is not available")
+        return _send(request, 200, await self.onboarding.start(data))
+
+    @app.route("/oauth2/callback", methods=["GET"])
+    async def callback(self, request: Any) -> bytes:
+        """Where the provider sends the mailbox owner back: a plain page, no token needed."""
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        args = {
+            k.decode("utf-8", "replace"): v[-1].decode("utf-8", "replace")
+            for k, v in request.args.items()
+            if v
+        }
+        if self.onboarding is None:
+            request.setResponseCode(503)
+            return _page("Not available", "Onboarding is not available on this server.")
+        try:
+            account = await self.onboarding.finish(args)
+        except AdminError as e:
+            request.setResponseCode(400)
+            return _page("Authorization failed", e.message)
+        return _page(
+            "Mailbox connected",
+            f"The mailbox {account.email} is now connected as account "
+            f"{account.id}. You can close this page.",
+        )
 
     # -- service ------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from .admin import Admin, AdminError, accountView, tokenView
+from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .encryption import SecretKeyError
 from .model import TLS_MODES
@@ -98,6 +98,50 @@ def _parser() -> argparse.ArgumentParser:
     rm = acc.add_parser("remove", parents=[common], help="remove an account and revoke its tokens")
     rm.add_argument("account")
 
+    auth = acc.add_parser(
+        "authorize",
+        parents=[common],
+        help="onboard a mailbox through an OAuth2 app: prints the URL "
+        "to open (or, with --device, a code to enter) and saves the grant",
+    )
+    auth.add_argument("account")
+    auth.add_argument("--app", required=True, help="the OAuth2 app (see 'imapproxy apps')")
+    auth.add_argument(
+        "--device",
+        action="store_true",
+        help="use the device authorization grant (no browser needed here)",
+    )
+    auth.add_argument("--email", help="the mailbox address, as a hint to the provider")
+    auth.add_argument("--imap-host", help="IMAP server (needed for new accounts of a generic app)")
+    auth.add_argument("--imap-port", type=int, default=993)
+    auth.add_argument("--imap-tls", choices=TLS_MODES, default="implicit")
+    auth.add_argument("--imap-ca-file")
+
+    apps = top.add_parser("apps", help="OAuth2 apps shared by accounts").add_subparsers(
+        dest="command", required=True
+    )
+    appAdd = apps.add_parser("add", parents=[common], help="register an OAuth2 app")
+    appAdd.add_argument("app")
+    appAdd.add_argument("--provider", choices=("gmail", "outlook", "generic"), default="generic")
+    appAdd.add_argument("--tenant", help="Microsoft tenant [default: common]")
+    appAdd.add_argument("--client-id", required=True)
+    appAdd.add_argument(
+        "--client-secret", required=True, type=_secretArg, help="'-' reads it from stdin"
+    )
+    appAdd.add_argument(
+        "--redirect-url", help="this proxy's https://HOST/oauth2/callback, as registered"
+    )
+    appAdd.add_argument("--authorization-url")
+    appAdd.add_argument("--token-url")
+    appAdd.add_argument("--device-authorization-url")
+    appAdd.add_argument("--scope", action="append", help="(repeatable) [default: preset]")
+    appAdd.add_argument("--replace", action="store_true")
+    apps.add_parser("list", parents=[common], help="list OAuth2 apps")
+    appShow = apps.add_parser("show", parents=[common], help="show one OAuth2 app")
+    appShow.add_argument("app")
+    appRm = apps.add_parser("remove", parents=[common], help="remove an unused OAuth2 app")
+    appRm.add_argument("app")
+
     tok = top.add_parser("tokens", help="access tokens").add_subparsers(
         dest="command", required=True
     )
@@ -156,6 +200,39 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     elif group == "accounts" and command == "remove":
         await admin.removeAccount(args.account)
         print(f"account {args.account} removed with its tokens", file=sys.stderr)
+    elif group == "accounts" and command == "authorize":
+        await _authorize(args, admin, out)
+    elif group == "apps" and command == "add":
+        data: dict[str, Any] = {
+            "app": args.app,
+            "provider": args.provider,
+            "clientId": args.client_id,
+            "clientSecret": args.client_secret,
+        }
+        for flag, key in (
+            ("tenant", "tenant"),
+            ("redirect_url", "redirectUrl"),
+            ("authorization_url", "authorizationUrl"),
+            ("token_url", "tokenUrl"),
+            ("device_authorization_url", "deviceAuthorizationUrl"),
+            ("scope", "scopes"),
+        ):
+            if getattr(args, flag) is not None:
+                data[key] = getattr(args, flag)
+        await admin.createApp(data, replace=args.replace)
+        print(f"OAuth2 app {args.app} saved", file=sys.stderr)
+    elif group == "apps" and command == "list":
+        found = await admin.listApps()
+        if asJSON:
+            _json({"apps": [appView(a) for a in found]}, out)
+        else:
+            for app in found:
+                out.write(f"{app.id}\t{app.provider}\t{app.clientId}\n")
+    elif group == "apps" and command == "show":
+        _json(appView(await admin.getApp(args.app)), out)
+    elif group == "apps" and command == "remove":
+        await admin.removeApp(args.app)
+        print(f"OAuth2 app {args.app} removed", file=sys.stderr)
     elif group == "tokens" and command == "issue":
         request: dict[str, Any] = {
             "account": args.account,
@@ -180,6 +257,64 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     elif group == "tokens" and command == "revoke":
         await admin.revokeToken(args.token)
         print("token revoked", file=sys.stderr)
+
+
+async def _authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+
+    from .onboarding import (
+        DevicePending,
+        DeviceSlowDown,
+        Onboarding,
+        OnboardingError,
+        devicePollBlocking,
+        deviceStartBlocking,
+    )
+
+    imap: dict[str, Any] | None = None
+    if args.imap_host:
+        imap = {"host": args.imap_host, "port": args.imap_port, "tls": args.imap_tls}
+        if args.imap_ca_file:
+            imap["caFile"] = os.path.abspath(args.imap_ca_file)
+    onboarding = Onboarding(admin, admin.store.secrets, deferToThread, reactor)
+    if not args.device:
+        request: dict[str, Any] = {"app": args.app, "account": args.account}
+        if args.email:
+            request["email"] = args.email
+        if imap is not None:
+            request["imap"] = imap
+        started = await onboarding.start(request)
+        out.write(started["url"] + "\n")
+        print(
+            "open this URL in the mailbox owner's browser within 10 minutes; "
+            "the proxy's /oauth2/callback completes the account",
+            file=sys.stderr,
+        )
+        return
+    app = await admin.getApp(args.app)
+    if not app.deviceURL:
+        raise OnboardingError(f"OAuth2 app {app.id} has no deviceAuthorizationUrl")
+    grant = await deferToThread(deviceStartBlocking, app, 10.0)
+    uri = grant.get("verification_uri") or grant.get("verification_url")
+    out.write(f"To authorize, open {uri} on any device and enter the code {grant['user_code']}\n")
+    out.flush()
+    interval = float(grant.get("interval", 5))
+    deadline = reactor.seconds() + float(grant.get("expires_in", 900))
+    while True:
+        if reactor.seconds() >= deadline:
+            raise OnboardingError("the code expired before it was used; start again")
+        await deferLater(reactor, interval)
+        try:
+            token = await deferToThread(devicePollBlocking, app, grant["device_code"], 10.0)
+            break
+        except DeviceSlowDown:
+            interval += 5
+        except DevicePending:
+            pass
+    account = await onboarding.complete(args.account, app, token, args.email, imap)
+    print(f"account {account.id} authorized for {account.email}", file=sys.stderr)
 
 
 def _json(value: Any, out: Any) -> None:

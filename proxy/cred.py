@@ -17,9 +17,10 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from .errors import AccessDenied, AuthenticationFailed, GrantInvalid, UpstreamRejectedToken
+from .model import validAccountId
 from .oauth import AccessTokens
 from .store import IAccountStore, ITokenStore
-from .tokens import checkToken, tokenId
+from .tokens import checkToken, looksLikeToken, tokenId
 from .upstream import UpstreamProtocol, connectUpstream
 
 log = Logger()
@@ -64,6 +65,16 @@ class UpstreamSession:
             self.protocol.transport.loseConnection()
 
 
+def loggableAccount(name: str) -> str:
+    """
+    A user name as typed, fit for a log line: a client that pastes its token
+    into the user field must not get it logged.
+    """
+    if validAccountId(name) and not looksLikeToken(name.lower()):
+        return name
+    return "(not an account id)"
+
+
 @implementer(ICredentialsChecker)
 class TokenChecker:
     """
@@ -98,7 +109,7 @@ class TokenChecker:
         except AccessDenied as e:
             log.info(
                 "login refused for {account} from {address}: {reason}",
-                account=c.account,
+                account=loggableAccount(c.account),
                 address=c.address,
                 reason=e.reason,
             )
@@ -132,8 +143,10 @@ class UpstreamRealm:
     async def _login(self, accountId: str, tid: str) -> UpstreamSession:
         account = await self._accounts.getAccount(accountId)
         if account is None:
+            log.info("login refused for {account}: no such account", account=accountId)
             raise AccessDenied("username")
         if account.state == "disabled":
+            log.info("login refused for {account}: account disabled", account=accountId)
             raise AccessDenied("account-disabled")
         if account.state == "reauth-required":
             # Fail fast: the grant is known dead; asking the provider again

@@ -7,6 +7,8 @@ data written under an older key stays readable while keys are rotated.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -22,6 +24,9 @@ class Secrets:
     def __init__(self, keys: list[bytes]):
         if not keys:
             raise SecretKeyError("no secret key given")
+        # Signing keys derived from the encryption keys (never the same bytes
+        # for two purposes); the newest signs, all verify, as with Fernet.
+        self._signing = [hashlib.sha256(b"imapproxy-sign\0" + k).digest() for k in keys]
         try:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
         except (ValueError, TypeError):
@@ -31,6 +36,17 @@ class Secrets:
 
     def encrypt(self, plaintext: str) -> str:
         return self._fernet.encrypt(plaintext.encode("utf-8")).decode("ascii")
+
+    def sign(self, value: str) -> str:
+        return hmac.new(self._signing[0], value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def verify(self, value: str, signature: str) -> bool:
+        """Constant-time check of ``signature`` under any of the keys."""
+        ok = False
+        for key in self._signing:
+            mac = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+            ok |= hmac.compare_digest(mac, signature)
+        return ok
 
     def decrypt(self, ciphertext: str) -> str:
         try:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.mail.imap4 import IllegalClientResponse, IMAP4Server
 from twisted.python.failure import Failure
 
-from .cred import IUpstreamSession, TokenCredentials
+from .cred import IUpstreamSession, TokenCredentials, loggableAccount
 from .errors import AccessDenied, ProxyError
 from .splice import Splice, tuneSocket
 
@@ -105,6 +105,7 @@ class ProxyServer(IMAP4Server):
         self._literalStringLimit = policy.maxLiteral
         self._sessions = sessions
         self._phase = "preauth"
+        self._account = ""
         self._badCommands = 0
         self._failedLogins = 0
         self.sink: Any = None
@@ -329,7 +330,8 @@ class ProxyServer(IMAP4Server):
         self._login(tag, authcid, passwd)
 
     def _privacyRequired(self, tag: bytes) -> None:
-        self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Login without TLS is not allowed")
+        # A refused login like any other: it counts toward maxFailedLogins.
+        self._refused(tag, b"NO [PRIVACYREQUIRED] Login without TLS is not allowed")
 
     # -- the login ----------------------------------------------------------
 
@@ -347,6 +349,7 @@ class ProxyServer(IMAP4Server):
         # unanswered, and stop reading until the login is decided.
         self._phase = "login"
         self.pauseProducing()
+        self._account = loggableAccount(account)
         creds = TokenCredentials(account=account, token=token, address=self.address)
         d = self.portal.login(creds, None, IUpstreamSession)
         d.addCallbacks(self._loggedIn, self._loginFailed, (tag,), None, (tag,), None)
@@ -390,7 +393,8 @@ class ProxyServer(IMAP4Server):
             response = error.imapResponse()
             if isinstance(error, ProxyError):
                 log.warn(
-                    "login for {address} failed upstream: {reason}",
+                    "login of {account} from {address} failed upstream: {reason}",
+                    account=self._account,
                     address=self.address,
                     reason=error.reason,
                 )

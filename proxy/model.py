@@ -39,6 +39,7 @@ class OAuth2Grant:
     """
     An account's OAuth2 grant. ``clientSecret`` and ``refreshToken`` are the
     decrypted values; they live only in memory, never in a log line or repr.
+    With ``app`` set, the client fields come from that shared OAuth2 app.
     """
 
     tokenURL: str
@@ -46,6 +47,45 @@ class OAuth2Grant:
     clientSecret: str = attrs.field(repr=False)
     refreshToken: str = attrs.field(repr=False)
     scopes: tuple[str, ...] = ()
+    app: str | None = None
+
+
+@attrs.frozen
+class OAuth2App:
+    """
+    An OAuth2 client registered once with a provider and shared by the
+    accounts that consented through it.
+
+    :ivar provider: ``gmail``, ``outlook`` or ``generic``.
+    :ivar redirectURL: where the provider sends the mailbox owner back
+        (this proxy's ``/oauth2/callback``).
+    """
+
+    id: str
+    provider: str
+    clientId: str
+    clientSecret: str = attrs.field(repr=False)
+    redirectURL: str | None
+    authorizationURL: str | None
+    tokenURL: str
+    deviceURL: str | None
+    scopes: tuple[str, ...]
+    tenant: str = "common"
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@attrs.frozen
+class PendingAuthorization:
+    """A consent in progress: single use, short-lived, keyed by its state."""
+
+    state: str
+    account: str
+    app: str
+    verifier: str = attrs.field(repr=False)
+    email: str | None
+    expires: float
+    imap: str | None = None  # JSON of the account's imap settings, for new accounts
 
 
 @attrs.frozen

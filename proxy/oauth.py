@@ -154,6 +154,11 @@ class ThreadedRefresher:
             self._pool.stop()
             self._started = False
 
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Any other blocking OAuth2 call (code exchange), in the same bounded pool."""
+        self.start()
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
     def refresh(self, account: Account) -> Deferred[Grant]:
         self.start()
         return deferToThreadPool(self._reactor, self._pool, refreshBlocking, account, self._timeout)

@@ -10,10 +10,11 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints, ssl
+from twisted.internet import ssl
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ._haproxy import serverEndpoint
 from .admin import Admin
 from .api import TokenAPI
 from .config import ConfigError, readConfig, splitList
@@ -21,6 +22,7 @@ from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
 from .oauth import AccessTokens, ThreadedRefresher
+from .onboarding import Onboarding
 from .store import StoreError, defaultStoreURL, makeStore
 
 log = Logger()
@@ -53,13 +55,13 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "tls-key": (None, str, "PEM private key for --tls-certificate"),
     "login-timeout": (60.0, float, "Seconds a client has from connecting to logging in"),
     "upstream-timeout": (
-        20.0,
+        15.0,
         float,
         "Seconds to connect and log in to the provider's IMAP server",
     ),
     "oauth2-timeout": (10.0, float, "Seconds for one request to a token endpoint"),
     "oauth2-deadline": (
-        15.0,
+        10.0,
         float,
         "Seconds a token refresh may take in all, retries with backoff included; "
         "past it the login gets NO [UNAVAILABLE]",
@@ -143,9 +145,19 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
-        for name in ("login-timeout", "upstream-timeout", "oauth2-timeout", "oauth2-deadline"):
-            if self[name] <= 0:
+        for name, (_default, conv, _help) in SETTINGS.items():
+            if conv in (int, float) and self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        worst = 2 * (self["oauth2-deadline"] + self["upstream-timeout"])
+        if self["login-timeout"] < worst:
+            # A login that refreshes, is refused upstream and retries could
+            # be cut off by the login deadline: say so, but let it run.
+            log.warn(
+                "--login-timeout {t}s is shorter than the worst-case login "
+                "(2 x (oauth2-deadline + upstream-timeout) = {w}s)",
+                t=self["login-timeout"],
+                w=worst,
+            )
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
         self["starttls"] = self._loadStartTLS()
@@ -153,9 +165,11 @@ class Options(usage.Options):
 
         for description in self["port"] + self["api-port"]:
             try:
-                endpoints.serverFromString(reactor, description)
-            except (ValueError, KeyError, OSError) as e:
-                raise usage.UsageError(f"--port {description!r}: {e}") from None
+                serverEndpoint(reactor, description)
+            except Exception as e:
+                # Endpoint parsers raise all sorts (a systemd: index without a
+                # passed socket is an IndexError): every one is a usage error.
+                raise usage.UsageError(f"endpoint {description!r}: {e}") from None
         if self["store"] is None:
             self["store"] = defaultStoreURL()
         try:
@@ -173,7 +187,17 @@ class Options(usage.Options):
                 chain = f.read()
             with open(self["tls-key"], "rb") as f:
                 key = f.read()
-            return ssl.PrivateCertificate.loadPEM(chain + b"\n" + key).options()
+            end = b"-----END CERTIFICATE-----"
+            certs = [part + end for part in chain.split(end) if b"-----BEGIN" in part]
+            if not certs:
+                raise ValueError("no certificate in the file")
+            leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key)
+            # The intermediates go out with the leaf: clients need them.
+            return ssl.CertificateOptions(
+                privateKey=leaf.privateKey.original,
+                certificate=leaf.original,
+                extraCertChain=[ssl.Certificate.loadPEM(c).original for c in certs[1:]],
+            )
         except (OSError, ValueError, ssl.SSL.Error) as e:
             raise usage.UsageError(f"cannot load the STARTTLS certificate: {e}") from None
 
@@ -194,7 +218,7 @@ class _Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = endpoints.serverFromString(self._reactor, self._description).listen(self._factory)
+        d = serverEndpoint(self._reactor, self._description).listen(self._factory)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: Any) -> None:
@@ -276,7 +300,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     _Closing(shutdown).setServiceParent(top)
     for description in options["port"]:
         _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
-    api = TokenAPI(Admin(store, sessions, reactor), reactor)
+    admin = Admin(store, sessions, reactor)
+    onboarding = Onboarding(
+        admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
+    )
+    api = TokenAPI(admin, reactor, onboarding)
     site = api.site()
     for description in options["api-port"]:
         _Listener(reactor, description, site, "API").setServiceParent(top)

@@ -610,3 +610,56 @@ def test_flow_control_bounds_memory_for_a_client_that_does_not_read(proxy, mailb
         assert got[-1].startswith(b"c OK")
     finally:
         r.close()
+
+
+def test_proxy_protocol_client_address(pki, workdir, dovecot, provider):
+    """Behind a load balancer (haproxy:), greeting, IP restrictions and policy see the client."""
+    import os
+
+    from tests.upstream.proxyproc import ProxyProcess
+
+    p = ProxyProcess(
+        os.path.join(workdir, "proxy-haproxy"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert}
+    )
+    p.start("--port", "haproxy:tcp:0:interface=127.0.0.1", "--plaintext-login", "loopback")
+    try:
+        inside = register(p, provider, dovecot, pki, token_args=("--address", "203.0.113.0/24"))
+        outside = register(p, provider, dovecot, pki, token_args=("--address", "127.0.0.0/8"))
+        port = p.ports["haproxy"]
+
+        def via_balancer(source: str) -> Raw:
+            r = Raw(port)
+            r.send(f"PROXY TCP4 {source} 127.0.0.1 40000 2143\r\n".encode())
+            return r
+
+        r = via_balancer("203.0.113.9")
+        assert r.line() == b"* OK imapproxy ready for requests from 203.0.113.9"
+        r.send(b"c CAPABILITY\r\n")
+        caps = r.until(b"c")[0]
+        assert b"LOGINDISABLED" in caps  # not loopback: no password in the clear
+        r.close()
+
+        # A balancer on loopback must not make remote clients "loopback": with
+        # plaintext allowed, the restrictions still judge the real address.
+        p.stop()
+        p.start("--port", "haproxy:tcp:0:interface=127.0.0.1", "--plaintext-login", "allow")
+        port = p.ports["haproxy"]
+        r = via_balancer("203.0.113.9")
+        r.line()
+        r.send(f"a LOGIN {inside.account} {inside.token}\r\n".encode())
+        assert r.line().startswith(b"a OK [CAPABILITY ")
+        r.close()
+        r = via_balancer("203.0.113.9")
+        r.line()
+        r.send(f"a LOGIN {outside.account} {outside.token}\r\n".encode())
+        assert r.line() == (
+            b"a NO [AUTHENTICATIONFAILED] Access denied, traffic not accepted from this IP"
+        )
+        r.close()
+
+        r = Raw(port)
+        r.send(b"a LOGIN x y\r\n")  # no PROXY header: not a balancer, closed
+        assert r.closed()
+        r.close()
+    finally:
+        p.stop()

@@ -212,3 +212,21 @@ class MakeServiceTests(OptionsMixin, TestCase):
             self.assertEqual(reactor.getDelayedCalls(), [])
 
         return service.stopService().addCallback(stopped)
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    def test_exampleDocumentsEverySetting(self):
+        """tap.example.conf loads as is and names every setting the server has."""
+        from proxy.config import readConfig
+        from proxy.tap import LIST_SETTINGS, SETTINGS
+
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tap.example.conf")
+        readConfig(path, set(SETTINGS) | LIST_SETTINGS)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        missing = [
+            name
+            for name in sorted(set(SETTINGS) | LIST_SETTINGS)
+            if f"{name} =" not in text and f"{name}=" not in text
+        ]
+        self.assertEqual(missing, [])

@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..encryption import SecretKeyError, Secrets
-from ..model import Account, OAuth2Grant, Token, Upstream
+from ..model import Account, OAuth2App, OAuth2Grant, PendingAuthorization, Token, Upstream
 from ._interfaces import IAccountStore, ITokenStore
 
 T = TypeVar("T")
@@ -59,7 +59,35 @@ CREATE TABLE IF NOT EXISTS tokens (
     last_use_address TEXT
 );
 CREATE INDEX IF NOT EXISTS tokens_account ON tokens(account);
+CREATE TABLE IF NOT EXISTS oauth2_apps (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    client_secret_enc TEXT NOT NULL,
+    redirect_url TEXT,
+    authorization_url TEXT,
+    token_url TEXT NOT NULL,
+    device_url TEXT,
+    scopes TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS oauth2_pending (
+    state TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    app TEXT NOT NULL,
+    verifier_enc TEXT NOT NULL,
+    email TEXT,
+    expires REAL NOT NULL,
+    imap TEXT
+);
 """
+
+# Columns added after a store was first created: (table, column, definition).
+MIGRATIONS = [
+    ("accounts", "oauth2_app", "TEXT"),
+]
 
 # Encrypted under the store's key when the store is created; a key that cannot
 # decrypt it is the wrong key, and the store refuses to open.
@@ -88,6 +116,10 @@ class SQLiteStore(Service):
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="imapproxy-sqlite")
         self._db: sqlite3.Connection | None = None
+
+    @property
+    def secrets(self) -> Secrets:
+        return self._secrets
 
     # -- life cycle ---------------------------------------------------------
 
@@ -146,6 +178,10 @@ class SQLiteStore(Service):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=10000")
             db.executescript(SCHEMA)
+            for table, column, definition in MIGRATIONS:
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open the SQLite store {self.path}: {e}") from None
         row = db.execute("SELECT value FROM meta WHERE key='key_check'").fetchone()
@@ -177,7 +213,7 @@ class SQLiteStore(Service):
     _ACCOUNT_COLUMNS = (
         "id, email, imap_host, imap_port, imap_tls, imap_ca_file, token_url, "
         "client_id, client_secret_enc, refresh_token_enc, oauth_scopes, state, "
-        "state_reason, created, updated"
+        "state_reason, created, updated, oauth2_app"
     )
 
     def _account(self, row: tuple) -> Account:
@@ -197,7 +233,30 @@ class SQLiteStore(Service):
             reason,
             created,
             updated,
+            appId,
         ) = row
+        if appId is not None:
+            # The client side of the grant is the shared app's.
+            app = self._appBlocking(appId)
+            if app is not None:
+                url, cid, scopesList = app.tokenURL, app.clientId, list(app.scopes)
+                return Account(
+                    id=aid,
+                    email=email,
+                    upstream=Upstream(host=host, port=port, tls=tls, caFile=ca),
+                    oauth2=OAuth2Grant(
+                        tokenURL=url,
+                        clientId=cid,
+                        clientSecret=app.clientSecret,
+                        refreshToken=self._secrets.decrypt(rt),
+                        scopes=tuple(scopesList),
+                        app=appId,
+                    ),
+                    state=state,
+                    stateReason=reason,
+                    created=created,
+                    updated=updated,
+                )
         return Account(
             id=aid,
             email=email,
@@ -239,6 +298,10 @@ class SQLiteStore(Service):
     def putAccount(self, account: Account):
         s = self._secrets
         now = time.time()
+        grant = account.oauth2
+        # An account of a shared app keeps only its own refresh token; the
+        # client side is read from the app, so an app change applies to all.
+        shared = grant.app is not None
         values = (
             account.id,
             account.email,
@@ -246,21 +309,22 @@ class SQLiteStore(Service):
             account.upstream.port,
             account.upstream.tls,
             account.upstream.caFile,
-            account.oauth2.tokenURL,
-            account.oauth2.clientId,
-            s.encrypt(account.oauth2.clientSecret),
-            s.encrypt(account.oauth2.refreshToken),
-            json.dumps(account.oauth2.scopes),
+            "" if shared else grant.tokenURL,
+            "" if shared else grant.clientId,
+            s.encrypt("" if shared else grant.clientSecret),
+            s.encrypt(grant.refreshToken),
+            json.dumps([] if shared else grant.scopes),
             account.state,
             account.stateReason,
             account.created or now,
             now,
+            grant.app,
         )
 
         def q() -> None:
             self._conn().execute(
                 f"INSERT INTO accounts ({self._ACCOUNT_COLUMNS}) VALUES "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                 "email=excluded.email, imap_host=excluded.imap_host, "
                 "imap_port=excluded.imap_port, imap_tls=excluded.imap_tls, "
                 "imap_ca_file=excluded.imap_ca_file, token_url=excluded.token_url, "
@@ -268,7 +332,8 @@ class SQLiteStore(Service):
                 "client_secret_enc=excluded.client_secret_enc, "
                 "refresh_token_enc=excluded.refresh_token_enc, "
                 "oauth_scopes=excluded.oauth_scopes, state=excluded.state, "
-                "state_reason=excluded.state_reason, updated=excluded.updated",
+                "state_reason=excluded.state_reason, updated=excluded.updated, "
+                "oauth2_app=excluded.oauth2_app",
                 values,
             )
 
@@ -300,6 +365,156 @@ class SQLiteStore(Service):
             self._conn().execute(
                 "UPDATE accounts SET state=?, state_reason=?, updated=? WHERE id=?",
                 (state, reason, time.time(), accountId),
+            )
+
+        return self._run(q)
+
+    # -- OAuth2 apps ----------------------------------------------------------
+
+    _APP_COLUMNS = (
+        "id, provider, client_id, client_secret_enc, redirect_url, authorization_url, "
+        "token_url, device_url, scopes, tenant, created, updated"
+    )
+
+    def _app(self, row: tuple) -> OAuth2App:
+        (
+            aid,
+            provider,
+            cid,
+            csec,
+            redirect,
+            auth,
+            token,
+            device,
+            scopes,
+            tenant,
+            created,
+            updated,
+        ) = row
+        return OAuth2App(
+            id=aid,
+            provider=provider,
+            clientId=cid,
+            clientSecret=self._secrets.decrypt(csec),
+            redirectURL=redirect,
+            authorizationURL=auth,
+            tokenURL=token,
+            deviceURL=device,
+            scopes=tuple(json.loads(scopes)),
+            tenant=tenant,
+            created=created,
+            updated=updated,
+        )
+
+    def _appBlocking(self, appId: str) -> OAuth2App | None:
+        row = (
+            self._conn()
+            .execute(f"SELECT {self._APP_COLUMNS} FROM oauth2_apps WHERE id=?", (appId,))
+            .fetchone()
+        )
+        return None if row is None else self._app(row)
+
+    def getApp(self, appId: str):
+        return self._run(self._appBlocking, appId)
+
+    def listApps(self):
+        def q() -> list[OAuth2App]:
+            rows = self._conn().execute(f"SELECT {self._APP_COLUMNS} FROM oauth2_apps ORDER BY id")
+            return [self._app(r) for r in rows]
+
+        return self._run(q)
+
+    def putApp(self, app: OAuth2App):
+        now = time.time()
+        values = (
+            app.id,
+            app.provider,
+            app.clientId,
+            self._secrets.encrypt(app.clientSecret),
+            app.redirectURL,
+            app.authorizationURL,
+            app.tokenURL,
+            app.deviceURL,
+            json.dumps(app.scopes),
+            app.tenant,
+            app.created or now,
+            now,
+        )
+
+        def q() -> None:
+            self._conn().execute(
+                f"INSERT OR REPLACE INTO oauth2_apps ({self._APP_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                values,
+            )
+
+        return self._run(q)
+
+    def removeApp(self, appId: str):
+        """:return: Deferred(True) when removed; ``StoreError`` while accounts use it."""
+
+        def q() -> bool:
+            db = self._conn()
+            with _transaction(db):
+                used = db.execute(
+                    "SELECT COUNT(*) FROM accounts WHERE oauth2_app=?", (appId,)
+                ).fetchone()[0]
+                if used:
+                    raise StoreError(f"{used} account(s) use this app")
+                cur = db.execute("DELETE FROM oauth2_apps WHERE id=?", (appId,))
+            return cur.rowcount > 0
+
+        return self._run(q)
+
+    # -- authorizations in progress -----------------------------------------
+
+    def addPending(self, pending: PendingAuthorization):
+        enc = self._secrets.encrypt(pending.verifier)
+
+        def q() -> None:
+            db = self._conn()
+            db.execute("DELETE FROM oauth2_pending WHERE expires < ?", (time.time(),))
+            db.execute(
+                "INSERT INTO oauth2_pending (state, account, app, verifier_enc, email, "
+                "expires, imap) VALUES (?,?,?,?,?,?,?)",
+                (
+                    pending.state,
+                    pending.account,
+                    pending.app,
+                    enc,
+                    pending.email,
+                    pending.expires,
+                    pending.imap,
+                ),
+            )
+
+        return self._run(q)
+
+    def takePending(self, state: str):
+        """
+        Remove and return the authorization with this state (single use), or
+        None when there is none.
+        """
+
+        def q() -> PendingAuthorization | None:
+            db = self._conn()
+            with _transaction(db):
+                row = db.execute(
+                    "SELECT state, account, app, verifier_enc, email, expires, imap "
+                    "FROM oauth2_pending WHERE state=?",
+                    (state,),
+                ).fetchone()
+                db.execute("DELETE FROM oauth2_pending WHERE state=?", (state,))
+            if row is None:
+                return None
+            return PendingAuthorization(
+                state=row[0],
+                account=row[1],
+                app=row[2],
+                verifier=self._secrets.decrypt(row[3]),
+                email=row[4],
+                expires=row[5],
+                imap=row[6],
             )
 
         return self._run(q)

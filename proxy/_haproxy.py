@@ -1,0 +1,108 @@
+"""
+PROXY-protocol listeners that hand the connection to the IMAP or API
+protocol only once the header has been read.
+
+Twisted's ``haproxy:`` endpoint starts the wrapped protocol at once, before
+the header arrives, so a protocol that looks at ``getPeer()`` when it
+connects (the greeting, the plaintext-login policy, IP restrictions) sees the
+load balancer instead of the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.haproxy._wrapper import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+)
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+HEADER_TIMEOUT = 10.0
+
+
+class _HeaderFirstWrapper(HAProxyProtocolWrapper):
+    _started = False
+    _timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        # As ProtocolWrapper.makeConnection, minus starting the wrapped
+        # protocol: that waits for the header.
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._noHeader)
+
+    def _noHeader(self) -> None:
+        self._timer = None
+        self.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._started:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        parser = self._parser
+        if parser is None:
+            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and ord(data[12:13]) & 0xF0 == 0x20:
+                self._parser = parser = V2Parser()
+            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
+                self._parser = parser = V1Parser()
+            else:
+                self.loseConnection()
+                return
+        try:
+            info, remaining = parser.feed(data)
+        except InvalidProxyHeader:
+            self.loseConnection()
+            return
+        if info is None:
+            return
+        self._proxyInfo = info
+        self._started = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
+        if remaining:
+            self.wrappedProtocol.dataReceived(remaining)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._started:
+            self.wrappedProtocol.connectionLost(reason)
+        self.factory.unregisterProtocol(self)
+
+
+class _HeaderFirstFactory(HAProxyWrappingFactory):
+    protocol = _HeaderFirstWrapper  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, wrappedFactory: Any, clock: Any):
+        super().__init__(wrappedFactory)
+        self.clock = clock
+
+
+class HeaderFirstEndpoint:
+    """``haproxy:<inner endpoint>`` with the header read before anything else."""
+
+    def __init__(self, inner: Any, clock: Any):
+        self._inner = inner
+        self._clock = clock
+
+    def listen(self, factory: Any) -> Any:
+        return self._inner.listen(_HeaderFirstFactory(factory, self._clock))
+
+
+def serverEndpoint(reactor: Any, description: str) -> Any:
+    """``serverFromString``, with ``haproxy:`` served by ``HeaderFirstEndpoint``."""
+    if description.startswith("haproxy:"):
+        inner = endpoints.serverFromString(reactor, description[len("haproxy:") :])
+        return HeaderFirstEndpoint(inner, reactor)
+    return endpoints.serverFromString(reactor, description)

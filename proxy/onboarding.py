@@ -1,0 +1,293 @@
+"""
+Onboarding a mailbox without copying refresh tokens by hand: the OAuth2
+authorization code flow (with PKCE) through the API and a browser, and the
+device authorization grant (RFC 8628) for the admin command on machines
+without a browser. HTTP to the provider goes through requests-oauthlib in a
+thread (``run``), never on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import attrs
+from twisted.logger import Logger
+
+from .admin import IMAP_FIELDS, PRESETS, Admin, AdminError, InvalidInput, _object, buildAccount
+from .model import Account, OAuth2App, PendingAuthorization, validAccountId
+
+log = Logger()
+
+STATE_LIFETIME = 600.0
+
+
+class OnboardingError(AdminError):
+    """A consent that cannot be completed; the message is safe to show."""
+
+    status = 400
+
+
+class DevicePending(Exception):
+    """The device grant is not decided yet (``authorization_pending``)."""
+
+
+class DeviceSlowDown(DevicePending):
+    """The provider asks to poll less often (``slow_down``)."""
+
+
+def pkcePair() -> tuple[str, str]:
+    """A PKCE code verifier and its S256 challenge (RFC 7636)."""
+    verifier = secrets.token_urlsafe(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def emailFromIdToken(idToken: Any) -> str | None:
+    """
+    The address in an OpenID Connect ID token. It came straight from the
+    token endpoint over verified TLS, so its signature need not be checked
+    (OpenID Connect Core, 3.1.3.7).
+    """
+    if not isinstance(idToken, str) or idToken.count(".") < 2:
+        return None
+    payload = idToken.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    for name in ("email", "preferred_username", "upn"):
+        value = claims.get(name)
+        if isinstance(value, str) and "@" in value:
+            return value
+    return None
+
+
+# -- blocking HTTP (worker threads only) ------------------------------------
+
+
+def exchangeCodeBlocking(app: OAuth2App, code: str, verifier: str, timeout: float) -> dict:
+    """The authorization code grant's token request, with the PKCE verifier."""
+    from requests_oauthlib import OAuth2Session
+
+    session = OAuth2Session(client_id=app.clientId, redirect_uri=app.redirectURL)
+    try:
+        return dict(
+            session.fetch_token(
+                app.tokenURL,
+                code=code,
+                client_secret=app.clientSecret,
+                include_client_id=True,
+                code_verifier=verifier,
+                timeout=timeout,
+            )
+        )
+    finally:
+        session.close()
+
+
+def deviceStartBlocking(app: OAuth2App, timeout: float) -> dict:
+    """Ask for a device code (RFC 8628, 3.1)."""
+    import requests
+
+    r = requests.post(
+        app.deviceURL or "",
+        data={"client_id": app.clientId, "scope": " ".join(app.scopes)},
+        timeout=timeout,
+    )
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code != 200 or "device_code" not in body:
+        raise OnboardingError(f"the provider refused the device authorization ({r.status_code})")
+    return dict(body)
+
+
+def devicePollBlocking(app: OAuth2App, deviceCode: str, timeout: float) -> dict:
+    """
+    One poll of the token endpoint (RFC 8628, 3.4).
+
+    :raises DevicePending: not decided yet (``DeviceSlowDown`` to back off).
+    :raises OnboardingError: refused or expired.
+    """
+    import requests
+
+    r = requests.post(
+        app.tokenURL,
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": deviceCode,
+            "client_id": app.clientId,
+            "client_secret": app.clientSecret,
+        },
+        timeout=timeout,
+    )
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code == 200 and "access_token" in body:
+        return dict(body)
+    error = body.get("error") if isinstance(body, dict) else None
+    if error == "authorization_pending":
+        raise DevicePending()
+    if error == "slow_down":
+        raise DeviceSlowDown()
+    if error == "access_denied":
+        raise OnboardingError("the mailbox owner declined the authorization")
+    if error == "expired_token":
+        raise OnboardingError("the code expired before it was used; start again")
+    raise OnboardingError(f"the provider refused the device grant ({error or r.status_code})")
+
+
+# -- the flows ----------------------------------------------------------------
+
+
+class Onboarding:
+    """
+    :param admin: the shared operations (and through it the store).
+    :param secrets: signs the ``state``.
+    :param run: ``(f, *args) -> Deferred``: runs a blocking call in a thread.
+    :param clock: ``IReactorTime``.
+    """
+
+    def __init__(
+        self, admin: Admin, secrets: Any, run: Callable[..., Any], clock: Any, timeout: float = 10.0
+    ):
+        self.admin = admin
+        self._secrets = secrets
+        self._run = run
+        self._clock = clock
+        self._timeout = timeout
+
+    async def start(self, data: Any) -> dict[str, Any]:
+        """
+        Begin a consent: ``{"app", "account", "email"?, "imap"?}`` →
+        ``{"url", "expires"}``, the URL to open in the mailbox owner's
+        browser. ``imap`` is needed for a new account of a generic app.
+        """
+        data = _object(data, "authorization", {"app", "account", "email", "imap"})
+        app = await self.admin.getApp(str(data.get("app")))
+        if not app.authorizationURL or not app.redirectURL:
+            raise InvalidInput(f"OAuth2 app {app.id} has no authorizationUrl or redirectUrl")
+        accountId = data.get("account")
+        if not isinstance(accountId, str) or not validAccountId(accountId):
+            raise InvalidInput("account: letters, digits and . _ @ + - only")
+        imap = data.get("imap")
+        if imap is not None:
+            _object(imap, "imap", IMAP_FIELDS)
+        email = data.get("email")
+        if email is not None and (not isinstance(email, str) or "@" not in email):
+            raise InvalidInput("email is not a mail address")
+        stateId = secrets.token_urlsafe(32)
+        verifier, challenge = pkcePair()
+        expires = self._clock.seconds() + STATE_LIFETIME
+        await self.admin.store.addPending(
+            PendingAuthorization(
+                state=stateId,
+                account=accountId,
+                app=app.id,
+                verifier=verifier,
+                email=email,
+                expires=expires,
+                imap=json.dumps(imap) if imap is not None else None,
+            )
+        )
+        query = {
+            "response_type": "code",
+            "client_id": app.clientId,
+            "redirect_uri": app.redirectURL,
+            "scope": " ".join(app.scopes),
+            "state": stateId + "." + self._secrets.sign(stateId),
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "prompt": "consent",
+        }
+        if app.provider == "gmail":
+            query["access_type"] = "offline"  # Google's way to ask for a refresh token
+        if email:
+            query["login_hint"] = email
+        log.info(
+            "authorization of {account} through app {app} started", account=accountId, app=app.id
+        )
+        sep = "&" if "?" in app.authorizationURL else "?"
+        return {"url": app.authorizationURL + sep + urlencode(query), "expires": expires}
+
+    async def finish(self, args: dict[str, str]) -> Account:
+        """
+        The redirect back from the provider: check the state (signed, single
+        use, not expired), exchange the code, and save the account.
+        """
+        state = args.get("state", "")
+        stateId, _, signature = state.partition(".")
+        if not stateId or not self._secrets.verify(stateId, signature):
+            raise OnboardingError("this link is not valid")
+        pending = await self.admin.store.takePending(stateId)
+        if pending is None or pending.expires < self._clock.seconds():
+            raise OnboardingError("this link has expired or was already used; start again")
+        if args.get("error"):
+            log.info(
+                "authorization of {account} declined at the provider: {error}",
+                account=pending.account,
+                error=args["error"][:64],
+            )
+            raise OnboardingError("the authorization was declined at the provider")
+        code = args.get("code")
+        if not code:
+            raise OnboardingError("the provider sent no authorization code")
+        app = await self.admin.getApp(pending.app)
+        try:
+            token = await self._run(
+                exchangeCodeBlocking, app, code, pending.verifier, self._timeout
+            )
+        except Exception as e:
+            log.warn(
+                "code exchange for {account} failed: {error}",
+                account=pending.account,
+                error=type(e).__name__,
+            )
+            raise OnboardingError("the provider refused the authorization code") from None
+        imap = json.loads(pending.imap) if pending.imap else None
+        return await self.complete(pending.account, app, token, pending.email, imap)
+
+    async def complete(
+        self, accountId: str, app: OAuth2App, token: dict, email: str | None, imap: dict | None
+    ) -> Account:
+        """Create or update the account with a newly granted refresh token."""
+        refresh = token.get("refresh_token")
+        if not isinstance(refresh, str) or not refresh:
+            raise OnboardingError("the provider granted no refresh token (offline access)")
+        reported = emailFromIdToken(token.get("id_token"))
+        try:
+            existing = await self.admin.getAccount(accountId)
+        except AdminError:
+            existing = None
+        address = reported or email or (existing.email if existing else None)
+        if address is None:
+            raise OnboardingError("the provider did not say which mailbox was authorized")
+        data: dict[str, Any] = {
+            "email": address,
+            "oauth2": {"app": app.id, "refreshToken": refresh},
+        }
+        if imap is not None:
+            data["imap"] = imap
+        if existing is None:
+            if imap is None and PRESETS.get(app.provider, {}).get("imap") is None:
+                raise OnboardingError("a new account of a generic app needs imap settings")
+            account = buildAccount({"account": accountId, **data}, app=app)
+        else:
+            account = buildAccount(data, existing, accountId, app=app)
+            account = attrs.evolve(account, state="ok", stateReason=None)
+        await self.admin.store.putAccount(account)
+        log.info(
+            "account {account} authorized for {email} through app {app}",
+            account=accountId,
+            email=address,
+            app=app.id,
+        )
+        return await self.admin.getAccount(accountId)
