@@ -276,11 +276,15 @@ def buildApp(data: Any, appId: str | None = None) -> OAuth2App:
     _check(tenant.replace("-", "").replace(".", "").isalnum(), "tenant is not a tenant id")
 
     def url(name: str, required: bool) -> str | None:
-        value = data.get(name, preset.get(name))
+        value = data.get(name)
+        if value is None and preset.get(name) is not None:
+            # Only the preset's own URLs are templates; what a user gives is
+            # taken as it is.
+            value = preset[name].format(tenant=tenant)
         if value is None:
             _check(not required, f"{name} is required for a {provider} app")
             return None
-        return _https(value.format(tenant=tenant) if name in preset else value, name)
+        return _https(value, name)
 
     scopes = data.get("scopes", preset.get("scopes", []))
     _check(
@@ -523,6 +527,7 @@ def accountView(a: Account) -> dict[str, Any]:
             "caFile": a.upstream.caFile,
         },
         "oauth2": {
+            "app": a.oauth2.app,
             "tokenUrl": a.oauth2.tokenURL,
             "clientId": a.oauth2.clientId,
             "clientSecretSet": bool(a.oauth2.clientSecret),

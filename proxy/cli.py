@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
@@ -142,6 +143,21 @@ def _parser() -> argparse.ArgumentParser:
     appRm = apps.add_parser("remove", parents=[common], help="remove an unused OAuth2 app")
     appRm.add_argument("app")
 
+    sec = top.add_parser(
+        "secrets", help="the keys that encrypt provider secrets at rest"
+    ).add_subparsers(dest="command", required=True)
+    sec.add_parser(
+        "add-key",
+        parents=[common],
+        help="add a new newest key to the key file (running servers load it within seconds)",
+    )
+    sec.add_parser(
+        "rotate", parents=[common], help="re-encrypt every stored secret under the newest key"
+    )
+    sec.add_parser(
+        "retire", parents=[common], help="drop all but the newest key, once nothing needs them"
+    )
+
     tok = top.add_parser("tokens", help="access tokens").add_subparsers(
         dest="command", required=True
     )
@@ -233,6 +249,8 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     elif group == "apps" and command == "remove":
         await admin.removeApp(args.app)
         print(f"OAuth2 app {args.app} removed", file=sys.stderr)
+    elif group == "secrets":
+        await _secrets(command, admin.store)
     elif group == "tokens" and command == "issue":
         request: dict[str, Any] = {
             "account": args.account,
@@ -315,6 +333,51 @@ async def _authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
             pass
     account = await onboarding.complete(args.account, app, token, args.email, imap)
     print(f"account {account.id} authorized for {account.email}", file=sys.stderr)
+
+
+async def _secrets(command: str, store: Any) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from .encryption import newKey, writeKeyFile
+    from .tap import KEY_RELOAD_INTERVAL
+
+    secrets = store.secrets
+    if secrets.path is None:
+        raise AdminError(
+            "the keys come from $IMAPPROXY_SECRET_KEY: change them there "
+            "(newest first, comma-separated)"
+        )
+    if command == "add-key":
+        writeKeyFile(secrets.path, [newKey(), *secrets.keys])
+        print(
+            f"new key added to {secrets.path}; running servers use it within "
+            f"{KEY_RELOAD_INTERVAL:.0f} s. Next: imapproxy secrets rotate",
+            file=sys.stderr,
+        )
+    elif command == "rotate":
+        # Servers re-read the key file every few seconds; wait until they must
+        # have the newest key, so nothing they write later needs an old one.
+        age = time.time() - os.stat(secrets.path).st_mtime
+        if age < 2 * KEY_RELOAD_INTERVAL:
+            await deferLater(reactor, 2 * KEY_RELOAD_INTERVAL - age)
+        n = await store.rotateSecrets()
+        print(
+            f"{n} stored secrets re-encrypted under the newest key. Next: imapproxy secrets retire",
+            file=sys.stderr,
+        )
+    elif command == "retire":
+        if len(secrets.keys) == 1:
+            print("only one key: nothing to retire", file=sys.stderr)
+            return
+        left = await store.undecryptable(secrets.newestOnly())
+        if left:
+            raise AdminError(
+                f"{left} stored secret(s) still need an older key: "
+                "run 'imapproxy secrets rotate' first"
+            )
+        writeKeyFile(secrets.path, secrets.keys[:1])
+        print(f"{len(secrets.keys) - 1} old key(s) removed from {secrets.path}", file=sys.stderr)
 
 
 def _json(value: Any, out: Any) -> None:

@@ -163,7 +163,7 @@ class UpstreamRealm:
                 "provider refused the cached access token for {account}; refreshing",
                 account=accountId,
             )
-            token = await self._access.get(account, force=True)
+            token = await self._access.get(account, stale=token.value)
             try:
                 proto = await self._connect(account.upstream, account.email, token.value)
             except UpstreamRejectedToken:

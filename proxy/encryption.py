@@ -21,18 +21,58 @@ class SecretKeyError(Exception):
 
 
 class Secrets:
-    def __init__(self, keys: list[bytes]):
+    """
+    :param keys: newest first: the first encrypts and signs, all decrypt.
+    :param path: the key file they came from (None for the environment), so
+        that a running service can pick up keys added by ``secrets add-key``.
+    """
+
+    def __init__(self, keys: list[bytes], path: str | None = None):
+        self.path = path
+        self._setKeys(keys)
+
+    def _setKeys(self, keys: list[bytes]) -> None:
         if not keys:
             raise SecretKeyError("no secret key given")
-        # Signing keys derived from the encryption keys (never the same bytes
-        # for two purposes); the newest signs, all verify, as with Fernet.
-        self._signing = [hashlib.sha256(b"imapproxy-sign\0" + k).digest() for k in keys]
         try:
-            self._fernet = MultiFernet([Fernet(k) for k in keys])
+            fernet = MultiFernet([Fernet(k) for k in keys])
         except (ValueError, TypeError):
             raise SecretKeyError(
                 "a secret key is not a valid Fernet key (32 url-safe base64 bytes)"
             ) from None
+        # Signing keys derived from the encryption keys (never the same bytes
+        # for two purposes); the newest signs, all verify, as with Fernet.
+        self._signing = [hashlib.sha256(b"imapproxy-sign\0" + k).digest() for k in keys]
+        self._fernet = fernet
+        self.keys = list(keys)
+
+    def reloadBlocking(self) -> bool:
+        """
+        Re-read the key file (blocking: from a worker thread). :return: True
+        when the keys changed. A missing or broken file keeps the old keys.
+        """
+        if self.path is None:
+            return False
+        try:
+            keys = _readKeyFile(self.path)
+        except SecretKeyError:
+            return False
+        if keys == self.keys:
+            return False
+        self._setKeys(keys)
+        return True
+
+    def rotate(self, ciphertext: str) -> str:
+        """Re-encrypt under the newest key."""
+        try:
+            return self._fernet.rotate(ciphertext.encode("ascii")).decode("ascii")
+        except InvalidToken:
+            raise SecretKeyError(
+                "stored secrets cannot be decrypted with the configured key"
+            ) from None
+
+    def newestOnly(self) -> Secrets:
+        return Secrets(self.keys[:1])
 
     def encrypt(self, plaintext: str) -> str:
         return self._fernet.encrypt(plaintext.encode("utf-8")).decode("ascii")
@@ -60,10 +100,10 @@ class Secrets:
 def parseKeys(text: str) -> list[bytes]:
     """One key a line (or separated by commas); ``#`` starts a comment."""
     keys = []
-    for line in text.replace(",", "\n").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            keys.append(line.encode("ascii"))
+    for line in text.splitlines():
+        for key in line.split("#", 1)[0].split(","):
+            if key.strip():
+                keys.append(key.strip().encode("ascii"))
     return keys
 
 
@@ -76,14 +116,31 @@ def loadSecrets(secretFile: str | None, defaultFile: str | None, environ=os.envi
     :raises SecretKeyError: when no key can be found or read.
     """
     if secretFile:
-        return Secrets(_readKeyFile(secretFile))
+        return Secrets(_readKeyFile(secretFile), secretFile)
     if environ.get(ENV_VAR):
         return Secrets(parseKeys(environ[ENV_VAR]))
     if defaultFile is None:
         raise SecretKeyError(f"no secret key: give --secret-file or set {ENV_VAR}")
     if not os.path.exists(defaultFile):
         _createKeyFile(defaultFile)
-    return Secrets(_readKeyFile(defaultFile))
+    return Secrets(_readKeyFile(defaultFile), defaultFile)
+
+
+def writeKeyFile(path: str, keys: list[bytes]) -> None:
+    """Replace the key file atomically (mode 0600)."""
+    tmp = f"{path}.new.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# imapproxy secret keys, newest first (see 'imapproxy secrets')\n")
+        for k in keys:
+            f.write(k.decode("ascii") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def newKey() -> bytes:
+    return Fernet.generate_key()
 
 
 def _readKeyFile(path: str) -> list[bytes]:

@@ -188,6 +188,9 @@ class AccessTokens:
     :param deadline: seconds a refresh may take in all, retries included;
         past it the login gets ``NO [UNAVAILABLE]``.
     :param backoff: delays between attempts after transient failures.
+    :param loadSaved: ``accountId -> Deferred[(token, expires, lifetime) | None]``:
+        an access token saved by this or another instance (encrypted at rest).
+    :param persist: ``(accountId, token, expires, lifetime) -> Deferred``.
     """
 
     UNKNOWN_LIFETIME = 3600.0
@@ -201,6 +204,8 @@ class AccessTokens:
         markReauth: Callable[[str, str], Deferred[Any]] | None = None,
         deadline: float = 15.0,
         backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
+        loadSaved: Callable[[str], Deferred[Any]] | None = None,
+        persist: Callable[[str, str, float, float], Deferred[Any]] | None = None,
     ):
         self._refresh = refresh
         self._save = saveRefreshToken
@@ -209,6 +214,8 @@ class AccessTokens:
         self._markReauth = markReauth
         self._deadline = deadline
         self._backoff = backoff
+        self._loadSaved = loadSaved
+        self._persist = persist
         # account id -> (access token, expiry time, lifetime)
         self._cache: dict[str, tuple[str, float, float]] = {}
         # Rotated refresh tokens whose save failed: used instead of the
@@ -219,28 +226,53 @@ class AccessTokens:
     def forget(self, accountId: str) -> None:
         self._cache.pop(accountId, None)
 
-    def get(self, account: Account, force: bool = False) -> Deferred[AccessToken]:
+    def get(
+        self, account: Account, force: bool = False, stale: str | None = None
+    ) -> Deferred[AccessToken]:
         """
         A usable access token for ``account``.
 
-        :param force: ignore the cache (the provider refused the cached token).
+        :param force: ignore the cache.
+        :param stale: the token the provider just refused: refresh, unless the
+            cache already holds a newer one (another login refreshed meanwhile),
+            so a burst of refusals of one token costs one refresh.
         """
-        now = self._clock.seconds()
-        cached = self._cache.get(account.id)
+        cached = self._usable(self._cache.get(account.id))
+        if stale is not None and (cached is None or cached.value == stale):
+            force = True
         if cached is not None and not force:
-            value, expires, lifetime = cached
-            margin = min(self._margin, lifetime / 2)
-            if not needsRefresh(expires, now, margin):
-                return succeed(AccessToken(value, expires, fresh=False))
+            return succeed(cached)
         waiter: Deferred[AccessToken] = Deferred()
         if account.id in self._inflight:
             self._inflight[account.id].append(waiter)
             return waiter
         self._inflight[account.id] = [waiter]
-        ensureDeferred(self._fetch(account)).addBoth(self._done, account.id)
+        ensureDeferred(self._fetch(account, force)).addBoth(self._done, account.id)
         return waiter
 
-    async def _fetch(self, account: Account) -> AccessToken:
+    def _usable(self, entry: tuple[str, float, float] | None) -> AccessToken | None:
+        """A cached ``(token, expires, lifetime)`` still good for a login, or None."""
+        if entry is None:
+            return None
+        value, expires, lifetime = entry
+        margin = min(self._margin, lifetime / 2)
+        if needsRefresh(expires, self._clock.seconds(), margin):
+            return None
+        return AccessToken(value, expires, fresh=False)
+
+    async def _fetch(self, account: Account, force: bool = False) -> AccessToken:
+        if not force and self._loadSaved is not None:
+            try:
+                saved = await self._loadSaved(account.id)
+            except Exception:
+                log.failure(
+                    "reading the saved access token of {account} failed", account=account.id
+                )
+                saved = None
+            usable = self._usable(saved)
+            if usable is not None:
+                self._cache[account.id] = saved
+                return usable
         started = self._clock.seconds()
         deadline = started + self._deadline
         if account.id in self._unsaved:
@@ -352,6 +384,11 @@ class AccessTokens:
         lifetime = grant.expiresIn if grant.expiresIn is not None else self.UNKNOWN_LIFETIME
         expires = started + lifetime
         self._cache[account.id] = (grant.accessToken, expires, lifetime)
+        if self._persist is not None:
+            try:
+                await self._persist(account.id, grant.accessToken, expires, lifetime)
+            except Exception:
+                log.failure("saving the access token of {account} failed", account=account.id)
         log.info(
             "new provider access token for {account}, valid {lifetime:.0f}s",
             account=account.id,

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import ssl
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -248,6 +249,28 @@ class _Listener(Service):
         return None
 
 
+KEY_RELOAD_INTERVAL = 5.0
+
+
+def _reloadKeys(store: Any) -> Any:
+    def changed(yes: bool) -> None:
+        if yes:
+            log.info("secret keys reloaded from {path}", path=store.secrets.path)
+
+    return store.reloadSecrets().addCallback(changed)
+
+
+class _Starting(Service):
+    """Runs a callable when the service starts."""
+
+    def __init__(self, onStart: Any):
+        self._onStart = onStart
+
+    def startService(self) -> None:
+        super().startService()
+        self._onStart()
+
+
 class _Closing(Service):
     """Runs a callable when the service stops (thread pools, open sessions)."""
 
@@ -275,6 +298,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             account, "reauth-required", f"{reason} ({_now()})"
         ),
         deadline=options["oauth2-deadline"],
+        loadSaved=store.getAccessToken,
+        persist=store.saveAccessToken,
     )
     realm = UpstreamRealm(
         store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])
@@ -291,13 +316,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     sessions = SessionRegistry()
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
 
+    # Keys added with 'imapproxy secrets add-key' are picked up while running.
+    keyWatch = LoopingCall(_reloadKeys, store)
+    keyWatch.clock = reactor
+
     def shutdown() -> None:
+        if keyWatch.running:
+            keyWatch.stop()
         closed = sessions.close()
         if closed:
             log.info("closed {n} sessions at shutdown", n=closed)
         refresher.stop()
 
     _Closing(shutdown).setServiceParent(top)
+    _Starting(
+        lambda: keyWatch.start(KEY_RELOAD_INTERVAL, now=False).addErrback(
+            lambda f: log.failure("watching the key file failed", f)
+        )
+    ).setServiceParent(top)
     for description in options["port"]:
         _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
     admin = Admin(store, sessions, reactor)

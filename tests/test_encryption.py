@@ -139,3 +139,25 @@ class LoadSecretsTests(SynchronousTestCase):
     def test_nothingConfigured(self):
         """No file, no environment variable and no default raises SecretKeyError."""
         self.assertRaises(SecretKeyError, loadSecrets, None, None, environ={})
+
+
+class KeyFileTests(SynchronousTestCase):
+    def test_commentsMayHoldCommas(self):
+        """A comment with a comma is a comment, not a key (the file add-key writes has one)."""
+        a, b = Fernet.generate_key(), Fernet.generate_key()
+        text = f"# keys, newest first\n{a.decode()}  # new, since today\n{b.decode()},\n"
+        self.assertEqual(parseKeys(text), [a, b])
+
+    def test_writeThenLoadRoundTrip(self):
+        """writeKeyFile writes a 0600 file that loadSecrets reads back, newest first."""
+        from proxy.encryption import newKey, writeKeyFile
+
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "k")
+        keys = [newKey(), newKey()]
+        writeKeyFile(path, keys)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        s = loadSecrets(path, None)
+        self.assertEqual(s.keys, keys)
+        self.assertEqual(s.path, path)

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import imaplib
+import json
+import secrets
 import ssl
 import uuid
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from requests_oauthlib import OAuth2Session
+from twisted.internet import task
 
-from tests.upstream import PKI, Dovecot, Provider, make_pki
+from tests.upstream import PKI, Dovecot, Provider, ProviderError, make_pki
+from tests.upstream.provider import (
+    DEVICE_CODE_GRANT,
+    INTROSPECTION_CLIENT_ID,
+    INTROSPECTION_CLIENT_SECRET,
+    OAuthError,
+    ProviderState,
+    s256,
+)
 
 CLIENT_ID = "app-client"
 CLIENT_SECRET = "app-secret"
+# Registered, never fetched: the tests follow the redirect by hand.
+REDIRECT_URI = "https://127.0.0.1:9/oauth2/callback"
+SCOPE = "https://mail.google.com/ openid email"
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +77,14 @@ def _clean_provider_faults(provider: Provider) -> Iterator[None]:
     yield
     provider.fail(503, 0)
     provider.delay(0)
+    provider.device_interval(1)
+
+
+@pytest.fixture
+def app_client(provider: Provider) -> str:
+    """The test app, registered with :data:`REDIRECT_URI`; its client id."""
+    provider.register_client(CLIENT_ID, CLIENT_SECRET, [REDIRECT_URI])
+    return CLIENT_ID
 
 
 def fresh_user() -> tuple[str, str]:
@@ -75,6 +103,88 @@ def refresh(
         "client_secret": CLIENT_SECRET,
     }
     return http.post(provider.token_url, data=data, timeout=10, **kw)
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE code verifier and its S256 challenge."""
+    verifier = secrets.token_urlsafe(48)
+    return verifier, s256(verifier)
+
+
+def authorize(
+    http: requests.Session, provider: Provider, challenge: str | None, **params: str
+) -> requests.Response:
+    """One authorization request, answered without following the redirect."""
+    query = {
+        "response_type": "code",
+        "client_id": CLIENT_ID,
+        "redirect_uri": REDIRECT_URI,
+        "scope": SCOPE,
+        "state": "st-" + uuid.uuid4().hex,
+    }
+    if challenge is not None:
+        query.update(code_challenge=challenge, code_challenge_method="S256")
+    query.update(params)
+    return http.get(provider.authorize_url, params=query, allow_redirects=False, timeout=10)
+
+
+def redirect_params(r: requests.Response) -> dict[str, str]:
+    """The query of an answer's redirect back to :data:`REDIRECT_URI`."""
+    assert r.status_code == 302, r.text
+    location = r.headers["location"]
+    assert location.split("?")[0] == REDIRECT_URI
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+def exchange(
+    http: requests.Session, provider: Provider, code: str, verifier: str | None, **fields: str
+) -> requests.Response:
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+    }
+    if verifier is not None:
+        data["code_verifier"] = verifier
+    data.update(fields)
+    return http.post(provider.token_url, data=data, timeout=10)
+
+
+def poll_device(http: requests.Session, provider: Provider, device_code: str) -> requests.Response:
+    data = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code, "client_id": CLIENT_ID}
+    return http.post(provider.token_url, data=data, timeout=10)
+
+
+def id_token_claims(id_token: str, key: str) -> dict[str, Any]:
+    """The payload of an HS256 JWT after checking its signature with *key*."""
+
+    def b64(part: str) -> bytes:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+    header, payload, signature = id_token.split(".")
+    assert json.loads(b64(header)) == {"alg": "HS256", "typ": "JWT"}
+    mac = hmac.new(key.encode(), f"{header}.{payload}".encode(), hashlib.sha256)
+    assert hmac.compare_digest(mac.digest(), b64(signature))
+    return json.loads(b64(payload))
+
+
+def assert_refresh_works(
+    http: requests.Session, provider: Provider, refresh_token: str, user: str
+) -> None:
+    """*refresh_token* yields an access token that introspects active for *user*."""
+    r = refresh(http, provider, refresh_token)
+    assert r.status_code == 200, r.text
+    r = http.post(
+        provider.introspection_url,
+        data={"token": r.json()["access_token"]},
+        auth=(INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET),
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] is True
+    assert (r.json()["username"], r.json()["client_id"]) == (user, CLIENT_ID)
 
 
 def imap_login(dovecot: Dovecot, pki: PKI, user: str, token: str) -> imaplib.IMAP4_SSL:
@@ -278,3 +388,239 @@ def test_kick_disconnects(
             imap.noop()
     finally:
         close_quietly(imap)
+
+
+def test_code_flow_with_pkce(provider: Provider, app_client: str, http: requests.Session) -> None:
+    """The code flow with PKCE yields a working refresh token and an email id_token."""
+    user, _ = fresh_user()
+    provider.consent(user)
+    provider.reset_stats()
+    verifier, challenge = pkce_pair()
+    r = authorize(http, provider, challenge, state="xyz/+=", nonce="n-0S6")
+    params = redirect_params(r)
+    assert params["state"] == "xyz/+="
+    r = exchange(http, provider, params["code"], verifier)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_type"] == "Bearer"
+    assert body["scope"] == SCOPE
+    assert body["expires_in"] > 0
+    assert body["access_token"] and body["refresh_token"]
+    claims = id_token_claims(body["id_token"], CLIENT_SECRET)
+    assert claims["iss"] == provider.issuer
+    assert claims["aud"] == CLIENT_ID
+    assert claims["email"] == claims["preferred_username"] == user
+    assert claims["email_verified"] is True
+    assert claims["nonce"] == "n-0S6"
+    assert claims["sub"] and claims["iat"] < claims["exp"]
+    assert_refresh_works(http, provider, body["refresh_token"], user)
+    stats = provider.stats()
+    assert (stats["authorize_calls"], stats["code_exchanges"]) == (1, 1)
+    assert stats["token_calls_by_username"] == {user: 2}
+
+
+def test_code_exchange_refusals(
+    provider: Provider, app_client: str, http: requests.Session
+) -> None:
+    """A wrong or missing verifier, a reused code and a wrong redirect_uri get invalid_grant."""
+    user, _ = fresh_user()
+    provider.consent(user)
+
+    def new_code() -> tuple[str, str]:
+        verifier, challenge = pkce_pair()
+        return redirect_params(authorize(http, provider, challenge))["code"], verifier
+
+    code, verifier = new_code()
+    r = exchange(http, provider, code, pkce_pair()[0])
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_grant")
+    # The failed attempt spent the code.
+    assert exchange(http, provider, code, verifier).json()["error"] == "invalid_grant"
+
+    code, _ = new_code()
+    assert exchange(http, provider, code, None).json()["error"] == "invalid_grant"
+
+    code, verifier = new_code()
+    assert exchange(http, provider, code, verifier).status_code == 200
+    r = exchange(http, provider, code, verifier)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_grant")
+
+    code, verifier = new_code()
+    r = exchange(http, provider, code, verifier, redirect_uri=REDIRECT_URI + "/other")
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_grant")
+
+    code, verifier = new_code()
+    r = exchange(http, provider, code, verifier, client_secret="wrong")
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_client")
+
+
+def test_authorize_refuses_without_redirecting(
+    provider: Provider, app_client: str, http: requests.Session
+) -> None:
+    """An unknown client or unregistered redirect_uri gets a 400 page, not a redirect."""
+    provider.consent(fresh_user()[0])
+    _, challenge = pkce_pair()
+    for params in (
+        {"client_id": "no-such-client"},
+        {"redirect_uri": REDIRECT_URI + "/other"},
+        {"redirect_uri": "https://evil.example/cb"},
+    ):
+        r = authorize(http, provider, challenge, **params)
+        assert r.status_code == 400, params
+        assert "location" not in r.headers
+        assert r.headers["content-type"].startswith("text/html")
+
+
+def test_denied_consent_and_bad_requests_redirect_with_errors(
+    provider: Provider, app_client: str, http: requests.Session
+) -> None:
+    """Declined consent, a plain challenge and a wrong response_type come back as errors."""
+    user, _ = fresh_user()
+    verifier, challenge = pkce_pair()
+    provider.consent(user, deny=True)
+    params = redirect_params(authorize(http, provider, challenge, state="s1"))
+    assert params == {"error": "access_denied", "state": "s1"}
+
+    provider.consent(user)
+    params = redirect_params(authorize(http, provider, verifier, code_challenge_method="plain"))
+    assert params["error"] == "invalid_request"
+    params = redirect_params(authorize(http, provider, challenge, response_type="token"))
+    assert params["error"] == "unsupported_response_type"
+
+
+def test_code_flow_without_pkce(
+    provider: Provider, app_client: str, http: requests.Session
+) -> None:
+    """PKCE is optional, but a verifier for a code without challenge is refused."""
+    user, _ = fresh_user()
+    provider.consent(user)
+    code = redirect_params(authorize(http, provider, None))["code"]
+    r = exchange(http, provider, code, None)
+    assert r.status_code == 200, r.text
+    assert id_token_claims(r.json()["id_token"], CLIENT_SECRET)["email"] == user
+    code = redirect_params(authorize(http, provider, None))["code"]
+    assert exchange(http, provider, code, pkce_pair()[0]).json()["error"] == "invalid_grant"
+
+
+def test_requests_oauthlib_code_flow(
+    provider: Provider, app_client: str, pki: PKI, http: requests.Session
+) -> None:
+    """requests-oauthlib runs the PKCE code flow and a refresh against the provider."""
+    user, _ = fresh_user()
+    provider.consent(user)
+    with OAuth2Session(
+        CLIENT_ID, redirect_uri=REDIRECT_URI, scope=SCOPE.split(), pkce="S256"
+    ) as session:
+        session.trust_env = False
+        url, state = session.authorization_url(provider.authorize_url)
+        r = http.get(url, allow_redirects=False, timeout=10)
+        assert r.status_code == 302, r.text
+        token = session.fetch_token(
+            provider.token_url,
+            authorization_response=r.headers["location"],
+            client_secret=CLIENT_SECRET,
+            verify=pki.ca_cert,
+            timeout=10,
+        )
+        assert id_token_claims(token["id_token"], CLIENT_SECRET)["email"] == user
+        refreshed = session.refresh_token(
+            provider.token_url,
+            auth=(CLIENT_ID, CLIENT_SECRET),
+            verify=pki.ca_cert,
+            timeout=10,
+        )
+    assert refreshed["access_token"] != token["access_token"]
+    assert refreshed["refresh_token"] == token["refresh_token"]
+    assert_refresh_works(http, provider, token["refresh_token"], user)
+
+
+def test_device_flow(provider: Provider, app_client: str, http: requests.Session) -> None:
+    """A device code is pending, then slow_down if polled fast, then granted once approved."""
+    user, _ = fresh_user()
+    provider.device_interval(60)
+    provider.reset_stats()
+    r = http.post(provider.device_url, data={"client_id": CLIENT_ID, "scope": SCOPE}, timeout=10)
+    assert r.status_code == 200, r.text
+    start = r.json()
+    assert start["verification_uri"] == provider.issuer + "/verify"
+    assert (start["expires_in"], start["interval"]) == (600, 60)
+    assert start["user_code"] in provider.pending_device_codes()
+
+    r = poll_device(http, provider, start["device_code"])
+    assert (r.status_code, r.json()["error"]) == (400, "authorization_pending")
+    r = poll_device(http, provider, start["device_code"])
+    assert (r.status_code, r.json()["error"]) == (400, "slow_down")
+
+    provider.approve_device(start["user_code"], user)
+    assert start["user_code"] not in provider.pending_device_codes()
+    assert poll_device(http, provider, start["device_code"]).json()["error"] == "slow_down"
+    provider.device_interval(0)
+    r = poll_device(http, provider, start["device_code"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["scope"] == SCOPE
+    assert id_token_claims(body["id_token"], CLIENT_SECRET)["email"] == user
+    r = poll_device(http, provider, start["device_code"])
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_grant")
+    assert_refresh_works(http, provider, body["refresh_token"], user)
+    stats = provider.stats()
+    assert (stats["device_authorizations"], stats["device_polls"]) == (1, 5)
+
+
+def test_device_flow_denied(provider: Provider, app_client: str, http: requests.Session) -> None:
+    """A declined device code answers access_denied; unknown user codes are refused."""
+    r = http.post(
+        provider.device_url,
+        data={"client_id": CLIENT_ID, "scope": SCOPE},
+        auth=(CLIENT_ID, CLIENT_SECRET),
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    start = r.json()
+    provider.deny_device(start["user_code"].lower().replace("-", ""))
+    r = poll_device(http, provider, start["device_code"])
+    assert (r.status_code, r.json()["error"]) == (400, "access_denied")
+    with pytest.raises(ProviderError, match="404"):
+        provider.approve_device(start["user_code"], "someone@example.com")
+    r = http.post(
+        provider.device_url, data={"client_id": CLIENT_ID, "client_secret": "x"}, timeout=10
+    )
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_client")
+
+
+def test_codes_expire_on_the_injected_clock() -> None:
+    """Codes die after 60s, device codes after 600s; slow_down follows the clock."""
+    clock = task.Clock()
+    state = ProviderState(clock)
+    client = state.register_client(CLIENT_ID, CLIENT_SECRET, [REDIRECT_URI])
+    state.set_consent("clock@example.com")
+    form = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+
+    def token_error(**fields: str) -> str:
+        with pytest.raises(OAuthError) as info:
+            state.token({**form, **fields}, None)
+        return info.value.error
+
+    location = state.authorize(
+        {
+            "response_type": "code",
+            "client_id": CLIENT_ID,
+            "redirect_uri": REDIRECT_URI,
+            "scope": SCOPE,
+        }
+    )
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    clock.advance(60)
+    grant = {"grant_type": "authorization_code", "redirect_uri": REDIRECT_URI}
+    assert token_error(code=code, **grant) == "invalid_grant"
+
+    state.device_interval = 5
+    device = state.device_authorization({"client_id": client.client_id, "scope": SCOPE}, None)
+    poll = {"grant_type": DEVICE_CODE_GRANT, "device_code": device["device_code"]}
+    assert token_error(**poll) == "authorization_pending"
+    clock.advance(4)
+    assert token_error(**poll) == "slow_down"
+    clock.advance(5)
+    assert token_error(**poll) == "authorization_pending"
+    clock.advance(600)
+    assert token_error(**poll) == "expired_token"
+    assert state.pending_user_codes() == []

@@ -540,3 +540,22 @@ class ThreadedRefresherTests(TestCase):
             self.assertFalse(refresher._pool.started)
 
         return refresher.refresh(account()).addCallback(check)
+
+
+class StaleTokenTests(SynchronousTestCase):
+    def test_staleRefreshedOnceNewerReused(self):
+        """A refusal of an old token after a refresh gets the newer token, not another refresh."""
+        clock = task.Clock()
+        refresh = FakeRefresher()
+        tokens = AccessTokens(refresh, FakeSaver(), clock)
+        a = account()
+        d = tokens.get(a)
+        refresh.answer(Grant("at-1", 3600))
+        self.successResultOf(d)
+        d = tokens.get(a, stale="at-1")
+        self.assertEqual(len(refresh.calls), 2)
+        refresh.answer(Grant("at-2", 3600))
+        self.assertEqual(self.successResultOf(d).value, "at-2")
+        late = tokens.get(a, stale="at-1")
+        self.assertEqual(self.successResultOf(late).value, "at-2")
+        self.assertEqual(len(refresh.calls), 2)

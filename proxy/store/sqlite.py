@@ -87,6 +87,19 @@ CREATE TABLE IF NOT EXISTS oauth2_pending (
 # Columns added after a store was first created: (table, column, definition).
 MIGRATIONS = [
     ("accounts", "oauth2_app", "TEXT"),
+    ("accounts", "access_token_enc", "TEXT"),
+    ("accounts", "access_token_expires", "REAL"),
+    ("accounts", "access_token_lifetime", "REAL"),
+]
+
+# Every encrypted column: (table, key column, encrypted column).
+ENCRYPTED = [
+    ("accounts", "id", "client_secret_enc"),
+    ("accounts", "id", "refresh_token_enc"),
+    ("accounts", "id", "access_token_enc"),
+    ("oauth2_apps", "id", "client_secret_enc"),
+    ("oauth2_pending", "state", "verifier_enc"),
+    ("meta", "key", "value"),  # only key_check holds ciphertext
 ]
 
 # Encrypted under the store's key when the store is created; a key that cannot
@@ -368,6 +381,96 @@ class SQLiteStore(Service):
             )
 
         return self._run(q)
+
+    def getAccessToken(self, accountId: str):
+        """
+        :return: Deferred firing with ``(token, expires, lifetime)`` as saved
+            by ``saveAccessToken``, or None.
+        """
+
+        def q() -> tuple[str, float, float] | None:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT access_token_enc, access_token_expires, access_token_lifetime "
+                    "FROM accounts WHERE id=?",
+                    (accountId,),
+                )
+                .fetchone()
+            )
+            if row is None or row[0] is None:
+                return None
+            return self._secrets.decrypt(row[0]), row[1], row[2]
+
+        return self._run(q)
+
+    def saveAccessToken(
+        self, accountId: str, token: str | None, expires: float | None, lifetime: float | None
+    ):
+        """Save (encrypted) or, with None, drop an account's provider access token."""
+        enc = self._secrets.encrypt(token) if token is not None else None
+
+        def q() -> None:
+            self._conn().execute(
+                "UPDATE accounts SET access_token_enc=?, access_token_expires=?, "
+                "access_token_lifetime=? WHERE id=?",
+                (enc, expires, lifetime, accountId),
+            )
+
+        return self._run(q)
+
+    # -- secret keys ----------------------------------------------------------
+
+    def rotateSecrets(self):
+        """
+        Re-encrypt every stored secret under the newest key, in one
+        transaction. :return: Deferred firing with how many values.
+        """
+
+        def q() -> int:
+            db = self._conn()
+            n = 0
+            with _transaction(db):
+                for table, key, column in ENCRYPTED:
+                    where = " AND key='key_check'" if table == "meta" else ""
+                    rows = db.execute(
+                        f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL{where}"
+                    ).fetchall()
+                    for k, value in rows:
+                        db.execute(
+                            f"UPDATE {table} SET {column}=? WHERE {key}=?",
+                            (self._secrets.rotate(value), k),
+                        )
+                        n += 1
+            return n
+
+        return self._run(q)
+
+    def undecryptable(self, secrets: Secrets):
+        """
+        :return: Deferred firing with how many stored secrets ``secrets``
+            cannot decrypt (0 means older keys may be retired).
+        """
+
+        def q() -> int:
+            db = self._conn()
+            bad = 0
+            for table, _key, column in ENCRYPTED:
+                where = " AND key='key_check'" if table == "meta" else ""
+                for (value,) in db.execute(
+                    f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL{where}"
+                ):
+                    try:
+                        secrets.decrypt(value)
+                    except SecretKeyError:
+                        bad += 1
+            return bad
+
+        return self._run(q)
+
+    def reloadSecrets(self):
+        """Re-read the key file from the store's thread; Deferred(True) if it changed."""
+        return self._run(self._secrets.reloadBlocking)
 
     # -- OAuth2 apps ----------------------------------------------------------
 

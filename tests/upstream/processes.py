@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 from .certs import PKI
@@ -129,6 +130,21 @@ class Provider:
         return f"https://{self.host}:{self._port('https_port')}/token"
 
     @property
+    def authorize_url(self) -> str:
+        """``https://127.0.0.1:N/authorize``."""
+        return f"https://{self.host}:{self._port('https_port')}/authorize"
+
+    @property
+    def device_url(self) -> str:
+        """``https://127.0.0.1:N/device``: the device authorization endpoint."""
+        return f"https://{self.host}:{self._port('https_port')}/device"
+
+    @property
+    def issuer(self) -> str:
+        """``https://127.0.0.1:N``: the ``iss`` of the ID tokens."""
+        return f"https://{self.host}:{self._port('https_port')}"
+
+    @property
     def introspection_url(self) -> str:
         """``http://127.0.0.1:M/introspect``."""
         return f"http://{self.host}:{self._port('http_port')}/introspect"
@@ -209,8 +225,51 @@ class Provider:
         """Delay every token-endpoint answer by *seconds* (0: off)."""
         self._control("delay", {"seconds": seconds})
 
+    def register_client(
+        self, client_id: str, client_secret: str, redirect_uris: Sequence[str] = ()
+    ) -> None:
+        """Register an OAuth2 client, or add *redirect_uris* to it.
+
+        An empty *client_secret* makes a public client.  Registering a known
+        client with another secret is an error.
+        """
+        self._control(
+            "client",
+            {
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "redirect_uris": list(redirect_uris),
+            },
+        )
+
+    def consent(self, username: str | None, deny: bool = False) -> None:
+        """Make *username* consent at every ``/authorize`` from now on.
+
+        With *deny*, they decline (``error=access_denied``); with None,
+        nobody is there to consent (also ``access_denied``).
+        """
+        self._control("consent", {"username": username, "deny": deny})
+
+    def approve_device(self, user_code: str, username: str) -> None:
+        """Approve the pending device grant shown as *user_code* as *username*."""
+        self._control("device/approve", {"user_code": user_code, "username": username})
+
+    def deny_device(self, user_code: str) -> None:
+        """Decline the pending device grant shown as *user_code*."""
+        self._control("device/deny", {"user_code": user_code})
+
+    def pending_device_codes(self) -> list[str]:
+        """User codes of device grants not yet decided or expired, oldest first."""
+        return list(self._control("device/pending")["user_codes"])
+
+    def device_interval(self, seconds: int) -> None:
+        """Announce and enforce a device polling interval (default 1s)."""
+        self._control("device/interval", {"seconds": seconds})
+
     def stats(self) -> dict[str, Any]:
-        """``{"token_calls", "introspect_calls", "token_calls_by_username"}``."""
+        """``{"token_calls", "introspect_calls", "authorize_calls",
+        "code_exchanges", "device_authorizations", "device_polls",
+        "token_calls_by_username"}``."""
         return dict(self._control("stats"))
 
     def reset_stats(self) -> None:
