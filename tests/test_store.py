@@ -17,7 +17,7 @@ import attrs
 from cryptography.fernet import Fernet
 from twisted._threads import AlreadyQuit
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.encryption import Secrets
 from proxy.model import Account, OAuth2Grant, Token, Upstream
@@ -359,3 +359,21 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         except Exception as e:
             self.fail(f"getAccount after close raised {e!r} instead of failing its Deferred")
         yield self.assertFailure(d, StoreError)
+
+
+class MissingKeyTests(SynchronousTestCase):
+    def test_existingStoreWithoutKeyRefuses(self):
+        """An existing store whose default key file is gone refuses to open and makes no key."""
+        from proxy.store import makeStore
+
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        url = "sqlite://" + os.path.join(d, "s.sqlite3")
+        store = makeStore(url, None)
+        store.openBlocking()
+        store._closeBlocking()
+        os.unlink(os.path.join(d, "secret.key"))
+        with self.assertRaises(StoreError) as e:
+            makeStore(url, None)
+        self.assertIn("key file", str(e.exception))
+        self.assertFalse(os.path.exists(os.path.join(d, "secret.key")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote, urlsplit
 
-from ..encryption import Secrets, loadSecrets
+from ..encryption import ENV_VAR, Secrets, loadSecrets
 from ._interfaces import IAccountStore, ITokenStore
 from .sqlite import SQLiteStore, StoreError
 
@@ -64,5 +64,12 @@ def makeStore(url: str, secretFile: str | None, reactor=None) -> SQLiteStore:
     """
     path = sqlitePath(url)
     defaultKey = os.path.join(os.path.dirname(os.path.abspath(path)), "secret.key")
+    if (secretFile is None and not os.environ.get(ENV_VAR) and os.path.exists(path)
+            and not os.path.exists(defaultKey)):
+        # A new key would only be the wrong key: refuse, and say what is missing.
+        raise StoreError(
+            f"the store {path} exists but its key file {defaultKey} is missing: restore it "
+            f"(or give --secret-file / ${ENV_VAR}); without it the stored secrets are lost"
+        )
     secrets: Secrets = loadSecrets(secretFile, defaultKey)
     return SQLiteStore(path, secrets, reactor)
