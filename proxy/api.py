@@ -61,6 +61,8 @@ class LimitedRequest(server.Request):
 
 
 _TOKEN_IN_PATH = re.compile(rb"[0-9A-Fa-f]{64}")
+# The OAuth2 callback's one-time code and state are credentials too.
+_SECRET_QUERY = re.compile(rb"(?<=[?&])(code|state)=[^&]*")
 
 
 class _Redacted:
@@ -68,7 +70,8 @@ class _Redacted:
 
     def __init__(self, request: Any):
         self._request = request
-        self.uri = _TOKEN_IN_PATH.sub(b"[token-or-id]", request.uri)
+        uri = _TOKEN_IN_PATH.sub(b"[token-or-id]", request.uri)
+        self.uri = _SECRET_QUERY.sub(rb"\1=[redacted]", uri)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)

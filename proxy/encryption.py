@@ -29,6 +29,7 @@ class Secrets:
 
     def __init__(self, keys: list[bytes], path: str | None = None):
         self.path = path
+        self._lastBad: str | None = None
         self._setKeys(keys)
 
     def _setKeys(self, keys: list[bytes]) -> None:
@@ -55,11 +56,16 @@ class Secrets:
             return False
         try:
             keys = _readKeyFile(self.path)
-        except SecretKeyError:
+            if keys == self.keys:
+                return False
+            self._setKeys(keys)
+        except SecretKeyError as e:
+            # Keep serving with the keys we have; say so once per bad content.
+            if self._lastBad != str(e):
+                self._lastBad = str(e)
+                raise
             return False
-        if keys == self.keys:
-            return False
-        self._setKeys(keys)
+        self._lastBad = None
         return True
 
     def rotate(self, ciphertext: str) -> str:

@@ -184,6 +184,14 @@ class Onboarding:
         email = data.get("email")
         if email is not None and (not isinstance(email, str) or "@" not in email):
             raise InvalidInput("email is not a mail address")
+        if imap is None and PRESETS.get(app.provider, {}).get("imap") is None:
+            # Say so now, not after the owner has consented.
+            try:
+                await self.admin.getAccount(accountId)
+            except AdminError:
+                raise InvalidInput(
+                    "imap (at least host) is required for a new account of a generic app"
+                ) from None
         stateId = secrets.token_urlsafe(32)
         verifier, challenge = pkcePair()
         expires = self._clock.seconds() + STATE_LIFETIME

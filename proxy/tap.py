@@ -257,7 +257,16 @@ def _reloadKeys(store: Any) -> Any:
         if yes:
             log.info("secret keys reloaded from {path}", path=store.secrets.path)
 
-    return store.reloadSecrets().addCallback(changed)
+    def invalid(failure: Any) -> None:
+        # A broken key file must not stop the watch: keep the keys in use.
+        failure.trap(SecretKeyError)
+        log.error(
+            "key file {path} not loaded, keeping the current keys: {error}",
+            path=store.secrets.path,
+            error=failure.getErrorMessage(),
+        )
+
+    return store.reloadSecrets().addCallbacks(changed, invalid)
 
 
 class _Starting(Service):

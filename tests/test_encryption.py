@@ -161,3 +161,25 @@ class KeyFileTests(SynchronousTestCase):
         s = loadSecrets(path, None)
         self.assertEqual(s.keys, keys)
         self.assertEqual(s.path, path)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_badKeyFileKeepsKeysAndReportsOnce(self):
+        """A broken key file is reported once and the keys in use stay; a fixed one loads."""
+        from proxy.encryption import newKey, writeKeyFile
+
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "k")
+        first = newKey()
+        writeKeyFile(path, [first])
+        s = loadSecrets(path, None)
+        with open(path, "w") as f:
+            f.write("not-a-key\n")
+        self.assertRaises(SecretKeyError, s.reloadBlocking)
+        self.assertFalse(s.reloadBlocking())  # said once
+        self.assertEqual(s.keys, [first])
+        second = newKey()
+        writeKeyFile(path, [second, first])
+        self.assertTrue(s.reloadBlocking())
+        self.assertEqual(s.keys, [second, first])

@@ -79,11 +79,15 @@ def _browser(
     assert r.status_code == 200, r.text
     url = r.json()["url"]
     assert "code_challenge=" in url and "code_challenge_method=S256" in url
+    from urllib.parse import parse_qs, urlsplit
+
+    ISSUED_SECRETS.append(parse_qs(urlsplit(url).query)["state"][0])
     provider.consent(username)
     consent = requests.get(url, allow_redirects=False, verify=pki.ca_cert, timeout=20)
     assert consent.status_code == 302
     back = consent.headers["Location"]
     assert back.startswith(f"{proxy.api_url}/oauth2/callback?")
+    ISSUED_SECRETS.append(parse_qs(urlsplit(back).query)["code"][0])
     return requests.get(back, timeout=20)
 
 

@@ -64,8 +64,12 @@ def makeStore(url: str, secretFile: str | None, reactor=None) -> SQLiteStore:
     """
     path = sqlitePath(url)
     defaultKey = os.path.join(os.path.dirname(os.path.abspath(path)), "secret.key")
-    if (secretFile is None and not os.environ.get(ENV_VAR) and os.path.exists(path)
-            and not os.path.exists(defaultKey)):
+    if (
+        secretFile is None
+        and not os.environ.get(ENV_VAR)
+        and os.path.exists(path)
+        and not os.path.exists(defaultKey)
+    ):
         # A new key would only be the wrong key: refuse, and say what is missing.
         raise StoreError(
             f"the store {path} exists but its key file {defaultKey} is missing: restore it "

@@ -212,7 +212,8 @@ class SQLiteStore(Service):
                 db.close()
                 raise StoreError(
                     f"the secret key does not match the store {self.path}: "
-                    "refusing to start (give the key the store was created with)"
+                    "refusing to start (give the key the store's secrets were last "
+                    "encrypted with: the newest one after 'imapproxy secrets rotate')"
                 )
         self._db = db
 
