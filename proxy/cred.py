@@ -61,8 +61,10 @@ class UpstreamSession:
         return self.protocol.capabilities
 
     def logout(self) -> None:
+        # Only called for a session never spliced (its client left during the
+        # login): the connection is paused and has nothing to flush, so cut it.
         if self.protocol.transport is not None:
-            self.protocol.transport.loseConnection()
+            self.protocol.transport.abortConnection()
 
 
 def loggableAccount(name: str) -> str:

@@ -40,6 +40,7 @@ class ServerPolicy:
     :ivar maxFailedLogins: refused logins before ``* BYE``.
     :ivar maxLineLength: longest command line before login.
     :ivar maxLiteral: largest literal (a LOGIN argument) before login.
+    :ivar maxCommands: commands of any kind before login, then ``* BYE``.
     :ivar plaintextLogin: ``allow``, ``loopback`` or ``deny`` logins without TLS.
     """
 
@@ -48,6 +49,7 @@ class ServerPolicy:
     maxFailedLogins: int = 3
     maxLineLength: int = 8192
     maxLiteral: int = 4096
+    maxCommands: int = 100
     plaintextLogin: str = attrs.field(
         default="loopback", validator=attrs.validators.in_(PLAINTEXT_POLICIES)
     )
@@ -92,6 +94,9 @@ class ProxyServer(IMAP4Server):
     """
 
     IDENT = b"imapproxy"
+    # After * BYE, how long a peer has to let the connection close.
+    BYE_GRACE = 5.0
+    _cut: Any = None
     transport: Any
     portal: Any
 
@@ -108,6 +113,7 @@ class ProxyServer(IMAP4Server):
         self._account = ""
         self._badCommands = 0
         self._failedLogins = 0
+        self._commands = 0
         self.sink: Any = None
         self.splice: Splice | None = None
         self.bytesReceived = 0
@@ -136,11 +142,15 @@ class ProxyServer(IMAP4Server):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         phase, self._phase = self._phase, "closed"
         if phase == "spliced" and self.splice is not None:
             self.splice.clientLost()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._phase == "closed":
+            return  # closing: nothing more is read into memory
         if self.sink is not None:
             self.bytesReceived += len(data)
             self.sink(data)
@@ -153,9 +163,14 @@ class ProxyServer(IMAP4Server):
     def _bye(self, text: bytes) -> None:
         if self._phase in ("spliced", "closed"):
             return
-        self.sendLine(b"* BYE " + text)
-        self.transport.loseConnection()
         self._phase = "closed"
+        self.sendLine(b"* BYE " + text)
+        # Reading may be paused (a login was pending): a TLS close needs to
+        # read the peer's close_notify, and a peer that never closes is cut.
+        self.paused = False
+        self.transport.resumeProducing()
+        self.transport.loseConnection()
+        self._cut = self.callLater(self.BYE_GRACE, self.transport.abortConnection)
 
     # -- parsing ------------------------------------------------------------
 
@@ -170,6 +185,12 @@ class ProxyServer(IMAP4Server):
             self.sendBadResponse(None, b"Internal error")
 
     def parse_command(self, line: bytes) -> None:
+        self._commands += 1
+        if self._commands > self.policy.maxCommands:
+            # Even valid commands are bounded: a peer that never logs in (or
+            # never reads) cannot make us queue answers until the timeout.
+            self._bye(b"Too many commands before login")
+            return
         args = line.split(None, 2)
         if len(args) < 2:
             self.sendBadResponse(args[0] if args else None, b"Missing command")
@@ -373,7 +394,7 @@ class ProxyServer(IMAP4Server):
             + b" authenticated"
         )
         label = f"{session.account}@{self.address}"
-        self.splice = Splice(self, session.protocol, label, self._spliceEnded)
+        self.splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
         if self._sessions is not None:
             self._sessions.add(session, self.splice)
         self._session = session

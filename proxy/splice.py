@@ -34,14 +34,29 @@ class Splice:
     ``UpstreamProtocol``.
 
     :param onEnd: called once, with this splice, when both sides are done.
+    :param callLater: ``IReactorTime.callLater``, for the close deadlines.
     """
 
-    def __init__(self, client: Any, upstream: Any, label: str, onEnd: Any = None):
+    # A side being closed gets this long to take its last bytes (a BYE, the
+    # end of a FETCH) before the connection is cut.
+    CLOSE_GRACE = 30.0
+
+    def __init__(
+        self, client: Any, upstream: Any, label: str, onEnd: Any = None, callLater: Any = None
+    ):
         self.client = client
         self.upstream = upstream
         self.label = label
         self._onEnd = onEnd
         self._ended = False
+        if callLater is None:
+            from twisted.internet import reactor
+
+            callLater = reactor.callLater  # type: ignore[attr-defined]
+        self._callLater = callLater
+        self._released = False
+        self._cuts: dict[str, Any] = {}
+        self._lost: set[str] = set()
 
     def start(self, held: bytes) -> None:
         """
@@ -64,17 +79,58 @@ class Splice:
         ct.resumeProducing()
         ut.resumeProducing()
 
+    def _release(self) -> None:
+        """
+        Undo the producer pairing before closing. A transport with a
+        registered producer does not finish a TLS close, and one paused for
+        flow control never reads the peer's close: either would keep the
+        connection (and its file descriptor) forever.
+        """
+        if self._released:
+            return
+        self._released = True
+        for t in (self.client.transport, self.upstream.transport):
+            try:
+                t.unregisterProducer()
+            except Exception:
+                pass
+            try:
+                t.resumeProducing()
+            except Exception:
+                pass
+
+    def _closeSoon(self, side: str, grace: float) -> None:
+        """Close one side after its pending bytes are sent, or cut it after ``grace``."""
+        if side in self._cuts or side in self._lost:
+            return
+        transport = self.client.transport if side == "client" else self.upstream.transport
+        # Armed before closing: a transport may report the loss at once.
+        self._cuts[side] = self._callLater(grace, transport.abortConnection)
+        transport.loseConnection()
+
+    def _sideLost(self, side: str) -> None:
+        self._lost.add(side)
+        cut = self._cuts.pop(side, None)
+        if cut is not None and cut.active():
+            cut.cancel()
+
     def close(self) -> None:
         """End the session from outside (shutdown, revocation): both sides."""
-        self.client.transport.loseConnection()
-        self.upstream.transport.loseConnection()
+        self._release()
+        if "upstream" not in self._lost:
+            self.upstream.transport.abortConnection()
+        self._closeSoon("client", 5.0)
 
     def clientLost(self) -> None:
-        self.upstream.transport.loseConnection()
+        self._sideLost("client")
+        self._release()
+        self._closeSoon("upstream", self.CLOSE_GRACE)
         self._end()
 
     def _upstreamLost(self, reason: Any) -> None:
-        self.client.transport.loseConnection()
+        self._sideLost("upstream")
+        self._release()
+        self._closeSoon("client", self.CLOSE_GRACE)
         self._end()
 
     def _end(self) -> None:

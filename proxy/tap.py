@@ -68,6 +68,7 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "past it the login gets NO [UNAVAILABLE]",
     ),
     "max-bad-commands": (10, int, "Invalid commands before login, then * BYE"),
+    "max-commands": (100, int, "Commands of any kind before login, then * BYE"),
     "max-failed-logins": (3, int, "Refused logins on one connection, then * BYE"),
     "max-line-length": (8192, int, "Longest command line accepted before login"),
     "max-literal": (4096, int, "Largest literal accepted before login"),
@@ -317,6 +318,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     policy = ServerPolicy(
         loginTimeout=options["login-timeout"],
         maxBadCommands=options["max-bad-commands"],
+        maxCommands=options["max-commands"],
         maxFailedLogins=options["max-failed-logins"],
         maxLineLength=options["max-line-length"],
         maxLiteral=options["max-literal"],

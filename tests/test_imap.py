@@ -44,11 +44,34 @@ class FakePortal:
         return d
 
 
+class _UpstreamTransport(StringTransport):
+    """Reports the connection lost once closed, as a real transport does."""
+
+    def __init__(self, owner: FakeUpstream):
+        super().__init__()
+        self.owner = owner
+        self.closed = False
+
+    def _closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.owner.onLost is not None:
+                self.owner.onLost(Failure(ConnectionDone()))
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self._closed()
+
+    def abortConnection(self) -> None:
+        super().loseConnection()
+        self._closed()
+
+
 class FakeUpstream:
     """A logged-in upstream protocol as the splice sees it."""
 
     def __init__(self, leftover: bytes = b"", capabilities=(b"IMAP4rev1", b"IDLE")):
-        self.transport = StringTransport()
+        self.transport = _UpstreamTransport(self)
         self.capabilities = list(capabilities)
         self.bytesReceived = 0
         self.leftover = leftover
@@ -808,6 +831,30 @@ class LimitsTests(ProxyServerTestCase):
         session = self.succeed(self.lastLogin()[1])
         self.assertEqual(session.loggedOut, 1)
         self.assertEqual(self.output(), b"")
+
+    def test_byeWhilePausedResumesAndCutsAPeerThatStays(self):
+        """BYE during a pending login resumes reading (TLS close) and aborts a peer that stays."""
+        self.greeted(policy=ServerPolicy(loginTimeout=60))
+        self.send(b"a LOGIN alice " + TOKEN.encode() + b"\r\n")
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(60)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertTrue(self.transport.disconnecting)
+        self.send(b"x" * 100000)  # a closing connection reads nothing into memory
+        self.assertEqual(len(self.server._buffer), 0)
+        self.clock.advance(ProxyServer.BYE_GRACE)
+        self.assertTrue(self.transport.disconnected)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.succeed(self.lastLogin()[1])
+
+    def test_commandsBeforeLoginAreBounded(self):
+        """Even valid commands are capped before login (a peer that never reads)."""
+        self.greeted(policy=ServerPolicy(maxCommands=5))
+        self.send(b"".join(b"n%d NOOP\r\n" % i for i in range(8)))
+        lines = self.lines()
+        self.assertEqual(len([ln for ln in lines if b" OK " in ln]), 5)
+        self.assertEqual(lines[-1], b"* BYE Too many commands before login")
+        self.assertTrue(self.transport.disconnecting)
 
     def test_timeoutCancelledOnDisconnect(self):
         """A client that disconnects leaves no timer behind."""

@@ -12,6 +12,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 
 import pytest
@@ -342,3 +343,31 @@ def test_openapi_served(proxy):
     r = requests.get(proxy.api_url + "/openapi.json", timeout=10)
     assert r.status_code == 200
     assert r.json()["openapi"].startswith("3.")
+
+
+def test_disconnect_closes_tls_sessions(proxy, provider, dovecot, pki, root):
+    """disconnect=true ends a session whose client speaks TLS (both legs TLS)."""
+    import socket
+
+    from tests.imaputil import client_context
+
+    acct = new_account(proxy, provider, dovecot, pki, root)
+    token = imap_token(proxy, root, acct["account"])
+    raw = socket.create_connection(("127.0.0.1", proxy.ports["ssl"]), timeout=20)
+    s = client_context(pki.ca_cert).wrap_socket(raw, server_hostname="localhost")
+    f = s.makefile("rb")
+    try:
+        f.readline()
+        s.sendall(f"a LOGIN {acct['account']} {token}\r\nb SELECT INBOX\r\n".encode())
+        while not f.readline().startswith(b"b OK"):
+            pass
+        r = api(proxy, "DELETE", f"/v1/token/{token}?disconnect=true", root)
+        assert r.json() == {"deleted": True, "disconnected": 1}
+        f.read()  # returns only at EOF: the proxy closed the session
+    finally:
+        s.close()
+    user = acct["email"].encode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and user in dovecot.doveadm("who", "-1").stdout:
+        threading.Event().wait(0.1)
+    assert user not in dovecot.doveadm("who", "-1").stdout
