@@ -6,6 +6,7 @@ admin command and the HTTP API: both are thin faces over these.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import time
 from typing import Any
 
@@ -38,6 +39,10 @@ class NotFound(AdminError):
 
 class Conflict(AdminError):
     status = 409
+
+
+class Forbidden(AdminError):
+    status = 403
 
 
 # Provider presets: what an account on a big provider needs besides its own
@@ -164,7 +169,9 @@ def buildAccount(
 
     imap = _object(data.get("imap", {}), "imap", IMAP_FIELDS)
     old = existing.upstream if existing else None
-    presetImap = preset.get("imap", {})
+    # The preset fills what is missing on a new account, or replaces the
+    # imap settings only when the provider is named again explicitly.
+    presetImap = preset.get("imap", {}) if existing is None or "provider" in data else {}
     host = imap.get("host", presetImap.get("host", old.host if old else None))
     _check(host is not None, "imap.host is required")
     port = imap.get("port", presetImap.get("port", old.port if old else 993))
@@ -174,6 +181,10 @@ def buildAccount(
     )
     tls = imap.get("tls", presetImap.get("tls", old.tls if old else "implicit"))
     _check(tls in TLS_MODES, f"imap.tls must be one of {', '.join(TLS_MODES)}")
+    _check(
+        tls != "plain" or host in ("localhost", "127.0.0.1", "::1"),
+        "imap.tls plain (no TLS at all) is allowed only to a server on this machine",
+    )
     caFile = imap.get("caFile", old.caFile if old else None)
     if caFile is not None:
         caFile = _string(caFile, "imap.caFile", 4096)
@@ -312,6 +323,41 @@ def buildApp(data: Any, appId: str | None = None) -> OAuth2App:
     )
 
 
+def narrowTo(record: Token, caller: Token) -> Token:
+    """
+    Minting tokens is what the ``api`` scope is for, so an API token may issue
+    ``imap-proxy`` and ``smtp`` tokens freely (for its own account, or any
+    account when it is a root token). What it may not do is hand out more
+    management power than it has: ``*`` only from ``*``, and a token that
+    carries ``api`` or ``*`` no later-expiring and no wider in addresses than
+    the caller (inheriting the caller's limits when none are asked for).
+
+    :raises Forbidden: naming what is wider.
+    """
+    if "*" in record.scopes and "*" not in caller.scopes:
+        raise Forbidden("only a token with scope * can grant scope *")
+    if not ({"api", "*"} & set(record.scopes)):
+        return record
+    if caller.expires is not None:
+        if record.expires is None:
+            record = attrs.evolve(record, expires=caller.expires)
+        elif record.expires > caller.expires:
+            raise Forbidden("this token cannot grant API access that outlives it")
+    if caller.addresses:
+        if not record.addresses:
+            record = attrs.evolve(record, addresses=caller.addresses)
+        else:
+            outer = [ipaddress.ip_network(n) for n in caller.addresses]
+            for n in record.addresses:
+                net = ipaddress.ip_network(n)
+                if not any(
+                    net.version == o.version and net.subnet_of(o)  # type: ignore[arg-type]
+                    for o in outer
+                ):
+                    raise Forbidden(f"this token cannot grant API access from {n}")
+    return record
+
+
 def parseExpiry(data: dict[str, Any], now: float) -> float | None:
     """``expires`` (ISO 8601 time) or ``expiresIn`` (seconds) to a time."""
     if "expires" in data and "expiresIn" in data:
@@ -392,9 +438,15 @@ class Admin:
         self.sessions = sessions
         self._now = clock.seconds if clock is not None else time.time
 
-    async def issueToken(self, data: Any) -> tuple[str, Token]:
-        """:return: the token (shown once) and its stored record."""
+    async def issueToken(self, data: Any, caller: Token | None = None) -> tuple[str, Token]:
+        """
+        :param caller: the token asking (over the API); None for the operator
+            at the admin command.
+        :return: the token (shown once) and its stored record.
+        """
         record = buildToken(data, self._now())
+        if caller is not None:
+            record = narrowTo(record, caller)
         if record.account is not None and await self.store.getAccount(record.account) is None:
             raise NotFound(f"no account {record.account}")
         token, tid = newToken()
@@ -485,6 +537,17 @@ class Admin:
 
     async def updateAccount(self, accountId: str, data: Any) -> Account:
         existing = await self.getAccount(accountId)
+        oauth = data.get("oauth2") if isinstance(data, dict) else None
+        if (
+            existing.oauth2.app is not None
+            and isinstance(oauth, dict)
+            and "app" not in oauth
+            and "clientId" in oauth
+            and "clientSecret" not in oauth
+        ):
+            # Leaving a shared app must not carry the app's secret along to
+            # a client (and token URL) of the caller's choosing.
+            raise InvalidInput("oauth2.clientSecret is required when leaving an app")
         app = await self._appFor(data)
         if (
             app is None

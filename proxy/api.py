@@ -218,7 +218,7 @@ class TokenAPI:
         data = self._body(request)
         account = data.get("account") if isinstance(data, dict) else None
         self._mayUse(caller, account)
-        token, record = await self.admin.issueToken(data)
+        token, record = await self.admin.issueToken(data, caller)
         log.info(
             "token {id} issued for {account} by token {caller}",
             id=record.id[:12],
@@ -295,7 +295,20 @@ class TokenAPI:
     async def updateAccount(self, request: Any, account: str) -> bytes:
         caller = await self._caller(request)
         self._mayUse(caller, account)
-        updated = await self.admin.updateAccount(account, self._body(request))
+        data = self._body(request)
+        if caller.account is not None:
+            # An account's own token may hand in a new grant, nothing more:
+            # where its mailbox lives, its OAuth2 client and its state are
+            # the operator's (they decide where tokens and secrets are sent).
+            oauth = data.get("oauth2") if isinstance(data, dict) else None
+            if not (
+                isinstance(data, dict)
+                and set(data) <= {"oauth2"}
+                and isinstance(oauth, dict)
+                and set(oauth) <= {"refreshToken"}
+            ):
+                raise ApiError(403, "an account token may only change oauth2.refreshToken")
+        updated = await self.admin.updateAccount(account, data)
         log.info(
             "account {account} updated by token {caller}", account=account, caller=caller.id[:12]
         )
@@ -352,6 +365,11 @@ class TokenAPI:
         caller = await self._caller(request)
         data = self._body(request)
         self._mayUse(caller, data.get("account") if isinstance(data, dict) else None)
+        if caller.account is not None:
+            # Re-authorizing its own, existing account only, as it is.
+            await self.admin.getAccount(caller.account)
+            if isinstance(data, dict) and "imap" in data:
+                raise ApiError(403, "an account token may not set imap")
         if self.onboarding is None:
             raise ApiError(503, "onboarding is not available")
         return _send(request, 200, await self.onboarding.start(data))

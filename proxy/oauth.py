@@ -164,6 +164,12 @@ class ThreadedRefresher:
         return deferToThreadPool(self._reactor, self._pool, refreshBlocking, account, self._timeout)
 
 
+def fingerprint(account: Account) -> tuple:
+    """What an access token is bound to: the mailbox, where it is used, who issued it."""
+    u, g = account.upstream, account.oauth2
+    return (account.email, u.host, u.port, u.tls, g.tokenURL, g.clientId, g.app)
+
+
 def needsRefresh(expires: float | None, now: float, margin: float) -> bool:
     """
     Whether a cached token should be replaced: within ``margin`` seconds of its
@@ -194,6 +200,8 @@ class AccessTokens:
     """
 
     UNKNOWN_LIFETIME = 3600.0
+    MIN_LIFETIME = 60.0
+    MAX_LIFETIME = 86400.0
 
     def __init__(
         self,
@@ -222,6 +230,9 @@ class AccessTokens:
         # stored one until a save succeeds, so a store hiccup loses nothing.
         self._unsaved: dict[str, str] = {}
         self._inflight: dict[str, list[Deferred[AccessToken]]] = {}
+        # Refresh requests still out (possibly past their deadline), by account.
+        self._running: dict[str, Deferred[Grant]] = {}
+        self._fingerprints: dict[str, tuple] = {}
 
     def forget(self, accountId: str) -> None:
         self._cache.pop(accountId, None)
@@ -237,6 +248,11 @@ class AccessTokens:
             cache already holds a newer one (another login refreshed meanwhile),
             so a burst of refusals of one token costs one refresh.
         """
+        if self._fingerprints.get(account.id) != fingerprint(account):
+            # The account now points elsewhere (mailbox, server, client): its
+            # old token must not be sent there.
+            self._cache.pop(account.id, None)
+            self._fingerprints[account.id] = fingerprint(account)
         cached = self._usable(self._cache.get(account.id))
         if stale is not None and (cached is None or cached.value == stale):
             force = True
@@ -245,10 +261,22 @@ class AccessTokens:
         waiter: Deferred[AccessToken] = Deferred()
         if account.id in self._inflight:
             self._inflight[account.id].append(waiter)
+            if stale is not None:
+                # The fetch under way may only be re-reading the saved token
+                # that was just refused: then refresh after it.
+                return ensureDeferred(self._afterInflight(waiter, account, stale))
             return waiter
         self._inflight[account.id] = [waiter]
         ensureDeferred(self._fetch(account, force)).addBoth(self._done, account.id)
         return waiter
+
+    async def _afterInflight(
+        self, waiter: Deferred[AccessToken], account: Account, stale: str
+    ) -> AccessToken:
+        token = await waiter
+        if token.value == stale:
+            return await self.get(account, force=True)
+        return token
 
     def _usable(self, entry: tuple[str, float, float] | None) -> AccessToken | None:
         """A cached ``(token, expires, lifetime)`` still good for a login, or None."""
@@ -282,6 +310,18 @@ class AccessTokens:
             )
         attempt = 0
         while True:
+            running = self._running.get(account.id)
+            if running is not None:
+                # A refresh that outlived an earlier deadline is still out
+                # with this refresh token: never send the same one twice (a
+                # provider that rotates may take reuse for theft).
+                await self._within(running, deadline - self._clock.seconds())
+                usable = self._usable(self._cache.get(account.id))
+                if usable is not None:
+                    return AccessToken(usable.value, usable.expires, fresh=True)
+                if account.id in self._running:
+                    raise Unavailable("oauth2-timeout")
+                continue
             try:
                 grant = await self._bounded(account, deadline - self._clock.seconds())
                 break
@@ -335,8 +375,12 @@ class AccessTokens:
                 out.errback(Unavailable("oauth2-timeout"))
 
         timer = self._clock.callLater(max(seconds, 0.0), expired)
+        request = self._refresh(account)
+        self._running[account.id] = request
 
         def answered(result: Any) -> None:
+            if self._running.get(account.id) is request:
+                del self._running[account.id]
             if timer.active():
                 timer.cancel()
             if not out.called:
@@ -348,8 +392,36 @@ class AccessTokens:
                 ensureDeferred(self._accept(account, result, started)).addErrback(
                     lambda f: log.failure("keeping a late OAuth2 answer failed", f)
                 )
+            elif isinstance(result.value, GrantInvalid):
+                ensureDeferred(self._reauthRequired(account.id, result.value))
+            else:
+                log.info(
+                    "a late OAuth2 refresh for {account} failed too: {error}",
+                    account=account.id,
+                    error=getattr(result.value, "reason", "error"),
+                )
 
-        self._refresh(account).addBoth(answered)
+        request.addBoth(answered)
+        return out
+
+    def _within(self, d: Deferred[Any], seconds: float) -> Deferred[None]:
+        """Wait for ``d`` (without taking its result) at most ``seconds``."""
+        out: Deferred[None] = Deferred()
+
+        def expired() -> None:
+            if not out.called:
+                out.callback(None)
+
+        timer = self._clock.callLater(max(seconds, 0.0), expired)
+
+        def fired(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(None)
+            return result
+
+        d.addBoth(fired)
         return out
 
     async def _reauthRequired(self, accountId: str, error: GrantInvalid) -> None:
@@ -380,8 +452,14 @@ class AccessTokens:
                     account=account.id,
                 )
             else:
-                del self._unsaved[account.id]
+                if (
+                    self._unsaved.get(account.id) == grant.refreshToken
+                    or grant.refreshToken is None
+                ):
+                    self._unsaved.pop(account.id, None)
         lifetime = grant.expiresIn if grant.expiresIn is not None else self.UNKNOWN_LIFETIME
+        # A provider's silly lifetime (0, negative, years) is not believed.
+        lifetime = min(max(lifetime, self.MIN_LIFETIME), self.MAX_LIFETIME)
         expires = started + lifetime
         self._cache[account.id] = (grant.accessToken, expires, lifetime)
         if self._persist is not None:

@@ -275,7 +275,19 @@ class Onboarding:
             existing = await self.admin.getAccount(accountId)
         except AdminError:
             existing = None
-        address = reported or email or (existing.email if existing else None)
+        expected = existing.email if existing is not None else email
+        if reported and expected and reported.lower() != expected.lower():
+            # Whoever consented must be the mailbox the account is for:
+            # a consent link must not rebind an account to another mailbox.
+            log.warn(
+                "authorization of {account} refused: consent came from another mailbox",
+                account=accountId,
+            )
+            raise OnboardingError(
+                f"the consent was given for {reported}, not for {expected}; "
+                "sign in to the provider as the right mailbox and start again"
+            )
+        address = reported or expected
         if address is None:
             raise OnboardingError("the provider did not say which mailbox was authorized")
         data: dict[str, Any] = {
@@ -290,7 +302,11 @@ class Onboarding:
             account = buildAccount({"account": accountId, **data}, app=app)
         else:
             account = buildAccount(data, existing, accountId, app=app)
-            account = attrs.evolve(account, state="ok", stateReason=None)
+            if existing.state == "disabled":
+                # A new grant re-authorizes; it does not re-enable.
+                account = attrs.evolve(account, state="disabled", stateReason=existing.stateReason)
+            else:
+                account = attrs.evolve(account, state="ok", stateReason=None)
         await self.admin.store.putAccount(account)
         log.info(
             "account {account} authorized for {email} through app {app}",

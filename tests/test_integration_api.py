@@ -371,3 +371,97 @@ def test_disconnect_closes_tls_sessions(proxy, provider, dovecot, pki, root):
     while time.monotonic() < deadline and user in dovecot.doveadm("who", "-1").stdout:
         threading.Event().wait(0.1)
     assert user not in dovecot.doveadm("who", "-1").stdout
+
+
+def test_tokens_cannot_mint_wider_api_tokens(proxy, provider, dovecot, pki, root):
+    """A restricted, expiring API token cannot hand out more management power than it has."""
+    acct = new_account(proxy, provider, dovecot, pki, root)
+    r = api(
+        proxy,
+        "POST",
+        "/v1/token",
+        root,
+        {
+            "account": acct["account"],
+            "scopes": ["api", "imap-proxy"],
+            "description": "narrow",
+            "expiresIn": 3600,
+            "restrictions": {"addresses": ["127.0.0.0/8"]},
+        },
+    )
+    narrow = r.json()["token"]
+    ISSUED_SECRETS.append(narrow)
+    for body in (
+        {"scopes": ["*"]},
+        {"scopes": ["api"], "expiresIn": 7200},
+        {"scopes": ["api"], "restrictions": {"addresses": ["0.0.0.0/0"]}},
+    ):
+        r = api(
+            proxy,
+            "POST",
+            "/v1/token",
+            narrow,
+            {"account": acct["account"], "description": "wider", **body},
+        )
+        assert r.status_code == 403, (body, r.text)
+    r = api(
+        proxy,
+        "POST",
+        "/v1/token",
+        narrow,
+        {"account": acct["account"], "scopes": ["api"], "description": "same"},
+    )
+    assert r.status_code == 200
+    ISSUED_SECRETS.append(r.json()["token"])
+    listed = api(proxy, "GET", f"/v1/tokens/account/{acct['account']}", root).json()["tokens"]
+    minted = next(t for t in listed if t["id"] == r.json()["id"])
+    assert minted["restrictions"] == {"addresses": ["127.0.0.0/8"]}
+    assert minted["expires"] is not None
+    # Minting IMAP tokens is what API tokens are for: those carry no such limits.
+    r = api(
+        proxy,
+        "POST",
+        "/v1/token",
+        narrow,
+        {"account": acct["account"], "scopes": ["imap-proxy"], "description": "imap"},
+    )
+    assert r.status_code == 200
+    ISSUED_SECRETS.append(r.json()["token"])
+
+
+def test_account_token_cannot_reconfigure_its_account(proxy, provider, dovecot, pki, root):
+    """An account token may hand in a new grant, but not move its mailbox or re-enable it."""
+    acct = new_account(proxy, provider, dovecot, pki, root)
+    r = api(
+        proxy,
+        "POST",
+        "/v1/token",
+        root,
+        {"account": acct["account"], "scopes": ["api"], "description": "self"},
+    )
+    own = r.json()["token"]
+    ISSUED_SECRETS.append(own)
+    for body in (
+        {"state": "ok"},
+        {"imap": {"host": "evil.example.net"}},
+        {"oauth2": {"tokenUrl": "https://evil.example.net/token", "clientId": "x"}},
+        {"email": "someone-else@example.com"},
+    ):
+        r = api(proxy, "PUT", f"/v1/account/{acct['account']}", own, body)
+        assert r.status_code == 403, (body, r.text)
+    r = api(
+        proxy,
+        "PUT",
+        f"/v1/account/{acct['account']}",
+        own,
+        {"oauth2": {"refreshToken": acct["refresh"]}},
+    )
+    assert r.status_code == 200, r.text
+    r = api(
+        proxy,
+        "POST",
+        "/v1/oauth2/authorize",
+        own,
+        {"app": "none", "account": acct["account"], "imap": {"host": "evil.example.net"}},
+    )
+    assert r.status_code == 403

@@ -10,6 +10,7 @@ import json
 import os
 from urllib.parse import parse_qs
 
+import attrs
 import requests
 from oauthlib.oauth2 import OAuth2Error
 from oauthlib.oauth2.rfc6749.errors import (
@@ -559,3 +560,47 @@ class StaleTokenTests(SynchronousTestCase):
         late = tokens.get(a, stale="at-1")
         self.assertEqual(self.successResultOf(late).value, "at-2")
         self.assertEqual(len(refresh.calls), 2)
+
+
+class SafetyTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.refresh = FakeRefresher()
+        self.save = FakeSaver()
+
+    def test_tokenDoesNotFollowAccountElsewhere(self):
+        """A cached token is dropped when the account now names another server or mailbox."""
+        tokens = AccessTokens(self.refresh, self.save, self.clock)
+        a = account()
+        d = tokens.get(a)
+        self.refresh.answer(Grant("at-1", 3600))
+        self.successResultOf(d)
+        moved = attrs.evolve(a, upstream=Upstream(host="evil.example.net"))
+        tokens.get(moved)
+        self.assertEqual(len(self.refresh.calls), 2)
+        self.refresh.answer(Grant("at-2", 3600))
+
+    def test_noSecondRefreshWhileOneIsStillOut(self):
+        """After a deadline passes, a new login waits for the refresh still out; never two."""
+        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=2.0, backoff=(5.0,))
+        a = account()
+        first = tokens.get(a)
+        self.clock.advance(2.0)
+        self.failureResultOf(first, Unavailable)
+        second = tokens.get(a)
+        self.assertEqual(len(self.refresh.calls), 1)
+        self.refresh.answer(Grant("at-late", 3600, refreshToken="rt-2"))
+        self.assertEqual(self.successResultOf(second).value, "at-late")
+        self.assertEqual(len(self.refresh.calls), 1)
+
+    def test_sillyLifetimesClamped(self):
+        """expires_in of 0 still caches for a minute; years are cut to a day."""
+        tokens = AccessTokens(self.refresh, self.save, self.clock)
+        a = account()
+        d = tokens.get(a)
+        self.refresh.answer(Grant("at-1", 0))
+        self.assertEqual(self.successResultOf(d).expires, AccessTokens.MIN_LIFETIME)
+        self.assertEqual(self.successResultOf(tokens.get(a)).value, "at-1")
+        d = tokens.get(a, force=True)
+        self.refresh.answer(Grant("at-2", 10**9))
+        self.assertEqual(self.successResultOf(d).expires, AccessTokens.MAX_LIFETIME)

@@ -347,7 +347,11 @@ class SQLiteStore(Service):
                 "refresh_token_enc=excluded.refresh_token_enc, "
                 "oauth_scopes=excluded.oauth_scopes, state=excluded.state, "
                 "state_reason=excluded.state_reason, updated=excluded.updated, "
-                "oauth2_app=excluded.oauth2_app",
+                "oauth2_app=excluded.oauth2_app, "
+                # A changed account may point at another mailbox or server:
+                # its saved access token must not follow it there.
+                "access_token_enc=NULL, access_token_expires=NULL, "
+                "access_token_lifetime=NULL",
                 values,
             )
 
