@@ -50,7 +50,8 @@ class LimitedRequest(server.Request):
         if length is not None and length > MAX_BODY:
             self.tooLarge = True
             length = 0
-        super().gotLength(length)
+        # A chunked body (no length) is bounded too: in memory, not on disk.
+        super().gotLength(MAX_BODY if length is None else length)
 
     def handleContentChunk(self, data: bytes) -> None:
         assert self.content is not None
@@ -408,5 +409,9 @@ class TokenAPI:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: Any) -> bytes:
-        await self.store.getToken("0" * 64)
+        try:
+            await self.store.getToken("0" * 64)
+        except Exception as e:
+            log.warn("health check: the store does not answer: {error}", error=type(e).__name__)
+            return _send(request, 503, {"status": "unavailable", "statusCode": 503})
         return _send(request, 200, {"status": "ok"})

@@ -21,7 +21,7 @@ from .model import validAccountId
 from .oauth import AccessTokens
 from .store import IAccountStore, ITokenStore
 from .tokens import checkToken, looksLikeToken, tokenId
-from .upstream import UpstreamProtocol, connectUpstream
+from .upstream import TLSOptionsCache, UpstreamProtocol, connectUpstream
 
 log = Logger()
 
@@ -175,9 +175,12 @@ class UpstreamRealm:
 
 
 def upstreamConnector(reactor: Any, timeout: float) -> Any:
-    """The realm's ``connect``, bound to a reactor and a time bound."""
+    """The realm's ``connect``, bound to a reactor, a time bound and a TLS cache."""
+    tlsCache = TLSOptionsCache(reactor)
 
     def connect(upstream: Any, user: str, accessToken: str) -> Deferred[UpstreamProtocol]:
-        return ensureDeferred(connectUpstream(reactor, upstream, user, accessToken, timeout))
+        return ensureDeferred(
+            connectUpstream(reactor, upstream, user, accessToken, timeout, tlsCache)
+        )
 
     return connect

@@ -88,6 +88,8 @@ class Secrets:
 
     def verify(self, value: str, signature: str) -> bool:
         """Constant-time check of ``signature`` under any of the keys."""
+        if not signature.isascii():
+            return False
         ok = False
         for key in self._signing:
             mac = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()

@@ -324,6 +324,7 @@ class ProxyServer(IMAP4Server):
         pending: Deferred[bytes] = Deferred()
         self._pendingLiteral = pending  # type: ignore[assignment]
         pending.addCallback(lambda line: self._plain(tag, line.strip()))
+        pending.addErrback(lambda f: log.failure("AUTHENTICATE continuation failed", f))
 
     unauth_AUTHENTICATE = (  # type: ignore[assignment]
         do_AUTHENTICATE,

@@ -172,7 +172,9 @@ class Onboarding:
         browser. ``imap`` is needed for a new account of a generic app.
         """
         data = _object(data, "authorization", {"app", "account", "email", "imap"})
-        app = await self.admin.getApp(str(data.get("app")))
+        if not isinstance(data.get("app"), str):
+            raise InvalidInput("app is required (the OAuth2 app's id)")
+        app = await self.admin.getApp(data["app"])
         if not app.authorizationURL or not app.redirectURL:
             raise InvalidInput(f"OAuth2 app {app.id} has no authorizationUrl or redirectUrl")
         accountId = data.get("account")
@@ -184,6 +186,18 @@ class Onboarding:
         email = data.get("email")
         if email is not None and (not isinstance(email, str) or "@" not in email):
             raise InvalidInput("email is not a mail address")
+        if imap is not None:
+            # Check the settings now, as the account will be built after
+            # consent: a mistake must not waste the owner's consent.
+            buildAccount(
+                {
+                    "account": accountId,
+                    "email": email or "check@invalid",
+                    "imap": imap,
+                    "oauth2": {"app": app.id, "refreshToken": "check"},
+                },
+                app=app,
+            )
         if imap is None and PRESETS.get(app.provider, {}).get("imap") is None:
             # Say so now, not after the owner has consented.
             try:

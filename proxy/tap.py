@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -148,8 +149,8 @@ class Options(usage.Options):
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
         for name, (_default, conv, _help) in SETTINGS.items():
-            if conv in (int, float) and self[name] <= 0:
-                raise usage.UsageError(f"--{name} must be positive")
+            if conv in (int, float) and not (math.isfinite(self[name]) and self[name] > 0):
+                raise usage.UsageError(f"--{name} must be a positive number")
         worst = 2 * (self["oauth2-deadline"] + self["upstream-timeout"])
         if self["login-timeout"] < worst:
             # A login that refreshes, is refused upstream and retries could
@@ -176,7 +177,11 @@ class Options(usage.Options):
             self["store"] = defaultStoreURL()
         try:
             store = makeStore(self["store"], self["secret-file"], reactor)
+            # Opened here to refuse a wrong key or a bad file before anything
+            # starts, then closed: twistd may fork to daemonize, and an SQLite
+            # connection must not cross a fork. The service opens it again.
             store.openBlocking()
+            store._closeBlocking()
         except (StoreError, SecretKeyError) as e:
             raise usage.UsageError(str(e)) from None
         self["_store"] = store

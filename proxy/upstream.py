@@ -7,10 +7,13 @@ the splice with nothing consumed past the login.
 from __future__ import annotations
 
 import base64
+import os
 import re
+import stat
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.internet import endpoints, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, connectionDone
@@ -332,18 +335,68 @@ class UpstreamProtocol(LineReceiver):
             self.sink(data)
 
 
-def tlsOptionsFor(upstream: Upstream) -> Any:
+MAX_CA_FILE = 1024 * 1024
+
+
+def tlsOptionsFor(host: str, caFile: str | None) -> Any:
     """
     Client TLS options that verify the server's certificate and host name,
-    against the system's CAs or the account's CA file.
+    against the system's CAs or the account's CA file. Blocking (file reads,
+    loading the system CA store): call from a thread.
+
+    :raises ValueError: the CA file is not a readable regular file of PEM
+        certificates of sensible size.
     """
-    if upstream.caFile:
-        with open(upstream.caFile, "rb") as f:
-            pem = f.read()
-        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(c) for c in _splitPEM(pem)])
+    if caFile:
+        try:
+            st = os.stat(caFile)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CA_FILE:
+                raise ValueError("not a regular file of sensible size")
+            with open(caFile, "rb") as f:
+                pem = f.read(MAX_CA_FILE)
+            certs = [ssl.Certificate.loadPEM(c) for c in _splitPEM(pem)]
+        except (OSError, ssl.SSL.Error, crypto.Error) as e:
+            raise ValueError(str(e)) from None
+        if not certs:
+            raise ValueError("no certificate in the CA file")
+        trust = ssl.trustRootFromCertificates(certs)
     else:
         trust = ssl.platformTrust()
-    return ssl.optionsForClientTLS(upstream.host, trustRoot=trust)
+    # This builds the OpenSSL context (loading the CAs) here, in this thread.
+    return ssl.optionsForClientTLS(host, trustRoot=trust)
+
+
+class TLSOptionsCache:
+    """
+    TLS client options by (host, CA file), built in a thread and kept for a
+    while: building them reads files and the system CA store, which must
+    happen neither on the reactor thread nor at every login.
+    """
+
+    def __init__(self, reactor: Any, ttl: float = 3600.0, size: int = 1024):
+        self._reactor = reactor
+        self._ttl = ttl
+        self._size = size
+        self._entries: dict[tuple[str, str | None], tuple[float, Any]] = {}
+
+    async def get(self, upstream: Upstream) -> Any:
+        from twisted.internet.threads import deferToThreadPool
+
+        key = (upstream.host, upstream.caFile)
+        now = self._reactor.seconds()
+        hit = self._entries.get(key)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            options = await deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), tlsOptionsFor, *key
+            )
+        except ValueError:
+            raise Unavailable("upstream-ca-file") from None
+        if len(self._entries) >= self._size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (now, options)
+        return options
 
 
 def _splitPEM(pem: bytes) -> list[bytes]:
@@ -357,6 +410,7 @@ async def connectUpstream(
     user: str,
     accessToken: str,
     timeout: float,
+    tlsCache: TLSOptionsCache | None = None,
 ) -> UpstreamProtocol:
     """
     Connect and log in within ``timeout`` seconds.
@@ -364,10 +418,9 @@ async def connectUpstream(
     :raises ProxyError: ``Unavailable`` for anything that is not a refusal of
         the token, ``UpstreamRejectedToken`` when the provider refused it.
     """
-    try:
-        tls = tlsOptionsFor(upstream) if upstream.tls != "plain" else None
-    except (OSError, ValueError):
-        raise Unavailable("upstream-ca-file") from None
+    if tlsCache is None:
+        tlsCache = TLSOptionsCache(reactor)
+    tls = await tlsCache.get(upstream) if upstream.tls != "plain" else None
     endpoint: Any = endpoints.HostnameEndpoint(
         reactor, upstream.host, upstream.port, timeout=timeout
     )
@@ -420,5 +473,5 @@ async def connectUpstream(
             finished.errback(result)
 
     connecting.addCallbacks(connected, connectFailed)
-    connecting.addErrback(lambda f: None)
+    connecting.addErrback(lambda f: log.failure("upstream connect handling failed", f))
     return await finished

@@ -66,15 +66,22 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         self.assertEqual(o["login-timeout"], 60.0)
         self.assertIsNone(o["starttls"])
 
-    def test_storeOpened(self):
-        """The store is opened in postOptions, beside a new secret key file."""
+    def test_storeChecked(self):
+        """postOptions checks the store (created, beside a new key) and leaves it closed."""
         o = self.parse()
         store = o["_store"]
         self.assertIsInstance(store, SQLiteStore)
         self.assertEqual(store.path, os.path.join(self.dir, "x.sqlite3"))
-        self.assertIsNotNone(store._db)
+        self.assertTrue(os.path.exists(store.path))
+        # Closed again: twistd may fork to daemonize; the service reopens it.
+        self.assertIsNone(store._db)
         self.assertTrue(os.path.exists(os.path.join(self.dir, "secret.key")))
         self.assertFalse(store._pool.started)
+
+    def test_notFinite(self):
+        """nan and inf are not positive numbers of seconds."""
+        for value in ("nan", "inf"):
+            self.usageError("--login-timeout", value)
 
     def test_converted(self):
         """Numeric options are converted to their types."""

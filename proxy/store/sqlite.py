@@ -157,10 +157,15 @@ class SQLiteStore(Service):
         return d.addBoth(stop)
 
     def startService(self):
-        # The server opens the store before the reactor runs (openBlocking),
-        # so that a wrong key or an unreadable file stops start-up with a
-        # clear message instead of a half-started service.
+        # Queued first on the store's single thread: every later query runs
+        # after it. (The server checked the file and key before starting.)
         super().startService()
+        if self._db is None:
+            self.open().addErrback(self._openFailed)
+
+    def _openFailed(self, failure):
+        self.log.failure("the store could not be opened", failure)
+        self._reactor.stop()
 
     def stopService(self):
         super().stopService()
