@@ -120,6 +120,7 @@ def _string(value: Any, name: str, maxlen: int = 2048, empty: bool = False) -> s
     _check(empty or bool(value.strip()), f"{name} must not be empty")
     _check(len(value) <= maxlen, f"{name} is too long (at most {maxlen} characters)")
     _check(not any(ord(c) < 32 for c in value), f"{name} must not contain control characters")
+    _check(not any(0xD800 <= ord(c) <= 0xDFFF for c in value), f"{name} is not valid Unicode")
     return value
 
 

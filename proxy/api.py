@@ -14,7 +14,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from werkzeug.exceptions import HTTPException
 
 from .admin import Admin, AdminError, NotFound, accountView, appView, tokenView
@@ -36,6 +36,24 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _JSONRoot(resource.Resource):
+    """Klein answers a URL that is not UTF-8 in plain text: answer it in JSON."""
+
+    isLeaf = True
+
+    def __init__(self, klein: resource.Resource):
+        super().__init__()
+        self._klein = klein
+
+    def render(self, request: Any) -> Any:
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(request, 400, "the URL is not valid UTF-8")
+        return self._klein.render(request)
 
 
 class LimitedRequest(server.Request):
@@ -134,7 +152,7 @@ class TokenAPI:
             self._openapi = f.read()
 
     def site(self) -> server.Site:
-        site = server.Site(self.app.resource(), logFormatter=redactingLogFormatter)
+        site = server.Site(_JSONRoot(self.app.resource()), logFormatter=redactingLogFormatter)
         site.requestFactory = LimitedRequest
         site.displayTracebacks = False
         site.noisy = False

@@ -19,7 +19,16 @@ from urllib.parse import urlencode
 import attrs
 from twisted.logger import Logger
 
-from .admin import IMAP_FIELDS, PRESETS, Admin, AdminError, InvalidInput, _object, buildAccount
+from .admin import (
+    IMAP_FIELDS,
+    PRESETS,
+    Admin,
+    AdminError,
+    InvalidInput,
+    _iso,
+    _object,
+    buildAccount,
+)
 from .model import Account, OAuth2App, PendingAuthorization, validAccountId
 
 log = Logger()
@@ -238,7 +247,7 @@ class Onboarding:
             "authorization of {account} through app {app} started", account=accountId, app=app.id
         )
         sep = "&" if "?" in app.authorizationURL else "?"
-        return {"url": app.authorizationURL + sep + urlencode(query), "expires": expires}
+        return {"url": app.authorizationURL + sep + urlencode(query), "expires": _iso(expires)}
 
     async def finish(self, args: dict[str, str]) -> Account:
         """
