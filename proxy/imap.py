@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 from typing import Any
 
 import attrs
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 from .cred import IUpstreamSession, TokenCredentials, loggableAccount
 from .errors import AccessDenied, ProxyError
 from .splice import Splice, tuneSocket
+from .tokens import clientAddress
 
 log = Logger()
 
@@ -56,13 +56,8 @@ class ServerPolicy:
 
 
 def isLoopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = clientAddress(address)
+    return ip is not None and ip.is_loopback
 
 
 # Twisted's argument parser explains itself; some of its messages quote the

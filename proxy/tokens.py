@@ -62,18 +62,30 @@ def parseScopes(scopes: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def clientAddress(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    A peer's address as the checks see it: an IPv4-mapped IPv6 address
+    (``::ffff:10.1.2.3``, as a dual-stack listener reports IPv4 peers) is the
+    IPv4 address it carries; a zone (``%eth0``) is dropped; junk is None.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def addressAllowed(address: str, networks: Iterable[str]) -> bool:
     """
     Whether ``address`` lies in one of ``networks``. An IPv4-mapped IPv6
     address (``::ffff:10.1.2.3``, as a dual-stack listener reports IPv4 peers)
     is checked as the IPv4 address it carries.
     """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = clientAddress(address)
+    if ip is None:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     for n in networks:
         net = ipaddress.ip_network(n, strict=False)
         if ip.version == net.version and ip in net:
