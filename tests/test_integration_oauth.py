@@ -307,3 +307,33 @@ def test_key_rotation_while_running(proxy, provider, dovecot, pki, workdir):
         SQLiteStore(
             proxy.store.removeprefix("sqlite://"), Secrets([old[0].encode()])
         ).openBlocking()
+
+
+def test_slow_token_endpoint_bounded_and_late_answer_kept(proxy, provider, dovecot, pki):
+    """A token endpoint slower than the deadline gives UNAVAILABLE in time; its answer is kept."""
+    import time
+
+    from tests.conftest import OAUTH2_DEADLINE
+
+    mb = register(proxy, provider, dovecot, pki)
+    provider.delay(OAUTH2_DEADLINE + 1.5)
+    try:
+        started = time.monotonic()
+        c = plain(proxy.port)
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            c.login(mb.account, mb.token)
+        elapsed = time.monotonic() - started
+        c.shutdown()
+    finally:
+        provider.delay(0)
+    assert elapsed < OAUTH2_DEADLINE + 1.5
+    # The slow answer arrives after the refusal; the proxy keeps it, so the
+    # next login needs no new refresh (one call in all, none sent twice).
+    deadline = time.monotonic() + 10
+    while (
+        time.monotonic() < deadline
+        and "new provider access token for " + mb.account not in proxy.log()
+    ):
+        threading.Event().wait(0.1)
+    _login_ok(proxy, mb.account, mb.token)
+    assert provider.stats()["token_calls_by_username"][mb.email] == 1
