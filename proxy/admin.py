@@ -518,11 +518,13 @@ class Admin:
         return await self.getApp(app.id)
 
     async def removeApp(self, appId: str) -> None:
-        from .store import StoreError
+        from .store import StoreError, StoreUnavailable
 
         await self.getApp(appId)
         try:
             await self.store.removeApp(appId)
+        except StoreUnavailable:
+            raise
         except StoreError as e:
             raise Conflict(f"OAuth2 app {appId} is in use: {e}") from None
 

@@ -21,6 +21,7 @@ from .admin import Admin, AdminError, NotFound, accountView, appView, tokenView
 from .errors import AccessDenied
 from .model import Token
 from .onboarding import Onboarding
+from .store import StoreUnavailable
 from .tokens import checkToken, tokenId
 
 log = Logger()
@@ -217,6 +218,11 @@ class TokenAPI:
     @app.handle_errors(AdminError)
     def _adminError(self, request: Any, failure: Any) -> bytes:
         return _error(request, failure.value.status, failure.value.message)
+
+    @app.handle_errors(StoreUnavailable)
+    def _storeDown(self, request: Any, failure: Any) -> bytes:
+        log.warn("API request failed: the store is unavailable")
+        return _error(request, 503, "the store is unavailable, try again later")
 
     @app.handle_errors(HTTPException)
     def _httpError(self, request: Any, failure: Any) -> bytes:

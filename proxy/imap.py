@@ -20,8 +20,9 @@ from twisted.mail.imap4 import IllegalClientResponse, IMAP4Server
 from twisted.python.failure import Failure
 
 from .cred import IUpstreamSession, TokenCredentials, loggableAccount
-from .errors import AccessDenied, ProxyError
+from .errors import AccessDenied, ProxyError, Unavailable
 from .splice import Splice, tuneSocket
+from .store import StoreUnavailable
 from .tokens import clientAddress
 
 log = Logger()
@@ -417,6 +418,13 @@ class ProxyServer(IMAP4Server):
                 )
         elif isinstance(error, UnauthorizedLogin):
             response = AccessDenied("unknown-token").imapResponse()
+        elif isinstance(error, StoreUnavailable):
+            log.warn(
+                "login of {account} from {address} failed: the store is unavailable",
+                account=self._account,
+                address=self.address,
+            )
+            response = Unavailable().imapResponse()
         else:
             log.failure("unexpected error during login", failure)
             response = b"NO [UNAVAILABLE] Internal error, try again later"

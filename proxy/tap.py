@@ -25,7 +25,7 @@ from .encryption import SecretKeyError
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
 from .oauth import AccessTokens, ThreadedRefresher
 from .onboarding import Onboarding
-from .store import StoreError, defaultStoreURL, makeStore
+from .store import RedisStore, StoreError, defaultStoreURL, makeStore
 
 log = Logger()
 
@@ -360,5 +360,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site = api.site()
     for description in options["api-port"]:
         _Listener(reactor, description, site, "API").setServiceParent(top)
-    log.info("imapproxy starting, store {store}", store=os.path.basename(store.path))
+    where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)
+    log.info("imapproxy starting, store {store}", store=where)
     return top

@@ -1,6 +1,6 @@
 """
-Stores for accounts and tokens. ``openStore`` turns a ``--store`` URL into a
-started store.
+Stores for accounts and tokens. ``makeStore`` turns a ``--store`` URL into a
+store: ``sqlite://…`` (the default) or ``redis://…`` / ``unix://…`` (Redis).
 """
 
 from __future__ import annotations
@@ -10,13 +10,18 @@ from urllib.parse import unquote, urlsplit
 
 from ..encryption import ENV_VAR, Secrets, loadSecrets
 from ._interfaces import IAccountStore, ITokenStore
+from .redis import RedisStore, StoreUnavailable
 from .sqlite import SQLiteStore, StoreError
+
+REDIS_SCHEMES = ("redis", "unix")
 
 __all__ = [
     "IAccountStore",
     "ITokenStore",
+    "RedisStore",
     "SQLiteStore",
     "StoreError",
+    "StoreUnavailable",
     "defaultStateDir",
     "defaultStoreURL",
     "makeStore",
@@ -49,19 +54,24 @@ def sqlitePath(url: str) -> str:
     """
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
-        raise StoreError(f"unsupported store URL scheme {parts.scheme!r} (use sqlite://)")
+        raise StoreError(
+            f"unsupported store URL scheme {parts.scheme!r} (use sqlite://, redis:// or unix://)"
+        )
     path = unquote(parts.netloc + parts.path)
     if not path:
         raise StoreError("the sqlite store URL names no file")
     return path
 
 
-def makeStore(url: str, secretFile: str | None, reactor=None) -> SQLiteStore:
+def makeStore(url: str, secretFile: str | None, reactor=None) -> SQLiteStore | RedisStore:
     """
     Build (not yet open) the store named by ``url`` with its secret key. With
-    no key configured, the key lives in ``secret.key`` beside the database and
-    is created on first use (mode 0600).
+    no key configured, an SQLite store's key lives in ``secret.key`` beside the
+    database and is created on first use (mode 0600); a Redis store, shared by
+    several proxies, needs the key given (``--secret-file`` or the environment).
     """
+    if urlsplit(url).scheme in REDIS_SCHEMES:
+        return RedisStore(url, loadSecrets(secretFile, None), reactor)
     path = sqlitePath(url)
     defaultKey = os.path.join(os.path.dirname(os.path.abspath(path)), "secret.key")
     if (

@@ -1,0 +1,860 @@
+"""
+Tests for ``RedisStore`` against a real redis-server (one per module, flushed
+before each test): the shared store contract from ``tests.test_store``, more
+contract (apps, consents in progress, access tokens, key rotation) run against
+both stores so that they behave alike, and what is particular to Redis: TTLs,
+the key layout, encryption at rest, outages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from unittest import SkipTest
+
+import attrs
+from cryptography.fernet import Fernet
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import tests.test_store as contract
+from proxy.encryption import SecretKeyError, Secrets, loadSecrets, writeKeyFile
+from proxy.model import Account, OAuth2App, OAuth2Grant, PendingAuthorization
+from proxy.store import IAccountStore, ITokenStore, SQLiteStore, StoreError
+from proxy.store.redis import RedisStore, StoreUnavailable, parseRedisURL
+from tests.test_store import CLIENT_SECRET, REFRESH, account, token
+from tests.upstream.redisserver import RedisServer
+
+ACCESS = "at-plaintext-5c1d9e2b7f"
+APP_SECRET = "app-plaintext-0e6a4c8d2b"
+VERIFIER = "pkce-plaintext-7d3f1b9a5e"
+
+# An operation against a Redis that is gone or hung fails within this.
+PROMPT = 3.5
+
+_server: RedisServer | None = None
+
+
+def setUpModule():
+    global _server
+    if shutil.which("redis-server") is None:
+        raise SkipTest("redis-server is not installed")
+    _server = RedisServer()
+    _server.start()
+
+
+def tearDownModule():
+    global _server
+    if _server is not None:
+        _server.cleanup()
+        _server = None
+
+
+def moduleServer() -> RedisServer:
+    assert _server is not None, "setUpModule did not run"
+    return _server
+
+
+def app(aid: str = "mail-app", **kw) -> OAuth2App:
+    fields = dict(
+        id=aid,
+        provider="generic",
+        clientId="shared-client",
+        clientSecret=APP_SECRET,
+        redirectURL="https://proxy.example.com/oauth2/callback",
+        authorizationURL="https://oauth.example.com/authorize",
+        tokenURL="https://oauth.example.com/app-token",
+        deviceURL=None,
+        scopes=("openid", "https://mail.example.com/"),
+        tenant="common",
+        created=100.0,
+    )
+    fields.update(kw)
+    return OAuth2App(**fields)
+
+
+def sharedAccount(aid: str = "bob", appId: str = "mail-app") -> Account:
+    return account(
+        aid,
+        oauth2=OAuth2Grant(
+            tokenURL="", clientId="", clientSecret="", refreshToken=REFRESH, app=appId
+        ),
+    )
+
+
+def pending(state: str = "state-1", **kw) -> PendingAuthorization:
+    fields = dict(
+        state=state,
+        account="alice",
+        app="mail-app",
+        verifier=VERIFIER,
+        email=None,
+        expires=time.time() + 600,
+        imap=json.dumps({"host": "imap.example.com"}),
+    )
+    fields.update(kw)
+    return PendingAuthorization(**fields)
+
+
+@inlineCallbacks
+def eventually(f, timeout: float = 10.0):
+    """Call ``f`` until its Deferred succeeds (Redis coming back), or give up."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        try:
+            result = yield f()
+            return result
+        except StoreError:
+            if reactor.seconds() > deadline:
+                raise
+        yield deferLater(reactor, 0.05, lambda: None)
+
+
+class MoreStoreContractMixin:
+    """
+    Store behaviour beyond ``StoreContractMixin``, run against both stores. A
+    subclass defines ``openStore(secrets=None)``: a fresh store object over
+    the same data (keyed ``self.key`` unless ``secrets`` is given), opened.
+    """
+
+    @inlineCallbacks
+    def test_accessToken(self):
+        """A saved access token comes back decrypted with its expiry and lifetime."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        self.assertIsNone((yield store.getAccessToken("alice")))
+        yield store.saveAccessToken("alice", ACCESS, 5000.25, 3600.0)
+        self.assertEqual((yield store.getAccessToken("alice")), (ACCESS, 5000.25, 3600.0))
+        yield store.saveAccessToken("alice", None, None, None)
+        self.assertIsNone((yield store.getAccessToken("alice")))
+
+    @inlineCallbacks
+    def test_putAccountDropsAccessToken(self):
+        """Replacing an account drops its saved access token."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.saveAccessToken("alice", ACCESS, 5000.0, 3600.0)
+        yield store.putAccount(account(email="moved@example.com"))
+        self.assertIsNone((yield store.getAccessToken("alice")))
+
+    @inlineCallbacks
+    def test_updatesOfMissingAccount(self):
+        """Updating an account that does not exist changes nothing and creates nothing."""
+        store = yield self.openStore()
+        yield store.setRefreshToken("ghost", "rt")
+        yield store.setAccountState("ghost", "disabled", "why")
+        yield store.saveAccessToken("ghost", ACCESS, 5000.0, 3600.0)
+        self.assertIsNone((yield store.getAccount("ghost")))
+        self.assertIsNone((yield store.getAccessToken("ghost")))
+        self.assertEqual((yield store.listAccounts()), [])
+
+    @inlineCallbacks
+    def test_setAccountState(self):
+        """setAccountState sets the state and its reason (None clears it), not the grant."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.setAccountState("alice", "reauth-required", "invalid-grant")
+        got = yield store.getAccount("alice")
+        self.assertEqual((got.state, got.stateReason), ("reauth-required", "invalid-grant"))
+        self.assertEqual(got.oauth2.refreshToken, REFRESH)
+        yield store.setAccountState("alice", "ok", None)
+        got = yield store.getAccount("alice")
+        self.assertEqual((got.state, got.stateReason), ("ok", None))
+
+    @inlineCallbacks
+    def test_textStaysText(self):
+        """Values that look like numbers come back as the strings they were."""
+        store = yield self.openStore()
+        yield store.putAccount(account("123", email="1e5@example.com"))
+        yield store.addToken(token("t1", "123", description="0042", addresses=()))
+        got = yield store.getAccount("123")
+        self.assertEqual((got.id, got.email), ("123", "1e5@example.com"))
+        t = yield store.getToken("t1")
+        self.assertEqual((t.account, t.description), ("123", "0042"))
+        self.assertEqual([t.id for t in (yield store.listTokens("123"))], ["t1"])
+
+    @inlineCallbacks
+    def test_unicode(self):
+        """Non-ASCII text round-trips."""
+        store = yield self.openStore()
+        yield store.addToken(token("t1", description="Bürø ✓ 日本"))
+        self.assertEqual((yield store.getToken("t1")).description, "Bürø ✓ 日本")
+
+    @inlineCallbacks
+    def test_touchMissingToken(self):
+        """Touching a token that does not exist creates nothing."""
+        store = yield self.openStore()
+        yield store.touchToken("nope", 1.0, "192.0.2.1")
+        self.assertIsNone((yield store.getToken("nope")))
+        self.assertEqual((yield store.listTokens()), [])
+
+    @inlineCallbacks
+    def test_listTokensTies(self):
+        """Tokens created at the same time are listed by id."""
+        store = yield self.openStore()
+        for tid in ("b", "c", "a"):
+            yield store.addToken(token(tid, created=5.0))
+        yield store.addToken(token("z", created=1.0))
+        self.assertEqual([t.id for t in (yield store.listTokens())], ["a", "b", "c", "z"])
+
+    @inlineCallbacks
+    def test_addTokenTwice(self):
+        """Adding a token id that exists fails and keeps the first record."""
+        store = yield self.openStore()
+        yield store.addToken(token("t1", description="first"))
+        yield self.assertFailure(store.addToken(token("t1", description="second")), Exception)
+        self.assertEqual((yield store.getToken("t1")).description, "first")
+
+    @inlineCallbacks
+    def test_removeAccountKeepsOtherTokens(self):
+        """Removing an unknown account says so and leaves every token alone."""
+        store = yield self.openStore()
+        yield store.addToken(token("t1", "bob"))
+        self.assertFalse((yield store.removeAccount("alice")))
+        self.assertEqual([t.id for t in (yield store.listTokens())], ["t1"])
+
+    # -- OAuth2 apps -----------------------------------------------------------
+
+    @inlineCallbacks
+    def test_putGetApp(self):
+        """An app comes back as it was put, its client secret decrypted."""
+        store = yield self.openStore()
+        self.assertIsNone((yield store.getApp("mail-app")))
+        a = app()
+        yield store.putApp(a)
+        got = yield store.getApp("mail-app")
+        self.assertGreater(got.updated, 0)
+        self.assertEqual(got, attrs.evolve(a, updated=got.updated))
+
+    @inlineCallbacks
+    def test_putAppReplaces(self):
+        """Putting an app again replaces all of it, its creation time too."""
+        store = yield self.openStore()
+        yield store.putApp(app(created=5.0, deviceURL="https://oauth.example.com/device"))
+        yield store.putApp(app(created=7.0, clientSecret="new", deviceURL=None))
+        got = yield store.getApp("mail-app")
+        self.assertEqual((got.created, got.clientSecret, got.deviceURL), (7.0, "new", None))
+        self.assertEqual(len((yield store.listApps())), 1)
+
+    @inlineCallbacks
+    def test_listApps(self):
+        """listApps gives every app, by id."""
+        store = yield self.openStore()
+        self.assertEqual((yield store.listApps()), [])
+        for aid in ("zeta", "alpha", "mid"):
+            yield store.putApp(app(aid))
+        self.assertEqual([a.id for a in (yield store.listApps())], ["alpha", "mid", "zeta"])
+
+    @inlineCallbacks
+    def test_removeApp(self):
+        """removeApp deletes an unused app and says whether it existed."""
+        store = yield self.openStore()
+        yield store.putApp(app())
+        self.assertTrue((yield store.removeApp("mail-app")))
+        self.assertIsNone((yield store.getApp("mail-app")))
+        self.assertFalse((yield store.removeApp("mail-app")))
+
+    @inlineCallbacks
+    def test_removeAppInUse(self):
+        """An app cannot be removed while an account uses it, and can once it is gone."""
+        store = yield self.openStore()
+        yield store.putApp(app())
+        yield store.putAccount(sharedAccount("bob"))
+        yield store.putAccount(sharedAccount("carol"))
+        e = yield self.assertFailure(store.removeApp("mail-app"), StoreError)
+        self.assertIn("2 account(s) use this app", str(e))
+        yield store.removeAccount("bob")
+        yield store.putAccount(account("carol"))  # carol leaves the app
+        self.assertTrue((yield store.removeApp("mail-app")))
+
+    @inlineCallbacks
+    def test_sharedAppAccount(self):
+        """An account of a shared app takes its client side from the app, as it changes."""
+        store = yield self.openStore()
+        yield store.putApp(app())
+        yield store.putAccount(sharedAccount("bob"))
+        got = yield store.getAccount("bob")
+        self.assertEqual(
+            got.oauth2,
+            OAuth2Grant(
+                tokenURL="https://oauth.example.com/app-token",
+                clientId="shared-client",
+                clientSecret=APP_SECRET,
+                refreshToken=REFRESH,
+                scopes=("openid", "https://mail.example.com/"),
+                app="mail-app",
+            ),
+        )
+        yield store.putApp(app(clientSecret="rotated-app-secret"))
+        listed = yield store.listAccounts()
+        self.assertEqual(listed[0].oauth2.clientSecret, "rotated-app-secret")
+
+    @inlineCallbacks
+    def test_accountOfMissingApp(self):
+        """An account naming an app that does not exist falls back to its own fields."""
+        store = yield self.openStore()
+        yield store.putAccount(sharedAccount("bob", "no-such-app"))
+        got = yield store.getAccount("bob")
+        self.assertEqual(
+            got.oauth2,
+            OAuth2Grant(tokenURL="", clientId="", clientSecret="", refreshToken=REFRESH),
+        )
+
+    # -- authorizations in progress -------------------------------------------
+
+    @inlineCallbacks
+    def test_pendingSingleUse(self):
+        """A pending authorization can be taken once, as it was added."""
+        store = yield self.openStore()
+        p = pending(email="a@example.com")
+        yield store.addPending(p)
+        self.assertEqual((yield store.takePending("state-1")), p)
+        self.assertIsNone((yield store.takePending("state-1")))
+        self.assertIsNone((yield store.takePending("unknown")))
+
+    @inlineCallbacks
+    def test_pendingTakenOnceUnderConcurrency(self):
+        """Of two takes of the same authorization at once, exactly one gets it."""
+        store = yield self.openStore()
+        yield store.addPending(pending(imap=None))
+        results = yield gatherResults([store.takePending("state-1") for _ in range(2)])
+        self.assertEqual(sorted(r is None for r in results), [False, True])
+
+    # -- secret keys ----------------------------------------------------------
+
+    @inlineCallbacks
+    def fillWithSecrets(self, store):
+        """One of each encrypted value: 8 ciphertexts with the key check."""
+        yield store.putAccount(account("alice"))
+        yield store.saveAccessToken("alice", ACCESS, 5000.0, 3600.0)
+        yield store.putApp(app())
+        yield store.putAccount(sharedAccount("bob"))
+        yield store.addPending(pending())
+
+    @inlineCallbacks
+    def assertAllReadable(self, store):
+        self.assertEqual((yield store.getAccount("alice")).oauth2.clientSecret, CLIENT_SECRET)
+        self.assertEqual((yield store.getAccount("bob")).oauth2.clientSecret, APP_SECRET)
+        self.assertEqual((yield store.getAccessToken("alice"))[0], ACCESS)
+        self.assertEqual((yield store.takePending("state-1")).verifier, VERIFIER)
+
+    @inlineCallbacks
+    def test_rotateSecrets(self):
+        """rotateSecrets re-encrypts every secret under the newest key, which then suffices."""
+        store = yield self.openStore()
+        yield self.fillWithSecrets(store)
+        yield store.close()
+        new = Fernet.generate_key()
+        both = yield self.openStore(Secrets([new, self.key]))
+        self.assertEqual((yield both.undecryptable(Secrets([new]))), 8)
+        self.assertEqual((yield both.rotateSecrets()), 8)
+        self.assertEqual((yield both.undecryptable(Secrets([new]))), 0)
+        self.assertEqual((yield both.undecryptable(Secrets([self.key]))), 8)
+        yield both.close()
+        newOnly = yield self.openStore(Secrets([new]))
+        yield self.assertAllReadable(newOnly)
+
+    @inlineCallbacks
+    def test_rotateRefusesUndecryptable(self):
+        """A secret no key can decrypt makes rotation fail and change nothing."""
+        other = Fernet.generate_key()
+        store = yield self.openStore()
+        yield store.close()
+        # Written under a key the next store will not have.
+        writer = yield self.openStore(Secrets([other, self.key]))
+        yield writer.putAccount(account())
+        yield writer.close()
+        store = yield self.openStore()
+        self.assertEqual((yield store.undecryptable(store.secrets)), 2)
+        yield self.assertFailure(store.rotateSecrets(), SecretKeyError)
+        self.assertEqual((yield store.undecryptable(Secrets([other]))), 1)
+
+    @inlineCallbacks
+    def test_reloadSecrets(self):
+        """reloadSecrets picks up keys added to the key file, and says whether they changed."""
+        keyDir = tempfile.mkdtemp(prefix="imapproxy-test-keys-")
+        self.addCleanup(shutil.rmtree, keyDir, True)
+        path = os.path.join(keyDir, "secret.key")
+        writeKeyFile(path, [self.key])
+        store = yield self.openStore(loadSecrets(path, None))
+        self.assertFalse((yield store.reloadSecrets()))
+        new = Fernet.generate_key()
+        writeKeyFile(path, [new, self.key])
+        self.assertTrue((yield store.reloadSecrets()))
+        self.assertEqual(store.secrets.keys, [new, self.key])
+
+
+class SQLiteMoreContractTests(MoreStoreContractMixin, TestCase):
+    """The extra contract against SQLite: what the Redis store must match."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "imapproxy.sqlite3")
+        self.key = Fernet.generate_key()
+
+    def openStore(self, secrets: Secrets | None = None):
+        store = SQLiteStore(self.path, secrets or Secrets([self.key]))
+        self.addCleanup(store.close)
+        return store.open().addCallback(lambda _: store)
+
+
+class RedisHarness:
+    """A fresh ``RedisStore`` on the module's server, flushed before each test."""
+
+    def setUp(self):
+        self.server = moduleServer()
+        self.server.flush()
+        self.key = Fernet.generate_key()
+
+    def newStore(self, secrets: Secrets | None = None, url: str | None = None, **kw) -> RedisStore:
+        store = RedisStore(url or self.server.url, secrets or Secrets([self.key]), **kw)
+        self.addCleanup(store.close)
+        return store
+
+    def openStore(self, secrets: Secrets | None = None, url: str | None = None, **kw):
+        store = self.newStore(secrets, url, **kw)
+        return store.open().addCallback(lambda _: store)
+
+
+class RedisStoreContractTests(RedisHarness, contract.StoreContractMixin, TestCase):
+    """The shared store contract, against Redis."""
+
+
+class RedisMoreContractTests(RedisHarness, MoreStoreContractMixin, TestCase):
+    """The extra contract, against Redis."""
+
+
+class RedisStoreTests(RedisHarness, TestCase):
+    """What is particular to the Redis store."""
+
+    def raw(self, *args: str):
+        return self.server.command(*args)
+
+    @inlineCallbacks
+    def test_interfaces(self):
+        """The store provides both store interfaces before it is even opened."""
+        store = self.newStore()
+        self.assertTrue(IAccountStore.providedBy(store))
+        self.assertTrue(ITokenStore.providedBy(store))
+        yield store.close()
+
+    @inlineCallbacks
+    def test_keyLayout(self):
+        """Records live under the prefix in the documented keys and types."""
+        store = yield self.openStore()
+        yield store.putApp(app())
+        yield store.putAccount(sharedAccount("alice"))
+        yield store.addToken(token("t1", "alice"))
+        yield store.addToken(token("root", None))
+        yield store.addPending(pending())
+        types = {k: self.raw("TYPE", k) for k in self.raw("KEYS", "*")}
+        self.assertEqual(
+            types,
+            {
+                "imapproxy:meta": "hash",
+                "imapproxy:accounts": "set",
+                "imapproxy:account:alice": "hash",
+                "imapproxy:app-accounts:mail-app": "set",
+                "imapproxy:apps": "set",
+                "imapproxy:app:mail-app": "hash",
+                "imapproxy:token:t1": "hash",
+                "imapproxy:token:root": "hash",
+                "imapproxy:tokens:all": "zset",
+                "imapproxy:tokens:account:alice": "zset",
+                "imapproxy:pending:state-1": "hash",
+                "imapproxy:pendings": "zset",
+            },
+        )
+
+    @inlineCallbacks
+    def test_prefixAndDatabase(self):
+        """Stores with other prefixes or databases do not see each other's records."""
+        default = yield self.openStore()
+        other = yield self.openStore(url=self.server.url + "?prefix=other%3A")
+        db3 = yield self.openStore(url=self.server.url.replace("/0", "/3"))
+        yield default.putAccount(account("alice"))
+        yield other.putAccount(account("bob"))
+        yield db3.putAccount(account("carol"))
+        self.assertEqual([a.id for a in (yield default.listAccounts())], ["alice"])
+        self.assertEqual([a.id for a in (yield other.listAccounts())], ["bob"])
+        self.assertEqual([a.id for a in (yield db3.listAccounts())], ["carol"])
+        self.assertTrue(self.raw("EXISTS", "other:account:bob"))
+        self.assertEqual(self.raw("EXISTS", "imapproxy:account:carol"), 0)
+
+    @inlineCallbacks
+    def test_unixSocket(self):
+        """A unix:// URL reaches the same data over the Unix socket."""
+        tcp = yield self.openStore()
+        yield tcp.putAccount(account())
+        unix = yield self.openStore(url=self.server.unix_url)
+        self.assertEqual((yield unix.getAccount("alice")).oauth2.refreshToken, REFRESH)
+
+    @inlineCallbacks
+    def test_tokenTTL(self):
+        """A token with an expiry gets a Redis TTL at that time; one without, none."""
+        store = yield self.openStore()
+        expires = time.time() + 3600
+        yield store.addToken(token("t1", expires=expires))
+        yield store.addToken(token("t2"))
+        at = self.raw("PEXPIRETIME", "imapproxy:token:t1")
+        self.assertLess(abs(at / 1000 - expires), 0.01)
+        self.assertEqual(self.raw("TTL", "imapproxy:token:t2"), -1)
+        yield store.touchToken("t1", 1.0, "192.0.2.1")
+        self.assertEqual(self.raw("PEXPIRETIME", "imapproxy:token:t1"), at)
+
+    @inlineCallbacks
+    def test_expiredTokenVanishes(self):
+        """A token whose TTL has passed is gone from getToken and listTokens, indexes too."""
+        store = yield self.openStore()
+        yield store.addToken(token("t1", "alice", expires=time.time() + 3600))
+        yield store.addToken(token("t2", "alice"))
+        self.raw("PEXPIREAT", "imapproxy:token:t1", "1000")
+        self.assertIsNone((yield store.getToken("t1")))
+        self.assertEqual([t.id for t in (yield store.listTokens())], ["t2"])
+        self.assertEqual([t.id for t in (yield store.listTokens("alice"))], ["t2"])
+        self.assertEqual(self.raw("ZRANGE", "imapproxy:tokens:all", "0", "-1"), ["t2"])
+        self.assertEqual(self.raw("ZRANGE", "imapproxy:tokens:account:alice", "0", "-1"), ["t2"])
+
+    @inlineCallbacks
+    def test_tokenWrittenExpired(self):
+        """A token written already expired is kept a minute: the proxy judges expiry."""
+        store = yield self.openStore()
+        yield store.addToken(token("t1", expires=time.time() - 10))
+        self.assertEqual((yield store.getToken("t1")).id, "t1")
+        ttl = self.raw("PTTL", "imapproxy:token:t1")
+        self.assertTrue(0 < ttl <= 61_000, ttl)
+
+    @inlineCallbacks
+    def test_pendingTTL(self):
+        """A pending authorization expires in Redis at its expiry, then cannot be taken."""
+        store = yield self.openStore()
+        p = pending()
+        yield store.addPending(p)
+        at = self.raw("PEXPIRETIME", "imapproxy:pending:state-1")
+        self.assertLess(abs(at / 1000 - p.expires), 0.01)
+        self.raw("PEXPIREAT", "imapproxy:pending:state-1", "1000")
+        self.assertIsNone((yield store.takePending("state-1")))
+
+    @inlineCallbacks
+    def test_pendingIndexCleaned(self):
+        """Adding an authorization drops index entries of expired ones."""
+        store = yield self.openStore()
+        yield store.addPending(pending("old", expires=time.time() - 3600))
+        self.raw("ZADD", "imapproxy:pendings", "1000", "old")
+        yield store.addPending(pending("new"))
+        self.assertEqual(self.raw("ZRANGE", "imapproxy:pendings", "0", "-1"), ["new"])
+
+    @inlineCallbacks
+    def test_secretsEncryptedAtRest(self):
+        """No secret is stored in plaintext: not in keys, fields or values."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.setRefreshToken("alice", REFRESH + "-rotated")
+        yield store.saveAccessToken("alice", ACCESS, 5000.0, 3600.0)
+        yield store.putApp(app())
+        yield store.addPending(pending())
+        flat = repr(self.server.dump())
+        self.assertIn("imap.example.com", flat)  # the records are there, readable...
+        for secret in (REFRESH, CLIENT_SECRET, ACCESS, APP_SECRET, VERIFIER):
+            self.assertNotIn(secret, flat)  # ...but not their secrets
+
+    @inlineCallbacks
+    def test_wrongKeyRefused(self):
+        """A store opened with a different key refuses to open with StoreError."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.close()
+        other = self.newStore(Secrets([Fernet.generate_key()]))
+        e = yield self.assertFailure(other.open(), StoreError)
+        self.assertIn("secret key does not match", str(e))
+        self.assertNotIn(self.key.decode(), str(e))
+        # Refused means not open, not half-open.
+        yield self.assertFailure(other.getAccount("alice"), StoreError)
+
+    @inlineCallbacks
+    def test_rotatedKeys(self):
+        """A store opened with keys [new, old] opens and reads old secrets."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.close()
+        rotated = yield self.openStore(Secrets([Fernet.generate_key(), self.key]))
+        self.assertEqual((yield rotated.getAccount("alice")).oauth2.clientSecret, CLIENT_SECRET)
+
+    @inlineCallbacks
+    def test_rotateRetriesOnConflict(self):
+        """A secret changed during a rotation is not overwritten: the rotation runs again."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.close()
+        new = Fernet.generate_key()
+        both = yield self.openStore(Secrets([new, self.key]))
+        collect, calls = both._collect, []
+
+        def racingCollect():
+            d = collect()
+            calls.append(d)
+            if len(calls) == 1:
+                d.addCallback(
+                    lambda found: both.setRefreshToken("alice", "rt-changed").addCallback(
+                        lambda _: found
+                    )
+                )
+            return d
+
+        both._collect = racingCollect
+        self.assertEqual((yield both.rotateSecrets()), 3)
+        self.assertEqual(len(calls), 2)
+        newOnly = yield self.openStore(Secrets([new]))
+        self.assertEqual((yield newOnly.getAccount("alice")).oauth2.refreshToken, "rt-changed")
+
+    @inlineCallbacks
+    def test_manyAtOnce(self):
+        """Many operations at once over the pool all complete, each with its own answer."""
+        store = yield self.openStore(poolSize=2)
+        ids = [f"t{i:03d}" for i in range(200)]
+        yield gatherResults([store.addToken(token(t, created=float(i))) for i, t in enumerate(ids)])
+        got = yield gatherResults([store.getToken(t) for t in ids])
+        self.assertEqual([t.id for t in got], ids)
+        self.assertEqual([t.id for t in (yield store.listTokens())], ids[::-1])
+
+    @inlineCallbacks
+    def test_notOpen(self):
+        """A store used before open() errbacks with StoreError."""
+        store = self.newStore()
+        yield self.assertFailure(store.listAccounts(), StoreError)
+
+    @inlineCallbacks
+    def test_useAfterClose(self):
+        """A store used after close() errbacks with StoreError; a second close is harmless."""
+        store = yield self.openStore()
+        yield store.close()
+        yield store.close()
+        e = yield self.assertFailure(store.getToken("t1"), StoreError)
+        self.assertEqual(str(e), "the store is closed")
+        yield self.assertFailure(store.open(), StoreError)
+
+    @inlineCallbacks
+    def test_openBlocking(self):
+        """openBlocking checks the key before the reactor; the store then connects on use."""
+        store = self.newStore()
+        store.openBlocking()
+        self.assertIsNone(store._redis)
+        yield store.putAccount(account())
+        self.assertEqual((yield store.getAccount("alice")).oauth2.refreshToken, REFRESH)
+        other = self.newStore(Secrets([Fernet.generate_key()]))
+        e = self.assertRaises(StoreError, other.openBlocking)
+        self.assertIn("secret key does not match", str(e))
+
+    @inlineCallbacks
+    def test_closeBlocking(self):
+        """_closeBlocking after openBlocking leaves the store to be opened again."""
+        store = self.newStore()
+        store.openBlocking()
+        store._closeBlocking()
+        yield self.assertFailure(store.getAccount("alice"), StoreError)
+        yield store.open()
+        self.assertEqual((yield store.listAccounts()), [])
+
+    @inlineCallbacks
+    def test_service(self):
+        """As a service the store opens on start and closes on stop."""
+        store = self.newStore()
+        store.startService()
+        yield eventually(lambda: store.putAccount(account()))
+        yield store.stopService()
+        yield self.assertFailure(store.getAccount("alice"), StoreError)
+
+
+class RedisOutageTests(TestCase):
+    """A Redis of its own per test, taken away and brought back."""
+
+    def setUp(self):
+        if shutil.which("redis-server") is None:
+            raise SkipTest("redis-server is not installed")
+        self.server = RedisServer()
+        self.server.start()
+        self.addCleanup(self.server.cleanup)
+        self.key = Fernet.generate_key()
+
+    def newStore(self, url: str | None = None) -> RedisStore:
+        store = RedisStore(url or self.server.url, Secrets([self.key]))
+        self.addCleanup(store.close)
+        return store
+
+    @inlineCallbacks
+    def assertUnavailablePromptly(self, d):
+        start = reactor.seconds()
+        e = yield self.assertFailure(d, StoreUnavailable)
+        self.assertLess(reactor.seconds() - start, PROMPT)
+        self.assertIn("unavailable", str(e))
+        return e
+
+    @inlineCallbacks
+    def test_downThenBack(self):
+        """With Redis gone operations fail promptly; once back the store reconnects by itself."""
+        store = self.newStore()
+        yield store.open()
+        yield store.addToken(token("t1"))
+        self.server.stop()
+        yield self.assertUnavailablePromptly(store.getToken("t1"))
+        yield self.assertUnavailablePromptly(store.addToken(token("t2")))
+        self.server.start()
+        yield eventually(lambda: store.addToken(token("t3")))
+        self.assertEqual((yield store.getToken("t3")), token("t3"))
+
+    @inlineCallbacks
+    def test_hungThenBack(self):
+        """With Redis hung operations fail promptly; once it answers again, so does the store."""
+        store = self.newStore()
+        yield store.open()
+        yield store.addToken(token("t1"))
+        self.server.pause()
+        try:
+            yield self.assertUnavailablePromptly(store.getToken("t1"))
+        finally:
+            self.server.resume()
+        got = yield eventually(lambda: store.getToken("t1"))
+        self.assertEqual(got, token("t1"))
+
+    @inlineCallbacks
+    def test_openWhileDown(self):
+        """Opening a store whose Redis is down fails promptly with StoreError, leaving it closed."""
+        self.server.stop()
+        store = self.newStore()
+        e = yield self.assertUnavailablePromptly(store.open())
+        self.assertIn(self.server.url, str(e))
+        yield self.assertFailure(store.getToken("t1"), StoreError)
+        start = reactor.seconds()
+        self.assertRaises(StoreError, store.openBlocking)
+        self.assertLess(reactor.seconds() - start, PROMPT)
+
+    @inlineCallbacks
+    def test_closeFailsWaiting(self):
+        """Closing the store fails at once the operations waiting for Redis."""
+        store = self.newStore()
+        yield store.open()
+        self.server.stop()
+        d = store.getToken("t1")
+        start = reactor.seconds()
+        yield store.close()
+        e = yield self.assertFailure(d, StoreError)
+        self.assertEqual(str(e), "the store is closed")
+        self.assertLess(reactor.seconds() - start, 0.5)
+
+
+class RedisPasswordTests(TestCase):
+    """A Redis that wants a password, in another database."""
+
+    def setUp(self):
+        if shutil.which("redis-server") is None:
+            raise SkipTest("redis-server is not installed")
+        self.server = RedisServer(password="s3cret-pass")
+        self.server.start()
+        self.addCleanup(self.server.cleanup)
+        self.key = Fernet.generate_key()
+
+    def newStore(self, url: str, **kw) -> RedisStore:
+        store = RedisStore(url, Secrets([self.key]), **kw)
+        self.addCleanup(store.close)
+        return store
+
+    @inlineCallbacks
+    def test_password(self):
+        """The password in the URL logs in, over TCP and the Unix socket, in database 2."""
+        store = self.newStore(self.server.url.replace("/0", "/2"))
+        yield store.open()
+        yield store.putAccount(account())
+        unix = self.newStore(self.server.unix_url.replace("db=0", "db=2"))
+        yield unix.open()
+        self.assertEqual((yield unix.getAccount("alice")).oauth2.refreshToken, REFRESH)
+        self.assertEqual(self.server.command("DBSIZE"), 0)  # database 0
+
+    @inlineCallbacks
+    def test_wrongPassword(self):
+        """A wrong password fails open promptly, saying why but not the password."""
+        url = self.server.url.replace("s3cret-pass", "wrong-pass")
+        store = self.newStore(url)
+        start = reactor.seconds()
+        e = yield self.assertFailure(store.open(), StoreError)
+        self.assertLess(reactor.seconds() - start, PROMPT)
+        self.assertIn("WRONGPASS", str(e))
+        self.assertNotIn("wrong-pass", str(e))
+        other = self.newStore(url)
+        e = self.assertRaises(StoreError, other.openBlocking)
+        self.assertIn("WRONGPASS", str(e))
+        self.assertNotIn("wrong-pass", str(e))
+
+    @inlineCallbacks
+    def test_hungLoginThenBack(self):
+        """A reconnection whose login Redis does not answer is retried, not abandoned."""
+        store = self.newStore(self.server.url.replace("/0", "/1"), poolSize=1, timeout=0.5)
+        yield store.open()
+        self.server.pause()
+        try:
+            # A reply times out and the connection is dropped (0.5 s), Redis
+            # is dialled again (0.2 s) and the login times out (0.5 s): keep
+            # using the store, hung, for longer than that.
+            start = reactor.seconds()
+            while reactor.seconds() - start < 2.0:
+                yield self.assertFailure(store.getToken("t1"), StoreUnavailable)
+                yield deferLater(reactor, 0.05, lambda: None)
+        finally:
+            self.server.resume()
+        self.assertIsNone((yield eventually(lambda: store.getToken("t1"))))
+
+
+class RedisURLTests(SynchronousTestCase):
+    def test_tcp(self):
+        """A redis:// URL gives host, port, database and credentials, percent-decoded."""
+        a = parseRedisURL("redis://user:p%40ss@redis.example.com:6380/4")
+        self.assertEqual(
+            (a.host, a.port, a.db, a.username, a.password, a.path),
+            ("redis.example.com", 6380, 4, "user", "p@ss", None),
+        )
+        self.assertEqual(a.prefix, "imapproxy:")
+        self.assertNotIn("p@ss", repr(a))
+        self.assertEqual(a.describe(), "redis://redis.example.com:6380/4")
+
+    def test_defaults(self):
+        """Host, port and database default to localhost, 6379 and 0."""
+        a = parseRedisURL("redis://")
+        self.assertEqual((a.host, a.port, a.db, a.password), ("localhost", 6379, 0, None))
+        self.assertEqual(parseRedisURL("redis://:pw@h").password, "pw")
+
+    def test_ipv6(self):
+        """An IPv6 literal host is understood and described in brackets."""
+        a = parseRedisURL("redis://[::1]:7000/1")
+        self.assertEqual((a.host, a.port), ("::1", 7000))
+        self.assertEqual(a.describe(), "redis://[::1]:7000/1")
+
+    def test_unix(self):
+        """A unix:// URL gives the socket path, database, password and prefix."""
+        a = parseRedisURL("unix:///run/redis/redis.sock?db=3&password=pw&prefix=p%3A")
+        self.assertEqual(
+            (a.path, a.db, a.password, a.prefix), ("/run/redis/redis.sock", 3, "pw", "p:")
+        )
+        self.assertEqual(a.describe(), "unix:///run/redis/redis.sock?db=3")
+
+    def test_bad(self):
+        """Malformed URLs are refused with StoreError."""
+        for url in (
+            "sqlite:///x",
+            "rediss://h",
+            "redis://h:notaport",
+            "redis://h/x",
+            "redis://h/1?db=2",
+            "redis://h?password=pw",
+            "redis://h?color=red",
+            "redis://h?db=1&db=2",
+            "unix://host/path",
+            "unix://",
+            "unix:///s?db=-1",
+        ):
+            with self.assertRaises(StoreError, msg=url):
+                parseRedisURL(url)
