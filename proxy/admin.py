@@ -541,16 +541,19 @@ class Admin:
     async def updateAccount(self, accountId: str, data: Any) -> Account:
         existing = await self.getAccount(accountId)
         oauth = data.get("oauth2") if isinstance(data, dict) else None
-        if (
+        keys = set(oauth) if isinstance(oauth, dict) else set()
+        leaving = (
             existing.oauth2.app is not None
             and isinstance(oauth, dict)
-            and "app" not in oauth
-            and "clientId" in oauth
-            and "clientSecret" not in oauth
-        ):
-            # Leaving a shared app must not carry the app's secret along to
-            # a client (and token URL) of the caller's choosing.
-            raise InvalidInput("oauth2.clientSecret is required when leaving an app")
+            and oauth.get("app") is None
+            and bool({"clientId", "tokenUrl", "scopes", "app"} & keys)
+        )
+        if leaving and not {"clientSecret", "refreshToken"} <= keys:
+            # Leaving a shared app must not carry its secret, nor the grant
+            # it issued, to a client (and token URL) of the caller's choosing.
+            raise InvalidInput(
+                "oauth2.clientSecret and oauth2.refreshToken are required when leaving an app"
+            )
         app = await self._appFor(data)
         if (
             app is None

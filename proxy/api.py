@@ -391,10 +391,13 @@ class TokenAPI:
         data = self._body(request)
         self._mayUse(caller, data.get("account") if isinstance(data, dict) else None)
         if caller.account is not None:
-            # Re-authorizing its own, existing account only, as it is.
-            await self.admin.getAccount(caller.account)
+            # Re-authorizing its own, existing account only, as it is, through
+            # the app it already uses (the client is the operator's choice).
+            own = await self.admin.getAccount(caller.account)
             if isinstance(data, dict) and "imap" in data:
                 raise ApiError(403, "an account token may not set imap")
+            if not isinstance(data, dict) or data.get("app") != own.oauth2.app:
+                raise ApiError(403, "an account token may only re-authorize through its app")
         if self.onboarding is None:
             raise ApiError(503, "onboarding is not available")
         return _send(request, 200, await self.onboarding.start(data))

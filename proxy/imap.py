@@ -159,14 +159,19 @@ class ProxyServer(IMAP4Server):
     def _bye(self, text: bytes) -> None:
         if self._phase in ("spliced", "closed"):
             return
-        self._phase = "closed"
         self.sendLine(b"* BYE " + text)
+        self._close()
+
+    def _close(self) -> None:
+        """Close for good: resume reading and cut a peer that does not go."""
+        self._phase = "closed"
         # Reading may be paused (a login was pending): a TLS close needs to
         # read the peer's close_notify, and a peer that never closes is cut.
+        # The cut is armed first: a transport may report the loss at once.
+        self._cut = self.callLater(self.BYE_GRACE, self.transport.abortConnection)
         self.paused = False
         self.transport.resumeProducing()
         self.transport.loseConnection()
-        self._cut = self.callLater(self.BYE_GRACE, self.transport.abortConnection)
 
     # -- parsing ------------------------------------------------------------
 
@@ -261,8 +266,7 @@ class ProxyServer(IMAP4Server):
     def do_LOGOUT(self, tag: bytes) -> None:
         self.sendUntaggedResponse(b"BYE imapproxy logging out")
         self.sendPositiveResponse(tag, b"LOGOUT completed")
-        self.transport.loseConnection()
-        self._phase = "closed"
+        self._close()
 
     unauth_LOGOUT = (do_LOGOUT,)  # type: ignore[assignment]
 

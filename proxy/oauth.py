@@ -228,8 +228,10 @@ class AccessTokens:
         self._cache: dict[str, tuple[str, float, float]] = {}
         # Rotated refresh tokens whose save failed: used instead of the
         # stored one until a save succeeds, so a store hiccup loses nothing.
-        self._unsaved: dict[str, str] = {}
-        self._inflight: dict[str, list[Deferred[AccessToken]]] = {}
+        self._unsaved: dict[str, tuple[str, str, tuple]] = {}
+        # Fetches under way, by (account id, fingerprint): an account that now
+        # points elsewhere never joins a fetch made for its old settings.
+        self._inflight: dict[tuple[str, tuple], list[Deferred[AccessToken]]] = {}
         # Refresh requests still out (possibly past their deadline), by account.
         self._running: dict[str, Deferred[Grant]] = {}
         self._fingerprints: dict[str, tuple] = {}
@@ -259,16 +261,33 @@ class AccessTokens:
         if cached is not None and not force:
             return succeed(cached)
         waiter: Deferred[AccessToken] = Deferred()
-        if account.id in self._inflight:
-            self._inflight[account.id].append(waiter)
+        key = (account.id, fingerprint(account))
+        if key in self._inflight:
+            self._inflight[key].append(waiter)
             if stale is not None:
                 # The fetch under way may only be re-reading the saved token
                 # that was just refused: then refresh after it.
                 return ensureDeferred(self._afterInflight(waiter, account, stale))
             return waiter
-        self._inflight[account.id] = [waiter]
-        ensureDeferred(self._fetch(account, force)).addBoth(self._done, account.id)
+        self._inflight[key] = [waiter]
+        ensureDeferred(self._fetch(account, force)).addBoth(self._done, key)
         return waiter
+
+    def _withUnsaved(self, account: Account) -> Account:
+        """
+        The account with a rotated refresh token that could not be saved yet,
+        if it still applies: the stored grant is the one it was rotated from
+        and the account still points where it did.
+        """
+        entry = self._unsaved.get(account.id)
+        if entry is None:
+            return account
+        base, rotated, fp = entry
+        if base != account.oauth2.refreshToken or fp != fingerprint(account):
+            # Re-authorized or moved since: the rotated token is stale.
+            del self._unsaved[account.id]
+            return account
+        return attrs.evolve(account, oauth2=attrs.evolve(account.oauth2, refreshToken=rotated))
 
     async def _afterInflight(
         self, waiter: Deferred[AccessToken], account: Account, stale: str
@@ -303,13 +322,10 @@ class AccessTokens:
                 return usable
         started = self._clock.seconds()
         deadline = started + self._deadline
-        if account.id in self._unsaved:
-            account = attrs.evolve(
-                account,
-                oauth2=attrs.evolve(account.oauth2, refreshToken=self._unsaved[account.id]),
-            )
+        stored = account
         attempt = 0
         while True:
+            account = self._withUnsaved(stored)
             running = self._running.get(account.id)
             if running is not None:
                 # A refresh that outlived an earlier deadline is still out
@@ -323,10 +339,13 @@ class AccessTokens:
                     raise Unavailable("oauth2-timeout")
                 continue
             try:
-                grant = await self._bounded(account, deadline - self._clock.seconds())
+                grant = await self._bounded(
+                    account, deadline - self._clock.seconds(), stored.oauth2.refreshToken
+                )
                 break
             except GrantInvalid as e:
                 self._cache.pop(account.id, None)
+                self._unsaved.pop(account.id, None)
                 await self._reauthRequired(account.id, e)
                 raise
             except Unavailable as e:
@@ -359,9 +378,11 @@ class AccessTokens:
             except Exception:
                 log.failure("OAuth2 refresh for account {account} failed", account=account.id)
                 raise Unavailable("oauth2-internal") from None
-        return await self._accept(account, grant, started)
+        return await self._accept(account, grant, started, stored.oauth2.refreshToken)
 
-    def _bounded(self, account: Account, seconds: float) -> Deferred[Grant]:
+    def _bounded(
+        self, account: Account, seconds: float, stored: str | None = None
+    ) -> Deferred[Grant]:
         """
         One refresh, waited for at most ``seconds``. A request that answers
         after that is not thrown away: what it brings (a rotated refresh token
@@ -389,7 +410,7 @@ class AccessTokens:
                 else:
                     out.callback(result)
             elif not isinstance(result, Failure):
-                ensureDeferred(self._accept(account, result, started)).addErrback(
+                ensureDeferred(self._accept(account, result, started, stored)).addErrback(
                     lambda f: log.failure("keeping a late OAuth2 answer failed", f)
                 )
             elif isinstance(result.value, GrantInvalid):
@@ -437,14 +458,32 @@ class AccessTokens:
             except Exception:
                 log.failure("recording the state of {account} failed", account=accountId)
 
-    async def _accept(self, account: Account, grant: Grant, started: float) -> AccessToken:
-        """Keep a new access token (and a rotated refresh token)."""
-        if grant.refreshToken is not None:
-            self._unsaved[account.id] = grant.refreshToken
+    async def _accept(
+        self, account: Account, grant: Grant, started: float, stored: str | None = None
+    ) -> AccessToken:
+        """
+        Keep a new access token (and a rotated refresh token).
+
+        :param stored: the refresh token in the store when this refresh was
+            asked for (``account`` may carry an unsaved rotated one instead).
+        """
+        lifetime = grant.expiresIn if grant.expiresIn is not None else self.UNKNOWN_LIFETIME
+        # A provider's silly lifetime (0, negative, years) is not believed.
+        lifetime = min(max(lifetime, self.MIN_LIFETIME), self.MAX_LIFETIME)
+        expires = started + lifetime
+        current = self._fingerprints.get(account.id) in (None, fingerprint(account))
+        if current:
+            # Cached before anything is awaited: a login waiting for this
+            # refresh must find it, not start another with the same grant.
+            self._cache[account.id] = (grant.accessToken, expires, lifetime)
+        base = stored if stored is not None else account.oauth2.refreshToken
+        if grant.refreshToken is not None and current:
+            self._unsaved[account.id] = (base, grant.refreshToken, fingerprint(account))
             log.info("provider rotated the refresh token of {account}", account=account.id)
-        if account.id in self._unsaved:
+        entry = self._unsaved.get(account.id)
+        if entry is not None:
             try:
-                await self._save(account.id, self._unsaved[account.id])
+                await self._save(account.id, entry[1])
             except Exception:
                 log.failure(
                     "saving the rotated refresh token of {account} failed; "
@@ -452,17 +491,9 @@ class AccessTokens:
                     account=account.id,
                 )
             else:
-                if (
-                    self._unsaved.get(account.id) == grant.refreshToken
-                    or grant.refreshToken is None
-                ):
-                    self._unsaved.pop(account.id, None)
-        lifetime = grant.expiresIn if grant.expiresIn is not None else self.UNKNOWN_LIFETIME
-        # A provider's silly lifetime (0, negative, years) is not believed.
-        lifetime = min(max(lifetime, self.MIN_LIFETIME), self.MAX_LIFETIME)
-        expires = started + lifetime
-        self._cache[account.id] = (grant.accessToken, expires, lifetime)
-        if self._persist is not None:
+                if self._unsaved.get(account.id) is entry:
+                    del self._unsaved[account.id]
+        if current and self._persist is not None:
             try:
                 await self._persist(account.id, grant.accessToken, expires, lifetime)
             except Exception:
@@ -474,8 +505,8 @@ class AccessTokens:
         )
         return AccessToken(grant.accessToken, expires, fresh=True)
 
-    def _done(self, result: Any, accountId: str) -> None:
-        for waiter in self._inflight.pop(accountId, []):
+    def _done(self, result: Any, key: tuple[str, tuple]) -> None:
+        for waiter in self._inflight.pop(key, []):
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:

@@ -198,13 +198,18 @@ class Onboarding:
         if imap is not None:
             # Check the settings now, as the account will be built after
             # consent: a mistake must not waste the owner's consent.
+            try:
+                current = await self.admin.getAccount(accountId)
+            except AdminError:
+                current = None
             buildAccount(
                 {
-                    "account": accountId,
-                    "email": email or "check@invalid",
+                    "email": email or (current.email if current else "check@invalid"),
                     "imap": imap,
                     "oauth2": {"app": app.id, "refreshToken": "check"},
                 },
+                current,
+                accountId,
                 app=app,
             )
         if imap is None and PRESETS.get(app.provider, {}).get("imap") is None:
@@ -299,6 +304,12 @@ class Onboarding:
         except AdminError:
             existing = None
         expected = existing.email if existing is not None else email
+        if existing is not None and not reported:
+            # Replacing a working grant needs proof of which mailbox consented.
+            raise OnboardingError(
+                "the provider did not say which mailbox consented (ask for the openid "
+                "and email scopes); the account was not changed"
+            )
         if reported and expected and reported.lower() != expected.lower():
             # Whoever consented must be the mailbox the account is for:
             # a consent link must not rebind an account to another mailbox.

@@ -378,6 +378,7 @@ class TLSOptionsCache:
         self._ttl = ttl
         self._size = size
         self._entries: dict[tuple[str, str | None], tuple[float, Any]] = {}
+        self._building: dict[tuple[str, str | None], list[Deferred[Any]]] = {}
 
     async def get(self, upstream: Upstream) -> Any:
         from twisted.internet.threads import deferToThreadPool
@@ -387,16 +388,31 @@ class TLSOptionsCache:
         hit = self._entries.get(key)
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
-        try:
-            options = await deferToThreadPool(
+        waiters = self._building.get(key)
+        if waiters is None:
+            # One build per key however many logins ask at once.
+            waiters = self._building[key] = []
+            deferToThreadPool(
                 self._reactor, self._reactor.getThreadPool(), tlsOptionsFor, *key
-            )
+            ).addBoth(self._built, key, now)
+        waiter: Deferred[Any] = Deferred()
+        waiters.append(waiter)
+        try:
+            return await waiter
         except ValueError:
             raise Unavailable("upstream-ca-file") from None
-        if len(self._entries) >= self._size:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = (now, options)
-        return options
+
+    def _built(self, result: Any, key: tuple[str, str | None], now: float) -> None:
+        waiters = self._building.pop(key)
+        if not isinstance(result, Failure):
+            if key not in self._entries and len(self._entries) >= self._size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (now, result)
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
 
 def _splitPEM(pem: bytes) -> list[bytes]:

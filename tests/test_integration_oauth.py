@@ -337,3 +337,48 @@ def test_slow_token_endpoint_bounded_and_late_answer_kept(proxy, provider, dovec
         threading.Event().wait(0.1)
     _login_ok(proxy, mb.account, mb.token)
     assert provider.stats()["token_calls_by_username"][mb.email] == 1
+
+
+def test_leaving_an_app_needs_own_secret_and_grant(proxy, root, app):
+    """Moving an account off a shared app cannot take the app's secret or grant along."""
+    account = "leave-" + secrets.token_hex(3)
+    headers = {"Authorization": f"Bearer {root}"}
+    r = requests.post(
+        f"{proxy.api_url}/v1/account",
+        headers=headers,
+        timeout=20,
+        json={
+            "account": account,
+            "email": account + "@example.com",
+            "imap": {"host": "localhost"},
+            "oauth2": {"app": "fake", "refreshToken": "rt-x"},
+        },
+    )
+    assert r.status_code == 200, r.text
+    for oauth in (
+        {"clientId": "evil", "tokenUrl": "https://evil.example/token"},
+        {"app": None, "clientId": "evil", "tokenUrl": "https://evil.example/token"},
+    ):
+        r = requests.put(
+            f"{proxy.api_url}/v1/account/{account}",
+            headers=headers,
+            json={"oauth2": oauth},
+            timeout=20,
+        )
+        assert r.status_code == 400 and "required when leaving an app" in r.text, r.text
+    r = requests.put(
+        f"{proxy.api_url}/v1/account/{account}",
+        headers=headers,
+        timeout=20,
+        json={
+            "oauth2": {
+                "app": None,
+                "clientId": "own",
+                "tokenUrl": "https://own.example/token",
+                "clientSecret": "own-secret",
+                "refreshToken": "rt-own",
+            }
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["oauth2"]["app"] is None and r.json()["oauth2"]["clientId"] == "own"

@@ -604,3 +604,57 @@ class SafetyTests(SynchronousTestCase):
         d = tokens.get(a, force=True)
         self.refresh.answer(Grant("at-2", 10**9))
         self.assertEqual(self.successResultOf(d).expires, AccessTokens.MAX_LIFETIME)
+
+
+class ReviewRegressionTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.refresh = FakeRefresher()
+        self.save = FakeSaver()
+
+    def test_slowSaveDoesNotCauseSecondRefresh(self):
+        """A late answer whose save is still pending already serves the waiting login."""
+        self.save.hold = True
+        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=2.0, backoff=(5.0,))
+        a = account()
+        first = tokens.get(a)
+        self.clock.advance(2.0)
+        self.failureResultOf(first, Unavailable)
+        second = tokens.get(a)
+        self.refresh.answer(Grant("at-late", 3600, refreshToken="rt-2"))
+        self.assertEqual(self.successResultOf(second).value, "at-late")
+        self.assertEqual([c[0].oauth2.refreshToken for c in self.refresh.calls], ["rt-1"])
+        self.save.pending[0].callback(None)
+
+    def test_movedAccountNeverGetsTheOldToken(self):
+        """A login for an account moved elsewhere does not join the fetch for its old settings."""
+        tokens = AccessTokens(self.refresh, self.save, self.clock)
+        a = account()
+        old = tokens.get(a)
+        moved = attrs.evolve(a, upstream=Upstream(host="other.example.net"))
+        new = tokens.get(moved)
+        # One refresh per account at a time: the moved one waits, then asks anew.
+        self.assertEqual(len(self.refresh.calls), 1)
+        self.refresh.answer(Grant("at-old", 3600), index=0)
+        self.assertEqual(self.successResultOf(old).value, "at-old")
+        self.assertNoResult(new)
+        self.assertEqual(len(self.refresh.calls), 2)
+        self.refresh.answer(Grant("at-new", 3600), index=1)
+        self.assertEqual(self.successResultOf(new).value, "at-new")
+        self.assertEqual(self.successResultOf(tokens.get(moved)).value, "at-new")
+
+    def test_unsavedRotationDroppedAfterReauthorization(self):
+        """A rotated token that could not be saved is not used once a new grant is stored."""
+        self.save.hold = True
+        tokens = AccessTokens(self.refresh, self.save, self.clock)
+        a = account()
+        d = tokens.get(a)
+        self.refresh.answer(Grant("at-1", 3600, refreshToken="rt-rotated"))
+        self.save.pending[0].errback(OSError("disk full"))
+        self.successResultOf(d)
+        self.flushLoggedErrors(OSError)
+        self.save.hold = False
+        reauthorized = attrs.evolve(a, oauth2=attrs.evolve(a.oauth2, refreshToken="rt-new"))
+        tokens.get(reauthorized, force=True)
+        self.assertEqual(self.refresh.calls[-1][0].oauth2.refreshToken, "rt-new")
+        self.refresh.answer(Grant("at-2", 3600))
