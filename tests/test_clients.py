@@ -34,9 +34,9 @@ def _maildir_messages(root: str) -> dict[str, bytes]:
     return found
 
 
-@pytest.mark.skipif(MBSYNC is None, reason="mbsync (isync) not installed; tests/run installs it")
 def test_mbsync_syncs_same_mail_as_direct(proxy, mailbox, dovecot, provider, pki, tmp_path):
     """mbsync pulls every folder and message through the proxy, identical to the server's."""
+    assert MBSYNC is not None, "mbsync (isync) is missing: tests/run installs it"
     msgs = [message(2000 + 4000 * i, f"mbsync {i}") for i in range(6)]
     for m in msgs[:4]:
         dovecot.seed(mailbox.email, m)
