@@ -12,8 +12,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
-
 from tests.imaputil import direct, message, provider_access_token
 
 MBSYNC = shutil.which("mbsync")
