@@ -8,10 +8,13 @@ the key layout, encryption at rest, outages.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from unittest import SkipTest
 
@@ -26,7 +29,14 @@ import tests.test_store as contract
 from proxy.encryption import SecretKeyError, Secrets, loadSecrets, writeKeyFile
 from proxy.model import Account, OAuth2App, OAuth2Grant, PendingAuthorization
 from proxy.store import IAccountStore, ITokenStore, SQLiteStore, StoreError
-from proxy.store.redis import RedisStore, StoreUnavailable, parseRedisURL
+from proxy.store._redisconn import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_DEPTH,
+    MAX_REPLY_ELEMENTS,
+    _blockingCommand,
+    _readReply,
+)
+from proxy.store.redis import RedisAddress, RedisStore, StoreUnavailable, parseRedisURL
 from tests.test_store import CLIENT_SECRET, REFRESH, account, token
 from tests.upstream.redisserver import RedisServer
 
@@ -858,3 +868,75 @@ class RedisURLTests(SynchronousTestCase):
         ):
             with self.assertRaises(StoreError, msg=url):
                 parseRedisURL(url)
+
+
+class BlockingReplyLimitTests(SynchronousTestCase):
+    """The blocking client (``openBlocking``'s) does not trust reply sizes."""
+
+    def read(self, data: bytes):
+        return _readReply(io.BytesIO(data))
+
+    def test_withinLimits(self):
+        """Replies up to the limits are read."""
+        big = b"x" * MAX_REPLY_BYTES
+        self.assertEqual(self.read(b"$%d\r\n%s\r\n" % (len(big), big)), big.decode())
+        many = b"*%d\r\n" % MAX_REPLY_ELEMENTS + b":1\r\n" * MAX_REPLY_ELEMENTS
+        self.assertEqual(self.read(many), [1] * MAX_REPLY_ELEMENTS)
+        deep = b"*1\r\n" * MAX_REPLY_DEPTH + b"+OK\r\n"
+        reply = self.read(deep)
+        for _ in range(MAX_REPLY_DEPTH):
+            (reply,) = reply
+        self.assertEqual(reply, "OK")
+        self.assertEqual(self.read(b"*2\r\n$-1\r\n*-1\r\n"), [None, None])
+
+    def test_tooLong(self):
+        """A string longer than the limit is refused before it is read."""
+        with self.assertRaisesRegex(ValueError, "too long"):
+            self.read(b"$%d\r\n" % (MAX_REPLY_BYTES + 1))
+        with self.assertRaisesRegex(ValueError, "too long"):
+            self.read(b"$99999999999999999999\r\n")
+
+    def test_tooLongInAll(self):
+        """Strings that are each short but too long together are refused."""
+        half = b"x" * (MAX_REPLY_BYTES // 2 + 1)
+        bulk = b"$%d\r\n%s\r\n" % (len(half), half)
+        with self.assertRaisesRegex(ValueError, "too long"):
+            self.read(b"*2\r\n" + bulk + bulk)
+
+    def test_tooManyElements(self):
+        """An array with more elements than the limit (in all) is refused."""
+        with self.assertRaisesRegex(ValueError, "too many elements"):
+            self.read(b"*%d\r\n" % (MAX_REPLY_ELEMENTS + 1))
+        half = MAX_REPLY_ELEMENTS // 2 + 1
+        inner = b"*%d\r\n" % half + b":1\r\n" * half
+        with self.assertRaisesRegex(ValueError, "too many elements"):
+            self.read(b"*2\r\n" + inner + inner)
+
+    def test_tooDeep(self):
+        """Arrays nested deeper than the limit are refused."""
+        with self.assertRaisesRegex(ValueError, "nested too deeply"):
+            self.read(b"*1\r\n" * (MAX_REPLY_DEPTH + 1) + b"+OK\r\n")
+
+    def test_lineTooLong(self):
+        """A status line without end is not read for ever."""
+        with self.assertRaisesRegex(ValueError, "line is too long"):
+            self.read(b"+" + b"x" * (1024 * 1024))
+
+    def test_unavailable(self):
+        """A server that announces a huge reply makes the store unavailable."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(10)
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"+OK\r\n$%d\r\n" % (50 * 1024 * 1024 * 1024))
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        self.addCleanup(server.join, 10)
+        address = RedisAddress(host="127.0.0.1", port=listener.getsockname()[1])
+        with self.assertRaisesRegex(StoreUnavailable, "too long"):
+            _blockingCommand(address, 5.0, ["PING"])

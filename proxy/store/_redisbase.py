@@ -1,0 +1,274 @@
+"""
+The Redis store's connection and life cycle (``RedisStore``'s base class):
+opening (and checking the secret key against the store), closing, running as
+a service, and sending commands and scripts with a deadline, failures mapped
+to ``StoreError`` / ``StoreUnavailable``. The data operations are in
+``proxy.store.redis``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.logger import Logger
+
+from ..encryption import SecretKeyError, Secrets
+from ._redisconn import (
+    _TRANSIENT,
+    _UNAVAILABLE,
+    StoreUnavailable,
+    _blockingCommand,
+    _RedisProtocol,
+    parseRedisURL,
+)
+from ._redislua import _OPEN
+from .sqlite import _KEY_CHECK, StoreError
+
+SCHEMA = "1"
+
+
+class _RedisStoreBase(Service):
+    """
+    Connecting to Redis and the store's life cycle; see ``RedisStore`` for
+    the parameters.
+    """
+
+    log = Logger()
+    # Reconnection back-off after an outage, in seconds.
+    retryInitialDelay = 0.2
+    retryMaxDelay = 2.0
+
+    def __init__(
+        self,
+        url: str,
+        secrets: Secrets,
+        reactor: Any = None,
+        *,
+        timeout: float = 2.0,
+        poolSize: int = 3,
+    ):
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.address = parseRedisURL(url)
+        # Where the store is, without credentials: SQLiteStore.path's counterpart.
+        self.path = self.address.describe()
+        self._secrets = secrets
+        self._reactor = reactor
+        self.timeout = timeout
+        self.poolSize = poolSize
+        self._redis: Any = None
+        self._open = False
+        self._closed = False
+        self._available = True
+        self._lastConnectError: str | None = None
+        self._pending: set[Deferred[Any]] = set()
+
+    @property
+    def secrets(self) -> Secrets:
+        return self._secrets
+
+    def _key(self, *parts: str) -> str:
+        return self.address.prefix + ":".join(parts)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def open(self) -> Deferred[None]:
+        """
+        Connect, and check the key against the store (creating the check on
+        first use).
+
+        :return: Deferred firing when the store is usable; errback
+            ``StoreError`` when Redis cannot be reached or the key is wrong.
+        """
+        if self._closed:
+            return fail(StoreError("the store is closed"))
+        self._open = True
+        return ensureDeferred(self._openAsync())
+
+    async def _openAsync(self) -> None:
+        check = self._secrets.encrypt(_KEY_CHECK)
+        try:
+            try:
+                stored = await self._eval(_OPEN, [self._key("meta")], [check, SCHEMA])
+            except StoreUnavailable:
+                why = f": {self._lastConnectError}" if self._lastConnectError else ""
+                raise StoreUnavailable(
+                    f"the Redis store {self.address.describe()} is unavailable{why}"
+                ) from None
+            self._checkKey(stored)
+        except BaseException:
+            self._open = False
+            redis, self._redis = self._redis, None
+            if redis is not None:
+                await redis.disconnect()
+            raise
+
+    def openBlocking(self) -> None:
+        """
+        Check the connection and the key in the calling thread, over a plain
+        socket: only before the reactor runs (``twistd`` and the CLI check a
+        store before they start). The store is then open; its connections
+        are made when it is first used, from the reactor.
+        """
+        if self._closed:
+            raise StoreError("the store is closed")
+        check = self._secrets.encrypt(_KEY_CHECK)
+        command = ["EVAL", _OPEN, "1", self._key("meta"), check, SCHEMA]
+        self._checkKey(_blockingCommand(self.address, self.timeout, command))
+        self._open = True
+
+    def _closeBlocking(self) -> None:
+        """Undo ``openBlocking`` (no connection is open yet), to open again."""
+        if self._redis is None:
+            self._open = False
+
+    def _checkKey(self, stored: list[Any]) -> None:
+        value, schema = stored
+        if schema != SCHEMA:
+            raise StoreError(
+                f"the Redis store {self.address.describe()} has data layout {schema!r}; "
+                f"this version of imapproxy knows {SCHEMA!r}"
+            )
+        try:
+            ok = self._secrets.decrypt(value) == _KEY_CHECK
+        except SecretKeyError:
+            ok = False
+        if not ok:
+            raise StoreError(
+                f"the secret key does not match the store {self.address.describe()}: "
+                "refusing to start (give the key the store's secrets were last "
+                "encrypted with: the newest one after 'imapproxy secrets rotate')"
+            )
+
+    def close(self) -> Deferred[None]:
+        """Close the connections; operations still waiting fail with StoreError."""
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        self._open = False
+        for d in list(self._pending):
+            d.cancel()
+        redis, self._redis = self._redis, None
+        if redis is None:
+            return succeed(None)
+        return gatherResults([redis.disconnect()], consumeErrors=True).addCallback(lambda _: None)
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._open:
+            self.open().addErrback(self._openFailed)
+
+    def _openFailed(self, failure: Any) -> None:
+        self.log.failure("the store could not be opened", failure)
+        self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.close()
+
+    # -- talking to Redis ---------------------------------------------------------
+
+    def _client(self) -> Any:
+        if self._closed:
+            raise StoreError("the store is closed")
+        if not self._open:
+            raise StoreError("the store is not open")
+        if self._redis is None:
+            self._redis = self._connect()
+        return self._redis
+
+    def _connect(self) -> Any:
+        a = self.address
+        factory = txredisapi.RedisFactory(
+            a.describe(),
+            a.db or None,
+            self.poolSize,
+            isLazy=True,
+            password=a.password,
+            username=a.username,
+            replyTimeout=self.timeout,
+            # Values are text: "007" must not come back as 7.
+            convertNumbers=False,
+        )
+        factory.protocol = _RedisProtocol
+        factory.initialDelay = self.retryInitialDelay
+        factory.maxDelay = self.retryMaxDelay
+        # Fires only when a connection is refused for good (bad password or
+        # database); txredisapi then stops trying, and says why here.
+        factory.deferred.addErrback(self._connectFailed)
+        if a.path is not None:
+            endpoint: Any = UNIXClientEndpoint(self._reactor, a.path, timeout=self.timeout)
+        else:
+            endpoint = HostnameEndpoint(
+                self._reactor, a.host or "localhost", a.port, timeout=self.timeout
+            )
+        factory.startConnecting(endpoint)
+        return factory.handler
+
+    def _connectFailed(self, failure: Any) -> None:
+        self._lastConnectError = failure.getErrorMessage()
+        self.log.error(
+            "the Redis store {where} refused the connection: {why}",
+            where=self.address.describe(),
+            why=self._lastConnectError,
+        )
+        # Nothing will connect now: fail what waits for a connection.
+        for d in list(self._pending):
+            d.cancel()
+
+    def _call(self, method: str, *args: Any) -> Deferred[Any]:
+        """One command (or script) with a deadline; Redis errors as StoreError."""
+        try:
+            client = self._client()
+        except StoreError as e:
+            return fail(e)
+        d = getattr(client, method)(*args)
+        # A little longer than the reply timeout, which also drops a hung
+        # connection; this one bounds the wait for a connection too.
+        d.addTimeout(self.timeout + 0.5, self._reactor)
+        self._pending.add(d)
+
+        def done(result: Any) -> Any:
+            self._pending.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d.addCallbacks(self._succeeded, self._failed)
+
+    def _eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        # txredisapi runs EVALSHA once a connection has seen the script.
+        return self._call("eval", script, keys, args)
+
+    def _succeeded(self, result: Any) -> Any:
+        if not self._available:
+            self._available = True
+            self.log.info("the Redis store {where} is available", where=self.address.describe())
+        return result
+
+    def _failed(self, failure: Any) -> Any:
+        if self._closed:
+            raise StoreError("the store is closed")
+        unavailable = failure.check(*_UNAVAILABLE) is not None
+        if failure.check(txredisapi.ResponseError):
+            message = str(failure.value).strip()
+            if message.split(" ", 1)[0] not in _TRANSIENT:
+                raise StoreError(f"the Redis store refused a command: {message[:200]}")
+            unavailable = True
+        if failure.check(txredisapi.InvalidData):
+            raise StoreError("a value cannot be stored: it is not valid text")
+        if not unavailable and failure.check(txredisapi.RedisError):
+            raise StoreError("the Redis store gave an unexpected reply")
+        if not unavailable:
+            return failure
+        if self._available:
+            self._available = False
+            self.log.warn(
+                "the Redis store {where} is unavailable: {why}",
+                where=self.address.describe(),
+                why=failure.getErrorMessage() or failure.type.__name__,
+            )
+        raise StoreUnavailable("the Redis store is unavailable")
