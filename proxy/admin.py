@@ -11,9 +11,12 @@ import time
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 
 from .model import TLS_MODES, Account, OAuth2App, OAuth2Grant, Token, Upstream, validAccountId
 from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId
+
+log = Logger()
 
 
 class AdminError(Exception):
@@ -432,11 +435,14 @@ class Admin:
     :param sessions: the live sessions of this process (``close(account=,
         tokenId=)``), or None where there are none (the admin command).
     :param clock: ``IReactorTime`` or anything with ``seconds()``.
+    :param bus: with a shared store, what carries close requests to the
+        other instances (``publish(account, tokenId)``); None otherwise.
     """
 
-    def __init__(self, store: Any, sessions: Any = None, clock: Any = None):
+    def __init__(self, store: Any, sessions: Any = None, clock: Any = None, bus: Any = None):
         self.store = store
         self.sessions = sessions
+        self.bus = bus
         self._now = clock.seconds if clock is not None else time.time
 
     async def issueToken(self, data: Any, caller: Token | None = None) -> tuple[str, Token]:
@@ -479,9 +485,27 @@ class Admin:
         """
         record = await self.findToken(tokenOrId)
         await self.store.removeToken(record.id)
-        if disconnect and self.sessions is not None:
-            return int(self.sessions.close(tokenId=record.id))
+        if disconnect:
+            return await self._close(tokenId=record.id)
         return 0
+
+    async def _close(self, account: str | None = None, tokenId: str | None = None) -> int:
+        """
+        Close the matching sessions here and on every instance sharing the
+        store; :return: how many were closed here.
+        """
+        closed = 0
+        if self.sessions is not None:
+            closed = int(self.sessions.close(account=account, tokenId=tokenId))
+        if self.bus is not None:
+            try:
+                await self.bus.publish(account, tokenId)
+            except Exception as e:
+                log.error(
+                    "asking the other instances to close sessions failed: {why}",
+                    why=str(e)[:200],
+                )
+        return closed
 
     async def getAccount(self, accountId: str) -> Account:
         account = await self.store.getAccount(accountId)
@@ -573,9 +597,7 @@ class Admin:
         """Remove the account and its tokens; :return: sessions closed."""
         if not await self.store.removeAccount(accountId):
             raise NotFound(f"no account {accountId}")
-        if self.sessions is not None:
-            return int(self.sessions.close(account=accountId))
-        return 0
+        return await self._close(account=accountId)
 
 
 def _iso(t: float | None) -> str | None:

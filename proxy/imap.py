@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import Counter, deque
 from typing import Any
 
 import attrs
@@ -373,15 +374,33 @@ class ProxyServer(IMAP4Server):
         self.pauseProducing()
         self._account = loggableAccount(account)
         creds = TokenCredentials(account=account, token=token, address=self.address)
+        ticket = self._sessions.loginStarted() if self._sessions is not None else 0
         d = self.portal.login(creds, None, IUpstreamSession)
-        d.addCallbacks(self._loggedIn, self._loginFailed, (tag,), None, (tag,), None)
+        d.addCallbacks(self._loggedIn, self._loginFailed, (tag, ticket), None, (tag, ticket), None)
         d.addErrback(lambda f: log.failure("login completion failed", f))
 
-    def _loggedIn(self, result: Any, tag: bytes) -> None:
+    def _loggedIn(self, result: Any, tag: bytes, ticket: int) -> None:
         _iface, session, logout = result
+        revoked = self._sessions is not None and self._sessions.loginEnded(
+            ticket, session.account, session.tokenId
+        )
         if self._phase != "login":
             # The client left (or timed out) while we logged in upstream.
             logout()
+            return
+        if revoked:
+            # Its token was revoked with disconnect, or its account deleted,
+            # after the check passed: as if the check had come later.
+            logout()
+            log.info(
+                "login of {account} from {address} refused: closed while logging in",
+                account=self._account,
+                address=self.address,
+            )
+            self._phase = "preauth"
+            self._refused(tag, AccessDenied("unknown-token").imapResponse())
+            if self._phase == "preauth":
+                self.resumeProducing()
             return
         self._phase = "spliced"
         self.setTimeout(None)
@@ -407,7 +426,9 @@ class ProxyServer(IMAP4Server):
         if self._sessions is not None:
             self._sessions.discard(self._session, splice)
 
-    def _loginFailed(self, failure: Any, tag: bytes) -> None:
+    def _loginFailed(self, failure: Any, tag: bytes, ticket: int) -> None:
+        if self._sessions is not None:
+            self._sessions.loginEnded(ticket, None, None)
         if self._phase != "login":
             return
         error = failure.value
@@ -445,10 +466,21 @@ class ProxyServer(IMAP4Server):
 
 
 class SessionRegistry:
-    """The live spliced sessions, by account and by token id."""
+    """
+    The live spliced sessions, by account and by token id, and the close
+    requests that logins still under way must not slip past: a login whose
+    token was checked just before a revocation (here or, through the store's
+    bus, on another instance) is refused when it completes, not spliced.
+    """
 
     def __init__(self) -> None:
         self._splices: dict[Splice, Any] = {}
+        # Close requests as (number, account, token id), oldest first, kept
+        # while a login that began before them is still under way.
+        self._closes: deque[tuple[int, str | None, str | None]] = deque()
+        self._requests = 0
+        # Logins under way, by the number of close requests seen when each began.
+        self._pending: Counter[int] = Counter()
 
     def add(self, session: Any, splice: Splice) -> None:
         self._splices[splice] = session
@@ -459,17 +491,52 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._splices)
 
+    def loginStarted(self) -> int:
+        """:return: a ticket for ``loginEnded``, taken before the token is checked."""
+        self._pending[self._requests] += 1
+        return self._requests
+
+    def loginEnded(self, ticket: int, account: str | None, tokenId: str | None) -> bool:
+        """
+        :return: whether a close request matching the account or token came
+            after ``ticket`` was taken: the login must then be refused.
+        """
+        self._pending[ticket] -= 1
+        if not self._pending[ticket]:
+            del self._pending[ticket]
+        closed = any(
+            n > ticket and _matches(account, tokenId, a, t) for n, a, t in reversed(self._closes)
+        )
+        self._prune()
+        return closed
+
+    def _prune(self) -> None:
+        oldest = min(self._pending, default=self._requests)
+        while self._closes and self._closes[0][0] <= oldest:
+            self._closes.popleft()
+
     def close(self, account: str | None = None, tokenId: str | None = None) -> int:
-        """Close the matching sessions; :return: how many."""
+        """Close the matching sessions (all, with neither); :return: how many."""
+        if account is not None or tokenId is not None:
+            self._requests += 1
+            if self._pending:
+                self._closes.append((self._requests, account, tokenId))
         matched = [
             sp
             for sp, s in self._splices.items()
-            if (account is None or s.account == account)
-            and (tokenId is None or s.tokenId == tokenId)
+            if _matches(s.account, s.tokenId, account, tokenId)
         ]
         for sp in matched:
             sp.close()
         return len(matched)
+
+
+def _matches(
+    account: str | None, tokenId: str | None, wantAccount: str | None, wantToken: str | None
+) -> bool:
+    return (wantAccount is None or account == wantAccount) and (
+        wantToken is None or tokenId == wantToken
+    )
 
 
 class ProxyFactory(Factory):

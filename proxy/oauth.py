@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from .errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
+from .leases import RefreshLeases
 from .model import Account
 
 log = Logger()
@@ -197,6 +198,12 @@ class AccessTokens:
     :param loadSaved: ``accountId -> Deferred[(token, expires, lifetime) | None]``:
         an access token saved by this or another instance (encrypted at rest).
     :param persist: ``(accountId, token, expires, lifetime) -> Deferred``.
+    :param leases: ``RefreshLeases`` when instances share the store: a
+        refresh then first takes the account's lease, and a login that waits
+        for another instance's refresh uses the token it saves.
+    :param reload: ``accountId -> Deferred[Account | None]``: the account as
+        stored, read once the lease is held (another instance may have
+        rotated the refresh token).
     """
 
     UNKNOWN_LIFETIME = 3600.0
@@ -214,6 +221,8 @@ class AccessTokens:
         backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
         loadSaved: Callable[[str], Deferred[Any]] | None = None,
         persist: Callable[[str, str, float, float], Deferred[Any]] | None = None,
+        leases: RefreshLeases | None = None,
+        reload: Callable[[str], Deferred[Any]] | None = None,
     ):
         self._refresh = refresh
         self._save = saveRefreshToken
@@ -224,6 +233,8 @@ class AccessTokens:
         self._backoff = backoff
         self._loadSaved = loadSaved
         self._persist = persist
+        self._leases = leases
+        self._reload = reload
         # account id -> (access token, expiry time, lifetime)
         self._cache: dict[str, tuple[str, float, float]] = {}
         # Rotated refresh tokens whose save failed: used instead of the
@@ -270,7 +281,7 @@ class AccessTokens:
                 return ensureDeferred(self._afterInflight(waiter, account, stale))
             return waiter
         self._inflight[key] = [waiter]
-        ensureDeferred(self._fetch(account, force)).addBoth(self._done, key)
+        ensureDeferred(self._fetch(account, force, stale)).addBoth(self._done, key)
         return waiter
 
     def _withUnsaved(self, account: Account) -> Account:
@@ -294,7 +305,7 @@ class AccessTokens:
     ) -> AccessToken:
         token = await waiter
         if token.value == stale:
-            return await self.get(account, force=True)
+            return await self.get(account, stale=stale)
         return token
 
     def _usable(self, entry: tuple[str, float, float] | None) -> AccessToken | None:
@@ -307,7 +318,9 @@ class AccessTokens:
             return None
         return AccessToken(value, expires, fresh=False)
 
-    async def _fetch(self, account: Account, force: bool = False) -> AccessToken:
+    async def _fetch(
+        self, account: Account, force: bool = False, stale: str | None = None
+    ) -> AccessToken:
         if not force and self._loadSaved is not None:
             try:
                 saved = await self._loadSaved(account.id)
@@ -322,6 +335,67 @@ class AccessTokens:
                 return usable
         started = self._clock.seconds()
         deadline = started + self._deadline
+        leased = False
+        if self._leases is not None:
+            if not self._leases.join(account.id):
+                found, account = await self._lease(account, deadline, stale)
+                if found is not None:
+                    return found
+            leased = True
+        try:
+            return await self._refreshHeld(account, started, deadline)
+        finally:
+            if leased:
+                assert self._leases is not None
+                self._leases.leave(account.id)
+
+    async def _lease(
+        self, account: Account, deadline: float, stale: str | None
+    ) -> tuple[AccessToken | None, Account]:
+        """
+        Take the account's refresh lease, or the token the instance holding
+        it saves meanwhile.
+
+        :return: (that token, account) or (None, the account as now stored)
+            with the lease held.
+        """
+        assert self._leases is not None
+
+        async def savedElsewhere() -> AccessToken | None:
+            return await self._savedUnless(account.id, stale)
+
+        found = await self._leases.take(account.id, deadline, savedElsewhere)
+        if found is not None:
+            return found, account
+        try:
+            found = await self._savedUnless(account.id, stale)
+            fresh = await self._reload(account.id) if self._reload is not None else None
+        except BaseException:
+            self._leases.leave(account.id)
+            raise
+        if found is not None:
+            self._leases.leave(account.id)
+            return found, account
+        if fresh is not None and fingerprint(fresh) == fingerprint(account):
+            account = fresh
+        return None, account
+
+    async def _savedUnless(self, accountId: str, stale: str | None) -> AccessToken | None:
+        """A usable saved token other than ``stale``, cached; or None."""
+        if self._loadSaved is None:
+            return None
+        try:
+            saved = await self._loadSaved(accountId)
+        except Exception:
+            log.warn("reading the saved access token of {account} failed", account=accountId)
+            return None
+        usable = self._usable(saved)
+        if usable is None or usable.value == stale:
+            return None
+        self._cache[accountId] = saved
+        return usable
+
+    async def _refreshHeld(self, account: Account, started: float, deadline: float) -> AccessToken:
         stored = account
         attempt = 0
         while True:
@@ -398,6 +472,15 @@ class AccessTokens:
         timer = self._clock.callLater(max(seconds, 0.0), expired)
         request = self._refresh(account)
         self._running[account.id] = request
+        # The lease outlives the wait: it is kept while the request is out and
+        # while a late answer is saved.
+        leased = self._leases is not None and self._leases.join(account.id)
+
+        def leave(result: Any = None) -> Any:
+            if leased:
+                assert self._leases is not None
+                self._leases.leave(account.id)
+            return result
 
         def answered(result: Any) -> None:
             if self._running.get(account.id) is request:
@@ -410,9 +493,10 @@ class AccessTokens:
                 else:
                     out.callback(result)
             elif not isinstance(result, Failure):
-                ensureDeferred(self._accept(account, result, started, stored)).addErrback(
-                    lambda f: log.failure("keeping a late OAuth2 answer failed", f)
-                )
+                late = ensureDeferred(self._accept(account, result, started, stored))
+                late.addErrback(lambda f: log.failure("keeping a late OAuth2 answer failed", f))
+                late.addBoth(leave)
+                return
             elif isinstance(result.value, GrantInvalid):
                 ensureDeferred(self._reauthRequired(account.id, result.value))
             else:
@@ -421,6 +505,7 @@ class AccessTokens:
                     account=account.id,
                     error=getattr(result.value, "reason", "error"),
                 )
+            leave()
 
         request.addBoth(answered)
         return out

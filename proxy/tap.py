@@ -23,9 +23,17 @@ from .config import ConfigError, readConfig, splitList
 from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
+from .leases import RefreshLeases
 from .oauth import AccessTokens, ThreadedRefresher
 from .onboarding import Onboarding
-from .store import RedisStore, StoreError, defaultStoreURL, makeStore
+from .store import (
+    RedisStore,
+    RefreshLock,
+    SessionBus,
+    StoreError,
+    defaultStoreURL,
+    makeStore,
+)
 
 log = Logger()
 
@@ -305,6 +313,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     store.setServiceParent(top)
 
     refresher = ThreadedRefresher(reactor, options["oauth2-threads"], options["oauth2-timeout"])
+    shared = isinstance(store, RedisStore)
     accessTokens = AccessTokens(
         refresher.refresh,
         store.setRefreshToken,
@@ -315,6 +324,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         deadline=options["oauth2-deadline"],
         loadSaved=store.getAccessToken,
         persist=store.saveAccessToken,
+        # Instances sharing a store refresh an account one at a time.
+        leases=RefreshLeases(RefreshLock(store), reactor) if shared else None,
+        reload=store.getAccount if shared else None,
     )
     realm = UpstreamRealm(
         store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])
@@ -331,6 +343,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     sessions = SessionRegistry()
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
+    bus = None
+    if shared:
+        # Close requests (revoke with disconnect, account deletion) made on
+        # any instance reach this one's sessions.
+        bus = SessionBus(store, lambda account, token: sessions.close(account, token), reactor)
+        bus.setServiceParent(top)
 
     # Keys added with 'imapproxy secrets add-key' are picked up while running.
     keyWatch = LoopingCall(_reloadKeys, store)
@@ -352,7 +370,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     ).setServiceParent(top)
     for description in options["port"]:
         _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
-    admin = Admin(store, sessions, reactor)
+    admin = Admin(store, sessions, reactor, bus)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
     )

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..encryption import ENV_VAR, Secrets, loadSecrets
 from ._interfaces import IAccountStore, ITokenStore
+from ._rediscoord import RefreshLock, SessionBus
 from .redis import RedisStore, StoreUnavailable
 from .sqlite import SQLiteStore, StoreError
 
@@ -19,6 +20,8 @@ __all__ = [
     "IAccountStore",
     "ITokenStore",
     "RedisStore",
+    "RefreshLock",
+    "SessionBus",
     "SQLiteStore",
     "StoreError",
     "StoreUnavailable",
