@@ -195,7 +195,8 @@ class SessionBus(Service):
 
     def _message(self, message: str) -> None:
         if self._held is not None:
-            self._held.append(message)
+            if len(self._held) < STREAM_LENGTH:
+                self._held.append(message)
             return
         head, _, body = message.partition(" ")
         try:
@@ -208,15 +209,16 @@ class SessionBus(Service):
     def _apply(self, entry: tuple[int, int], body: str) -> None:
         if self._last is not None and entry <= self._last:
             return
-        self._last = entry
         try:
             request = json.loads(body[:MAX_MESSAGE])
             origin, account, token = request["from"], request["account"], request["token"]
             if not all(v is None or isinstance(v, str) for v in (account, token)):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
+            # Not ours: it does not move the catch-up position either.
             log.warn("ignored a malformed session close request")
             return
+        self._last = entry
         if origin == self.instance or (account is None and token is None):
             return
         n = self._close(account, token)
@@ -233,8 +235,10 @@ class SessionBus(Service):
 
 
 def _streamId(value: Any) -> tuple[int, int]:
-    ms, _, seq = str(value).partition("-")
-    return int(ms), int(seq or 0)
+    ms, dash, seq = str(value).partition("-")
+    if not (dash and ms.isdigit() and seq.isdigit()):
+        raise ValueError(f"not a stream id: {str(value)[:40]!r}")
+    return int(ms), int(seq)
 
 
 def _endpoint(address: Any, reactor: Any, timeout: float) -> Any:
