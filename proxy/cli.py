@@ -20,7 +20,8 @@ from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .encryption import SecretKeyError
 from .model import TLS_MODES
-from .store import StoreError, defaultStoreURL, makeStore
+from .store import RedisStore, SessionBus, StoreError, defaultStoreURL, makeStore
+from .storecopy import copyStore
 
 
 def _secretArg(value: str) -> str:
@@ -177,6 +178,29 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--account")
     rev = tok.add_parser("revoke", parents=[common], help="revoke a token")
     rev.add_argument("token", metavar="TOKEN-OR-ID")
+    rev.add_argument(
+        "--disconnect",
+        action="store_true",
+        help="also close its live sessions on every instance (a shared Redis store only; "
+        "on SQLite use the API of the running service)",
+    )
+
+    st = top.add_parser("store", help="the store as a whole").add_subparsers(
+        dest="command", required=True
+    )
+    cp = st.add_parser(
+        "copy",
+        parents=[common],
+        help="copy every app, account and token to another store (e.g. SQLite to Redis)",
+        description="Copy every OAuth2 app, account (with its grant and state), token and "
+        "saved access token from one store to another. Secrets are decrypted with FROM's key "
+        "and encrypted with TO's; tokens keep working.",
+    )
+    cp.add_argument("source", metavar="FROM", help="store URL to copy from")
+    cp.add_argument("target", metavar="TO", help="store URL to copy to")
+    cp.add_argument("--from-secret-file", help="FROM's key (default: as for --store)")
+    cp.add_argument("--to-secret-file", help="TO's key (a Redis store needs one)")
+    cp.add_argument("--overwrite", action="store_true", help="copy into a store that is not empty")
     return p
 
 
@@ -273,8 +297,14 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
                     f"{t.id}\t{t.account or '(root)'}\t{','.join(t.scopes)}\t{t.description}\n"
                 )
     elif group == "tokens" and command == "revoke":
-        await admin.revokeToken(args.token)
-        print("token revoked", file=sys.stderr)
+        if args.disconnect and admin.bus is None:
+            raise AdminError(
+                "--disconnect needs a shared (Redis) store; with SQLite, revoke through the "
+                "running service's API: DELETE /v1/tokens/ID?disconnect=true"
+            )
+        await admin.revokeToken(args.token, disconnect=args.disconnect)
+        done = ", its sessions closed on every instance" if args.disconnect else ""
+        print(f"token revoked{done}", file=sys.stderr)
 
 
 async def _authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
@@ -385,6 +415,15 @@ def _json(value: Any, out: Any) -> None:
     out.write("\n")
 
 
+def _open(url: str, secretFile: str | None) -> Any:
+    try:
+        store = makeStore(url, secretFile)
+        store.openBlocking()
+    except (StoreError, SecretKeyError) as e:
+        sys.exit(f"imapproxy: {e}")
+    return store
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings: dict[str, str] = {}
@@ -395,17 +434,43 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"imapproxy: {e}")
     url = getattr(args, "store", None) or settings.get("store") or defaultStoreURL()
     secretFile = getattr(args, "secret_file", None) or settings.get("secret-file")
-    try:
-        store = makeStore(url, secretFile)
-        store.openBlocking()
-    except (StoreError, SecretKeyError) as e:
-        sys.exit(f"imapproxy: {e}")
+    if args.group == "store":
+        source, target = _openBoth(args, url, secretFile)
+        _react(lambda: _copy(source, target, args.overwrite))
+    store = _open(url, secretFile)
 
-    async def run(reactor: Any) -> None:
+    async def run() -> None:
+        # On a shared store, sessions closed here are closed on every instance.
+        bus = SessionBus(store, lambda a, t: 0, None) if isinstance(store, RedisStore) else None
         try:
-            await _run(args, Admin(store), sys.stdout)
+            await _run(args, Admin(store, bus=bus), sys.stdout)
         finally:
             await store.close()
+
+    _react(run)
+
+
+def _openBoth(args: argparse.Namespace, url: str, secretFile: str | None) -> tuple[Any, Any]:
+    # The configured store's key is FROM's when FROM is the configured store.
+    source = _open(
+        args.source, args.from_secret_file or (secretFile if args.source == url else None)
+    )
+    target = _open(args.target, args.to_secret_file)
+    if os.path.abspath(str(source.path)) == os.path.abspath(str(target.path)):
+        sys.exit("imapproxy: FROM and TO are the same store")
+    return source, target
+
+
+async def _copy(source: Any, target: Any, overwrite: bool) -> None:
+    try:
+        report = await copyStore(source, target, overwrite=overwrite)
+    finally:
+        await source.close()
+        await target.close()
+    print(report.describe(), file=sys.stderr)
+
+
+def _react(run: Any) -> None:
 
     code = 0
 
@@ -418,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
                 return None
             return f
 
-        return ensureDeferred(run(reactor)).addErrback(failed)
+        return ensureDeferred(run()).addErrback(failed)
 
     try:
         react(outer)
