@@ -6,6 +6,12 @@ Twisted's ``haproxy:`` endpoint starts the wrapped protocol at once, before
 the header arrives, so a protocol that looks at ``getPeer()`` when it
 connects (the greeting, the plaintext-login policy, IP restrictions) sees the
 load balancer instead of the client.
+
+``haproxy:ssl:…`` is TLS passthrough: the balancer sends the PROXY header in
+the clear and then relays the client's own TLS (HAProxy's ``mode tcp`` with
+``send-proxy-v2``), so TLS starts after the header, with the ``ssl:``
+listener's certificate. (Twisted's own ``haproxy:ssl:`` expects the header
+inside TLS, which no balancer sends.)
 """
 
 from __future__ import annotations
@@ -68,9 +74,19 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        tls = self.factory.tls
+        transport: Any = self.transport
+        if tls is not None:
+            # From here on the transport decrypts and hands us the cleartext.
+            transport.startTLS(tls)
+            directlyProvides(self, providedBy(transport))
         self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if remaining:
-            self.wrappedProtocol.dataReceived(remaining)
+            if tls is not None:
+                # The client's first TLS bytes, read before TLS started.
+                transport.protocol.dataReceived(remaining)
+            else:
+                self.wrappedProtocol.dataReceived(remaining)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
@@ -84,25 +100,34 @@ class _HeaderFirstFactory(HAProxyWrappingFactory):
     protocol = _HeaderFirstWrapper  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, wrappedFactory: Any, clock: Any):
+    def __init__(self, wrappedFactory: Any, clock: Any, tls: Any = None):
         super().__init__(wrappedFactory)
         self.clock = clock
+        self.tls = tls
 
 
 class HeaderFirstEndpoint:
     """``haproxy:<inner endpoint>`` with the header read before anything else."""
 
-    def __init__(self, inner: Any, clock: Any):
+    def __init__(self, inner: Any, clock: Any, tls: Any = None):
         self._inner = inner
         self._clock = clock
+        self._tls = tls
 
     def listen(self, factory: Any) -> Any:
-        return self._inner.listen(_HeaderFirstFactory(factory, self._clock))
+        return self._inner.listen(_HeaderFirstFactory(factory, self._clock, self._tls))
 
 
 def serverEndpoint(reactor: Any, description: str) -> Any:
     """``serverFromString``, with ``haproxy:`` served by ``HeaderFirstEndpoint``."""
     if description.startswith("haproxy:"):
         inner = endpoints.serverFromString(reactor, description[len("haproxy:") :])
+        if isinstance(inner, endpoints.SSL4ServerEndpoint):
+            # Listen in the clear; TLS starts once the header is read.
+            tls = inner._sslContextFactory
+            inner = endpoints.TCP4ServerEndpoint(
+                reactor, inner._port, inner._backlog, inner._interface
+            )
+            return HeaderFirstEndpoint(inner, reactor, tls)
         return HeaderFirstEndpoint(inner, reactor)
     return endpoints.serverFromString(reactor, description)

@@ -244,7 +244,9 @@ class _Listener(Service):
             what=self._what,
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
-            kind=self._description.split(":", 1)[0],
+            kind="haproxy+ssl"
+            if self._description.startswith("haproxy:ssl:")
+            else self._description.split(":", 1)[0],
         )
 
     def _failed(self, failure: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 BIN = os.path.dirname(sys.executable)
 START_TIMEOUT = 20.0
 
-_LISTENING = re.compile(r"IMAP listening on (\S+):(\d+) \((\w+)\)")
+_LISTENING = re.compile(r"IMAP listening on (\S+):(\d+) \(([\w+]+)\)")
 _API_LISTENING = re.compile(r"API listening on (\S+):(\d+) \((\w+)\)")
 
 
