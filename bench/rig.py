@@ -1,0 +1,172 @@
+"""
+The measured set-up: the tests' PKI, fake OAuth2 provider, Dovecot and
+``twistd imapproxy`` (TLS listener, as the ``proxy`` fixture starts it),
+registered mailboxes, and the three targets a client can log in to: Dovecot
+directly (XOAUTH2), imapproxy (LOGIN account token) and the peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Callable
+
+import attrs
+
+from bench.client import Login
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, OAUTH2_DEADLINE, Mailbox, register
+from tests.imaputil import message, provider_access_token
+from tests.upstream import PKI, Dovecot, Provider, make_pki
+from tests.upstream.proxyproc import ProxyProcess
+
+SMALL_MESSAGES = 5
+SMALL_SIZE = 2000
+SINK = "Sink"  # where APPENDs go; emptied after each target's runs
+
+
+@attrs.define
+class Target:
+    """Something a client logs in to.
+
+    :param logins: one per small mailbox, in :attr:`Rig.small` order.
+    :param big_login: for the mailbox holding the large message.
+    :param cold: one per cold run, for an account nobody logged in to yet:
+        makes its login (timed: a direct client must fetch an access token
+        first; the proxy and the peer refresh one during the login).
+    :param pid: the relaying process, for its CPU time.
+    """
+
+    name: str
+    port: int
+    ctx: ssl.SSLContext | None
+    logins: list[Login]
+    big_login: Login
+    cold: list[Callable[[], Login]] = attrs.field(factory=list)
+    pid: int | None = None
+
+
+@attrs.define
+class Rig:
+    work: str
+    stack: contextlib.ExitStack
+    pki: PKI | None = None
+    provider: Provider | None = None
+    dovecot: Dovecot | None = None
+    proxy: ProxyProcess | None = None
+    small: list[Mailbox] = attrs.field(factory=list)
+    big: Mailbox | None = None
+    big_uid: int = 1
+    big_message: bytes = b""
+    targets: dict[str, Target] = attrs.field(factory=dict)
+
+    @property
+    def ctx(self) -> ssl.SSLContext:
+        assert self.pki is not None
+        return ssl.create_default_context(cafile=self.pki.ca_cert)
+
+    def start(self) -> None:
+        """PKI, provider, Dovecot and imapproxy; each stopped by the stack."""
+        self.pki = make_pki(os.path.join(self.work, "pki"))
+        self.provider = Provider(self.pki, os.path.join(self.work, "provider"))
+        self.stack.callback(self.provider.stop)
+        self.provider.start()
+        self.dovecot = Dovecot(self.pki, self.provider.introspection_url)
+        self.stack.callback(self.dovecot.stop)
+        self.dovecot.start()
+        self.proxy = ProxyProcess(
+            os.path.join(self.work, "proxy"), env={"REQUESTS_CA_BUNDLE": self.pki.ca_cert}
+        )
+        self.stack.callback(self.proxy.stop)
+        self.proxy.start(
+            "--port",
+            # A backlog past Twisted's 50, for the concurrent clients.
+            "ssl:0:interface=127.0.0.1:backlog=1024:"
+            f"privateKey={self.pki.key}:certKey={self.pki.cert}",
+            "--tls-certificate",
+            self.pki.cert,
+            "--tls-key",
+            self.pki.key,
+            "--oauth2-deadline",
+            str(OAUTH2_DEADLINE),
+        )
+
+    def register(self) -> Mailbox:
+        assert self.proxy and self.provider and self.dovecot
+        return register(self.proxy, self.provider, self.dovecot, self.pki)
+
+    def populate(self, accounts: int, big_message: bytes) -> None:
+        """*accounts* small mailboxes with a few messages; one with a large one."""
+        assert self.dovecot is not None
+        for _ in range(accounts):
+            mb = self.register()
+            for i in range(SMALL_MESSAGES):
+                self.dovecot.seed(mb.email, message(SMALL_SIZE, f"small {i}"))
+            self.dovecot.doveadm("mailbox", "create", "-u", mb.email, SINK)
+            self.small.append(mb)
+        self.big = self.register()
+        self.big_message = big_message
+        self.dovecot.seed(self.big.email, big_message)
+        self.dovecot.doveadm("mailbox", "create", "-u", self.big.email, SINK)
+
+    def access_token(self, mb: Mailbox) -> str:
+        assert self.pki is not None
+        return provider_access_token(self.provider, mb.refresh_token, self.pki.ca_cert)
+
+    def make_targets(self, cold_runs: int) -> None:
+        """Direct and imapproxy targets, with *cold_runs* fresh accounts each."""
+        assert self.dovecot and self.proxy and self.big and self.dovecot.tls_port
+        big = self.big
+
+        def direct_cold(mb: Mailbox) -> Callable[[], Login]:
+            # Nothing cached: a direct client must get an access token first.
+            return lambda: Login.xoauth2(mb.email, self.access_token(mb))
+
+        def proxy_cold(mb: Mailbox) -> Callable[[], Login]:
+            # The proxy has no access token cached for a fresh account.
+            return lambda: Login.password(mb.account, mb.token)
+
+        self.targets["direct"] = Target(
+            "direct",
+            self.dovecot.tls_port,
+            self.ctx,
+            [Login.xoauth2(mb.email, self.access_token(mb)) for mb in self.small],
+            Login.xoauth2(big.email, self.access_token(big)),
+            cold=[direct_cold(self.register()) for _ in range(cold_runs)],
+        )
+        self.targets["imapproxy"] = Target(
+            "imapproxy",
+            self.proxy.ports["ssl"],
+            self.ctx,
+            [Login.password(mb.account, mb.token) for mb in self.small],
+            Login.password(big.account, big.token),
+            cold=[proxy_cold(self.register()) for _ in range(cold_runs)],
+            pid=self.proxy.pid(),
+        )
+
+    def add_peer(self, python: str, cold_runs: int) -> None:
+        """Start the peer (:class:`bench.peer.Peer`) on the same mailboxes."""
+        from bench.peer import Peer
+
+        assert self.big is not None
+        peer = Peer(os.path.join(self.work, "peer"), self.pki, self.provider, self.dovecot, python)
+        self.stack.callback(peer.stop)
+
+        def add(mb: Mailbox) -> Login:
+            user, password = peer.add_account(mb.email, mb.refresh_token, CLIENT_ID, CLIENT_SECRET)
+            return Login.password(user, password)
+
+        small = [add(mb) for mb in self.small]
+        big = add(self.big)
+        cold = [add(self.register()) for _ in range(cold_runs)]
+        peer.start()
+        assert peer.port is not None
+        self.targets["peer"] = Target(
+            "peer",
+            peer.port,
+            ssl.create_default_context(cafile=peer.cafile),
+            small,
+            big,
+            cold=[(lambda login: lambda: login)(c) for c in cold],
+            pid=peer.pid,
+        )
