@@ -43,6 +43,10 @@ class Target:
     logins: list[Login]
     big_login: Login
     cold: list[Callable[[], Login]] = attrs.field(factory=list)
+    #: imapproxy only: accounts that will have logged in once (token cached,
+    #: no spare upstream connection yet), one per run of the "new upstream
+    #: connection" login figure.
+    second: list[Login] = attrs.field(factory=list)
     pid: int | None = None
 
 
@@ -141,6 +145,10 @@ class Rig:
             [Login.password(mb.account, mb.token) for mb in self.small],
             Login.password(big.account, big.token),
             cold=[proxy_cold(self.register()) for _ in range(cold_runs)],
+            second=[
+                Login.password(mb.account, mb.token)
+                for mb in (self.register() for _ in range(cold_runs))
+            ],
             pid=self.proxy.pid(),
         )
 

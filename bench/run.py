@@ -148,10 +148,24 @@ def _cell(value: Any) -> Cell:
 
 def measure_all(rig: Rig, s: Settings, table: Table, step: Callable[[str], None]) -> None:
     targets = list(rig.targets.values())
-    step("login latency (warm)")
-    _row(table, "login, warm token (connect+TLS+login)", measure.login_latency(targets, s.runs))
+    step("login latency (new upstream connection)")
+    _row(
+        table,
+        "login: connect+TLS+login, new upstream connection",
+        measure.new_upstream_login_latency(targets, s.runs),
+    )
+    step("login latency (logging in again)")
+    _row(
+        table,
+        "login again within minutes (imapproxy: spare upstream connection)",
+        measure.login_latency(targets, s.runs),
+    )
     step("login latency (cold)")
-    _row(table, "login, cold (token refresh first)", measure.cold_login_latency(targets, s.runs))
+    _row(
+        table,
+        "login, first of an account (token refresh first)",
+        measure.cold_login_latency(targets, s.runs),
+    )
     step("round trips")
     for label, samples in measure.round_trips(targets, s.iterations).items():
         _row(table, f"round trip: {label}", samples)

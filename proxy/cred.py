@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from .errors import AccessDenied, AuthenticationFailed, GrantInvalid, UpstreamRejectedToken
-from .model import validAccountId
+from .model import Account, validAccountId
 from .oauth import AccessTokens
 from .store import IAccountStore, ITokenStore
 from .tokens import checkToken, looksLikeToken, tokenId
@@ -128,7 +128,11 @@ class TokenChecker:
 class UpstreamRealm:
     """
     :param connect: ``(upstream, user, accessToken) -> Deferred[UpstreamProtocol]``.
+    :ivar warm: ``WarmUpstreams`` or None: spare logged-in connections for
+        accounts that log in often.
     """
+
+    warm: Any = None
 
     def __init__(self, accounts: IAccountStore, accessTokens: AccessTokens, connect: Any):
         self._accounts = accounts
@@ -154,9 +158,22 @@ class UpstreamRealm:
             # Fail fast: the grant is known dead; asking the provider again
             # would only add load and latency until someone re-authorizes.
             raise GrantInvalid()
+        proto = self.warm.take(account) if self.warm is not None else None
+        if proto is None:
+            proto = await self._upstream(account)
+        if self.warm is not None:
+            self.warm.loggedIn(account)
+        return UpstreamSession(proto, accountId, tid)
+
+    def connectFor(self, account: Account) -> Deferred[UpstreamProtocol]:
+        """A logged-in upstream connection for ``account`` (for spares)."""
+        return ensureDeferred(self._upstream(account))
+
+    async def _upstream(self, account: Account) -> UpstreamProtocol:
+        accountId = account.id
         token = await self._access.get(account)
         try:
-            proto = await self._connect(account.upstream, account.email, token.value)
+            return await self._connect(account.upstream, account.email, token.value)  # type: ignore[no-any-return]
         except UpstreamRejectedToken:
             if token.fresh:
                 log.warn("provider refused a fresh access token for {account}", account=accountId)
@@ -167,11 +184,10 @@ class UpstreamRealm:
             )
             token = await self._access.get(account, stale=token.value)
             try:
-                proto = await self._connect(account.upstream, account.email, token.value)
+                return await self._connect(account.upstream, account.email, token.value)  # type: ignore[no-any-return]
             except UpstreamRejectedToken:
                 log.warn("provider refused a fresh access token for {account}", account=accountId)
                 raise AuthenticationFailed() from None
-        return UpstreamSession(proto, accountId, tid)
 
 
 def upstreamConnector(reactor: Any, timeout: float) -> Any:

@@ -473,8 +473,10 @@ class SessionRegistry:
     bus, on another instance) is refused when it completes, not spliced.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spares: Any = None) -> None:
+        """:param spares: ``WarmUpstreams``: a closed account's spare goes too."""
         self._splices: dict[Splice, Any] = {}
+        self._spares = spares
         # Close requests as (number, account, token id), oldest first, kept
         # while a login that began before them is still under way.
         self._closes: deque[tuple[int, str | None, str | None]] = deque()
@@ -517,6 +519,8 @@ class SessionRegistry:
 
     def close(self, account: str | None = None, tokenId: str | None = None) -> int:
         """Close the matching sessions (all, with neither); :return: how many."""
+        if account is not None and self._spares is not None:
+            self._spares.discard(account)
         if account is not None or tokenId is not None:
             self._requests += 1
             if self._pending:

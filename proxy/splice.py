@@ -5,9 +5,14 @@ control (each transport is the other's producer), until either side closes.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 log = Logger()
 
@@ -26,6 +31,84 @@ def tuneSocket(transport: Any) -> None:
                 method(True)
             except (OSError, AttributeError):
                 pass
+    eagerWrites(transport)
+
+
+def eagerWrites(transport: Any) -> None:
+    """
+    Make the TCP connection under ``transport`` (below TLS and PROXY-protocol
+    wrappers) send at once what it is given while nothing is queued, as
+    asyncio's transports do, instead of queueing it until the reactor's next
+    turn reports the socket writable. A relayed reply then leaves in the same
+    turn it arrived in: one reactor turn and two epoll updates fewer per
+    write, which is most of a proxy's added latency on a short command.
+    Anything the socket does not take is queued as before, with the same flow
+    control.
+    """
+    tcp: Any = transport
+    # Wrappers forward unknown attributes to what they wrap: look at types.
+    while tcp is not None and not isinstance(tcp, FileDescriptor):
+        tcp = getattr(tcp, "transport", None)
+    conn: Any = tcp
+    sock = getattr(conn, "socket", None)
+    if conn is None or sock is None or "_eager" in vars(conn):
+        return
+    queued = conn.write
+
+    def write(data: bytes) -> None:
+        if (
+            not conn.TLS
+            and conn.connected
+            and not conn.disconnecting
+            and not conn._writeDisconnected
+            and not conn._tempDataLen
+            and conn.offset == len(conn.dataBuffer)
+            and type(data) is bytes
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                # Would block, or an error the queued write will report.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        queued(data)
+
+    conn.write = write
+    conn._eager = True
+
+
+def directWriter(transport: Any) -> Callable[[bytes], None]:
+    """
+    ``transport.write``, minus Twisted's aggregation of small TLS writes,
+    which holds each write until the reactor's next turn. A splice writes
+    once per read, so there is nothing to aggregate, and the wait is added
+    latency on every relayed command and reply. What was already aggregated
+    is sent first, so nothing is reordered.
+    """
+    tls = _bufferingTLS(transport)
+    if tls is None:
+        return transport.write  # type: ignore[no-any-return]
+    tls._aggregator.flush()
+    return functools.partial(TLSMemoryBIOProtocol.write, tls)
+
+
+def _bufferingTLS(transport: Any) -> Any:
+    """The ``BufferingTLSTransport`` that ``transport.write`` goes through, if any."""
+    t = transport
+    for _ in range(3):
+        if isinstance(t, BufferingTLSTransport):
+            return t
+        if getattr(type(t), "TLS", None) is not None and vars(t).get("TLS"):
+            # STARTTLS on a TCP connection: its protocol is the TLS layer.
+            protocol = getattr(t, "protocol", None)
+            return protocol if isinstance(protocol, BufferingTLSTransport) else None
+        if not isinstance(t, ProtocolWrapper):
+            return None
+        # A wrapper (PROXY protocol) writes to what it wraps.
+        t = t.transport
+    return None
 
 
 class Splice:
@@ -65,15 +148,16 @@ class Splice:
         """
         ct = self.client.transport
         ut = self.upstream.transport
-        leftover = self.upstream.takeOver(ct.write, self._upstreamLost)
-        self.client.sink = ut.write
+        toClient, toUpstream = directWriter(ct), directWriter(ut)
+        leftover = self.upstream.takeOver(toClient, self._upstreamLost)
+        self.client.sink = toUpstream
         ct.registerProducer(ut, True)
         ut.registerProducer(ct, True)
         if leftover:
-            ct.write(leftover)
+            toClient(leftover)
         if held:
             self.client.bytesReceived += len(held)
-            ut.write(held)
+            toUpstream(held)
         # The client's transport was paused while the login ran.
         self.client.paused = False
         ct.resumeProducing()

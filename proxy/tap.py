@@ -34,6 +34,7 @@ from .store import (
     defaultStoreURL,
     makeStore,
 )
+from .warm import WarmUpstreams
 
 log = Logger()
 
@@ -69,6 +70,13 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         float,
         "Seconds to connect and log in to the provider's IMAP server",
     ),
+    "warm-upstream": (
+        300.0,
+        float,
+        "Seconds a spare provider connection, already logged in, waits for the next "
+        "login of an account that logged in twice within that time (0: no spares)",
+    ),
+    "max-warm": (500, int, "Spare provider connections kept at most, all accounts together"),
     "oauth2-timeout": (10.0, float, "Seconds for one request to a token endpoint"),
     "oauth2-deadline": (
         10.0,
@@ -84,6 +92,9 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "oauth2-threads": (4, int, "Threads for requests to token endpoints"),
 }
 
+
+# Numeric settings for which 0 means "none".
+ZERO_ALLOWED = {"warm-upstream"}
 
 # Settings that may be given several times (one a line in the config file).
 LIST_SETTINGS = {"port", "api-port"}
@@ -157,6 +168,8 @@ class Options(usage.Options):
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
         for name, (_default, conv, _help) in SETTINGS.items():
+            if name in ZERO_ALLOWED and self[name] == 0:
+                continue
             if conv in (int, float) and not (math.isfinite(self[name]) and self[name] > 0):
                 raise usage.UsageError(f"--{name} must be a positive number")
         worst = 2 * (self["oauth2-deadline"] + self["upstream-timeout"])
@@ -333,6 +346,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     realm = UpstreamRealm(
         store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])
     )
+    warm = WarmUpstreams(
+        realm.connectFor, reactor, keep=options["warm-upstream"], maxSpares=options["max-warm"]
+    )
+    realm.warm = warm
     portal = Portal(realm, [TokenChecker(store, reactor)])
     policy = ServerPolicy(
         loginTimeout=options["login-timeout"],
@@ -343,7 +360,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         maxLiteral=options["max-literal"],
         plaintextLogin=options["plaintext-login"],
     )
-    sessions = SessionRegistry()
+    sessions = SessionRegistry(spares=warm)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
     bus = None
     if shared:
@@ -362,6 +379,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         closed = sessions.close()
         if closed:
             log.info("closed {n} sessions at shutdown", n=closed)
+        warm.stop()
         refresher.stop()
 
     _Closing(shutdown).setServiceParent(top)

@@ -121,6 +121,10 @@ class UpstreamProtocol(LineReceiver):
         self._tlsStarted = False
         self._sentResponse = False
         self._errorChallenge = False
+        # As a spare (logged in, no client yet): what arrived meanwhile.
+        self._kept: list[bytes] = []
+        self._keptSize = 0
+        self._spareLost: Callable[[], Any] | None = None
 
     # -- plumbing -----------------------------------------------------------
 
@@ -141,6 +145,11 @@ class UpstreamProtocol(LineReceiver):
         self._fail(Unavailable("upstream-protocol"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._state == "spare":
+            self._state = "failed"
+            if self._spareLost is not None:
+                self._spareLost()
+            return
         if self._state not in ("ready", "relay"):
             self._fail(Unavailable("upstream-closed"))
         elif self.onLost is not None:
@@ -311,6 +320,43 @@ class UpstreamProtocol(LineReceiver):
         self.pauseProducing()
         self.ready.callback(self)
 
+    # -- kept as a spare ------------------------------------------------------
+
+    MAX_KEPT = 65536
+
+    def keepAsSpare(self, onLost: Callable[[], Any]) -> None:
+        """
+        Logged in, waiting for a client: keep reading, so that a close (the
+        server's idle logout) is noticed, and keep what arrives for the client.
+        """
+        self._state = "spare"
+        self._spareLost = onLost
+        self.resumeProducing()
+
+    def _line_spare(self, line: bytes) -> None:
+        self._keptSize += len(line) + 2
+        if self._keptSize > self.MAX_KEPT:
+            self.transport.abortConnection()
+            return
+        self._kept.append(line + b"\r\n")
+
+    def claim(self) -> bool:
+        """Take a spare for a client; :return: False when it is closing."""
+        if self._state != "spare" or getattr(self.transport, "disconnecting", False):
+            return False
+        self._state = "ready"
+        self._spareLost = None
+        self.pauseProducing()
+        return True
+
+    def discard(self) -> None:
+        """Log out a spare nobody took."""
+        if self._state == "spare":
+            self._spareLost = None
+            self._state = "failed"
+            self._send(b"LOGOUT")
+            self.transport.loseConnection()
+
     # -- the splice takes over ---------------------------------------------
 
     def takeOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> bytes:
@@ -320,7 +366,8 @@ class UpstreamProtocol(LineReceiver):
 
         :return: the bytes read after the login that were not parsed.
         """
-        leftover, self._buffer = self._buffer, b""
+        leftover, self._buffer = b"".join(self._kept) + self._buffer, b""
+        self._kept = []
         self.sink = sink
         self.onLost = onLost
         self._state = "relay"
