@@ -161,6 +161,8 @@ class UpstreamRealm:
         proto = self.warm.take(account) if self.warm is not None else None
         if proto is None:
             proto = await self._upstream(account)
+        else:
+            log.info("login of {account} takes a spare provider connection", account=accountId)
         if self.warm is not None:
             self.warm.loggedIn(account)
         return UpstreamSession(proto, accountId, tid)

@@ -130,6 +130,10 @@ class WarmUpstreams:
         )
         self._spares[account.id] = spare
         protocol.keepAsSpare(lambda: self._lost(account.id, protocol))
+        log.info(
+            "a spare provider connection waits for the next login of {account}",
+            account=account.id,
+        )
 
     def _lost(self, accountId: str, protocol: Any) -> None:
         spare = self._spares.get(accountId)

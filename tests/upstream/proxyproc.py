@@ -141,6 +141,14 @@ class ProxyProcess:
         except FileNotFoundError:
             return ""
 
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Until the whole log holds ``text`` ``count`` times; ProxyError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.full_log().count(text) < count:
+            if time.monotonic() > deadline:
+                raise ProxyError(f"no log line {text!r} within {timeout}s")
+            time.sleep(0.02)
+
     def full_log(self) -> str:
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:

@@ -1,0 +1,215 @@
+"""
+Tests for ``proxy.warm`` (spare logged-in upstream connections) and the spare
+state of ``UpstreamProtocol``: which accounts get a spare, that a spare only
+goes to its own unchanged account, and that spares that die, expire or are
+no longer wanted are logged out and forgotten.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import task
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy.errors import Unavailable
+from proxy.imap import SessionRegistry
+from proxy.warm import WarmUpstreams
+from tests.test_oauth import account
+from tests.test_upstream import _Driver
+
+
+class FakeUpstream:
+    """What WarmUpstreams needs of an ``UpstreamProtocol``."""
+
+    def __init__(self) -> None:
+        self.state = "ready"
+        self.onLost = None
+
+    def keepAsSpare(self, onLost) -> None:
+        self.state = "spare"
+        self.onLost = onLost
+
+    def claim(self) -> bool:
+        if self.state != "spare":
+            return False
+        self.state = "claimed"
+        return True
+
+    def discard(self) -> None:
+        self.state = "logged-out"
+
+    def die(self) -> None:
+        self.state = "dead"
+        self.onLost()
+
+
+class WarmUpstreamsTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.made: list[tuple[str, Deferred]] = []
+        self.warm = WarmUpstreams(self.connect, self.clock, keep=300.0, often=2, maxSpares=2)
+
+    def connect(self, acct) -> Deferred:
+        d: Deferred = Deferred()
+        self.made.append((acct.id, d))
+        return d
+
+    def tearDown(self):
+        self.warm.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def spare(self, acct) -> FakeUpstream:
+        """Two logins of ``acct`` within the window: a spare is made for it."""
+        self.warm.loggedIn(acct)
+        self.clock.advance(10)
+        self.warm.loggedIn(acct)
+        self.assertEqual(self.made[-1][0], acct.id)
+        proto = FakeUpstream()
+        self.made[-1][1].callback(proto)
+        self.assertEqual(proto.state, "spare")
+        return proto
+
+    def test_oneLoginMakesNoSpare(self):
+        """An account that logged in once gets nothing: spares are for frequent logins."""
+        self.warm.loggedIn(account())
+        self.assertEqual(self.made, [])
+        self.assertIsNone(self.warm.take(account()))
+
+    def test_loginsFarApartMakeNoSpare(self):
+        """Two logins further apart than the window make no spare either."""
+        self.warm.loggedIn(account())
+        self.clock.advance(301)
+        self.warm.loggedIn(account())
+        self.assertEqual(self.made, [])
+
+    def test_theSecondLoginMakesOneTheThirdTakesIt(self):
+        """A spare is made after the second login and handed to the third, claimed."""
+        proto = self.spare(account())
+        self.assertIs(self.warm.take(account()), proto)
+        self.assertEqual(proto.state, "claimed")
+        self.assertIsNone(self.warm.take(account()), "a spare is handed out once")
+
+    def test_aSpareOnlyGoesToItsOwnAccount(self):
+        """Another account never gets it."""
+        self.spare(account("alice"))
+        self.assertIsNone(self.warm.take(account("bob")))
+
+    def test_aChangedAccountDoesNotGetTheOldSpare(self):
+        """After the account moved to another server, the spare is logged out, not used."""
+        proto = self.spare(account())
+        moved = attrs.evolve(account(), upstream=attrs.evolve(account().upstream, host="other"))
+        self.assertIsNone(self.warm.take(moved))
+        self.assertEqual(proto.state, "logged-out")
+
+    def test_anUnusedSpareLogsOutAfterTheWindow(self):
+        """A spare nobody takes is logged out after ``keep`` seconds."""
+        proto = self.spare(account())
+        self.clock.advance(299)
+        self.assertEqual(proto.state, "spare")
+        self.clock.advance(2)
+        self.assertEqual(proto.state, "logged-out")
+        self.assertEqual(len(self.warm), 0)
+
+    def test_aSpareThatDiesIsForgotten(self):
+        """The provider closing a spare removes it: the next login connects anew."""
+        proto = self.spare(account())
+        proto.die()
+        self.assertIsNone(self.warm.take(account()))
+        self.assertEqual(len(self.warm), 0)
+
+    def test_aFailedWarmUpCostsNothing(self):
+        """A spare that cannot be made is simply not there; a later login may try again."""
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        self.made[-1][1].errback(Unavailable("upstream-unreachable"))
+        self.assertIsNone(self.warm.take(account()))
+        self.warm.loggedIn(account())
+        self.assertEqual(len(self.made), 2)
+        self.made[-1][1].errback(Failure(Unavailable("upstream-unreachable")))
+
+    def test_oneSpareAtATimePerAccount(self):
+        """Logins while a spare waits (or is being made) make no second one."""
+        self.spare(account())
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        self.assertEqual(len(self.made), 1)
+
+    def test_theCapLogsOutTheOldest(self):
+        """At ``maxSpares`` the oldest spare makes room."""
+        first = self.spare(account("a1"))
+        self.spare(account("a2"))
+        self.spare(account("a3"))
+        self.assertEqual(first.state, "logged-out")
+        self.assertEqual(len(self.warm), 2)
+
+    def test_closingAnAccountsSessionsLogsOutItsSpare(self):
+        """Account deletion (a close request for the account) takes its spare too."""
+        registry = SessionRegistry(spares=self.warm)
+        proto = self.spare(account())
+        registry.close(account="alice")
+        self.assertEqual(proto.state, "logged-out")
+
+    def test_noSparesWhenTurnedOff(self):
+        """keep=0 turns spares off."""
+        warm = WarmUpstreams(lambda a: fail(RuntimeError("never")), self.clock, keep=0)
+        for _ in range(3):
+            warm.loggedIn(account())
+        self.assertIsNone(warm.take(account()))
+
+    def test_stopLogsOutEverySpare(self):
+        """At shutdown every spare is logged out and no new one is made."""
+        proto = self.spare(account())
+        self.warm.stop()
+        self.assertEqual(proto.state, "logged-out")
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        self.assertEqual(len(self.made), 1)
+
+
+class SpareProtocolTests(_Driver):
+    """An ``UpstreamProtocol`` kept as a spare."""
+
+    def spare(self):
+        self.connect()
+        self.receive(
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi", b"U1 OK [CAPABILITY X] ok"
+        )
+        self.loggedIn()
+        self.transport.clear()
+        self.lost: list = []
+        self.proto.keepAsSpare(lambda: self.lost.append(True))
+        self.assertEqual(self.transport.producerState, "producing", "a spare keeps reading")
+        return self.proto
+
+    def test_whatArrivesMeanwhileGoesToTheClient(self):
+        """Untagged lines read while waiting come back from takeOver(), in order."""
+        p = self.spare()
+        self.receive(b"* OK still here", b"* 2 EXISTS")
+        self.proto.dataReceived(b"* partial")
+        self.assertTrue(p.claim())
+        self.assertEqual(self.transport.producerState, "paused")
+        leftover = p.takeOver(lambda data: None, lambda reason: None)
+        self.assertEqual(leftover, b"* OK still here\r\n* 2 EXISTS\r\n* partial")
+
+    def test_aSpareThatIsClosedReportsIt(self):
+        """The server's close of a waiting spare reaches the pool, and it cannot be claimed."""
+        p = self.spare()
+        p.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(self.lost, [True])
+        self.assertFalse(p.claim())
+
+    def test_tooMuchWhileWaitingDropsTheSpare(self):
+        """A spare does not buffer without bound."""
+        p = self.spare()
+        for _ in range(p.MAX_KEPT // 1000 + 2):
+            self.proto.dataReceived(b"* " + b"x" * 998 + b"\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_discardLogsOut(self):
+        """An unwanted spare says LOGOUT and closes."""
+        p = self.spare()
+        p.discard()
+        self.assertEqual(self.sent(), [b"U2 LOGOUT"])
+        self.assertTrue(self.transport.disconnecting)
