@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="profile-raw.txt")
+    ap.add_argument("--native", action="store_true", help="sample C frames too")
+    ap.add_argument(
+        "--clients", type=int, default=1, help="concurrent sessions (several load the proxy's CPU)"
+    )
     args = ap.parse_args(argv)
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(pyspy):
@@ -113,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         c.close()
         stop = threading.Event()
         done: list[int] = []
-        worker = threading.Thread(target=lambda: done.append(_load(args.kind, rig, stop)))
-        worker.start()
+        workers = [
+            threading.Thread(target=lambda: done.append(_load(args.kind, rig, stop)))
+            for _ in range(args.clients)
+        ]
+        for worker in workers:
+            worker.start()
         time.sleep(0.5)
         record = subprocess.run(
             [
@@ -130,16 +138,19 @@ def main(argv: list[str] | None = None) -> int:
                 "raw",
                 "--output",
                 args.out,
-                "--nonblocking",
+                # --native: C frames too (OpenSSL, the kernel's send), at the
+                # price of pausing the process for each sample.
+                *(["--native"] if args.native else ["--nonblocking"]),
             ],
             capture_output=True,
             text=True,
         )
         stop.set()
-        worker.join()
+        for worker in workers:
+            worker.join()
         if record.returncode != 0:
             sys.exit(f"py-spy failed: {record.stderr[-2000:]}")
-        print(f"{args.kind}: {done[0] if done else 0} operations")
+        print(f"{args.kind}: {sum(done)} operations in {args.seconds:g} s")
         print(_summarize(args.out, args.top))
     return 0
 

@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -77,6 +78,15 @@ def eagerWrites(transport: Any) -> None:
 
     conn.write = write
     conn._eager = True
+    # Read (and queue, before pausing the other side) up to this much at a
+    # time: fewer, larger reads and writes for bulk transfers.
+    conn.bufferSize = READ_SIZE
+
+
+# TLS's largest record, and how much ciphertext is read out of OpenSSL at once.
+TLS_RECORD = 16384
+SEND_CHUNK = 262144
+READ_SIZE = 262144
 
 
 def directWriter(transport: Any) -> Callable[[bytes], None]:
@@ -91,7 +101,83 @@ def directWriter(transport: Any) -> Callable[[bytes], None]:
     if tls is None:
         return transport.write  # type: ignore[no-any-return]
     tls._aggregator.flush()
-    return functools.partial(TLSMemoryBIOProtocol.write, tls)
+    conn = getattr(tls, "_tlsConnection", None)
+    if conn is None or not hasattr(tls, "_appSendBuffer"):
+        return functools.partial(TLSMemoryBIOProtocol.write, tls)
+    slow = functools.partial(TLSMemoryBIOProtocol.write, tls)
+
+    def write(data: bytes) -> None:
+        # TLSMemoryBIOProtocol.write, but all the records of one chunk go to
+        # the socket in one send, not one send per 16 KiB record.
+        if tls._appSendBuffer or tls._lostTLSConnection or tls.disconnecting:
+            slow(data)
+            return
+        sent, size = 0, len(data)
+        view = memoryview(data)
+        try:
+            while sent < size:
+                sent += conn.send(view[sent : sent + TLS_RECORD])
+        except SSL.Error:
+            # Let Twisted's own path buffer (WantRead) or fail the connection.
+            slow(data[sent:])
+            return
+        finally:
+            out = []
+            # Room for all the records at once: the ciphertext of ``sent``
+            # bytes, with each record's header and tag.
+            room = sent + 64 * (sent // TLS_RECORD + 2)
+            while True:
+                try:
+                    out.append(conn.bio_read(room))
+                except SSL.WantReadError:
+                    break
+                if len(out[-1]) < room:
+                    break
+            if out:
+                tls.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    return write
+
+
+def batchReads(transport: Any) -> None:
+    """
+    Hand the protocol above ``transport``'s TLS layer everything one read
+    decrypts to, at once, instead of one call per 16 KiB TLS record: a relayed
+    64 KiB read is then one write (and one send) on the other side, not four.
+    Errors and the end of TLS go to Twisted's own handling, after the data
+    that came before them.
+    """
+    tls = _bufferingTLS(transport)
+    conn = getattr(tls, "_tlsConnection", None)
+    original = getattr(tls, "_flushReceiveBIO", None)
+    if conn is None or original is None or not hasattr(tls, "_lostTLSConnection"):
+        return
+
+    def deliver(chunks: list[bytes]) -> None:
+        if chunks and not tls._aborted:
+            ProtocolWrapper.dataReceived(tls, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def flushReceiveBIO() -> None:
+        chunks: list[bytes] = []
+        size = 0
+        while not tls._lostTLSConnection:
+            try:
+                chunk = conn.recv(TLS_RECORD)
+            except SSL.WantReadError:
+                break
+            except SSL.Error:
+                deliver(chunks)
+                original()  # the same error again, handled as Twisted does
+                return
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= SEND_CHUNK:
+                deliver(chunks)
+                chunks, size = [], 0
+        deliver(chunks)
+        tls._flushSendBIO()
+
+    tls._flushReceiveBIO = flushReceiveBIO
 
 
 def _bufferingTLS(transport: Any) -> Any:
@@ -149,6 +235,8 @@ class Splice:
         ct = self.client.transport
         ut = self.upstream.transport
         toClient, toUpstream = directWriter(ct), directWriter(ut)
+        batchReads(ct)
+        batchReads(ut)
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
         ct.registerProducer(ut, True)
