@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Callable
 
 import attrs
@@ -19,6 +23,37 @@ from tests.conftest import CLIENT_ID, CLIENT_SECRET, OAUTH2_DEADLINE, Mailbox, r
 from tests.imaputil import message, provider_access_token
 from tests.upstream import PKI, Dovecot, Provider, make_pki
 from tests.upstream.proxyproc import ProxyProcess
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend imaps
+    bind 127.0.0.1:{port} ssl crt {pem}
+    default_backend dovecot
+backend dovecot
+    server dovecot 127.0.0.1:{upstream} ssl verify required ca-file {ca} verifyhost localhost
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 
 SMALL_MESSAGES = 5
 SMALL_SIZE = 2000
@@ -151,6 +186,54 @@ class Rig:
             ],
             pid=self.proxy.pid(),
         )
+
+    def add_haproxy(self) -> str:
+        """
+        The reference: HAProxy (C) relaying to the same Dovecot, terminating
+        TLS on both legs as imapproxy does, with the direct clients' XOAUTH2
+        logins passed through. What any relay costs on this machine.
+
+        :return: a note for the table.
+        """
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(binary):
+            return "reference relay left out: haproxy is not installed"
+        assert self.pki and self.dovecot and self.dovecot.tls_port
+        direct = self.targets["direct"]
+        work = os.path.join(self.work, "haproxy")
+        os.makedirs(work)
+        pem = os.path.join(work, "server.pem")
+        with open(pem, "w") as out:
+            for part in (self.pki.cert, self.pki.key):
+                with open(part) as f:
+                    out.write(f.read())
+        port = _free_port()
+        conf = os.path.join(work, "haproxy.cfg")
+        with open(conf, "w") as f:
+            f.write(
+                HAPROXY_CONFIG.format(
+                    port=port, pem=pem, upstream=self.dovecot.tls_port, ca=self.pki.ca_cert
+                )
+            )
+        proc = subprocess.Popen(
+            [binary, "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.stack.callback(_stop, proc)
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                return f"reference relay left out: haproxy exited: {err[-300:]}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    return "reference relay left out: haproxy did not listen"
+                time.sleep(0.05)
+        self.targets["haproxy"] = attrs.evolve(direct, name="haproxy", port=port, pid=proc.pid)
+        version = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout
+        return "reference relay: " + (version.splitlines() or ["HAProxy"])[0]
 
     def add_peer(self, python: str, cold_runs: int) -> None:
         """Start the peer (:class:`bench.peer.Peer`) on the same mailboxes."""

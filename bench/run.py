@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-concurrency", action="store_true", help="leave out bench.concurrency (idle sessions)"
     )
+    ap.add_argument(
+        "--no-haproxy",
+        action="store_true",
+        help="leave out the reference relay (HAProxy terminating TLS on both legs)",
+    )
     ap.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
     ap.add_argument("--peer-venv", default=".bench-peer-venv", help="venv the peer is installed in")
     return ap.parse_args(argv)
@@ -90,7 +95,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _row(table: Table, figure: str, cells: dict[str, Any]) -> None:
-    table.add(figure, cells.get("direct"), cells.get("imapproxy"), cells.get("peer"))
+    table.add(
+        figure,
+        cells.get("direct"),
+        cells.get("imapproxy"),
+        cells.get("peer"),
+        cells.get("haproxy"),
+    )
 
 
 def start_peer(rig: Rig, args: argparse.Namespace, cold_runs: int) -> str:
@@ -217,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.peer import PEER_PACKAGE, PEER_VERSION
 
                 extra["peer"] = f"{PEER_PACKAGE} {PEER_VERSION}"
+        if args.no_haproxy:
+            table.notes.append("reference relay left out (--no-haproxy)")
+        else:
+            table.notes.append(rig.add_haproxy())
         measure_all(rig, s, table, lambda what: say(f"measuring {what}"))
         if args.no_concurrency:
             table.notes.append("concurrency figures left out (--no-concurrency)")

@@ -75,15 +75,23 @@ def ratio(cell: Cell, base: Cell) -> str:
 class Table:
     rows: list[tuple[str, Cell, Cell, Cell]] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
+    #: The reference relay (HAProxy, TLS both legs), by figure.
+    haproxy: dict[str, Cell] = attrs.field(factory=dict)
 
-    def add(self, figure: str, direct: Cell, proxy: Cell, peer: Cell = None) -> None:
+    def add(
+        self, figure: str, direct: Cell, proxy: Cell, peer: Cell = None, haproxy: Cell = None
+    ) -> None:
         self.rows.append((figure, direct, proxy, peer))
+        if haproxy is not None:
+            self.haproxy[figure] = haproxy
 
     def markdown(self) -> str:
-        out = [
-            "| figure | direct | imapproxy | ratio | peer | peer ratio |",
-            "|---|---|---|---|---|---|",
-        ]
+        head = "| figure | direct | imapproxy | ratio | peer | peer ratio |"
+        rule = "|---|---|---|---|---|---|"
+        if self.haproxy:
+            head += " HAProxy (C relay) | HAProxy ratio |"
+            rule += "---|---|"
+        out = [head, rule]
         for figure, direct, proxy, peer in self.rows:
             cells = [
                 figure,
@@ -93,6 +101,9 @@ class Table:
                 _show(peer),
                 ratio(peer, direct),
             ]
+            if self.haproxy:
+                ref = self.haproxy.get(figure)
+                cells += [_show(ref), ratio(ref, direct)]
             out.append("| " + " | ".join(cells) + " |")
         return "\n".join(out)
 
