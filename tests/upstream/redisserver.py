@@ -1,8 +1,10 @@
 """A real ``redis-server`` on 127.0.0.1 (and a Unix socket) for the store tests.
 
-Nothing is persisted (``--save '' --appendonly no``). ``stop()`` and
-``start()`` again keep the port and the socket path, so tests can take Redis
-away and bring it back; ``pause()``/``resume()`` hang it (SIGSTOP/SIGCONT).
+Nothing is persisted (``--save '' --appendonly no``) unless ``persist=True``
+(an append-only file synced at every write, so the data survives a stop).
+``stop()`` and ``start()`` again keep the port and the socket path, so tests
+can take Redis away and bring it back; ``pause()``/``resume()`` hang it
+(SIGSTOP/SIGCONT).
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ class RedisServer:
     """One private redis-server: ``start()``, ``stop()``, ``cleanup()``.
 
     :param password: given to ``--requirepass`` (and used by ``command``).
+    :param persist: keep the data across ``stop()``/``start()`` (AOF, fsync always).
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, persist: bool = False) -> None:
         self.password = password
+        self.persist = persist
         self.port: int | None = None
         self.dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -110,7 +114,9 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persist else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             self.dir,
             "--unixsocket",
@@ -218,6 +224,26 @@ class RedisServer:
             if isinstance(result, RedisServerError):
                 raise result
         return results[-1]
+
+    def transaction(self, *commands: tuple[str, ...]) -> list[Any]:
+        """Run ``commands`` in one MULTI/EXEC (nothing runs in between); their replies."""
+        replies: list[Any] = []
+        with socket.create_connection((self.host, self._port()), timeout=5) as sock:
+            with sock.makefile("rb") as f:
+                batch = [("MULTI",), *commands, ("EXEC",)]
+                if self.password:
+                    batch.insert(0, ("AUTH", self.password))
+                sock.sendall(b"".join(_encode(c) for c in batch))
+                replies = [_read_reply(f) for _ in batch]
+        results = replies[-1]
+        if results is None:
+            raise RedisServerError("transaction aborted")
+        for reply in [*replies[:-1], *([] if isinstance(results, Exception) else results)]:
+            if isinstance(reply, RedisServerError):
+                raise reply
+        if isinstance(results, RedisServerError):
+            raise results
+        return list(results)
 
     def flush(self) -> None:
         """Empty every database."""
