@@ -118,8 +118,24 @@ class HeaderFirstEndpoint:
         return self._inner.listen(_HeaderFirstFactory(factory, self._clock, self._tls))
 
 
+# Connections the kernel queues for accept(): Twisted's 50 is too few for
+# thousands of clients reconnecting at once (after a restart or a network
+# blip), which then see SYN retries of a second or more.
+BACKLOG = 1024
+_BACKLOG_KINDS = ("tcp:", "tcp6:", "ssl:", "unix:")
+
+
+def withBacklog(description: str) -> str:
+    """``description`` with ``backlog=BACKLOG`` added when it names none."""
+    inner = description[len("haproxy:") :] if description.startswith("haproxy:") else description
+    if not inner.startswith(_BACKLOG_KINDS) or "backlog=" in inner:
+        return description
+    return description + f":backlog={BACKLOG}"
+
+
 def serverEndpoint(reactor: Any, description: str) -> Any:
     """``serverFromString``, with ``haproxy:`` served by ``HeaderFirstEndpoint``."""
+    description = withBacklog(description)
     if description.startswith("haproxy:"):
         inner = endpoints.serverFromString(reactor, description[len("haproxy:") :])
         if isinstance(inner, endpoints.SSL4ServerEndpoint):

@@ -320,6 +320,27 @@ class _Closing(Service):
         return self._onStop()
 
 
+def raiseFileLimit() -> int:
+    """
+    Raise the soft limit on open files to the hard one: a spliced session
+    holds two, and the usual soft default (1,024) would stop the proxy near
+    500 sessions. :return: the limit now in force.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1048576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
@@ -400,4 +421,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _Listener(reactor, description, site, "API").setServiceParent(top)
     where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)
     log.info("imapproxy starting, store {store}", store=where)
+    files = raiseFileLimit()
+    if files > 0:
+        log.info(
+            "open files limit {n}: room for about {s} sessions", n=files, s=max(files - 64, 0) // 2
+        )
     return top

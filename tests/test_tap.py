@@ -237,3 +237,34 @@ class ExampleConfigTests(SynchronousTestCase):
             if f"{name} =" not in text and f"{name}=" not in text
         ]
         self.assertEqual(missing, [])
+
+
+class ListenerLimitTests(SynchronousTestCase):
+    """What lets one process hold thousands of sessions."""
+
+    def test_backlogAddedWhereNoneIsGiven(self):
+        """TCP, TLS, UNIX and PROXY-protocol listeners get a 1,024 backlog unless one is set."""
+        from proxy._haproxy import withBacklog
+
+        self.assertEqual(withBacklog("tcp:2143"), "tcp:2143:backlog=1024")
+        self.assertEqual(
+            withBacklog("haproxy:ssl:993:privateKey=k.pem"),
+            "haproxy:ssl:993:privateKey=k.pem:backlog=1024",
+        )
+        self.assertEqual(withBacklog("tcp:2143:backlog=5"), "tcp:2143:backlog=5")
+        self.assertEqual(withBacklog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
+    def test_fileLimitRaisedToTheHardLimit(self):
+        """The soft open-files limit ends at the hard one (a session holds two files)."""
+        import resource
+
+        from proxy.tap import raiseFileLimit
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        if hard != resource.RLIM_INFINITY and hard > 256:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            self.assertEqual(raiseFileLimit(), hard)
+            self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
+        else:
+            self.assertGreaterEqual(raiseFileLimit(), soft)

@@ -12,6 +12,7 @@ from typing import Any
 
 import txredisapi
 from twisted.application.service import Service
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
@@ -269,6 +270,10 @@ class _RedisStoreBase(Service):
             self.log.warn(
                 "the Redis store {where} is unavailable: {why}",
                 where=self.address.describe(),
-                why=failure.getErrorMessage() or failure.type.__name__,
+                why=(
+                    f"no answer within {self.timeout:g}s"
+                    if failure.check(defer.TimeoutError, error.TimeoutError)
+                    else failure.getErrorMessage() or failure.type.__name__
+                ),
             )
         raise StoreUnavailable("the Redis store is unavailable")
