@@ -219,6 +219,25 @@ def test_delete_account_on_a_closes_its_sessions_on_b(pair, provider, dovecot, p
     assert "AUTHENTICATIONFAILED" in _login(pair.b.port, mb.account, mb.token)
 
 
+def test_admin_command_closes_sessions_on_every_instance(pair, provider, dovecot, pki):
+    """The admin command on the shared store: revoke --disconnect and accounts remove close
+    the sessions on both running instances."""
+    mb = register(pair.a, provider, dovecot, pki)
+    other = register(pair.a, provider, dovecot, pki)
+    sessions = [_spliced(p, mb.account, mb.token) for p in (pair.a, pair.b)]
+    theirs = [_spliced(p, other.account, other.token) for p in (pair.a, pair.b)]
+    try:
+        done = pair.a.cli("tokens", "revoke", mb.token, "--disconnect")
+        assert "closed on every instance" in done.stderr
+        assert all(_closed_within(r, 2.0) for r in sessions)
+        assert all(_noop(r).startswith(b"n OK") for r in theirs)
+        pair.b.cli("accounts", "remove", other.account)
+        assert all(_closed_within(r, 2.0) for r in theirs)
+    finally:
+        for r in sessions + theirs:
+            r.close()
+
+
 def test_close_missed_while_unsubscribed_is_caught_up(pair, provider, dovecot, pki):
     """A close request published while no instance listened reaches both from the stream."""
     mb = register(pair.a, provider, dovecot, pki)
