@@ -13,9 +13,11 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 from twisted.internet import endpoints, ssl
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.mail.interfaces import IClientAuthentication
@@ -315,6 +317,11 @@ class UpstreamProtocol(LineReceiver):
         self._loggedIn()
 
     def _loggedIn(self) -> None:
+        # Logged in: the server's session tickets (sent after the handshake)
+        # have arrived; the next connection to this server resumes.
+        remember = getattr(self.tlsOptions, "remember", None)
+        if remember is not None:
+            remember(self.transport)
         self._state = "ready"
         # Stop parsing: what follows belongs to the client's session.
         self.pauseProducing()
@@ -410,7 +417,46 @@ def tlsOptionsFor(host: str, caFile: str | None) -> Any:
     else:
         trust = ssl.platformTrust()
     # This builds the OpenSSL context (loading the CAs) here, in this thread.
-    return ssl.optionsForClientTLS(host, trustRoot=trust)
+    return ResumingTLSOptions(ssl.optionsForClientTLS(host, trustRoot=trust))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingTLSOptions:
+    """
+    Client TLS options that resume the last TLS session they saw (TLS 1.3
+    session tickets): a login's upstream handshake then skips the key
+    exchange and the certificate chain, which are most of its cost. The
+    server's certificate was verified, host name included, when the session
+    was made; a server that declines resumption gets a full, fully verified
+    handshake.
+    """
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self.session: Any = None
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        if self.session is not None:
+            try:
+                connection.set_session(self.session)
+            except SSL.Error:
+                self.session = None
+        return connection
+
+    def remember(self, transport: Any) -> None:
+        """Keep the session of ``transport``'s TLS connection for the next one."""
+        t = transport
+        for _ in range(3):
+            connection = getattr(t, "_tlsConnection", None)
+            if connection is None and getattr(t, "TLS", False):
+                connection = getattr(getattr(t, "protocol", None), "_tlsConnection", None)
+            if connection is not None:
+                # A resumed connection's session is the one already kept.
+                if not _lib.SSL_session_reused(connection._ssl):
+                    self.session = connection.get_session()
+                return
+            t = getattr(t, "transport", None)
 
 
 class TLSOptionsCache:

@@ -1,0 +1,99 @@
+"""
+Tests for ``ResumingTLSOptions``: an upstream connection resumes the TLS
+session of an earlier, fully verified one, and a server that was not
+verified never gets that far. Both ends are real OpenSSL, over Twisted's
+in-memory transports (``iosim``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from OpenSSL._util import lib
+from twisted.internet import ssl, task
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy.upstream import ResumingTLSOptions
+from tests.upstream.certs import make_pki
+
+
+class Greeter(Protocol):
+    def connectionMade(self):
+        self.transport.write(b"* OK hello\r\n")
+
+
+class Reader(Protocol):
+    def __init__(self):
+        self.data = b""
+        self.lost = None
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class ResumptionTests(SynchronousTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp()
+        cls.pki = make_pki(os.path.join(cls.dir, "pki"))
+
+    def serverOptions(self):
+        with open(self.pki.key) as k, open(self.pki.cert) as c:
+            cert = ssl.PrivateCertificate.loadPEM(k.read() + c.read())
+        # Session tickets, as IMAP servers (Dovecot, Gmail) issue them.
+        return ssl.CertificateOptions(
+            privateKey=cert.privateKey.original,
+            certificate=cert.original,
+            enableSessionTickets=True,
+        )
+
+    def clientOptions(self, host: str = "localhost") -> ResumingTLSOptions:
+        with open(self.pki.ca_cert) as f:
+            ca = ssl.Certificate.loadPEM(f.read())
+        return ResumingTLSOptions(ssl.optionsForClientTLS(host, trustRoot=ca))
+
+    def connect(self, serverOptions, options):
+        """One TLS connection; :return: (client TLS protocol, client reader)."""
+        reader = Reader()
+        clock = task.Clock()  # small TLS writes are flushed on the next "turn"
+        server = TLSMemoryBIOFactory(serverOptions, False, Factory.forProtocol(Greeter), clock)
+        client = TLSMemoryBIOFactory(options, True, Factory.forProtocol(lambda: reader), clock)
+        c, _s, pump = connectedServerAndClient(
+            lambda: server.buildProtocol(None), lambda: client.buildProtocol(None)
+        )
+        for _ in range(5):
+            pump.flush()
+            clock.advance(0)
+        return c, reader
+
+    def test_theNextConnectionResumes(self):
+        """After remember(), a new connection resumes instead of a full handshake."""
+        server, options = self.serverOptions(), self.clientOptions()
+        first, reader = self.connect(server, options)
+        self.assertEqual(reader.data, b"* OK hello\r\n")
+        self.assertEqual(lib.SSL_session_reused(first._tlsConnection._ssl), 0)
+        options.remember(first)
+        second, reader = self.connect(server, options)
+        self.assertEqual(reader.data, b"* OK hello\r\n")
+        self.assertEqual(lib.SSL_session_reused(second._tlsConnection._ssl), 1)
+
+    def test_withoutASessionEveryHandshakeIsFull(self):
+        """Nothing remembered: a full handshake, as Twisted's own options do."""
+        server, options = self.serverOptions(), self.clientOptions()
+        first, _ = self.connect(server, options)
+        second, _ = self.connect(server, options)
+        self.assertEqual(lib.SSL_session_reused(second._tlsConnection._ssl), 0)
+
+    def test_theWrongHostIsStillRefused(self):
+        """Host name verification is Twisted's, unchanged: a mismatch fails the handshake."""
+        server, options = self.serverOptions(), self.clientOptions("imap.example.org")
+        _c, reader = self.connect(server, options)
+        self.assertEqual(reader.data, b"")
+        self.assertIsNotNone(reader.lost)
