@@ -719,6 +719,20 @@ class RedisOutageTests(TestCase):
         self.assertEqual((yield store.getToken("t3")), token("t3"))
 
     @inlineCallbacks
+    def test_knownDownFailsAtOnce(self):
+        """Once Redis is known to be down, later operations fail at once, not after the timeout."""
+        store = self.newStore()
+        yield store.open()
+        self.server.stop()
+        yield self.assertUnavailablePromptly(store.getToken("t1"))
+        start = reactor.seconds()
+        for n in range(5):
+            yield self.assertFailure(store.getToken(f"t{n}"), StoreUnavailable)
+        self.assertLess(reactor.seconds() - start, 0.5)
+        self.server.start()
+        yield eventually(lambda: store.addToken(token("t9")))
+
+    @inlineCallbacks
     def test_hungThenBack(self):
         """With Redis hung operations fail promptly; once it answers again, so does the store."""
         store = self.newStore()

@@ -227,6 +227,10 @@ class _RedisStoreBase(Service):
             client = self._client()
         except StoreError as e:
             return fail(e)
+        if not self._available and not client._factory.pool:
+            # Known down and not reconnected yet: say so at once rather than
+            # make every login wait for the timeout.
+            return fail(StoreUnavailable("the Redis store is unavailable"))
         d = getattr(client, method)(*args)
         # A little longer than the reply timeout, which also drops a hung
         # connection; this one bounds the wait for a connection too.
