@@ -86,12 +86,12 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
+
+from tests.upstream.osutil import free_port, stop_process
 
 __all__ = ["PEER_VERSION", "Peer", "PeerError", "ensure_installed"]
 
@@ -174,12 +174,6 @@ def _run(cmd: list[str], what: str) -> str:
     if result.returncode != 0:
         raise PeerError(f"{what} failed ({result.returncode}): {result.stderr[-4000:]}")
     return result.stdout
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Peer:
@@ -335,7 +329,7 @@ class Peer:
             self._seed()
             last = ""
             for _ in range(START_ATTEMPTS):
-                port = _free_port()
+                port = free_port()
                 if self._start_once(port):
                     self.port = port
                     atexit.register(self.stop)
@@ -389,13 +383,7 @@ class Peer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, STOP_TIMEOUT)
 
     def __enter__(self) -> Peer:
         self.start()

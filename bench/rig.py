@@ -22,6 +22,7 @@ from bench.client import Login
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OAUTH2_DEADLINE, Mailbox, register
 from tests.imaputil import message, provider_access_token
 from tests.upstream import PKI, Dovecot, Provider, make_pki
+from tests.upstream.osutil import free_port, stop_process
 from tests.upstream.proxyproc import ProxyProcess
 
 HAPROXY_CONFIG = """\
@@ -38,21 +39,6 @@ frontend imaps
 backend dovecot
     server dovecot 127.0.0.1:{upstream} ssl verify required ca-file {ca} verifyhost localhost
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 SMALL_MESSAGES = 5
@@ -207,7 +193,7 @@ class Rig:
             for part in (self.pki.cert, self.pki.key):
                 with open(part) as f:
                     out.write(f.read())
-        port = _free_port()
+        port = free_port()
         conf = os.path.join(work, "haproxy.cfg")
         with open(conf, "w") as f:
             f.write(
@@ -218,7 +204,7 @@ class Rig:
         proc = subprocess.Popen(
             [binary, "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        self.stack.callback(_stop, proc)
+        self.stack.callback(stop_process, proc)
         deadline = time.monotonic() + 10
         while True:
             if proc.poll() is not None:

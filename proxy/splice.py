@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -157,6 +159,10 @@ def batchReads(transport: Any) -> None:
         if chunks and not tls._aborted:
             ProtocolWrapper.dataReceived(tls, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
+    intoSSL = getattr(conn, "_into_ssl", None)
+    if intoSSL is None or not hasattr(_lib, "BIO_get_mem_data"):
+        return
+
     def flushReceiveBIO() -> None:
         chunks: list[bytes] = []
         size = 0
@@ -171,6 +177,10 @@ def batchReads(transport: Any) -> None:
                 return
             chunks.append(chunk)
             size += len(chunk)
+            if not conn.pending() and not _lib.BIO_get_mem_data(intoSSL, _ffi.NULL):
+                # Nothing left to decrypt: skip the read that would only
+                # raise WantReadError (a costly exception in pyOpenSSL).
+                break
             if size >= SEND_CHUNK:
                 deliver(chunks)
                 chunks, size = [], 0

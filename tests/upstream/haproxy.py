@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
+
+from tests.upstream.osutil import free_port, stop_process
 
 CONFIG = """\
 global
@@ -39,12 +40,6 @@ class HAProxyError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class HAProxy:
     """:param backends: ``{name: port}`` of ``haproxy:`` listeners."""
 
@@ -59,7 +54,7 @@ class HAProxy:
         if not os.path.exists(binary):
             raise HAProxyError("haproxy is not installed (apt-get install haproxy)")
         os.makedirs(self.workdir, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         servers = "\n".join(
             SERVER.format(name=name, port=port) for name, port in self.backends.items()
         )
@@ -89,11 +84,6 @@ class HAProxy:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         if proc.stderr:
             proc.stderr.close()
