@@ -484,15 +484,27 @@ class Admin:
         :return: how many sessions were closed.
         """
         record = await self.findToken(tokenOrId)
+        if disconnect:
+            await self._announce(tokenId=record.id)
         await self.store.removeToken(record.id)
         if disconnect:
             return await self._close(tokenId=record.id)
         return 0
 
+    async def _announce(self, account: str | None = None, tokenId: str | None = None) -> None:
+        """
+        Before a removal: tell the other instances sharing the store to close
+        the matching sessions. Failing here fails the whole operation (nothing
+        was removed yet), so a retry can still reach them.
+        """
+        if self.bus is not None:
+            await self.bus.publish(account, tokenId)
+
     async def _close(self, account: str | None = None, tokenId: str | None = None) -> int:
         """
-        Close the matching sessions here and on every instance sharing the
-        store; :return: how many were closed here.
+        After a removal: close the matching sessions here, and tell the other
+        instances once more (a login they checked between the announcement
+        and the removal is closed too); :return: how many were closed here.
         """
         closed = 0
         if self.sessions is not None:
@@ -595,6 +607,9 @@ class Admin:
 
     async def removeAccount(self, accountId: str) -> int:
         """Remove the account and its tokens; :return: sessions closed."""
+        if await self.store.getAccount(accountId) is None:
+            raise NotFound(f"no account {accountId}")
+        await self._announce(account=accountId)
         if not await self.store.removeAccount(accountId):
             raise NotFound(f"no account {accountId}")
         return await self._close(account=accountId)

@@ -456,9 +456,17 @@ def _openBoth(args: argparse.Namespace, url: str, secretFile: str | None) -> tup
         args.source, args.from_secret_file or (secretFile if args.source == url else None)
     )
     target = _open(args.target, args.to_secret_file)
-    if os.path.abspath(str(source.path)) == os.path.abspath(str(target.path)):
+    if _identity(source) == _identity(target):
         sys.exit("imapproxy: FROM and TO are the same store")
     return source, target
+
+
+def _identity(store: Any) -> tuple[str, str]:
+    """What tells two stores apart: the file, or the Redis database and key prefix."""
+    address = getattr(store, "address", None)
+    if address is not None:
+        return (address.describe(), address.prefix)
+    return (os.path.abspath(str(store.path)), "")
 
 
 async def _copy(source: Any, target: Any, overwrite: bool) -> None:

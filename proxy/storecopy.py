@@ -79,6 +79,8 @@ async def copyStore(
         if token.expires is not None and token.expires <= cutoff:
             report.expiredTokens += 1
             continue
+        if overwrite:
+            await target.removeToken(token.id)
         await target.addToken(token)
         report.tokens += 1
     return report

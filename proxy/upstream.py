@@ -144,6 +144,10 @@ class UpstreamProtocol(LineReceiver):
         self.ready.errback(error)
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        if self._state == "spare":
+            # Its pool hears of it through connectionLost.
+            self.transport.abortConnection()
+            return
         self._fail(Unavailable("upstream-protocol"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -357,8 +361,8 @@ class UpstreamProtocol(LineReceiver):
         return True
 
     def discard(self) -> None:
-        """Log out a spare nobody took."""
-        if self._state == "spare":
+        """Log out a spare nobody took (or one made after it was no longer wanted)."""
+        if self._state in ("spare", "ready"):
             self._spareLost = None
             self._state = "failed"
             self._send(b"LOGOUT")

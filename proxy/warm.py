@@ -61,6 +61,8 @@ class WarmUpstreams:
         self.maxSpares = maxSpares
         self._spares: OrderedDict[str, _Spare] = OrderedDict()
         self._warming: set[str] = set()
+        # Accounts whose spare under way must be thrown away when it comes.
+        self._unwanted: set[str] = set()
         self._logins: dict[str, deque[float]] = {}
         self._stopped = False
 
@@ -117,7 +119,9 @@ class WarmUpstreams:
             return
         finally:
             self._warming.discard(account.id)
-        if self._stopped or account.id in self._spares:
+        unwanted = account.id in self._unwanted
+        self._unwanted.discard(account.id)
+        if self._stopped or unwanted or account.id in self._spares:
             protocol.discard()
             return
         while len(self._spares) >= self.maxSpares:
@@ -149,6 +153,8 @@ class WarmUpstreams:
 
     def discard(self, accountId: str) -> None:
         """Log out the account's spare (expired, or the account changed or went)."""
+        if accountId in self._warming:
+            self._unwanted.add(accountId)
         spare = self._spares.pop(accountId, None)
         if spare is not None:
             self._drop(spare)
