@@ -258,6 +258,34 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         return data
 
     @inlineCallbacks
+    def test_lastUsesAreWrittenTogetherAndSurviveAClose(self):
+        """A burst of uses is one later write: seen at once by reads, on disk after close."""
+        store = yield self.openStore()
+        for n in range(3):
+            yield store.addToken(token(f"{n:064x}"))
+        written: list[int] = []
+        real = store._run
+
+        def counting(f, *args):
+            written.append(1)
+            return real(f, *args)
+
+        store._run = counting
+        for n in range(3):
+            yield store.touchToken(f"{n:064x}", 1000.0 + n, f"192.0.2.{n}")
+        self.assertEqual(written, [], "a use is not written in the login's way")
+        seen = yield store.getToken(f"{2:064x}")
+        self.assertEqual((seen.lastUseTime, seen.lastUseAddress), (1002.0, "192.0.2.2"))
+        listed = yield store.listTokens()
+        self.assertEqual(sorted(t.lastUseTime for t in listed), [1000.0, 1001.0, 1002.0])
+        written.clear()
+        yield store.close()
+        self.assertEqual(len(written), 2, "one write for all three uses, then the close")
+        again = yield self.openStore()
+        stored = yield again.getToken(f"{1:064x}")
+        self.assertEqual((stored.lastUseTime, stored.lastUseAddress), (1001.0, "192.0.2.1"))
+
+    @inlineCallbacks
     def test_fileCreatedPrivate(self):
         """open() creates the directory and a database file readable only by its owner."""
         yield self.openStore()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -127,6 +128,8 @@ class SQLiteStore(Service):
         self.path = path
         self._secrets = secrets
         self._reactor = reactor
+        self._touches: dict[str, tuple[float, str]] = {}
+        self._touchFlush: Any = None
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="imapproxy-sqlite")
         self._db: sqlite3.Connection | None = None
 
@@ -148,6 +151,9 @@ class SQLiteStore(Service):
     def close(self):
         if self._pool.joined:
             return succeed(None)
+        if self._touchFlush is not None and self._touchFlush.active():
+            self._touchFlush.cancel()
+        self._flushTouches()
         d = self._run(self._closeBlocking)
 
         def stop(result):
@@ -684,7 +690,16 @@ class SQLiteStore(Service):
             )
             return None if row is None else self._token(row)
 
-        return self._run(q)
+        return self._run(q).addCallback(self._withTouch)
+
+    def _withTouch(self, token: Token | None) -> Token | None:
+        """A token as read, with its last use not written yet."""
+        if token is None:
+            return None
+        pending = self._touches.get(token.id)
+        if pending is None:
+            return token
+        return attrs.evolve(token, lastUseTime=pending[0], lastUseAddress=pending[1])
 
     def listTokens(self, account: str | None = None):
         def q() -> list[Token]:
@@ -696,23 +711,46 @@ class SQLiteStore(Service):
             rows = self._conn().execute(sql + " ORDER BY created DESC, id", args)
             return [self._token(r) for r in rows]
 
-        return self._run(q)
+        return self._run(q).addCallback(lambda found: [self._withTouch(t) for t in found])
 
     def removeToken(self, tokenId: str):
+        self._touches.pop(tokenId, None)
+
         def q() -> bool:
             cur = self._conn().execute("DELETE FROM tokens WHERE id=?", (tokenId,))
             return cur.rowcount > 0
 
         return self._run(q)
 
-    def touchToken(self, tokenId: str, when: float, address: str):
-        def q() -> None:
-            self._conn().execute(
-                "UPDATE tokens SET last_use_time=?, last_use_address=? WHERE id=?",
-                (when, address, tokenId),
-            )
+    # Last uses are written together at most this often: one transaction (one
+    # fsync) for a burst of logins, and never in a login's way on the store's
+    # single thread.
+    TOUCH_DELAY = 1.0
 
-        return self._run(q)
+    def touchToken(self, tokenId: str, when: float, address: str):
+        """Record a use; written within ``TOUCH_DELAY`` seconds (and at close)."""
+        self._touches[tokenId] = (when, address)
+        if self._touchFlush is None:
+            self._touchFlush = self._reactor.callLater(self.TOUCH_DELAY, self._flushTouches)
+        return succeed(None)
+
+    def _flushTouches(self):
+        self._touchFlush = None
+        if not self._touches:
+            return succeed(None)
+        rows = [(w, a, tid) for tid, (w, a) in self._touches.items()]
+        self._touches = {}
+
+        def q() -> None:
+            db = self._conn()
+            with _transaction(db):
+                db.executemany(
+                    "UPDATE tokens SET last_use_time=?, last_use_address=? WHERE id=?", rows
+                )
+
+        d = self._run(q)
+        d.addErrback(lambda f: self.log.failure("recording token use failed", f))
+        return d
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
