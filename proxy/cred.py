@@ -21,7 +21,7 @@ from .model import Account, validAccountId
 from .oauth import AccessTokens
 from .store import IAccountStore, ITokenStore
 from .tokens import checkToken, looksLikeToken, tokenId
-from .upstream import TLSOptionsCache, UpstreamProtocol, connectUpstream
+from .upstream import AddressCache, TLSOptionsCache, UpstreamProtocol, connectUpstream
 
 log = Logger()
 
@@ -195,10 +195,11 @@ class UpstreamRealm:
 def upstreamConnector(reactor: Any, timeout: float) -> Any:
     """The realm's ``connect``, bound to a reactor, a time bound and a TLS cache."""
     tlsCache = TLSOptionsCache(reactor)
+    addresses = AddressCache(reactor)
 
     def connect(upstream: Any, user: str, accessToken: str) -> Deferred[UpstreamProtocol]:
         return ensureDeferred(
-            connectUpstream(reactor, upstream, user, accessToken, timeout, tlsCache)
+            connectUpstream(reactor, upstream, user, accessToken, timeout, tlsCache, addresses)
         )
 
     return connect

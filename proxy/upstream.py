@@ -517,6 +517,37 @@ def _splitPEM(pem: bytes) -> list[bytes]:
     return [part + end for part in pem.split(end) if b"-----BEGIN" in part]
 
 
+class AddressCache:
+    """
+    The address each provider host:port last answered on, kept for a
+    while: a login then connects without a name lookup (a trip through the
+    thread pool). An address that fails to connect is forgotten, so the next
+    login looks the name up again.
+    """
+
+    def __init__(self, clock: Any, ttl: float = 60.0, size: int = 4096):
+        self._clock = clock
+        self._ttl = ttl
+        self._size = size
+        self._entries: dict[tuple[str, int], tuple[float, str]] = {}
+
+    def get(self, host: str, port: int) -> str | None:
+        entry = self._entries.get((host, port))
+        if entry is None or self._clock.seconds() > entry[0]:
+            return None
+        return entry[1]
+
+    def remember(self, host: str, port: int, address: str) -> None:
+        if address == host:
+            return  # an address already
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[(host, port)] = (self._clock.seconds() + self._ttl, address)
+
+    def forget(self, host: str, port: int) -> None:
+        self._entries.pop((host, port), None)
+
+
 async def connectUpstream(
     reactor: Any,
     upstream: Upstream,
@@ -524,6 +555,7 @@ async def connectUpstream(
     accessToken: str,
     timeout: float,
     tlsCache: TLSOptionsCache | None = None,
+    addresses: AddressCache | None = None,
 ) -> UpstreamProtocol:
     """
     Connect and log in within ``timeout`` seconds.
@@ -534,9 +566,16 @@ async def connectUpstream(
     if tlsCache is None:
         tlsCache = TLSOptionsCache(reactor)
     tls = await tlsCache.get(upstream) if upstream.tls != "plain" else None
-    endpoint: Any = endpoints.HostnameEndpoint(
-        reactor, upstream.host, upstream.port, timeout=timeout
-    )
+    known = addresses.get(upstream.host, upstream.port) if addresses is not None else None
+    endpoint: Any
+    if known is None:
+        endpoint = endpoints.HostnameEndpoint(
+            reactor, upstream.host, upstream.port, timeout=timeout
+        )
+    elif ":" in known:
+        endpoint = endpoints.TCP6ClientEndpoint(reactor, known, upstream.port, timeout=timeout)
+    else:
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, known, upstream.port, timeout=timeout)
     if upstream.tls == "implicit":
         assert tls is not None
         endpoint = endpoints.wrapClientTLS(tls, endpoint)
@@ -552,11 +591,12 @@ async def connectUpstream(
     finished: Deferred[UpstreamProtocol] = Deferred()
 
     def timedOut() -> None:
+        # Decided first: cancelling the attempt must not read as "unreachable".
+        if not finished.called:
+            finished.errback(Unavailable("upstream-timeout"))
         connecting.cancel()
         if proto.transport is not None:
             proto.transport.abortConnection()
-        if not finished.called:
-            finished.errback(Unavailable("upstream-timeout"))
 
     timer = reactor.callLater(timeout, timedOut)
 
@@ -564,6 +604,8 @@ async def connectUpstream(
         proto.ready.addBoth(done)
 
     def connectFailed(failure: Any) -> None:
+        if addresses is not None:
+            addresses.forget(upstream.host, upstream.port)
         if timer.active():
             timer.cancel()
         if not finished.called:
@@ -581,10 +623,20 @@ async def connectUpstream(
                 proto.transport.abortConnection()
             return
         if isinstance(result, UpstreamProtocol):
+            if addresses is not None:
+                peer = getattr(proto.transport.getPeer(), "host", None)
+                if peer:
+                    addresses.remember(upstream.host, upstream.port, peer)
             finished.callback(result)
         else:
             finished.errback(result)
 
     connecting.addCallbacks(connected, connectFailed)
     connecting.addErrback(lambda f: log.failure("upstream connect handling failed", f))
-    return await finished
+    try:
+        return await finished
+    except Unavailable as e:
+        if known is None or e.reason != "upstream-unreachable":
+            raise
+    # The remembered address is gone (forgotten above): look the name up.
+    return await connectUpstream(reactor, upstream, user, accessToken, timeout, tlsCache, addresses)

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxy.errors import LimitReached, Unavailable, UpstreamRejectedToken
 from proxy.model import Upstream
 from proxy.upstream import (
+    AddressCache,
     OAUTHBEARERAuthenticator,
     UpstreamProtocol,
     XOAUTH2Authenticator,
@@ -480,3 +481,49 @@ class ConnectUpstreamTests(SynchronousTestCase):
         self.reactor.advance(1)
         f = self.failureResultOf(d, Unavailable)
         self.assertEqual(f.value.reason, "upstream-unreachable")
+
+
+class AddressCacheTests(SynchronousTestCase):
+    """Logins connect to the address a provider answered on, without a name lookup."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.cache = AddressCache(self.reactor, ttl=60.0)
+
+    def connect(self):
+        return ensureDeferred(
+            connectUpstream(
+                self.reactor,
+                Upstream(host="imap.example.com", port=143, tls="plain"),
+                "alice@example.com",
+                "ya29.access-token",
+                10.0,
+                addresses=self.cache,
+            )
+        )
+
+    def test_aRememberedAddressIsUsedUntilItExpires(self):
+        """Within the TTL the remembered address is dialled directly; after it, it is not."""
+        self.cache.remember("imap.example.com", 143, "192.0.2.5")
+        self.assertEqual(self.cache.get("imap.example.com", 143), "192.0.2.5")
+        d = self.connect()
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("192.0.2.5", 143))
+        self.reactor.advance(61)
+        self.assertIsNone(self.cache.get("imap.example.com", 143))
+        self.failureResultOf(d, Unavailable)  # timed out meanwhile
+
+    def test_aFailingAddressIsForgottenAndTheNameLookedUpAgain(self):
+        """A remembered address that refuses is dropped, and the login retries by name."""
+        self.cache.remember("imap.example.com", 143, "192.0.2.5")
+        d = self.connect()
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertIsNone(self.cache.get("imap.example.com", 143))
+        self.assertNoResult(d)  # retrying through the name
+        self.reactor.advance(11)
+        self.failureResultOf(d, Unavailable)
+
+    def test_addressesAreNotCachedForAddresses(self):
+        """A host given as an address needs no cache entry."""
+        self.cache.remember("192.0.2.9", 143, "192.0.2.9")
+        self.assertIsNone(self.cache.get("192.0.2.9", 143))
