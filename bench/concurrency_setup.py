@@ -16,11 +16,11 @@ import subprocess
 import sys
 from typing import Any
 
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, add_account, issue_token
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIGHTUPSTREAM = os.path.join(HERE, "lightupstream.py")
 
-CLIENT_ID = "app-client"
-CLIENT_SECRET = "app-secret"
 LIGHT_DOMAIN = "light.example"
 OAUTH2_DEADLINE = 10.0
 
@@ -63,40 +63,16 @@ def add_accounts(
         email = f"{prefix}{i}-{tag}@{domain}"
         refresh_token = "rt-" + secrets.token_urlsafe(24)
         provider.add_grant(refresh_token, email, CLIENT_ID, CLIENT_SECRET, expires_in=7200)
-        proxy.cli(
-            "accounts",
-            "add",
-            account,
-            "--email",
-            email,
-            "--imap-host",
-            "localhost",
-            "--imap-port",
-            str(port),
-            "--imap-tls",
-            "implicit",
-            "--imap-ca-file",
-            ca_file,
-            "--token-url",
-            provider.token_url,
-            "--client-id",
-            CLIENT_ID,
-            "--client-secret",
-            CLIENT_SECRET,
-            "--refresh-token",
-            "-",
-            input=refresh_token + "\n",
+        add_account(
+            proxy,
+            provider,
+            account=account,
+            email=email,
+            refresh_token=refresh_token,
+            port=port,
+            ca_file=ca_file,
         )
-        token = proxy.cli(
-            "tokens",
-            "issue",
-            "--account",
-            account,
-            "--scope",
-            "imap-proxy",
-            "--description",
-            f"concurrency bench {i}",
-        ).stdout.strip()
+        token = issue_token(proxy, account, f"concurrency bench {i}")
         return account, token
 
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:

@@ -141,4 +141,13 @@ class RefreshLeases:
                 )
 
         d = self._lock.renew(accountId, value, self._ttl)
-        return d.addCallbacks(renewed, lambda f: None)
+
+        def failed(f: Any) -> None:
+            # The store is having trouble; the lease lives on until its TTL.
+            log.info(
+                "renewing the refresh lease of {account} failed: {why}",
+                account=accountId,
+                why=f.getErrorMessage()[:200],
+            )
+
+        return d.addCallbacks(renewed, failed)

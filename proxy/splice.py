@@ -63,7 +63,7 @@ def eagerWrites(transport: Any) -> None:
             not conn.TLS
             and conn.connected
             and not conn.disconnecting
-            and not getattr(conn, "_aborting", False)
+            and not conn._aborting
             and not conn._writeDisconnected
             and not conn._tempDataLen
             and conn.offset == len(conn.dataBuffer)

@@ -387,7 +387,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if shared:
         # Close requests (revoke with disconnect, account deletion) made on
         # any instance reach this one's sessions.
-        bus = SessionBus(store, lambda account, token: sessions.close(account, token), reactor)
+        bus = SessionBus(store, sessions.close, reactor)
         bus.setServiceParent(top)
 
     # Keys added with 'imapproxy secrets add-key' are picked up while running.

@@ -99,7 +99,9 @@ class WarmUpstreams:
         if account.id in self._spares or account.id in self._warming:
             return
         self._warming.add(account.id)
-        ensureDeferred(self._warm(account))
+        ensureDeferred(self._warm(account)).addErrback(
+            lambda f: log.failure("making a spare connection failed", f)
+        )
 
     def _forgetOld(self, now: float) -> None:
         # Bounded memory: accounts not seen within the window are dropped.

@@ -93,6 +93,62 @@ _counter = itertools.count(1)
 ISSUED_SECRETS: list[str] = [CLIENT_SECRET]
 
 
+def add_account(
+    proxy: ProxyProcess,
+    provider: Provider,
+    *,
+    account: str,
+    email: str,
+    refresh_token: str,
+    port: int,
+    ca_file: str,
+    tls: str = "implicit",
+    host: str = "localhost",
+    replace: bool = False,
+) -> None:
+    """Register (or with ``replace``, change) an account with the admin command."""
+    proxy.cli(
+        "accounts",
+        "add",
+        account,
+        *(["--replace"] if replace else []),
+        "--email",
+        email,
+        "--imap-host",
+        host,
+        "--imap-port",
+        str(port),
+        "--imap-tls",
+        tls,
+        "--imap-ca-file",
+        ca_file,
+        "--token-url",
+        provider.token_url,
+        "--client-id",
+        CLIENT_ID,
+        "--client-secret",
+        CLIENT_SECRET,
+        "--refresh-token",
+        "-",
+        input=refresh_token + "\n",
+    )
+
+
+def issue_token(proxy: ProxyProcess, account: str, description: str, *args: str) -> str:
+    """An imap-proxy token for ``account``, from the admin command."""
+    return proxy.cli(
+        "tokens",
+        "issue",
+        "--account",
+        account,
+        "--scope",
+        "imap-proxy",
+        "--description",
+        description,
+        *args,
+    ).stdout.strip()
+
+
 def register(
     proxy: ProxyProcess,
     provider: Provider,
@@ -113,41 +169,17 @@ def register(
         refresh_token, email, CLIENT_ID, CLIENT_SECRET, expires_in=expires_in, rotate=rotate
     )
     port = dovecot.tls_port if tls == "implicit" else dovecot.plain_port
-    proxy.cli(
-        "accounts",
-        "add",
-        account,
-        "--email",
-        email,
-        "--imap-host",
-        "localhost",
-        "--imap-port",
-        str(port),
-        "--imap-tls",
-        tls,
-        "--imap-ca-file",
-        pki.ca_cert,
-        "--token-url",
-        provider.token_url,
-        "--client-id",
-        CLIENT_ID,
-        "--client-secret",
-        CLIENT_SECRET,
-        "--refresh-token",
-        "-",
-        input=refresh_token + "\n",
+    add_account(
+        proxy,
+        provider,
+        account=account,
+        email=email,
+        refresh_token=refresh_token,
+        port=port,
+        ca_file=pki.ca_cert,
+        tls=tls,
     )
-    token = proxy.cli(
-        "tokens",
-        "issue",
-        "--account",
-        account,
-        "--scope",
-        "imap-proxy",
-        "--description",
-        f"test token {n}",
-        *token_args,
-    ).stdout.strip()
+    token = issue_token(proxy, account, f"test token {n}", *token_args)
     ISSUED_SECRETS.extend([token, refresh_token])
     return Mailbox(account, email, token, refresh_token)
 

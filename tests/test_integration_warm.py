@@ -6,7 +6,7 @@ works like any other; a changed account never gets its old spare.
 
 from __future__ import annotations
 
-from tests.conftest import register
+from tests.conftest import add_account, register
 from tests.imaputil import message, tls
 
 SPARE_READY = "a spare provider connection waits for the next login of {account}"
@@ -50,30 +50,16 @@ def test_a_changed_account_does_not_get_its_old_spare(proxy, provider, dovecot, 
     _session(proxy, pki, mb)
     _session(proxy, pki, mb)
     proxy.wait_for_log(SPARE_READY.format(account=mb.account))
-    proxy.cli(
-        "accounts",
-        "add",
-        mb.account,
-        "--replace",
-        "--email",
-        mb.email,
-        "--imap-host",
-        "localhost",
-        "--imap-port",
-        str(dovecot.plain_port),
-        "--imap-tls",
-        "starttls",
-        "--imap-ca-file",
-        pki.ca_cert,
-        "--token-url",
-        provider.token_url,
-        "--client-id",
-        "app-client",
-        "--client-secret",
-        "app-secret",
-        "--refresh-token",
-        "-",
-        input=mb.refresh_token + "\n",
+    add_account(
+        proxy,
+        provider,
+        account=mb.account,
+        email=mb.email,
+        refresh_token=mb.refresh_token,
+        port=dovecot.plain_port,
+        ca_file=pki.ca_cert,
+        tls="starttls",
+        replace=True,
     )
     assert _session(proxy, pki, mb) == body
     assert SPARE_TAKEN.format(account=mb.account) not in proxy.full_log()

@@ -21,7 +21,7 @@ from typing import Any
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -158,8 +158,6 @@ class SessionBus(Service):
         super().stopService()
         service, self._service = self._service, None
         if service is None:
-            from twisted.internet.defer import succeed
-
             return succeed(None)
         return service.stopService()  # type: ignore[no-any-return]
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
+
+from tests.upstream.osutil import stop_process
 
 from .certs import PKI
 
@@ -227,13 +228,7 @@ class Dovecot:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, STOP_TIMEOUT)
 
     def stop(self, remove: bool = True) -> None:
         """Stop the master (waiting for it) and, by default, delete ``dir``."""

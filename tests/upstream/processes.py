@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
+
+from tests.upstream.osutil import stop_process
 
 from .certs import PKI
 
@@ -100,13 +101,7 @@ class Provider:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, STOP_TIMEOUT)
 
     def __enter__(self) -> Provider:
         self.start()

@@ -20,6 +20,8 @@ import time
 import weakref
 from typing import Any
 
+from tests.upstream.osutil import free_port, stop_process
+
 __all__ = ["RedisServer", "RedisServerError"]
 
 START_TIMEOUT = 10.0
@@ -31,13 +33,6 @@ _running: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
 class RedisServerError(RuntimeError):
     """redis-server did not start, or a command failed."""
-
-
-def _free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -96,7 +91,7 @@ class RedisServer:
         last: Exception | None = None
         for _ in range(START_ATTEMPTS):
             try:
-                self._start_once(_free_port())
+                self._start_once(free_port())
                 return
             except RedisServerError as e:  # most likely a lost port race
                 last = e
@@ -158,15 +153,9 @@ class RedisServer:
         _running.discard(self)
         if proc is None:
             return
-        if proc.poll() is None:
-            if self._paused:
-                proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc.poll() is None and self._paused:
+            proc.send_signal(signal.SIGCONT)
+        stop_process(proc, STOP_TIMEOUT)
         self._paused = False
 
     def pause(self) -> None:
