@@ -21,7 +21,7 @@ from .config import ConfigError, readConfig
 from .encryption import SecretKeyError
 from .model import TLS_MODES
 from .store import RedisStore, SessionBus, StoreError, defaultStoreURL, makeStore
-from .storecopy import copyStore
+from .store.copy import copyStore
 
 
 def _secretArg(value: str) -> str:
@@ -312,7 +312,7 @@ async def _authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     from twisted.internet.task import deferLater
     from twisted.internet.threads import deferToThread
 
-    from .onboarding import (
+    from .oauth.onboarding import (
         DevicePending,
         DeviceSlowDown,
         Onboarding,

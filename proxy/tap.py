@@ -16,16 +16,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ._haproxy import serverEndpoint
 from .admin import Admin
-from .api import TokenAPI
 from .config import ConfigError, readConfig, splitList
 from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
+from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
-from .leases import RefreshLeases
-from .oauth import AccessTokens, ThreadedRefresher
-from .onboarding import Onboarding
+from .oauth import AccessTokens, Onboarding, RefreshLeases, ThreadedRefresher
 from .store import (
     RedisStore,
     RefreshLock,
@@ -34,7 +31,8 @@ from .store import (
     defaultStoreURL,
     makeStore,
 )
-from .warm import WarmUpstreams
+from .upstream import WarmUpstreams
+from .web import TokenAPI
 
 log = Logger()
 

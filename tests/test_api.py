@@ -37,10 +37,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from proxy.admin import Admin, buildAccount
-from proxy.api import MAX_BODY, OPENAPI_PATH, TokenAPI
 from proxy.model import Account, OAuth2App, Token
 from proxy.store import IAccountStore, ITokenStore, StoreError
 from proxy.tokens import newToken, parseNetworks, tokenId
+from proxy.web.api import MAX_BODY, OPENAPI_PATH, TokenAPI
 
 NOW = 1_750_000_000.0
 CLIENT_SECRET = "cs-api-unit-5b1f0e9d2c77"

@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from proxy.api import MAX_BODY, OPENAPI_PATH
+from proxy.web.api import MAX_BODY, OPENAPI_PATH
 from tests.upstream.proxyproc import ProxyProcess
 
 MAX_EXAMPLES = 30

@@ -16,8 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.errors import Unavailable
 from proxy.imap import SessionRegistry
-from proxy.leases import RefreshLeases
-from proxy.oauth import AccessTokens, Grant
+from proxy.oauth import AccessTokens, Grant, RefreshLeases
 from tests.test_oauth import FakeRefresher, account
 
 

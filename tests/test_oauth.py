@@ -24,10 +24,10 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from proxy import oauth
 from proxy.errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
 from proxy.model import Account, OAuth2Grant, Upstream
 from proxy.oauth import AccessToken, AccessTokens, Grant, ThreadedRefresher, needsRefresh
+from proxy.oauth import cache as oauth
 
 TOKEN_URL = "https://oauth.example.com/token"
 

@@ -24,11 +24,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from proxy import cli
 from proxy.admin import Admin
 from proxy.encryption import Secrets
-from proxy.splice import eagerWrites
+from proxy.relay import eagerWrites
 from proxy.store import SQLiteStore, makeStore
-from proxy.storecopy import copyStore
+from proxy.store.copy import copyStore
 from proxy.tokens import newToken
-from proxy.warm import WarmUpstreams
+from proxy.upstream import WarmUpstreams
 from tests.test_oauth import account
 from tests.test_store import account as storedAccount
 from tests.test_store import token as storedToken

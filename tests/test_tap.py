@@ -244,7 +244,7 @@ class ListenerLimitTests(SynchronousTestCase):
 
     def test_backlogAddedWhereNoneIsGiven(self):
         """TCP, TLS, UNIX and PROXY-protocol listeners get a 1,024 backlog unless one is set."""
-        from proxy._haproxy import withBacklog
+        from proxy.endpoints import withBacklog
 
         self.assertEqual(withBacklog("tcp:2143"), "tcp:2143:backlog=1024")
         self.assertEqual(

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.errors import Unavailable
 from proxy.imap import SessionRegistry
-from proxy.warm import WarmUpstreams
+from proxy.upstream import WarmUpstreams
 from tests.test_oauth import account
 from tests.test_upstream import _Driver
 

@@ -20,11 +20,11 @@ from twisted.logger import Logger
 from twisted.mail.imap4 import IllegalClientResponse, IMAP4Server
 from twisted.python.failure import Failure
 
-from .cred import IUpstreamSession, TokenCredentials, loggableAccount
-from .errors import AccessDenied, ProxyError, Unavailable
-from .splice import Splice, tuneSocket
-from .store import StoreUnavailable
-from .tokens import clientAddress
+from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
+from ..errors import AccessDenied, ProxyError, Unavailable
+from ..relay import Splice, tuneSocket
+from ..store import StoreUnavailable
+from ..tokens import clientAddress
 
 log = Logger()
 
@@ -273,7 +273,7 @@ class ProxyServer(IMAP4Server):
 
     def do_ID(self, tag: bytes, args: Any) -> None:
         # The client's ID is not needed before login; answer with ours.
-        from . import __version__
+        from .. import __version__
 
         self.sendUntaggedResponse(
             b'ID ("name" "imapproxy" "version" "' + __version__.encode("ascii") + b'")'

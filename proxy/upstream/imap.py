@@ -25,9 +25,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
-from .model import Upstream
-from .splice import tuneSocket
+from ..errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
+from ..model import Upstream
+from ..relay import tuneSocket
 
 log = Logger()
 

@@ -17,12 +17,12 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 from werkzeug.exceptions import HTTPException
 
-from .admin import Admin, AdminError, NotFound, accountView, appView, tokenView
-from .errors import AccessDenied
-from .model import Token
-from .onboarding import Onboarding
-from .store import StoreUnavailable
-from .tokens import checkToken, tokenId
+from ..admin import Admin, AdminError, NotFound, accountView, appView, tokenView
+from ..errors import AccessDenied
+from ..model import Token
+from ..oauth.onboarding import Onboarding
+from ..store import StoreUnavailable
+from ..tokens import checkToken, tokenId
 
 log = Logger()
 

@@ -15,7 +15,7 @@ import attrs
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from .errors import Unavailable
+from ..errors import Unavailable
 
 log = Logger()
 

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import attrs
 from twisted.logger import Logger
 
-from .admin import (
+from ..admin import (
     IMAP_FIELDS,
     PRESETS,
     Admin,
@@ -29,7 +29,7 @@ from .admin import (
     _object,
     buildAccount,
 )
-from .model import Account, OAuth2App, PendingAuthorization, validAccountId
+from ..model import Account, OAuth2App, PendingAuthorization, validAccountId
 
 log = Logger()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from .admin import AdminError
+from ..admin import AdminError
 
 
 @attrs.define

@@ -18,9 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
+from ..errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
+from ..model import Account
 from .leases import RefreshLeases
-from .model import Account
 
 log = Logger()
 

@@ -21,8 +21,8 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from .model import Account
-from .oauth import fingerprint
+from ..model import Account
+from ..oauth import fingerprint
 
 log = Logger()
 
