@@ -48,6 +48,26 @@ class LimitReached(Unavailable):
     reason = "upstream-limit"
 
 
+class CertificateRejected(Unavailable):
+    """
+    A provider's server (IMAP, SMTP or token endpoint) showed a certificate
+    that failed verification. Not retried: the same certificate would be
+    refused again. ``reason`` is ``certificate-untrusted`` (chain or CA),
+    ``certificate-hostname`` (name mismatch) or ``certificate-expired``;
+    ``detail`` names the server and the certificate (subject, issuer, the
+    verifier's words), for the log and the account's state, never for a client.
+    """
+
+    message = "The provider's certificate was refused, the operator must act"
+    reason = "certificate-untrusted"
+    REASONS = ("certificate-untrusted", "certificate-hostname", "certificate-expired")
+
+    def __init__(self, reason: str | None = None, message: str | None = None, detail: str = ""):
+        assert reason is None or reason in self.REASONS, reason
+        super().__init__(reason, message)
+        self.detail = detail
+
+
 class AuthenticationFailed(ProxyError):
     """The provider refused the account's credentials."""
 
