@@ -23,6 +23,7 @@ from .encryption import SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
 from .oauth import AccessTokens, Onboarding, RefreshLeases, ThreadedRefresher
+from .pem import splitCertificates
 from .store import (
     RedisStore,
     RefreshLock,
@@ -213,8 +214,7 @@ class Options(usage.Options):
                 chain = f.read()
             with open(self["tls-key"], "rb") as f:
                 key = f.read()
-            end = b"-----END CERTIFICATE-----"
-            certs = [part + end for part in chain.split(end) if b"-----BEGIN" in part]
+            certs = splitCertificates(chain)
             if not certs:
                 raise ValueError("no certificate in the file")
             leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key)

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from ..errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
 from ..model import Upstream
+from ..pem import splitCertificates
 from ..relay import tuneSocket
 
 log = Logger()
@@ -412,7 +413,7 @@ def tlsOptionsFor(host: str, caFile: str | None) -> Any:
                 raise ValueError("not a regular file of sensible size")
             with open(caFile, "rb") as f:
                 pem = f.read(MAX_CA_FILE)
-            certs = [ssl.Certificate.loadPEM(c) for c in _splitPEM(pem)]
+            certs = [ssl.Certificate.loadPEM(c) for c in splitCertificates(pem)]
         except (OSError, ssl.SSL.Error, crypto.Error) as e:
             raise ValueError(str(e)) from None
         if not certs:
@@ -510,11 +511,6 @@ class TLSOptionsCache:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
-
-
-def _splitPEM(pem: bytes) -> list[bytes]:
-    end = b"-----END CERTIFICATE-----"
-    return [part + end for part in pem.split(end) if b"-----BEGIN" in part]
 
 
 class AddressCache:
