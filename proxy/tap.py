@@ -22,7 +22,15 @@ from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
-from .oauth import AccessTokens, Onboarding, RefreshLeases, ThreadedRefresher
+from .oauth import (
+    AccessTokens,
+    Onboarding,
+    RefreshLeases,
+    RetryPolicy,
+    SingleFlight,
+    ThreadedRefresher,
+    TokenCache,
+)
 from .pem import splitCertificates
 from .store import (
     RedisStore,
@@ -352,15 +360,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         refresher.refresh,
         store.setRefreshToken,
         reactor,
+        cache=TokenCache(reactor, load=store.getAccessToken, persist=store.saveAccessToken),
+        policy=RetryPolicy(deadline=options["oauth2-deadline"]),
         markReauth=lambda account, reason: store.setAccountState(
             account, "reauth-required", f"{reason} ({_now()})"
         ),
-        deadline=options["oauth2-deadline"],
-        loadSaved=store.getAccessToken,
-        persist=store.saveAccessToken,
         # Instances sharing a store refresh an account one at a time.
-        leases=RefreshLeases(RefreshLock(store), reactor) if shared else None,
-        reload=store.getAccount if shared else None,
+        flight=SingleFlight(RefreshLeases(RefreshLock(store), reactor), reload=store.getAccount)
+        if shared
+        else None,
     )
     realm = UpstreamRealm(
         store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])

@@ -1,5 +1,5 @@
 """
-Tests for ``proxy.leases`` and the refresh lease in ``AccessTokens``: two
+Tests for ``proxy.oauth.leases`` and the refresh lease in ``AccessTokens``: two
 cache instances (two proxies) share a lock, saved access tokens and stored
 accounts, as they share Redis; time comes from one ``task.Clock``. The lock
 here keeps Redis's semantics (SET NX PX, compare-and-renew, compare-and-del)
@@ -16,7 +16,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.errors import Unavailable
 from proxy.imap import SessionRegistry
-from proxy.oauth import AccessTokens, Grant, RefreshLeases
+from proxy.oauth import (
+    AccessTokens,
+    Grant,
+    RefreshLeases,
+    RetryPolicy,
+    SingleFlight,
+    TokenCache,
+)
 from tests.test_oauth import FakeRefresher, account
 
 
@@ -102,11 +109,11 @@ class LeasedRefreshTests(SynchronousTestCase):
             refresh,
             self.store.saveRefreshToken,
             self.clock,
-            deadline=10.0,
-            loadSaved=self.store.load,
-            persist=self.store.persist,
-            leases=RefreshLeases(self.lock, self.clock, ttl=5.0),
-            reload=self.store.reload,
+            cache=TokenCache(self.clock, load=self.store.load, persist=self.store.persist),
+            policy=RetryPolicy(deadline=10.0),
+            flight=SingleFlight(
+                RefreshLeases(self.lock, self.clock, ttl=5.0), reload=self.store.reload
+            ),
         )
         return tokens, refresh
 

@@ -26,8 +26,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
 from proxy.model import Account, OAuth2Grant, Upstream
-from proxy.oauth import AccessToken, AccessTokens, Grant, ThreadedRefresher, needsRefresh
-from proxy.oauth import cache as oauth
+from proxy.oauth import (
+    AccessToken,
+    AccessTokens,
+    Grant,
+    RetryPolicy,
+    ThreadedRefresher,
+    TokenCache,
+    needsRefresh,
+)
+from proxy.oauth import refresher as oauth
 
 TOKEN_URL = "https://oauth.example.com/token"
 
@@ -84,7 +92,9 @@ class AccessTokensTests(SynchronousTestCase):
         self.clock = task.Clock()
         self.refresh = FakeRefresher()
         self.save = FakeSaver()
-        self.tokens = AccessTokens(self.refresh, self.save, self.clock, margin=300.0)
+        self.tokens = AccessTokens(
+            self.refresh, self.save, self.clock, cache=TokenCache(self.clock, margin=300.0)
+        )
         self.account = account()
 
     def tearDown(self):
@@ -221,7 +231,7 @@ class AccessTokensTests(SynchronousTestCase):
 
     def test_outageEndsAtDeadline(self):
         """Retries stop before the deadline: the waiter gets Unavailable within it."""
-        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=3.0)
+        tokens = AccessTokens(self.refresh, self.save, self.clock, policy=RetryPolicy(deadline=3.0))
         d = tokens.get(self.account)
         for wait in (0.5, 1.0):  # attempts at 0, 0.5 and 1.5 s
             self.refresh.calls[-1][1].errback(Unavailable("oauth2-server-error"))
@@ -235,7 +245,9 @@ class AccessTokensTests(SynchronousTestCase):
 
     def test_slowRefreshTimesOutButLateAnswerIsKept(self):
         """A refresh slower than the deadline fails the login, yet its rotated token is kept."""
-        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=2.0, backoff=(5.0,))
+        tokens = AccessTokens(
+            self.refresh, self.save, self.clock, policy=RetryPolicy(deadline=2.0, backoff=(5.0,))
+        )
         d = tokens.get(self.account)
         self.clock.advance(2.0)
         self.failureResultOf(d, Unavailable)
@@ -582,7 +594,9 @@ class SafetyTests(SynchronousTestCase):
 
     def test_noSecondRefreshWhileOneIsStillOut(self):
         """After a deadline passes, a new login waits for the refresh still out; never two."""
-        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=2.0, backoff=(5.0,))
+        tokens = AccessTokens(
+            self.refresh, self.save, self.clock, policy=RetryPolicy(deadline=2.0, backoff=(5.0,))
+        )
         a = account()
         first = tokens.get(a)
         self.clock.advance(2.0)
@@ -615,7 +629,9 @@ class ReviewRegressionTests(SynchronousTestCase):
     def test_slowSaveDoesNotCauseSecondRefresh(self):
         """A late answer whose save is still pending already serves the waiting login."""
         self.save.hold = True
-        tokens = AccessTokens(self.refresh, self.save, self.clock, deadline=2.0, backoff=(5.0,))
+        tokens = AccessTokens(
+            self.refresh, self.save, self.clock, policy=RetryPolicy(deadline=2.0, backoff=(5.0,))
+        )
         a = account()
         first = tokens.get(a)
         self.clock.advance(2.0)
