@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import ssl
+import tempfile
 from urllib.parse import parse_qs
 
 import attrs
 import requests
+import urllib3
 from oauthlib.oauth2 import OAuth2Error
 from oauthlib.oauth2.rfc6749.errors import (
     InsecureTransportError,
@@ -23,8 +27,16 @@ from requests_oauthlib import OAuth2Session
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from proxy.errors import AuthenticationFailed, GrantInvalid, ProxyError, Unavailable
+from proxy.errors import (
+    AuthenticationFailed,
+    CertificateRejected,
+    GrantInvalid,
+    ProxyError,
+    Unavailable,
+)
 from proxy.model import Account, OAuth2Grant, Upstream
 from proxy.oauth import (
     AccessToken,
@@ -36,6 +48,7 @@ from proxy.oauth import (
     needsRefresh,
 )
 from proxy.oauth import refresher as oauth
+from tests.upstream.certs import make_pki
 
 TOKEN_URL = "https://oauth.example.com/token"
 
@@ -269,6 +282,25 @@ class AccessTokensTests(SynchronousTestCase):
         self.failureResultOf(d, GrantInvalid)
         self.assertEqual(len(self.refresh.calls), 1)
         self.assertEqual(marked, [("alice", "invalid_grant: Token has been revoked.")])
+
+    def test_certificateRejectedIsNotRetried(self):
+        """A refused certificate fails the login at once: no retry, no backoff, no reauth."""
+        marked = []
+        tokens = AccessTokens(
+            self.refresh,
+            self.save,
+            self.clock,
+            markReauth=lambda a, r: succeed(marked.append((a, r))),
+        )
+        d = tokens.get(self.account)
+        self.refresh.calls[0][1].errback(
+            CertificateRejected("certificate-untrusted", detail="token endpoint x:443: why")
+        )
+        f = self.failureResultOf(d, CertificateRejected)
+        self.assertEqual(f.value.reason, "certificate-untrusted")
+        self.assertEqual(len(self.refresh.calls), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(marked, [])
 
     def test_failureForgetsCachedToken(self):
         """A failed forced refresh also drops the old cached token."""
@@ -529,6 +561,158 @@ class RefreshBlockingHTTPTests(SynchronousTestCase):
         )
         self.assertEqual(e.reason, "oauth2-insecure-url")
         self.assertEqual(self.requests, [])
+
+
+def verificationError(code: int, words: str) -> requests.exceptions.SSLError:
+    """A certificate verification failure wrapped as requests wraps it."""
+    e = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {words}")
+    e.verify_code = code
+    e.verify_message = words
+    inner = urllib3.exceptions.SSLError(e)
+    outer = urllib3.exceptions.MaxRetryError(None, "/token", reason=inner)  # type: ignore[arg-type]
+    return requests.exceptions.SSLError(outer)
+
+
+class TokenEndpointCertificateTests(SynchronousTestCase):
+    """
+    refreshBlocking when the token endpoint's certificate fails verification:
+    a reason of its own per failure, the server and the verifier's words in
+    ``detail``, never ``oauth2-unreachable`` (which is retried).
+    """
+
+    def refused(self, error: Exception, url: str = TOKEN_URL) -> CertificateRejected:
+        def refresh_token(session, url, **kw):
+            raise error
+
+        self.patch(OAuth2Session, "refresh_token", refresh_token)
+        return self.assertRaises(CertificateRejected, oauth.refreshBlocking, account(url=url), 5.0)
+
+    def test_untrusted(self):
+        """An unknown CA is certificate-untrusted, with the host:port and the verifier's words."""
+        e = self.refused(verificationError(19, "self-signed certificate in certificate chain"))
+        self.assertEqual(e.reason, "certificate-untrusted")
+        self.assertEqual(
+            e.detail,
+            "token endpoint oauth.example.com:443: self-signed certificate in certificate chain",
+        )
+        self.assertEqual(
+            e.imapResponse(),
+            b"NO [UNAVAILABLE] The provider's certificate was refused, the operator must act",
+        )
+
+    def test_hostname(self):
+        """A certificate for another name is certificate-hostname."""
+        e = self.refused(
+            verificationError(62, "Hostname mismatch, certificate is not valid for 'x'."),
+            url="https://login.example.net:8443/oauth2/token",
+        )
+        self.assertEqual(e.reason, "certificate-hostname")
+        self.assertIn("token endpoint login.example.net:8443: Hostname mismatch", e.detail)
+
+    def test_ipAddress(self):
+        """A certificate for another IP address is certificate-hostname too."""
+        e = self.refused(verificationError(64, "IP address mismatch"))
+        self.assertEqual(e.reason, "certificate-hostname")
+
+    def test_urllib3HostnameCheck(self):
+        """urllib3's own host-name check (a ValueError) is certificate-hostname."""
+        from urllib3.util.ssl_match_hostname import CertificateError
+
+        inner = urllib3.exceptions.SSLError(CertificateError("hostname 'a' doesn't match 'b'"))
+        e = self.refused(requests.exceptions.SSLError(inner))
+        self.assertEqual(e.reason, "certificate-hostname")
+        self.assertIn("hostname 'a' doesn't match 'b'", e.detail)
+
+    def test_expired(self):
+        """An expired (or not yet valid) certificate is certificate-expired."""
+        self.assertEqual(
+            self.refused(verificationError(10, "certificate has expired")).reason,
+            "certificate-expired",
+        )
+        self.assertEqual(
+            self.refused(verificationError(9, "certificate is not yet valid")).reason,
+            "certificate-expired",
+        )
+
+    def test_ipv6Server(self):
+        """An IPv6 token URL is named with brackets."""
+        e = self.refused(
+            verificationError(20, "unable to get local issuer certificate"), "https://[::1]:9443/t"
+        )
+        self.assertIn("token endpoint [::1]:9443: unable to get local issuer", e.detail)
+
+    def test_otherTLSFailureStaysTransient(self):
+        """A TLS failure that is not a verification failure stays oauth2-unreachable."""
+        self.patch(
+            OAuth2Session,
+            "refresh_token",
+            lambda *a, **kw: (_ for _ in ()).throw(
+                requests.exceptions.SSLError(ssl.SSLEOFError(8, "EOF occurred"))
+            ),
+        )
+        e = self.assertRaises(Unavailable, oauth.refreshBlocking, account(), 5.0)
+        self.assertNotIsInstance(e, CertificateRejected)
+        self.assertEqual(e.reason, "oauth2-unreachable")
+
+    def test_noSecretInDetail(self):
+        """The detail holds no secret of the grant."""
+        e = self.refused(verificationError(19, "self-signed certificate in certificate chain"))
+        for secret in ("rt-1", "client-secret"):
+            self.assertNotIn(secret, e.detail)
+
+
+class TokenEndpointHandshakeTests(TestCase):
+    """
+    refreshBlocking against a real TLS listener on loopback (in this
+    reactor, the request in a thread): the mapping holds for what requests
+    really raises.
+    """
+
+    def setUp(self):
+        directory = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.pki = make_pki(directory)
+        for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            old = os.environ.pop(name, None)
+            if old is not None:
+                self.addCleanup(os.environ.__setitem__, name, old)
+
+    def refresh(self, interface: str) -> Deferred:
+        """refreshBlocking against a listener on ``interface`` showing the PKI's certificate."""
+        from twisted.internet import reactor, threads
+        from twisted.internet import ssl as tls
+
+        with open(self.pki.cert, "rb") as c, open(self.pki.key, "rb") as k:
+            options = tls.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read()).options()
+        port = reactor.listenSSL(0, Site(Resource()), options, interface=interface)
+        self.addCleanup(port.stopListening)
+        self.server = f"{interface}:{port.getHost().port}"
+        url = f"https://{self.server}/token"
+        return threads.deferToThread(oauth.refreshBlocking, account(url=url), 10.0)
+
+    def refused(self, d: Deferred, reason: str, words: str) -> Deferred:
+        def check(f):
+            f.trap(CertificateRejected)
+            self.assertEqual(f.value.reason, reason)
+            self.assertEqual(f.value.detail, f"token endpoint {self.server}: {words}")
+
+        return d.addCallbacks(lambda _: self.fail("no error"), check)
+
+    def test_untrustedCA(self):
+        """A certificate from a CA nobody trusts is certificate-untrusted, naming the server."""
+        d = self.refresh("127.0.0.1")
+        return self.refused(d, "certificate-untrusted", "unable to get local issuer certificate")
+
+    def test_wrongAddress(self):
+        """A trusted certificate for another address is certificate-hostname."""
+        os.environ["REQUESTS_CA_BUNDLE"] = self.pki.ca_cert
+        self.addCleanup(os.environ.pop, "REQUESTS_CA_BUNDLE", None)
+        d = self.refresh("127.0.0.2")
+        return self.refused(
+            d,
+            "certificate-hostname",
+            "IP address mismatch, certificate is not valid for '127.0.0.2'.",
+        )
 
 
 class ThreadedRefresherTests(TestCase):
