@@ -6,6 +6,7 @@ upstream connection (the avatar).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import attrs
@@ -16,7 +17,13 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from .errors import AccessDenied, AuthenticationFailed, GrantInvalid, UpstreamRejectedToken
+from .errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    CertificateRejected,
+    GrantInvalid,
+    UpstreamRejectedToken,
+)
 from .model import Account, validAccountId
 from .oauth import AccessTokens
 from .store import IAccountStore, ITokenStore
@@ -124,20 +131,34 @@ class TokenChecker:
         return (c.account, tid)
 
 
+def isCertificateReason(stateReason: str | None) -> bool:
+    """Whether an account's state reason records a refused certificate."""
+    if not stateReason:
+        return False
+    return stateReason.split(":", 1)[0] in CertificateRejected.REASONS
+
+
 @implementer(IRealm)
 class UpstreamRealm:
     """
     :param connect: ``(upstream, user, accessToken) -> Deferred[UpstreamProtocol]``.
+    :param clock: ``IReactorTime``, for the time recorded with a refused
+        certificate (default: the global reactor).
     :ivar warm: ``WarmUpstreams`` or None: spare logged-in connections for
         accounts that log in often.
     """
 
     warm: Any = None
 
-    def __init__(self, accounts: IAccountStore, accessTokens: AccessTokens, connect: Any):
+    def __init__(
+        self, accounts: IAccountStore, accessTokens: AccessTokens, connect: Any, clock: Any = None
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
         self._accounts = accounts
         self._access = accessTokens
         self._connect = connect
+        self._clock = clock
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
         if IUpstreamSession not in interfaces:
@@ -160,12 +181,52 @@ class UpstreamRealm:
             raise GrantInvalid()
         proto = self.warm.take(account) if self.warm is not None else None
         if proto is None:
-            proto = await self._upstream(account)
+            try:
+                proto = await self._upstream(account)
+            except CertificateRejected as e:
+                await self._certificateRefused(account, e)
+                raise
         else:
             log.info("login of {account} takes a spare provider connection", account=accountId)
+        if isCertificateReason(account.stateReason):
+            # The certificate is trusted again (a new CA file, a renewed
+            # certificate): the recorded refusal no longer holds.
+            await self._setReason(account, None)
         if self.warm is not None:
             self.warm.loggedIn(account)
         return UpstreamSession(proto, accountId, tid)
+
+    async def _certificateRefused(self, account: Account, error: CertificateRejected) -> None:
+        """
+        Tell the operator which certificate was refused and why, in the log
+        and in the account's state reason (``accounts show``, the API); the
+        state itself stays: the account is fine, its provider's certificate
+        is not.
+        """
+        log.warn(
+            "login of {account} refused the provider's certificate: {reason}: {detail}",
+            account=account.id,
+            reason=error.reason,
+            detail=error.detail,
+        )
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock.seconds()))
+        await self._setReason(account, f"{error.reason}: {error.detail} ({when})")
+
+    async def _setReason(self, account: Account, reason: str | None) -> None:
+        """
+        Set the account's state reason, its state unchanged. The account is
+        read again first: an operator (or ``invalid_grant``) may have changed
+        the state during the login, and that must not be undone.
+        """
+        try:
+            current = await self._accounts.getAccount(account.id)
+            if current is None or current.state != account.state:
+                return
+            if reason is None and not isCertificateReason(current.stateReason):
+                return
+            await self._accounts.setAccountState(account.id, current.state, reason)
+        except Exception:
+            log.failure("recording the state of {account} failed", account=account.id)
 
     def connectFor(self, account: Account) -> Deferred[UpstreamProtocol]:
         """A logged-in upstream connection for ``account`` (for spares)."""

@@ -371,7 +371,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         else None,
     )
     realm = UpstreamRealm(
-        store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"])
+        store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"]), reactor
     )
     warm = WarmUpstreams(
         realm.connectFor, reactor, keep=options["warm-upstream"], maxSpares=options["max-warm"]
