@@ -22,7 +22,8 @@ from .retry import RetryingRefresh, RetryPolicy
 from .rotation import RotatedRefreshTokens
 from .singleflight import SingleFlight, flightKey
 
-log = Logger()
+# One namespace for the layer: the log lines operators watch say [proxy.oauth#…].
+log = Logger(namespace="proxy.oauth")
 
 
 class AccessTokens:

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 
 from ..model import Account
 
-log = Logger()
+# One namespace for the layer: the log lines operators watch say [proxy.oauth#…].
+log = Logger(namespace="proxy.oauth")
 
 #: (access token, expiry time, lifetime) as kept in memory and in the store.
 Entry = tuple[str, float, float]

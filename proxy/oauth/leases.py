@@ -17,7 +17,8 @@ from twisted.logger import Logger
 
 from ..errors import Unavailable
 
-log = Logger()
+# One namespace for the layer: the log lines operators watch say [proxy.oauth#…].
+log = Logger(namespace="proxy.oauth")
 
 T = TypeVar("T")
 

@@ -23,7 +23,8 @@ from ..model import Account
 from .cache import AccessToken
 from .refresher import Grant
 
-log = Logger()
+# One namespace for the layer: the log lines operators watch say [proxy.oauth#…].
+log = Logger(namespace="proxy.oauth")
 
 
 @attrs.frozen

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from ..model import Account
 from .cache import fingerprint
 
-log = Logger()
+# One namespace for the layer: the log lines operators watch say [proxy.oauth#…].
+log = Logger(namespace="proxy.oauth")
 
 
 @attrs.frozen
