@@ -132,6 +132,13 @@ _SHAPE_ERRORS = ("pattern", "minLength", "minimum", "maximum", "anyOf", "format"
 
 def _message(error: ValidationError, what: str) -> str:
     """A short fixed text for the first thing wrong, naming the field."""
+    top = error
+    while top.parent is not None:
+        top = top.parent
+    if top.validator == "anyOf":
+        # None of the alternatives fits: say what the alternatives are for,
+        # rather than guess which one was meant.
+        error = top
     path = [p for p in error.absolute_path if isinstance(p, str)]
     name = ".".join(path) or what
     item = bool(error.absolute_path) and isinstance(error.absolute_path[-1], int)
