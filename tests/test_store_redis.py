@@ -19,10 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 import tests.test_store as contract
 from proxy.encryption import Secrets
-from proxy.store import IAccountStore, ITokenStore, StoreDataLost, StoreError
+from proxy.store import IAccountStore, IRedisAccess, ITokenStore, StoreDataLost, StoreError
 from proxy.store._redisconn import (
     MAX_REPLY_BYTES,
     MAX_REPLY_DEPTH,
@@ -123,6 +124,8 @@ class RedisStoreTests(RedisHarness, TestCase):
         store = self.newStore()
         self.assertTrue(IAccountStore.providedBy(store))
         self.assertTrue(ITokenStore.providedBy(store))
+        # What the refresh lock and the session bus use of it.
+        self.assertTrue(verifyObject(IRedisAccess, store))
         yield store.close()
 
     @inlineCallbacks
