@@ -197,7 +197,25 @@ def validate(schema: str, data: Any, what: str) -> dict[str, Any]:
     error = best_match(_validator(schema).iter_errors(data))
     if error is not None:
         raise InvalidInput(_message(error, what))
+    _unicode(data, what)
     return data  # type: ignore[no-any-return]
+
+
+def _unicode(value: Any, what: str, path: tuple[str, ...] = ()) -> None:
+    """
+    JSON may carry a lone surrogate (``\\ud800``), which no store can
+    encode: refuse it here, naming the field (JSON Schema cannot say it).
+    """
+    if isinstance(value, str):
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+            raise InvalidInput(f"{'.'.join(path) or what} is not valid Unicode")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unicode(k, what, path)
+            _unicode(v, what, (*path, k))
+    elif isinstance(value, list):
+        for v in value:
+            _unicode(v, what, path)
 
 
 def requireObject(value: Any, name: str, allowed: set[str]) -> dict[str, Any]:

@@ -392,6 +392,7 @@ class ValidationTests(AdminTestCase):
         ({"provider": []}, "provider must be a string"),
         ({"tenant": "a/b"}, "tenant is not a tenant id"),
         ({"email": "alice.example.com"}, "email is not a mail address"),
+        ({"email": "\ud800@example.com"}, "email is not valid Unicode"),
     ]
 
     def test_accountMessages(self):
