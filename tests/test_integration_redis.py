@@ -1,7 +1,8 @@
 """
 The real ``twistd imapproxy`` on the Redis store: accounts and tokens made
-with the admin command work for IMAP logins, and a Redis outage under the
-running service gives clear refusals (IMAP and API) and heals by itself.
+with the admin command work for IMAP logins, a Redis outage under the
+running service gives clear refusals (IMAP and API) and heals by itself, and
+a Redis emptied under it is reported by ``/health`` rather than looking healthy.
 """
 
 from __future__ import annotations
@@ -89,3 +90,32 @@ def test_redis_outage_refuses_clearly_and_heals(redis_proxy, provider, dovecot, 
         if result == "OK":
             break
     assert result == "OK"
+
+
+def test_redis_restarted_empty_is_unhealthy(redis_proxy, provider, dovecot, pki):
+    """Redis emptied under the service: /health 503 saying why, logins UNAVAILABLE; restored: ok."""
+    p, redis = redis_proxy
+    mb = register(p, provider, dovecot, pki)
+    assert _login(p.port, mb.account, mb.token) == "OK"
+    assert requests.get(p.api_url + "/health", timeout=20).json() == {"status": "ok"}
+    meta = redis.command("HGETALL", "imapproxy:meta")
+    redis.command("FLUSHALL")  # what a restart without persistence leaves
+    try:
+        r = requests.get(p.api_url + "/health", timeout=20)
+        assert (r.status_code, r.json()) == (
+            503,
+            {
+                "status": "unavailable",
+                "store": "data lost: marker missing (Redis restarted empty?)",
+                "statusCode": 503,
+            },
+        )
+        assert "[UNAVAILABLE]" in _login(p.port, mb.account, mb.token)
+        assert requests.get(p.api_url + "/health", timeout=20).status_code == 503
+        p.wait_for_log("has lost its data")
+        assert p.log().count("has lost its data") == 1  # once, however often it is seen
+    finally:
+        # The data restored (here only the marker): healthy again, no restart.
+        redis.command("HSET", "imapproxy:meta", *meta)
+    r = requests.get(p.api_url + "/health", timeout=20)
+    assert (r.status_code, r.json()) == (200, {"status": "ok"})

@@ -1,34 +1,29 @@
 """
 Tests for ``RedisStore`` against a real redis-server (one per module, flushed
-before each test): the shared store contract from ``tests.test_store``, more
-contract (apps, consents in progress, access tokens, key rotation) run against
-both stores so that they behave alike, and what is particular to Redis: TTLs,
-the key layout, encryption at rest, outages.
+before each test): the store contract from ``tests.test_store`` (which the
+SQLite and in-memory stores pass too), and what is particular to Redis: TTLs,
+the key layout, encryption at rest, outages, the marker restored.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from unittest import SkipTest
 
-import attrs
 from cryptography.fernet import Fernet
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 import tests.test_store as contract
-from proxy.encryption import SecretKeyError, Secrets, loadSecrets, writeKeyFile
-from proxy.model import Account, OAuth2App, OAuth2Grant, PendingAuthorization
-from proxy.store import IAccountStore, ITokenStore, SQLiteStore, StoreError
+from proxy.encryption import Secrets
+from proxy.store import IAccountStore, IRedisAccess, ITokenStore, StoreDataLost, StoreError
 from proxy.store._redisconn import (
     MAX_REPLY_BYTES,
     MAX_REPLY_DEPTH,
@@ -37,12 +32,19 @@ from proxy.store._redisconn import (
     _readReply,
 )
 from proxy.store.redis import RedisAddress, RedisStore, StoreUnavailable, parseRedisURL
-from tests.test_store import CLIENT_SECRET, REFRESH, account, token
+from tests.test_store import (
+    ACCESS,
+    APP_SECRET,
+    CLIENT_SECRET,
+    REFRESH,
+    VERIFIER,
+    account,
+    app,
+    pending,
+    sharedAccount,
+    token,
+)
 from tests.upstream.redisserver import RedisServer
-
-ACCESS = "at-plaintext-5c1d9e2b7f"
-APP_SECRET = "app-plaintext-0e6a4c8d2b"
-VERIFIER = "pkce-plaintext-7d3f1b9a5e"
 
 # An operation against a Redis that is gone or hung fails within this.
 PROMPT = 3.5
@@ -70,47 +72,6 @@ def moduleServer() -> RedisServer:
     return _server
 
 
-def app(aid: str = "mail-app", **kw) -> OAuth2App:
-    fields = dict(
-        id=aid,
-        provider="generic",
-        clientId="shared-client",
-        clientSecret=APP_SECRET,
-        redirectURL="https://proxy.example.com/oauth2/callback",
-        authorizationURL="https://oauth.example.com/authorize",
-        tokenURL="https://oauth.example.com/app-token",
-        deviceURL=None,
-        scopes=("openid", "https://mail.example.com/"),
-        tenant="common",
-        created=100.0,
-    )
-    fields.update(kw)
-    return OAuth2App(**fields)
-
-
-def sharedAccount(aid: str = "bob", appId: str = "mail-app") -> Account:
-    return account(
-        aid,
-        oauth2=OAuth2Grant(
-            tokenURL="", clientId="", clientSecret="", refreshToken=REFRESH, app=appId
-        ),
-    )
-
-
-def pending(state: str = "state-1", **kw) -> PendingAuthorization:
-    fields = dict(
-        state=state,
-        account="alice",
-        app="mail-app",
-        verifier=VERIFIER,
-        email=None,
-        expires=time.time() + 600,
-        imap=json.dumps({"host": "imap.example.com"}),
-    )
-    fields.update(kw)
-    return PendingAuthorization(**fields)
-
-
 @inlineCallbacks
 def eventually(f, timeout: float = 10.0):
     """Call ``f`` until its Deferred succeeds (Redis coming back), or give up."""
@@ -123,295 +84,6 @@ def eventually(f, timeout: float = 10.0):
             if reactor.seconds() > deadline:
                 raise
         yield deferLater(reactor, 0.05, lambda: None)
-
-
-class MoreStoreContractMixin:
-    """
-    Store behaviour beyond ``StoreContractMixin``, run against both stores. A
-    subclass defines ``openStore(secrets=None)``: a fresh store object over
-    the same data (keyed ``self.key`` unless ``secrets`` is given), opened.
-    """
-
-    @inlineCallbacks
-    def test_accessToken(self):
-        """A saved access token comes back decrypted with its expiry and lifetime."""
-        store = yield self.openStore()
-        yield store.putAccount(account())
-        self.assertIsNone((yield store.getAccessToken("alice")))
-        yield store.saveAccessToken("alice", ACCESS, 5000.25, 3600.0)
-        self.assertEqual((yield store.getAccessToken("alice")), (ACCESS, 5000.25, 3600.0))
-        yield store.saveAccessToken("alice", None, None, None)
-        self.assertIsNone((yield store.getAccessToken("alice")))
-
-    @inlineCallbacks
-    def test_putAccountDropsAccessToken(self):
-        """Replacing an account drops its saved access token."""
-        store = yield self.openStore()
-        yield store.putAccount(account())
-        yield store.saveAccessToken("alice", ACCESS, 5000.0, 3600.0)
-        yield store.putAccount(account(email="moved@example.com"))
-        self.assertIsNone((yield store.getAccessToken("alice")))
-
-    @inlineCallbacks
-    def test_updatesOfMissingAccount(self):
-        """Updating an account that does not exist changes nothing and creates nothing."""
-        store = yield self.openStore()
-        yield store.setRefreshToken("ghost", "rt")
-        yield store.setAccountState("ghost", "disabled", "why")
-        yield store.saveAccessToken("ghost", ACCESS, 5000.0, 3600.0)
-        self.assertIsNone((yield store.getAccount("ghost")))
-        self.assertIsNone((yield store.getAccessToken("ghost")))
-        self.assertEqual((yield store.listAccounts()), [])
-
-    @inlineCallbacks
-    def test_setAccountState(self):
-        """setAccountState sets the state and its reason (None clears it), not the grant."""
-        store = yield self.openStore()
-        yield store.putAccount(account())
-        yield store.setAccountState("alice", "reauth-required", "invalid-grant")
-        got = yield store.getAccount("alice")
-        self.assertEqual((got.state, got.stateReason), ("reauth-required", "invalid-grant"))
-        self.assertEqual(got.oauth2.refreshToken, REFRESH)
-        yield store.setAccountState("alice", "ok", None)
-        got = yield store.getAccount("alice")
-        self.assertEqual((got.state, got.stateReason), ("ok", None))
-
-    @inlineCallbacks
-    def test_textStaysText(self):
-        """Values that look like numbers come back as the strings they were."""
-        store = yield self.openStore()
-        yield store.putAccount(account("123", email="1e5@example.com"))
-        yield store.addToken(token("t1", "123", description="0042", addresses=()))
-        got = yield store.getAccount("123")
-        self.assertEqual((got.id, got.email), ("123", "1e5@example.com"))
-        t = yield store.getToken("t1")
-        self.assertEqual((t.account, t.description), ("123", "0042"))
-        self.assertEqual([t.id for t in (yield store.listTokens("123"))], ["t1"])
-
-    @inlineCallbacks
-    def test_unicode(self):
-        """Non-ASCII text round-trips."""
-        store = yield self.openStore()
-        yield store.addToken(token("t1", description="Bürø ✓ 日本"))
-        self.assertEqual((yield store.getToken("t1")).description, "Bürø ✓ 日本")
-
-    @inlineCallbacks
-    def test_touchMissingToken(self):
-        """Touching a token that does not exist creates nothing."""
-        store = yield self.openStore()
-        yield store.touchToken("nope", 1.0, "192.0.2.1")
-        self.assertIsNone((yield store.getToken("nope")))
-        self.assertEqual((yield store.listTokens()), [])
-
-    @inlineCallbacks
-    def test_listTokensTies(self):
-        """Tokens created at the same time are listed by id."""
-        store = yield self.openStore()
-        for tid in ("b", "c", "a"):
-            yield store.addToken(token(tid, created=5.0))
-        yield store.addToken(token("z", created=1.0))
-        self.assertEqual([t.id for t in (yield store.listTokens())], ["a", "b", "c", "z"])
-
-    @inlineCallbacks
-    def test_addTokenTwice(self):
-        """Adding a token id that exists fails and keeps the first record."""
-        store = yield self.openStore()
-        yield store.addToken(token("t1", description="first"))
-        yield self.assertFailure(store.addToken(token("t1", description="second")), Exception)
-        self.assertEqual((yield store.getToken("t1")).description, "first")
-
-    @inlineCallbacks
-    def test_removeAccountKeepsOtherTokens(self):
-        """Removing an unknown account says so and leaves every token alone."""
-        store = yield self.openStore()
-        yield store.addToken(token("t1", "bob"))
-        self.assertFalse((yield store.removeAccount("alice")))
-        self.assertEqual([t.id for t in (yield store.listTokens())], ["t1"])
-
-    # -- OAuth2 apps -----------------------------------------------------------
-
-    @inlineCallbacks
-    def test_putGetApp(self):
-        """An app comes back as it was put, its client secret decrypted."""
-        store = yield self.openStore()
-        self.assertIsNone((yield store.getApp("mail-app")))
-        a = app()
-        yield store.putApp(a)
-        got = yield store.getApp("mail-app")
-        self.assertGreater(got.updated, 0)
-        self.assertEqual(got, attrs.evolve(a, updated=got.updated))
-
-    @inlineCallbacks
-    def test_putAppReplaces(self):
-        """Putting an app again replaces all of it, its creation time too."""
-        store = yield self.openStore()
-        yield store.putApp(app(created=5.0, deviceURL="https://oauth.example.com/device"))
-        yield store.putApp(app(created=7.0, clientSecret="new", deviceURL=None))
-        got = yield store.getApp("mail-app")
-        self.assertEqual((got.created, got.clientSecret, got.deviceURL), (7.0, "new", None))
-        self.assertEqual(len((yield store.listApps())), 1)
-
-    @inlineCallbacks
-    def test_listApps(self):
-        """listApps gives every app, by id."""
-        store = yield self.openStore()
-        self.assertEqual((yield store.listApps()), [])
-        for aid in ("zeta", "alpha", "mid"):
-            yield store.putApp(app(aid))
-        self.assertEqual([a.id for a in (yield store.listApps())], ["alpha", "mid", "zeta"])
-
-    @inlineCallbacks
-    def test_removeApp(self):
-        """removeApp deletes an unused app and says whether it existed."""
-        store = yield self.openStore()
-        yield store.putApp(app())
-        self.assertTrue((yield store.removeApp("mail-app")))
-        self.assertIsNone((yield store.getApp("mail-app")))
-        self.assertFalse((yield store.removeApp("mail-app")))
-
-    @inlineCallbacks
-    def test_removeAppInUse(self):
-        """An app cannot be removed while an account uses it, and can once it is gone."""
-        store = yield self.openStore()
-        yield store.putApp(app())
-        yield store.putAccount(sharedAccount("bob"))
-        yield store.putAccount(sharedAccount("carol"))
-        e = yield self.assertFailure(store.removeApp("mail-app"), StoreError)
-        self.assertIn("2 account(s) use this app", str(e))
-        yield store.removeAccount("bob")
-        yield store.putAccount(account("carol"))  # carol leaves the app
-        self.assertTrue((yield store.removeApp("mail-app")))
-
-    @inlineCallbacks
-    def test_sharedAppAccount(self):
-        """An account of a shared app takes its client side from the app, as it changes."""
-        store = yield self.openStore()
-        yield store.putApp(app())
-        yield store.putAccount(sharedAccount("bob"))
-        got = yield store.getAccount("bob")
-        self.assertEqual(
-            got.oauth2,
-            OAuth2Grant(
-                tokenURL="https://oauth.example.com/app-token",
-                clientId="shared-client",
-                clientSecret=APP_SECRET,
-                refreshToken=REFRESH,
-                scopes=("openid", "https://mail.example.com/"),
-                app="mail-app",
-            ),
-        )
-        yield store.putApp(app(clientSecret="rotated-app-secret"))
-        listed = yield store.listAccounts()
-        self.assertEqual(listed[0].oauth2.clientSecret, "rotated-app-secret")
-
-    @inlineCallbacks
-    def test_accountOfMissingApp(self):
-        """An account naming an app that does not exist falls back to its own fields."""
-        store = yield self.openStore()
-        yield store.putAccount(sharedAccount("bob", "no-such-app"))
-        got = yield store.getAccount("bob")
-        self.assertEqual(
-            got.oauth2,
-            OAuth2Grant(tokenURL="", clientId="", clientSecret="", refreshToken=REFRESH),
-        )
-
-    # -- authorizations in progress -------------------------------------------
-
-    @inlineCallbacks
-    def test_pendingSingleUse(self):
-        """A pending authorization can be taken once, as it was added."""
-        store = yield self.openStore()
-        p = pending(email="a@example.com")
-        yield store.addPending(p)
-        self.assertEqual((yield store.takePending("state-1")), p)
-        self.assertIsNone((yield store.takePending("state-1")))
-        self.assertIsNone((yield store.takePending("unknown")))
-
-    @inlineCallbacks
-    def test_pendingTakenOnceUnderConcurrency(self):
-        """Of two takes of the same authorization at once, exactly one gets it."""
-        store = yield self.openStore()
-        yield store.addPending(pending(imap=None))
-        results = yield gatherResults([store.takePending("state-1") for _ in range(2)])
-        self.assertEqual(sorted(r is None for r in results), [False, True])
-
-    # -- secret keys ----------------------------------------------------------
-
-    @inlineCallbacks
-    def fillWithSecrets(self, store):
-        """One of each encrypted value: 8 ciphertexts with the key check."""
-        yield store.putAccount(account("alice"))
-        yield store.saveAccessToken("alice", ACCESS, 5000.0, 3600.0)
-        yield store.putApp(app())
-        yield store.putAccount(sharedAccount("bob"))
-        yield store.addPending(pending())
-
-    @inlineCallbacks
-    def assertAllReadable(self, store):
-        self.assertEqual((yield store.getAccount("alice")).oauth2.clientSecret, CLIENT_SECRET)
-        self.assertEqual((yield store.getAccount("bob")).oauth2.clientSecret, APP_SECRET)
-        self.assertEqual((yield store.getAccessToken("alice"))[0], ACCESS)
-        self.assertEqual((yield store.takePending("state-1")).verifier, VERIFIER)
-
-    @inlineCallbacks
-    def test_rotateSecrets(self):
-        """rotateSecrets re-encrypts every secret under the newest key, which then suffices."""
-        store = yield self.openStore()
-        yield self.fillWithSecrets(store)
-        yield store.close()
-        new = Fernet.generate_key()
-        both = yield self.openStore(Secrets([new, self.key]))
-        self.assertEqual((yield both.undecryptable(Secrets([new]))), 8)
-        self.assertEqual((yield both.rotateSecrets()), 8)
-        self.assertEqual((yield both.undecryptable(Secrets([new]))), 0)
-        self.assertEqual((yield both.undecryptable(Secrets([self.key]))), 8)
-        yield both.close()
-        newOnly = yield self.openStore(Secrets([new]))
-        yield self.assertAllReadable(newOnly)
-
-    @inlineCallbacks
-    def test_rotateRefusesUndecryptable(self):
-        """A secret no key can decrypt makes rotation fail and change nothing."""
-        other = Fernet.generate_key()
-        store = yield self.openStore()
-        yield store.close()
-        # Written under a key the next store will not have.
-        writer = yield self.openStore(Secrets([other, self.key]))
-        yield writer.putAccount(account())
-        yield writer.close()
-        store = yield self.openStore()
-        self.assertEqual((yield store.undecryptable(store.secrets)), 2)
-        yield self.assertFailure(store.rotateSecrets(), SecretKeyError)
-        self.assertEqual((yield store.undecryptable(Secrets([other]))), 1)
-
-    @inlineCallbacks
-    def test_reloadSecrets(self):
-        """reloadSecrets picks up keys added to the key file, and says whether they changed."""
-        keyDir = tempfile.mkdtemp(prefix="imapproxy-test-keys-")
-        self.addCleanup(shutil.rmtree, keyDir, True)
-        path = os.path.join(keyDir, "secret.key")
-        writeKeyFile(path, [self.key])
-        store = yield self.openStore(loadSecrets(path, None))
-        self.assertFalse((yield store.reloadSecrets()))
-        new = Fernet.generate_key()
-        writeKeyFile(path, [new, self.key])
-        self.assertTrue((yield store.reloadSecrets()))
-        self.assertEqual(store.secrets.keys, [new, self.key])
-
-
-class SQLiteMoreContractTests(MoreStoreContractMixin, TestCase):
-    """The extra contract against SQLite: what the Redis store must match."""
-
-    def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix="imapproxy-test-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.path = os.path.join(self.dir, "imapproxy.sqlite3")
-        self.key = Fernet.generate_key()
-
-    def openStore(self, secrets: Secrets | None = None):
-        store = SQLiteStore(self.path, secrets or Secrets([self.key]))
-        self.addCleanup(store.close)
-        return store.open().addCallback(lambda _: store)
 
 
 class RedisHarness:
@@ -431,13 +103,13 @@ class RedisHarness:
         store = self.newStore(secrets, url, **kw)
         return store.open().addCallback(lambda _: store)
 
+    def loseData(self) -> None:
+        # What a Redis restarted without persistence holds: nothing.
+        self.server.command("FLUSHALL")
+
 
 class RedisStoreContractTests(RedisHarness, contract.StoreContractMixin, TestCase):
     """The shared store contract, against Redis."""
-
-
-class RedisMoreContractTests(RedisHarness, MoreStoreContractMixin, TestCase):
-    """The extra contract, against Redis."""
 
 
 class RedisStoreTests(RedisHarness, TestCase):
@@ -452,6 +124,8 @@ class RedisStoreTests(RedisHarness, TestCase):
         store = self.newStore()
         self.assertTrue(IAccountStore.providedBy(store))
         self.assertTrue(ITokenStore.providedBy(store))
+        # What the refresh lock and the session bus use of it.
+        self.assertTrue(verifyObject(IRedisAccess, store))
         yield store.close()
 
     @inlineCallbacks
@@ -481,6 +155,32 @@ class RedisStoreTests(RedisHarness, TestCase):
                 "imapproxy:pendings": "zset",
             },
         )
+
+    @inlineCallbacks
+    def test_markerInMeta(self):
+        """The marker (the store's id and creation time) is written once, under the prefix."""
+        before = time.time()
+        store = yield self.openStore()
+        meta = self.server.command("HGETALL", "imapproxy:meta")
+        meta = dict(zip(meta[::2], meta[1::2], strict=True))
+        self.assertEqual(sorted(meta), ["created", "key_check", "schema", "store_id"])
+        self.assertLessEqual(before, float(meta["created"]))
+        yield self.openStore()
+        self.assertEqual(self.raw("HGET", "imapproxy:meta", "store_id"), meta["store_id"])
+        self.assertIsNone((yield store.checkHealth()))
+
+    @inlineCallbacks
+    def test_markerRestored(self):
+        """Data restored from a backup (the same marker) makes the store healthy again."""
+        store = yield self.openStore()
+        yield store.addToken(token("t1"))
+        saved = {k: self.raw("HGETALL", k) for k in ("imapproxy:meta", "imapproxy:token:t1")}
+        self.loseData()
+        yield self.assertFailure(store.checkHealth(), StoreDataLost)
+        for k, fields in saved.items():
+            self.raw("HSET", k, *fields)
+        self.assertIsNone((yield store.checkHealth()))
+        self.assertEqual((yield store.getToken("t1")), token("t1"))
 
     @inlineCallbacks
     def test_prefixAndDatabase(self):
@@ -682,12 +382,15 @@ class RedisStoreTests(RedisHarness, TestCase):
 
 
 class RedisOutageTests(TestCase):
-    """A Redis of its own per test, taken away and brought back."""
+    """
+    A Redis of its own per test, taken away and brought back with its data
+    (it persists every write), or once without it.
+    """
 
     def setUp(self):
         if shutil.which("redis-server") is None:
             raise SkipTest("redis-server is not installed")
-        self.server = RedisServer()
+        self.server = RedisServer(persist=True)
         self.server.start()
         self.addCleanup(self.server.cleanup)
         self.key = Fernet.generate_key()
@@ -717,6 +420,33 @@ class RedisOutageTests(TestCase):
         self.server.start()
         yield eventually(lambda: store.addToken(token("t3")))
         self.assertEqual((yield store.getToken("t3")), token("t3"))
+
+    @inlineCallbacks
+    def test_restartedEmpty(self):
+        """A Redis back without its data: unhealthy with the reason, token reads unavailable."""
+        server = RedisServer()
+        server.start()
+        self.addCleanup(server.cleanup)
+        store = self.newStore(server.url)
+        yield store.open()
+        yield store.addToken(token("t1"))
+        self.assertIsNone((yield store.checkHealth()))
+        server.stop()
+        yield self.assertUnavailablePromptly(store.checkHealth())
+        server.start()
+        deadline = reactor.seconds() + 10
+        while True:
+            try:
+                yield store.checkHealth()
+            except StoreDataLost as e:
+                self.assertEqual(str(e), "data lost: marker missing (Redis restarted empty?)")
+                break
+            except StoreUnavailable:
+                self.assertLess(reactor.seconds(), deadline, "Redis did not come back")
+                yield deferLater(reactor, 0.05, lambda: None)
+            else:
+                self.fail("an empty store was healthy")
+        yield self.assertFailure(store.getToken("t1"), StoreDataLost)
 
     @inlineCallbacks
     def test_knownDownFailsAtOnce(self):

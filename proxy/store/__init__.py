@@ -1,6 +1,8 @@
 """
 Stores for accounts and tokens. ``makeStore`` turns a ``--store`` URL into a
 store: ``sqlite://…`` (the default) or ``redis://…`` / ``unix://…`` (Redis).
+Every store provides ``IStore``; ``MemoryStore`` is the in-memory one, for
+tests.
 """
 
 from __future__ import annotations
@@ -9,20 +11,40 @@ import os
 from urllib.parse import unquote, urlsplit
 
 from ..encryption import ENV_VAR, Secrets, loadSecrets
-from ._interfaces import IAccountStore, ITokenStore
+from ._errors import StoreDataLost, StoreError, StoreUnavailable
+from ._interfaces import (
+    IAccessTokenStore,
+    IAccountStore,
+    IAppStore,
+    IPendingStore,
+    IRedisAccess,
+    ISecretStore,
+    IStore,
+    ITokenStore,
+)
 from ._rediscoord import RefreshLock, SessionBus
-from .redis import RedisStore, StoreUnavailable
-from .sqlite import SQLiteStore, StoreError
+from .memory import MemoryData, MemoryStore
+from .redis import RedisStore
+from .sqlite import SQLiteStore
 
 REDIS_SCHEMES = ("redis", "unix")
 
 __all__ = [
+    "IAccessTokenStore",
     "IAccountStore",
+    "IAppStore",
+    "IPendingStore",
+    "IRedisAccess",
+    "ISecretStore",
+    "IStore",
     "ITokenStore",
+    "MemoryData",
+    "MemoryStore",
     "RedisStore",
     "RefreshLock",
     "SessionBus",
     "SQLiteStore",
+    "StoreDataLost",
     "StoreError",
     "StoreUnavailable",
     "defaultStateDir",

@@ -8,6 +8,7 @@ to ``StoreError`` / ``StoreUnavailable``. The data operations are in
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import txredisapi
@@ -17,17 +18,17 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
-from ..encryption import SecretKeyError, Secrets
+from ..encryption import Secrets
+from ._errors import KEY_CHECK, MarkerWatch, StoreError, StoreUnavailable, keyMatches, wrongKey
+from ._records import newMarker
 from ._redisconn import (
     _TRANSIENT,
     _UNAVAILABLE,
-    StoreUnavailable,
     _blockingCommand,
     _RedisProtocol,
     parseRedisURL,
 )
 from ._redislua import _OPEN
-from .sqlite import _KEY_CHECK, StoreError
 
 SCHEMA = "1"
 
@@ -67,13 +68,16 @@ class _RedisStoreBase(Service):
         self._available = True
         self._lastConnectError: str | None = None
         self._pending: set[Deferred[Any]] = set()
+        self._marker = MarkerWatch(self.path, "Redis restarted empty?")
 
     @property
     def secrets(self) -> Secrets:
         return self._secrets
 
-    def _key(self, *parts: str) -> str:
+    def key(self, *parts: str) -> str:
         return self.address.prefix + ":".join(parts)
+
+    _key = key
 
     # -- life cycle -----------------------------------------------------------
 
@@ -91,10 +95,9 @@ class _RedisStoreBase(Service):
         return ensureDeferred(self._openAsync())
 
     async def _openAsync(self) -> None:
-        check = self._secrets.encrypt(_KEY_CHECK)
         try:
             try:
-                stored = await self._eval(_OPEN, [self._key("meta")], [check, SCHEMA])
+                stored = await self._eval(_OPEN, [self._key("meta")], self._openArgs())
             except StoreUnavailable:
                 why = f": {self._lastConnectError}" if self._lastConnectError else ""
                 raise StoreUnavailable(
@@ -117,33 +120,35 @@ class _RedisStoreBase(Service):
         """
         if self._closed:
             raise StoreError("the store is closed")
-        check = self._secrets.encrypt(_KEY_CHECK)
-        command = ["EVAL", _OPEN, "1", self._key("meta"), check, SCHEMA]
+        command = ["EVAL", _OPEN, "1", self._key("meta"), *self._openArgs()]
         self._checkKey(_blockingCommand(self.address, self.timeout, command))
         self._open = True
 
-    def _closeBlocking(self) -> None:
+    def closeBlocking(self) -> None:
         """Undo ``openBlocking`` (no connection is open yet), to open again."""
         if self._redis is None:
             self._open = False
 
+    _closeBlocking = closeBlocking
+
+    def _openArgs(self) -> list[str]:
+        """What ``_OPEN`` writes when the store is new: key check, layout, marker."""
+        return [self._secrets.encrypt(KEY_CHECK), SCHEMA, newMarker(), repr(time.time())]
+
     def _checkKey(self, stored: list[Any]) -> None:
-        value, schema = stored
+        value, schema, marker = stored
         if schema != SCHEMA:
             raise StoreError(
                 f"the Redis store {self.address.describe()} has data layout {schema!r}; "
                 f"this version of imapproxy knows {SCHEMA!r}"
             )
-        try:
-            ok = self._secrets.decrypt(value) == _KEY_CHECK
-        except SecretKeyError:
-            ok = False
-        if not ok:
-            raise StoreError(
-                f"the secret key does not match the store {self.address.describe()}: "
-                "refusing to start (give the key the store's secrets were last "
-                "encrypted with: the newest one after 'imapproxy secrets rotate')"
-            )
+        if not keyMatches(self._secrets, value):
+            raise wrongKey(self.address.describe())
+        self._marker.expected = marker
+
+    def checkHealth(self) -> Deferred[None]:
+        d = self._call("hget", self._key("meta"), "store_id")
+        return d.addCallback(self._marker.check)
 
     def close(self) -> Deferred[None]:
         """Close the connections; operations still waiting fail with StoreError."""
@@ -247,6 +252,10 @@ class _RedisStoreBase(Service):
     def _eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         # txredisapi runs EVALSHA once a connection has seen the script.
         return self._call("eval", script, keys, args)
+
+    # What the refresh lock and the session bus use (``IRedisAccess``).
+    command = _call
+    script = _eval
 
     def _succeeded(self, result: Any) -> Any:
         if not self._available:

@@ -17,15 +17,11 @@ import txredisapi
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from .sqlite import StoreError
+from ._errors import StoreError, StoreUnavailable
 
 __all__ = ["DEFAULT_PREFIX", "RedisAddress", "StoreUnavailable", "parseRedisURL"]
 
 DEFAULT_PREFIX = "imapproxy:"
-
-
-class StoreUnavailable(StoreError):
-    """Redis cannot be reached or does not answer in time: worth retrying."""
 
 
 # -- addresses ----------------------------------------------------------------

@@ -27,6 +27,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ._interfaces import IRedisAccess
+
 log = Logger()
 
 # -- the refresh lock -----------------------------------------------------------------
@@ -51,26 +53,26 @@ class RefreshLock:
     :param store: the ``RedisStore`` (its connections and key prefix).
     """
 
-    def __init__(self, store: Any):
+    def __init__(self, store: IRedisAccess):
         self._store = store
 
     def _lockKey(self, accountId: str) -> str:
-        return str(self._store._key("lock", "refresh", accountId))
+        return str(self._store.key("lock", "refresh", accountId))
 
     def acquire(self, accountId: str, ttl: float) -> Deferred[str | None]:
         """:return: the lease (to renew and release it), or None when held elsewhere."""
         lease = secrets.token_hex(16)
         # SET key value NX PX ttl (txredisapi: expire, pexpire, only_if_not_exists).
-        d = self._store._call("set", self._lockKey(accountId), lease, None, _ms(ttl), True)
+        d = self._store.command("set", self._lockKey(accountId), lease, None, _ms(ttl), True)
         return d.addCallback(lambda ok: lease if ok else None)
 
     def renew(self, accountId: str, lease: str, ttl: float) -> Deferred[bool]:
         """:return: whether the lease was still ours."""
-        d = self._store._eval(_RENEW, [self._lockKey(accountId)], [lease, str(_ms(ttl))])
+        d = self._store.script(_RENEW, [self._lockKey(accountId)], [lease, str(_ms(ttl))])
         return d.addCallback(lambda n: int(n) == 1)
 
     def release(self, accountId: str, lease: str) -> Deferred[bool]:
-        d = self._store._eval(_RELEASE, [self._lockKey(accountId)], [lease])
+        d = self._store.script(_RELEASE, [self._lockKey(accountId)], [lease])
         return d.addCallback(lambda n: int(n) == 1)
 
 
@@ -108,7 +110,7 @@ class SessionBus(Service):
 
     def __init__(
         self,
-        store: Any,
+        store: IRedisAccess,
         close: Callable[[str | None, str | None], int],
         reactor: Any,
         ping: float = 5.0,
@@ -121,7 +123,7 @@ class SessionBus(Service):
         a = store.address
         # PUBLISH is not scoped by database: the channel names it.
         self.channel = f"{a.prefix}{a.db}:sessions"
-        self.stream = str(store._key("sessions", "closes"))
+        self.stream = str(store.key("sessions", "closes"))
         self._last: tuple[int, int] | None = None
         self._service: ClientService | None = None
         self._subscribed = False
@@ -137,7 +139,7 @@ class SessionBus(Service):
         :return: Deferred firing with how many instances were listening.
         """
         body = json.dumps({"from": self.instance, "account": account, "token": tokenId})
-        d = self._store._eval(_PUBLISH, [self.stream], [str(STREAM_LENGTH), body, self.channel])
+        d = self._store.script(_PUBLISH, [self.stream], [str(STREAM_LENGTH), body, self.channel])
         return d.addCallback(lambda reply: max(int(reply[1]) - 1, 0))
 
     # -- receiving ------------------------------------------------------------
@@ -171,13 +173,13 @@ class SessionBus(Service):
         self._held = []
         try:
             if self._last is None:
-                newest = yield self._store._call(
+                newest = yield self._store.command(
                     "execute_command", "XREVRANGE", self.stream, "+", "-", "COUNT", "1"
                 )
                 self._last = _streamId(newest[0][0]) if newest else (0, 0)
             else:
                 start = "(%d-%d" % self._last
-                missed = yield self._store._call(
+                missed = yield self._store.command(
                     "execute_command", "XRANGE", self.stream, start, "+", "COUNT", "10000"
                 )
                 for entry in missed or []:

@@ -10,10 +10,21 @@ from __future__ import annotations
 # Keys are built from the prefix inside some scripts: fine for one Redis (and a
 # prefix with a {hash tag} keeps them in one cluster slot).
 
+# The key check, the data layout and the marker (the store's id and creation
+# time) are written once, when the store is created; a Redis restarted empty
+# has none, and a store opened on it afterwards writes another id.
 _OPEN = """
 redis.call('HSETNX', KEYS[1], 'key_check', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'schema', ARGV[2])
-return redis.call('HMGET', KEYS[1], 'key_check', 'schema')
+redis.call('HSETNX', KEYS[1], 'store_id', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'created', ARGV[4])
+return redis.call('HMGET', KEYS[1], 'key_check', 'schema', 'store_id')
+"""
+
+# A token with the store's marker, in one round trip: a store that has lost
+# its data refuses logins as unavailable, not as unknown tokens.
+_GET_TOKEN = """
+return {redis.call('HGET', KEYS[1], 'store_id') or '', redis.call('HGETALL', KEYS[2])}
 """
 
 # Set fields (and drop others) of a hash that exists; never creates one.

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 
 from ..admin import AdminError
+from ._interfaces import IStore
 
 
 @attrs.define
@@ -36,7 +36,7 @@ class CopyReport:
 
 
 async def copyStore(
-    source: Any, target: Any, overwrite: bool = False, now: Callable[[], float] = time.time
+    source: IStore, target: IStore, overwrite: bool = False, now: Callable[[], float] = time.time
 ) -> CopyReport:
     """
     Copy every OAuth2 app, account (with its state and grant), token and

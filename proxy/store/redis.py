@@ -27,7 +27,6 @@ whose record has expired are dropped when they are next listed.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -37,25 +36,18 @@ from zope.interface import implementer
 
 from ..encryption import SecretKeyError, Secrets
 from ..model import Account, OAuth2App, PendingAuthorization, Token
-from ._interfaces import IAccountStore, ITokenStore
+from . import _records as R
+from ._errors import StoreError
+from ._interfaces import IRedisAccess, IStore
 from ._redisbase import SCHEMA, _RedisStoreBase
-from ._rediscodec import (
-    MIN_TTL,
-    _deferred,
-    _expireAt,
-    _float,
-    _hash,
-    _num,
-    _pairs,
-    _RedisRecords,
-    _text,
-)
+from ._rediscodec import MIN_TTL, _deferred, _expireAt, _hash, _pairs, _text
 from ._redisconn import DEFAULT_PREFIX, RedisAddress, StoreUnavailable, parseRedisURL
 from ._redislua import (
     _ADD_PENDING,
     _ADD_TOKEN,
     _COLLECT,
     _GET_ACCOUNTS,
+    _GET_TOKEN,
     _LIST_APPS,
     _LIST_TOKENS,
     _PUT_ACCOUNT,
@@ -67,7 +59,6 @@ from ._redislua import (
     _TAKE_PENDING,
     _UPDATE,
 )
-from .sqlite import StoreError
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -83,8 +74,8 @@ __all__ = [
 ROTATE_ATTEMPTS = 10
 
 
-@implementer(IAccountStore, ITokenStore)
-class RedisStore(_RedisRecords, _RedisStoreBase):
+@implementer(IStore, IRedisAccess)
+class RedisStore(_RedisStoreBase):
     """
     :param url: ``redis://…`` or ``unix://…``, see ``parseRedisURL``.
     :param secrets: encrypts provider secrets on the way in, decrypts on the
@@ -99,7 +90,9 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
     async def _accounts(self, mode: str, accountId: str = "") -> list[Account]:
         reply = await self._eval(_GET_ACCOUNTS, [], [self.address.prefix, mode, accountId])
         return [
-            self._account(_hash(a), _hash(app))
+            R.accountFrom(
+                _hash(a), R.appFrom(_hash(app), self._secrets) if app else None, self._secrets
+            )
             for a, app in zip(reply[::2], reply[1::2], strict=True)
         ]
 
@@ -113,33 +106,12 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
         return sorted(await self._accounts("all"), key=lambda a: a.id)
 
     def putAccount(self, account: Account) -> Deferred[None]:
-        s = self._secrets
-        now = time.time()
-        grant = account.oauth2
-        # An account of a shared app keeps only its own refresh token; the
-        # client side is read from the app, so an app change applies to all.
-        # Replacing drops the saved access token: a changed account may point
-        # at another mailbox or server.
-        shared = grant.app is not None
-        fields = {
-            "id": account.id,
-            "email": account.email,
-            "imap_host": account.upstream.host,
-            "imap_port": str(int(account.upstream.port)),
-            "imap_tls": account.upstream.tls,
-            "imap_ca_file": account.upstream.caFile,
-            "token_url": "" if shared else grant.tokenURL,
-            "client_id": "" if shared else grant.clientId,
-            "client_secret_enc": s.encrypt("" if shared else grant.clientSecret),
-            "refresh_token_enc": s.encrypt(grant.refreshToken),
-            "oauth_scopes": json.dumps([] if shared else list(grant.scopes)),
-            "state": account.state,
-            "state_reason": account.stateReason,
-            "updated": _num(now),
-            "oauth2_app": grant.app,
-        }
+        # Replacing keeps the creation time (the script does) and drops the
+        # saved access token (the record has none).
+        record = R.accountRecord(account, self._secrets, time.time())
+        created = record.pop("created")
         keys = [self._key("account", account.id), self._key("accounts")]
-        args = [self.address.prefix, account.id, _text(account.created or now), *_pairs(fields)]
+        args = [self.address.prefix, account.id, _text(created), *_pairs(record)]
         return self._eval(_PUT_ACCOUNT, keys, args).addCallback(lambda _: None)
 
     def removeAccount(self, accountId: str) -> Deferred[bool]:
@@ -147,7 +119,7 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
         d = self._eval(_REMOVE_ACCOUNT, keys, [self.address.prefix, accountId])
         return d.addCallback(lambda n: int(n) > 0)
 
-    def _update(self, key: str, fields: dict[str, str | None]) -> Deferred[None]:
+    def _update(self, key: str, fields: dict[str, object]) -> Deferred[None]:
         """Set (or, for None, drop) fields of a record that exists; else nothing."""
         values = _pairs(fields)
         drop = [name for name, value in fields.items() if value is None]
@@ -155,56 +127,30 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
         return self._eval(_UPDATE, [key], args).addCallback(lambda _: None)
 
     def setRefreshToken(self, accountId: str, refreshToken: str) -> Deferred[None]:
-        return self._update(
-            self._key("account", accountId),
-            {
-                "refresh_token_enc": self._secrets.encrypt(refreshToken),
-                "updated": _num(time.time()),
-            },
-        )
+        fields = R.refreshTokenUpdate(refreshToken, self._secrets, time.time())
+        return self._update(self._key("account", accountId), fields)
 
     def setAccountState(self, accountId: str, state: str, reason: str | None) -> Deferred[None]:
-        return self._update(
-            self._key("account", accountId),
-            {"state": state, "state_reason": reason, "updated": _num(time.time())},
-        )
+        fields = R.stateUpdate(state, reason, time.time())
+        return self._update(self._key("account", accountId), fields)
 
     @_deferred
     async def getAccessToken(self, accountId: str) -> tuple[str, float | None, float | None] | None:
-        """
-        :return: Deferred firing with ``(token, expires, lifetime)`` as saved
-            by ``saveAccessToken``, or None.
-        """
-        enc, expires, lifetime = await self._call(
-            "hmget",
-            self._key("account", accountId),
-            ["access_token_enc", "access_token_expires", "access_token_lifetime"],
-        )
-        if enc is None:
-            return None
-        return self._secrets.decrypt(enc), _float(expires), _float(lifetime)
+        values = await self._call("hmget", self._key("account", accountId), list(R.ACCESS_COLUMNS))
+        return R.accessFrom(dict(zip(R.ACCESS_COLUMNS, values, strict=True)), self._secrets)
 
     def saveAccessToken(
         self, accountId: str, token: str | None, expires: float | None, lifetime: float | None
     ) -> Deferred[None]:
-        """Save (encrypted) or, with None, drop an account's provider access token."""
-        return self._update(
-            self._key("account", accountId),
-            {
-                "access_token_enc": None if token is None else self._secrets.encrypt(token),
-                "access_token_expires": _num(expires),
-                "access_token_lifetime": _num(lifetime),
-            },
-        )
+        fields = R.accessRecord(token, expires, lifetime, self._secrets)
+        return self._update(self._key("account", accountId), fields)
 
     # -- secret keys ----------------------------------------------------------
 
     @_deferred
     async def rotateSecrets(self) -> int:
         """
-        Re-encrypt every stored secret under the newest key, atomically: a
-        compare-and-set of every ciphertext, retried if any changed meanwhile.
-        :return: Deferred firing with how many values.
+        A compare-and-set of every ciphertext, retried if any changed meanwhile.
         """
         prefix = self.address.prefix
         for _ in range(ROTATE_ATTEMPTS):
@@ -223,10 +169,6 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
 
     @_deferred
     async def undecryptable(self, secrets: Secrets) -> int:
-        """
-        :return: Deferred firing with how many stored secrets ``secrets``
-            cannot decrypt (0 means older keys may be retired).
-        """
         found = await self._collect()
         bad = 0
         for value in found[2::3]:
@@ -237,7 +179,6 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
         return bad
 
     def reloadSecrets(self) -> Deferred[bool]:
-        """Re-read the key file in a thread; Deferred(True) if it changed."""
         return deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), self._secrets.reloadBlocking
         )
@@ -247,116 +188,73 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
     @_deferred
     async def getApp(self, appId: str) -> OAuth2App | None:
         h = await self._call("hgetall", self._key("app", appId))
-        return self._app(h) if h else None
+        return R.appFrom(h, self._secrets) if h else None
 
     @_deferred
     async def listApps(self) -> list[OAuth2App]:
         reply = await self._eval(_LIST_APPS, [self._key("apps")], [self.address.prefix])
-        return sorted((self._app(_hash(h)) for h in reply), key=lambda a: a.id)
+        return sorted((R.appFrom(_hash(h), self._secrets) for h in reply), key=lambda a: a.id)
 
     def putApp(self, app: OAuth2App) -> Deferred[None]:
-        """Create or replace an app (all of it, its creation time too)."""
-        now = time.time()
-        fields = {
-            "id": app.id,
-            "provider": app.provider,
-            "client_id": app.clientId,
-            "client_secret_enc": self._secrets.encrypt(app.clientSecret),
-            "redirect_url": app.redirectURL,
-            "authorization_url": app.authorizationURL,
-            "token_url": app.tokenURL,
-            "device_url": app.deviceURL,
-            "scopes": json.dumps(list(app.scopes)),
-            "tenant": app.tenant,
-            "created": _num(app.created or now),
-            "updated": _num(now),
-        }
+        record = R.appRecord(app, self._secrets, time.time())
         keys = [self._key("app", app.id), self._key("apps")]
-        return self._eval(_PUT_APP, keys, [app.id, *_pairs(fields)]).addCallback(lambda _: None)
+        return self._eval(_PUT_APP, keys, [app.id, *_pairs(record)]).addCallback(lambda _: None)
 
     @_deferred
     async def removeApp(self, appId: str) -> bool:
-        """:return: Deferred(True) when removed; ``StoreError`` while accounts use it."""
         keys = [self._key("app", appId), self._key("apps"), self._key("app-accounts", appId)]
         n = int(await self._eval(_REMOVE_APP, keys, [appId]))
         if n < 0:
-            raise StoreError(f"{-n} account(s) use this app")
+            raise R.appInUse(-n)
         return n > 0
 
     # -- authorizations in progress -----------------------------------------
 
     @_deferred
     async def addPending(self, pending: PendingAuthorization) -> None:
-        fields = {
-            "state": pending.state,
-            "account": pending.account,
-            "app": pending.app,
-            "verifier_enc": self._secrets.encrypt(pending.verifier),
-            "email": pending.email,
-            "expires": _num(pending.expires),
-            "imap": pending.imap,
-        }
+        record = R.pendingRecord(pending, self._secrets)
         keys = [self._key("pending", pending.state), self._key("pendings")]
         now = str(math.floor(time.time() * 1000))
-        args = [pending.state, _expireAt(pending.expires), now, *_pairs(fields)]
+        args = [pending.state, _expireAt(pending.expires), now, *_pairs(record)]
         if not int(await self._eval(_ADD_PENDING, keys, args)):
-            raise StoreError("an authorization with this state is already in progress")
+            raise R.pendingExists()
 
     @_deferred
     async def takePending(self, state: str) -> PendingAuthorization | None:
-        """
-        Remove and return the authorization with this state (single use), or
-        None when there is none (or it has expired).
-        """
+        """Expired ones are gone (their TTL)."""
         keys = [self._key("pending", state), self._key("pendings")]
         h = _hash(await self._eval(_TAKE_PENDING, keys, [state]))
-        if not h:
-            return None
-        return PendingAuthorization(
-            state=h["state"],
-            account=h["account"],
-            app=h["app"],
-            verifier=self._secrets.decrypt(h["verifier_enc"]),
-            email=h.get("email"),
-            expires=float(h["expires"]),
-            imap=h.get("imap"),
-        )
+        return R.pendingFrom(h, self._secrets) if h else None
 
     # -- tokens -------------------------------------------------------------
 
     @_deferred
     async def addToken(self, token: Token) -> None:
-        fields = {
-            "id": token.id,
-            "account": token.account,
-            "scopes": json.dumps(list(token.scopes)),
-            "description": token.description,
-            "addresses": json.dumps(list(token.addresses)),
-            "created": _num(token.created),
-            "expires": _num(token.expires),
-        }
+        record = R.tokenRecord(token)
         keys = [self._key("token", token.id), self._key("tokens", "all")]
         if token.account is not None:
             keys.append(self._key("tokens", "account", token.account))
         expireAt = "" if token.expires is None else _expireAt(token.expires)
-        args = [token.id, _text(token.created), expireAt, *_pairs(fields)]
+        args = [token.id, _text(token.created), expireAt, *_pairs(record)]
         if not int(await self._eval(_ADD_TOKEN, keys, args)):
-            raise StoreError("a token with this id exists")
+            raise R.tokenExists()
 
     @_deferred
     async def getToken(self, tokenId: str) -> Token | None:
-        h = await self._call("hgetall", self._key("token", tokenId))
-        return self._token(h) if h else None
+        keys = [self._key("meta"), self._key("token", tokenId)]
+        marker, h = await self._eval(_GET_TOKEN, keys, [])
+        self._marker.check(marker)
+        return R.tokenFrom(_hash(h)) if h else None
 
     @_deferred
     async def listTokens(self, account: str | None = None) -> list[Token]:
-        """Newest first (ties by id); expired tokens' index entries are dropped."""
+        """Expired tokens' index entries are dropped."""
         if account is None:
             index = self._key("tokens", "all")
         else:
             index = self._key("tokens", "account", account)
         reply = await self._eval(_LIST_TOKENS, [index], [self.address.prefix])
-        return sorted((self._token(_hash(h)) for h in reply), key=lambda t: (-t.created, t.id))
+        return sorted((R.tokenFrom(_hash(h)) for h in reply), key=R.tokenOrder)
 
     def removeToken(self, tokenId: str) -> Deferred[bool]:
         keys = [self._key("token", tokenId), self._key("tokens", "all")]
@@ -365,5 +263,5 @@ class RedisStore(_RedisRecords, _RedisStoreBase):
 
     def touchToken(self, tokenId: str, when: float, address: str) -> Deferred[None]:
         return self._update(
-            self._key("token", tokenId), {"last_use_time": _num(when), "last_use_address": address}
+            self._key("token", tokenId), {"last_use_time": when, "last_use_address": address}
         )

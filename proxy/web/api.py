@@ -21,7 +21,7 @@ from ..admin import Admin, AdminError, NotFound, accountView, appView, tokenView
 from ..errors import AccessDenied
 from ..model import Token
 from ..oauth.onboarding import Onboarding
-from ..store import StoreUnavailable
+from ..store import StoreDataLost, StoreUnavailable
 from ..tokens import checkToken, tokenId
 
 log = Logger()
@@ -436,8 +436,17 @@ class TokenAPI:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: Any) -> bytes:
+        """
+        The store must answer and still hold its data: a token read checks
+        the marker the store wrote when it was created, so a Redis restarted
+        empty is reported (with the reason; the store logs it once), not
+        taken for a healthy store that refuses every login.
+        """
         try:
             await self.store.getToken("0" * 64)
+        except StoreDataLost as e:
+            body = {"status": "unavailable", "store": str(e), "statusCode": 503}
+            return _send(request, 503, body)
         except Exception as e:
             log.warn("health check: the store does not answer: {error}", error=type(e).__name__)
             return _send(request, 503, {"status": "unavailable", "statusCode": 503})
