@@ -303,4 +303,3 @@ class UpstreamProtocol(LineReceiver):
     closed.upon(_lost, enter=closed, outputs=[])
     closed.upon(discard, enter=closed, outputs=[])
     closed.upon(_claim, enter=closed, outputs=[_notClaimed])
-    closed.upon(loginFailed, enter=closed, outputs=[])

@@ -339,11 +339,10 @@ class UpstreamLogin:
     )
     greetingBeforeTLS.upon(untaggedOK, enter=capabilityBeforeTLS, outputs=[_askCapabilities])
     _greetings = (greeting, greetingBeforeTLS)
+    _tagged = (taggedOK, taggedOKCapabilities, taggedRefused)
     for _s in _greetings:
         _s.upon(untaggedBye, enter=failed, outputs=[_failBye])
-        for _i in (untaggedCapabilities, untagged, continuation, taggedOK):
-            _s.upon(_i, enter=failed, outputs=[_failProtocol])
-        for _i in (taggedOKCapabilities, taggedRefused):
+        for _i in (untaggedCapabilities, untagged, continuation, *_tagged):
             _s.upon(_i, enter=failed, outputs=[_failProtocol])
 
     # CAPABILITY: collect, then decide.
@@ -386,8 +385,7 @@ class UpstreamLogin:
     awaitingContinuation.upon(taggedRefused, enter=failed, outputs=[_failLogin])
 
     # Credentials sent: a "+" now is the error challenge; the answer decides.
-    _waiting = [authenticating, authenticatingCapabilitiesSeen]
-    for _s in _waiting:
+    for _s in (authenticating, authenticatingCapabilitiesSeen):
         _s.upon(continuation, enter=_s, outputs=[_answerErrorChallenge])
         _s.upon(
             untaggedCapabilities, enter=authenticatingCapabilitiesSeen, outputs=[_setCapabilities]
@@ -398,8 +396,7 @@ class UpstreamLogin:
     authenticatingCapabilitiesSeen.upon(taggedOK, enter=loggedIn, outputs=[_succeed])
 
     # Logged in without capabilities: ask; an answer without them is a failure.
-    _waiting += [postLoginCapability, postLoginCapabilitySeen]
-    for _s in _waiting[-2:]:
+    for _s in (postLoginCapability, postLoginCapabilitySeen):
         _s.upon(untaggedCapabilities, enter=postLoginCapabilitySeen, outputs=[_setCapabilities])
         _s.upon(continuation, enter=_s, outputs=[])
         _s.upon(taggedRefused, enter=failed, outputs=[_failCapability])
@@ -408,21 +405,22 @@ class UpstreamLogin:
         postLoginCapabilitySeen.upon(_i, enter=loggedIn, outputs=[_succeed])
 
     # Every waiting state: the same for untagged chatter, bad lines and loss.
-    for _s in (*_greetings, capability, capabilityBeforeTLS, startingTLS, awaitingContinuation):
-        _waiting.append(_s)
-    for _s in _waiting:
-        if _s not in _greetings:
-            for _i in _chatter:
-                _s.upon(_i, enter=_s, outputs=[])
+    _afterGreeting = [capability, capabilityBeforeTLS, startingTLS, awaitingContinuation]
+    _afterGreeting += [authenticating, authenticatingCapabilitiesSeen]
+    _afterGreeting += [postLoginCapability, postLoginCapabilitySeen]
+    for _s in _afterGreeting:
+        for _i in _chatter:
+            _s.upon(_i, enter=_s, outputs=[])
+    for _s in (*_greetings, *_afterGreeting):
         _s.upon(malformed, enter=failed, outputs=[_failProtocol])
         _s.upon(unusable, enter=failed, outputs=[_failProtocol])
         _s.upon(connectionLost, enter=failed, outputs=[_failLost])
 
     # Done: a failed login hears nothing more; a logged-in one only its end.
-    for _i in (*_chatter, untaggedCapabilities, continuation, taggedOK, taggedOKCapabilities):
+    for _i in (*_chatter, untaggedCapabilities, continuation, *_tagged):
         failed.upon(_i, enter=failed, outputs=[])
-    for _i in (taggedRefused, malformed, unusable, connectionLost):
+    for _i in (malformed, unusable, connectionLost):
         failed.upon(_i, enter=failed, outputs=[])
     loggedIn.upon(connectionLost, enter=loggedIn, outputs=[])
     loggedIn.upon(unusable, enter=loggedIn, outputs=[])
-    del _s, _i, _next, _decide, _chatter, _greetings, _waiting
+    del _s, _i, _next, _decide, _chatter, _tagged, _greetings, _afterGreeting
