@@ -37,7 +37,5 @@ def innermostTransport(transport: Any) -> Any:
     a TCP connection, below TLS and PROXY-protocol wrappers), or None for
     None.
     """
-    last = None
-    for last in transportChain(transport):
-        pass
-    return last
+    chain = list(transportChain(transport))
+    return chain[-1] if chain else None
