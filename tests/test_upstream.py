@@ -697,6 +697,13 @@ class LoginMachineTests(SynchronousTestCase):
                 self.assertEqual(self.io.sent, [b""])
                 self.assertEqual(self.io.errors, [])
 
+    def test_aMalformedErrorChallengeIsAnsweredToo(self):
+        """An error challenge that is not base64 gets the same answer, and raises nothing."""
+        self.login("authenticating")
+        self.feed(b"+ not*base64=")
+        self.assertEqual(self.io.sent, [b""])
+        self.assertEqual(self.io.errors, [])
+
     def test_loggedInWithCapabilities(self):
         """OK [CAPABILITY …]: logged in with exactly those, nothing more sent."""
         for state in ("authenticating", "authenticatingCapabilitiesSeen"):

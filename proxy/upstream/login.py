@@ -13,6 +13,7 @@ through an ``ILoginIO``. Every transition is tested without a connection.
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Any
 
 from automat import MethodicalMachine
@@ -267,7 +268,12 @@ class UpstreamLogin:
     @_machine.output()
     def _answerErrorChallenge(self, payload: bytes) -> None:
         # The mechanism's answer to the error challenge; the tagged NO follows.
-        challenge = base64.b64decode(payload, validate=False) or b"\x00"
+        # Its content does not matter (nor whether it is valid base64).
+        try:
+            challenge = base64.b64decode(payload, validate=False)
+        except binascii.Error:
+            challenge = b""
+        challenge = challenge or b"\x00"
         self._io.sendLine(
             base64.b64encode(self.authenticator.challengeResponse(self._secret, challenge))
         )
