@@ -63,6 +63,9 @@ class UpstreamProtocol(LineReceiver):
         self._keptSize = 0
         self._spareLost: Callable[[], Any] | None = None
         self._onLost: Callable[[Any], Any] | None = None
+        # Who reads the lines: set by the phase machine's outputs (a line is
+        # the hot path of a login: no machine input per line).
+        self._lines: Callable[[bytes], None] = self._login.lineReceived
 
     @property
     def capabilities(self) -> list[bytes]:
@@ -87,7 +90,7 @@ class UpstreamProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            self._line(line)
+            self._lines(line)
         except Exception:
             log.failure("unexpected upstream response handling error")
             self._unusable()
@@ -155,9 +158,6 @@ class UpstreamProtocol(LineReceiver):
     # The splice takes the connection.
     @_machine.input()
     def _takeOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> None: ...
-    # A line read.
-    @_machine.input()
-    def _line(self, line: bytes) -> None: ...
     # A line too long, or a bug handling one.
     @_machine.input()
     def _unusable(self) -> None: ...
@@ -186,10 +186,6 @@ class UpstreamProtocol(LineReceiver):
     # -- outputs -------------------------------------------------------------------
 
     @_machine.output()
-    def _toLogin(self, line: bytes) -> None:
-        self._login.lineReceived(line)
-
-    @_machine.output()
     def _loginUnusable(self) -> None:
         self._login.unusable()
 
@@ -205,20 +201,25 @@ class UpstreamProtocol(LineReceiver):
         if remember is not None:
             remember(self.transport)
         # Stop parsing: what follows belongs to the client's session.
+        self._lines = self._ignore
         self.pauseProducing()
         self.ready.callback(self)
 
     @_machine.output()
     def _fireFailure(self, error: ProxyError) -> None:
+        self._lines = self._ignore
         self.transport.loseConnection()
         self.ready.errback(error)
 
     @_machine.output()
     def _wait(self, onLost: Callable[[], Any]) -> None:
         self._spareLost = onLost
+        self._lines = self._keep
         self.resumeProducing()
 
-    @_machine.output()
+    def _ignore(self, line: bytes) -> None:
+        pass
+
     def _keep(self, line: bytes) -> None:
         self._keptSize += len(line) + 2
         if self._keptSize > self.MAX_KEPT:
@@ -240,6 +241,7 @@ class UpstreamProtocol(LineReceiver):
     @_machine.output()
     def _claimed(self) -> bool:
         self._spareLost = None
+        self._lines = self._ignore
         self.pauseProducing()
         return True
 
@@ -250,6 +252,7 @@ class UpstreamProtocol(LineReceiver):
     @_machine.output()
     def _logout(self) -> None:
         self._spareLost = None
+        self._lines = self._ignore
         self._login.send(b"LOGOUT")
         self.transport.loseConnection()
 
@@ -270,7 +273,6 @@ class UpstreamProtocol(LineReceiver):
 
     # -- transitions -----------------------------------------------------------------
 
-    loggingIn.upon(_line, enter=loggingIn, outputs=[_toLogin])
     loggingIn.upon(_unusable, enter=loggingIn, outputs=[_loginUnusable])
     loggingIn.upon(_lost, enter=loggingIn, outputs=[_loginLost])
     loggingIn.upon(loginSucceeded, enter=loggedIn, outputs=[_fireReady])
@@ -287,7 +289,6 @@ class UpstreamProtocol(LineReceiver):
     loggedIn.upon(_lost, enter=loggedIn, outputs=[])
     loggedIn.upon(_unusable, enter=loggedIn, outputs=[])
 
-    spare.upon(_line, enter=spare, outputs=[_keep])
     spare.upon(_unusable, enter=spare, outputs=[_abort])
     spare.upon(_claim, enter=loggedIn, outputs=[_claimed])
     spare.upon(discard, enter=closed, outputs=[_logout])
@@ -298,7 +299,6 @@ class UpstreamProtocol(LineReceiver):
     relaying.upon(discard, enter=relaying, outputs=[])
     relaying.upon(_claim, enter=relaying, outputs=[_notClaimed])
 
-    closed.upon(_line, enter=closed, outputs=[])
     closed.upon(_unusable, enter=closed, outputs=[])
     closed.upon(_lost, enter=closed, outputs=[])
     closed.upon(discard, enter=closed, outputs=[])
