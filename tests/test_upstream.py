@@ -33,6 +33,7 @@ from proxy.model import Upstream
 from proxy.upstream import (
     AddressCache,
     OAUTHBEARERAuthenticator,
+    ReportingTLSOptions,
     UpstreamProtocol,
     XOAUTH2Authenticator,
     connectUpstream,
@@ -881,6 +882,26 @@ class LoopbackServers(Factory):
         d: Deferred = Deferred()
         self.waiting.append(d)
         return d
+
+
+class ReportingTLSOptionsTests(SynchronousTestCase):
+    """The per-connection options pass session resumption on to the shared ones."""
+
+    def test_rememberIsPassedOn(self):
+        """remember() reaches the shared options (ResumingTLSOptions), with the transport."""
+        seen: list = []
+
+        class Shared:
+            def remember(self, transport):
+                seen.append(transport)
+
+        transport = object()
+        ReportingTLSOptions(Shared(), "imap.example.com", 993).remember(transport)
+        self.assertEqual(seen, [transport])
+
+    def test_sharedOptionsWithoutResumption(self):
+        """Shared options that do not resume are fine too."""
+        ReportingTLSOptions(object(), "imap.example.com", 993).remember(object())
 
 
 class CertificateRefusalTests(TestCase):
