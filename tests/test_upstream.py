@@ -6,25 +6,42 @@ line by line over a ``StringTransport``, and the SASL authenticators.
 from __future__ import annotations
 
 import base64
+import datetime
+import functools
+import os
+import shutil
+import tempfile
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from service_identity import VerificationError
+from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
-from proxy.errors import LimitReached, Unavailable, UpstreamRejectedToken
+from proxy.errors import CertificateRejected, LimitReached, Unavailable, UpstreamRejectedToken
 from proxy.model import Upstream
 from proxy.upstream import (
     AddressCache,
     OAUTHBEARERAuthenticator,
+    ReportingTLSOptions,
     UpstreamProtocol,
     XOAUTH2Authenticator,
     connectUpstream,
     hasCapability,
     responseCode,
 )
+from proxy.upstream.login import ILoginIO, UpstreamLogin
+from tests.upstream.certs import PKI, make_pki
 
 USER = b"alice@example.com"
 TOKEN = b"ya29.access-token"
@@ -409,6 +426,604 @@ class TakeOverTests(_Driver):
         reason = Failure(ConnectionDone())
         self.proto.connectionLost(reason)
         self.assertEqual(lost, [reason])
+
+
+@implementer(ILoginIO)
+class RecordingIO:
+    """An ``ILoginIO`` that records what the login machine asks of it."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.upgrades = 0
+        self.succeeded = 0
+        self.errors: list = []
+
+    def sendLine(self, line: bytes) -> None:
+        self.sent.append(line)
+
+    def upgradeToTLS(self) -> None:
+        self.upgrades += 1
+
+    def loginSucceeded(self) -> None:
+        self.succeeded += 1
+
+    def loginFailed(self, error) -> None:
+        self.errors.append(error)
+
+
+GREETING_IR = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi"
+GREETING_NO_IR = b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi"
+
+# Lines that bring a fresh login (STARTTLS first or not) to each state in
+# which it waits for the server.
+WAITING = {
+    "greeting": (False, ()),
+    "greetingBeforeTLS": (True, ()),
+    "capability": (False, (b"* OK hi",)),
+    "capabilityBeforeTLS": (True, (b"* OK hi",)),
+    "startingTLS": (True, (b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi",)),
+    "awaitingContinuation": (False, (GREETING_NO_IR,)),
+    "authenticating": (False, (GREETING_IR,)),
+    "authenticatingCapabilitiesSeen": (False, (GREETING_IR, b"* CAPABILITY IMAP4rev1 X")),
+    "postLoginCapability": (False, (GREETING_IR, b"U1 OK in")),
+    "postLoginCapabilitySeen": (False, (GREETING_IR, b"U1 OK in", b"* CAPABILITY IMAP4rev1")),
+}
+
+
+class LoginMachineTests(SynchronousTestCase):
+    """
+    ``UpstreamLogin`` alone, no protocol and no transport: each transition,
+    by the lines that cause it, and what the machine sends and concludes.
+    """
+
+    def login(self, state: str = "greeting") -> UpstreamLogin:
+        startTLS, lines = WAITING[state]
+        self.io = RecordingIO()
+        self.machine = UpstreamLogin(
+            self.io, XOAUTH2Authenticator(USER), TOKEN, startTLS, "imap.example.com:993"
+        )
+        self.feed(*lines)
+        self.assertEqual((self.io.errors, self.io.succeeded), ([], 0), state)
+        self.io.sent.clear()
+        return self.machine
+
+    def feed(self, *lines: bytes) -> None:
+        for line in lines:
+            self.machine.lineReceived(line)
+
+    def failure(self) -> Exception:
+        self.assertEqual(len(self.io.errors), 1, "the login did not fail (once)")
+        self.assertEqual(self.io.succeeded, 0)
+        return self.io.errors[0]
+
+    def reason(self) -> str:
+        return self.failure().reason  # type: ignore[attr-defined, no-any-return]
+
+    def test_everyWaitingStateFailsOnAMalformedLine(self):
+        """In every waiting state, a line that is no response is upstream-protocol."""
+        for state in WAITING:
+            for line in (b"garbage", b"U9 OK not a command of ours"):
+                with self.subTest(state=state, line=line):
+                    self.login(state)
+                    self.feed(line)
+                    self.assertEqual(self.reason(), "upstream-protocol")
+
+    def test_everyWaitingStateFailsWhenUnusable(self):
+        """In every waiting state, a line too long (or a bug) is upstream-protocol."""
+        for state in WAITING:
+            with self.subTest(state=state):
+                self.login(state).unusable()
+                self.assertEqual(self.reason(), "upstream-protocol")
+
+    def test_everyWaitingStateFailsWhenTheConnectionEnds(self):
+        """In every waiting state, the connection's end is upstream-closed."""
+        for state in WAITING:
+            with self.subTest(state=state):
+                self.login(state).connectionLost(Failure(ConnectionDone()))
+                self.assertEqual(self.reason(), "upstream-closed")
+
+    def test_aRefusedCertificateIsReportedAsSuch(self):
+        """A connection ended by a refused certificate fails with that error, not closed."""
+        for state in WAITING:
+            with self.subTest(state=state):
+                error = CertificateRejected("certificate-expired", detail="x:993: expired")
+                self.login(state).connectionLost(Failure(error))
+                self.assertIs(self.failure(), error)
+
+    def test_twistedsOwnNameCheckIsACertificateRejection(self):
+        """Twisted's own host-name check (VerificationError) reads as certificate-hostname."""
+        self.login("greeting").connectionLost(Failure(VerificationError(errors=[])))
+        error = self.failure()
+        self.assertIsInstance(error, CertificateRejected)
+        self.assertEqual(error.reason, "certificate-hostname")
+        self.assertIn("imap.example.com:993", error.detail)
+
+    def test_untaggedChatterIsIgnoredOnceGreeted(self):
+        """After the greeting, untagged lines that are not CAPABILITY change nothing."""
+        for state in WAITING:
+            if state.startswith("greeting"):
+                continue
+            with self.subTest(state=state):
+                self.login(state)
+                self.feed(b"* OK still there", b"* OK [CAPABILITY BOGUS]", b"* 3 EXISTS")
+                self.feed(b"* BYE going soon")
+                self.assertEqual((self.io.sent, self.io.errors, self.io.succeeded), ([], [], 0))
+
+    def test_theGreetingMustBeOKOrBye(self):
+        """Before the greeting, anything but * OK or * BYE is upstream-protocol."""
+        lines = (b"* PREAUTH hi", b"* CAPABILITY IMAP4rev1", b"+ go", b"* 1 EXISTS")
+        for state in ("greeting", "greetingBeforeTLS"):
+            for line in lines:
+                with self.subTest(state=state, line=line):
+                    self.login(state)
+                    self.feed(line)
+                    self.assertEqual(self.reason(), "upstream-protocol")
+                    self.assertEqual(self.io.sent, [])
+            with self.subTest(state=state, line=b"* BYE"):
+                self.login(state)
+                self.feed(b"* BYE busy")
+                self.assertEqual(self.reason(), "upstream-bye")
+
+    def test_theGreetingsInputsTaggedFailToo(self):
+        """Tagged inputs before any command (not reachable by a line) also fail the login."""
+        inputs = [
+            lambda m: m.taggedOK(),
+            lambda m: m.taggedOKCapabilities([b"X"]),
+            lambda m: m.taggedRefused(None),
+        ]
+        for state in ("greeting", "greetingBeforeTLS"):
+            for feed in inputs:
+                with self.subTest(state=state):
+                    feed(self.login(state))
+                    self.assertEqual(self.reason(), "upstream-protocol")
+
+    def test_capabilityCollectsThenDecides(self):
+        """CAPABILITY: untagged answers collected, '+' ignored, the tagged OK decides."""
+        self.login("capability")
+        self.feed(b"+ nonsense", b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR", b"U1 OK")
+        self.assertEqual(self.io.sent, [b"U2 AUTHENTICATE XOAUTH2 " + XOAUTH2])
+
+    def test_capabilityInTheTaggedOK(self):
+        """Capabilities in the CAPABILITY command's tagged OK count too."""
+        self.login("capability")
+        self.feed(b"U1 OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] done")
+        self.assertEqual(self.io.sent, [b"U2 AUTHENTICATE XOAUTH2"])
+
+    def test_capabilityRefused(self):
+        """A refused CAPABILITY (before or after STARTTLS) is upstream-capability."""
+        for state in ("capability", "capabilityBeforeTLS"):
+            with self.subTest(state=state):
+                self.login(state)
+                self.feed(b"U1 NO no")
+                self.assertEqual(self.reason(), "upstream-capability")
+
+    def test_capabilityBeforeTLSLeadsToSTARTTLS(self):
+        """Capabilities asked before TLS: STARTTLS if offered (tagged OK, with or without code)."""
+        for answer in (
+            (b"* CAPABILITY IMAP4rev1 STARTTLS", b"U1 OK"),
+            (b"U1 OK [CAPABILITY STARTTLS] x",),
+        ):
+            with self.subTest(answer=answer):
+                self.login("capabilityBeforeTLS")
+                self.feed(*answer)
+                self.assertEqual(self.io.sent, [b"U2 STARTTLS"])
+                self.assertEqual(self.io.upgrades, 0)
+
+    def test_noSTARTTLSOffered(self):
+        """Capabilities without STARTTLS, in starttls mode: upstream-no-starttls, nothing sent."""
+        self.login("capabilityBeforeTLS")
+        self.feed(b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR", b"U1 OK")
+        self.assertEqual(self.reason(), "upstream-no-starttls")
+        self.assertEqual(self.io.sent, [])
+
+    def test_startingTLSUpgradesAndAsksAgain(self):
+        """STARTTLS OK: upgrade, then ask CAPABILITY afresh; what came before TLS is void."""
+        for ok in (b"U1 OK begin", b"U1 OK [CAPABILITY AUTH=XOAUTH2 SASL-IR] forged"):
+            with self.subTest(ok=ok):
+                self.login("startingTLS")
+                self.feed(b"* CAPABILITY AUTH=XOAUTH2 SASL-IR", b"+ x", ok)
+                self.assertEqual(self.io.upgrades, 1)
+                self.assertEqual(self.io.sent, [b"U2 CAPABILITY"])
+                self.assertEqual(self.machine.capabilities, [])
+                self.feed(b"U2 OK no capabilities")
+                self.assertEqual(self.reason(), "upstream-no-xoauth2")
+
+    def test_startingTLSRefused(self):
+        """A refused STARTTLS is upstream-starttls."""
+        self.login("startingTLS")
+        self.feed(b"U1 BAD no")
+        self.assertEqual(self.reason(), "upstream-starttls")
+        self.assertEqual(self.io.upgrades, 0)
+
+    def test_choosingAMechanism(self):
+        """XOAUTH2 preferred, OAUTHBEARER otherwise, SASL-IR decides the first command."""
+        cases = [
+            (b"AUTH=XOAUTH2 AUTH=OAUTHBEARER SASL-IR", b"U1 AUTHENTICATE XOAUTH2 " + XOAUTH2),
+            (b"AUTH=OAUTHBEARER SASL-IR", b"U1 AUTHENTICATE OAUTHBEARER " + OAUTHBEARER),
+            (b"AUTH=XOAUTH2", b"U1 AUTHENTICATE XOAUTH2"),
+            (b"AUTH=OAUTHBEARER", b"U1 AUTHENTICATE OAUTHBEARER"),
+        ]
+        for caps, command in cases:
+            with self.subTest(caps=caps):
+                self.login("greeting")
+                self.feed(b"* OK [CAPABILITY IMAP4rev1 " + caps + b"] hi")
+                self.assertEqual(self.io.sent, [command])
+                self.assertEqual(self.machine.capabilities, [], "collected afresh after login")
+
+    def test_noMechanism(self):
+        """Neither mechanism offered: upstream-no-xoauth2, and no credentials sent."""
+        self.login("greeting")
+        self.feed(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi")
+        self.assertEqual(self.reason(), "upstream-no-xoauth2")
+        self.assertEqual(self.io.sent, [])
+
+    def test_awaitingContinuation(self):
+        """Without SASL-IR: the first "+" gets the credentials; capabilities before it are void."""
+        self.login("awaitingContinuation")
+        self.feed(b"* CAPABILITY IMAP4rev1 EARLY", b"+ ")
+        self.assertEqual(self.io.sent, [XOAUTH2])
+        self.feed(b"U1 OK in")
+        self.assertEqual(self.io.sent, [XOAUTH2, b"U2 CAPABILITY"])
+
+    def test_anOKBeforeTheCredentialsIsAProtocolError(self):
+        """A server that accepts AUTHENTICATE before the credentials is not one to trust."""
+        for ok in (b"U1 OK in", b"U1 OK [CAPABILITY IMAP4rev1] in"):
+            with self.subTest(ok=ok):
+                self.login("awaitingContinuation")
+                self.feed(ok)
+                self.assertEqual(self.reason(), "upstream-protocol")
+
+    def test_refusals(self):
+        """A refused AUTHENTICATE: LIMIT, UNAVAILABLE, or the token refused (any other NO)."""
+        cases = [
+            (b"U1 NO [LIMIT] too many", LimitReached, "upstream-limit"),
+            (b"U1 NO [UNAVAILABLE] later", Unavailable, "upstream-unavailable"),
+            (b"U1 NO [AUTHENTICATIONFAILED] no", UpstreamRejectedToken, "upstream-token-rejected"),
+            (b"U1 BAD what", UpstreamRejectedToken, "upstream-token-rejected"),
+        ]
+        for state in ("awaitingContinuation", "authenticating", "authenticatingCapabilitiesSeen"):
+            for line, kind, reason in cases:
+                with self.subTest(state=state, line=line):
+                    self.login(state)
+                    self.feed(line)
+                    self.assertIsInstance(self.failure(), kind)
+                    self.assertEqual(self.reason(), reason)
+
+    def test_theErrorChallengeIsAnswered(self):
+        """After the credentials, a '+' is the error challenge: answered, the NO follows."""
+        for state in ("authenticating", "authenticatingCapabilitiesSeen"):
+            with self.subTest(state=state):
+                self.login(state)
+                self.feed(b"+ " + ERROR_CHALLENGE)
+                self.assertEqual(self.io.sent, [b""])
+                self.assertEqual(self.io.errors, [])
+
+    def test_aMalformedErrorChallengeIsAnsweredToo(self):
+        """An error challenge that is not base64 gets the same answer, and raises nothing."""
+        self.login("authenticating")
+        self.feed(b"+ not*base64=")
+        self.assertEqual(self.io.sent, [b""])
+        self.assertEqual(self.io.errors, [])
+
+    def test_loggedInWithCapabilities(self):
+        """OK [CAPABILITY …]: logged in with exactly those, nothing more sent."""
+        for state in ("authenticating", "authenticatingCapabilitiesSeen"):
+            with self.subTest(state=state):
+                self.login(state)
+                self.feed(b"U1 OK [CAPABILITY IMAP4rev1 IDLE] in")
+                self.assertEqual(self.io.succeeded, 1)
+                self.assertEqual(self.machine.capabilities, [b"IMAP4rev1", b"IDLE"])
+                self.assertEqual(self.io.sent, [])
+
+    def test_untaggedCapabilitiesBeforeTheOK(self):
+        """Capabilities seen between the credentials and a plain OK are the session's."""
+        self.login("authenticatingCapabilitiesSeen")
+        self.feed(b"* CAPABILITY IMAP4rev1 IDLE MOVE", b"U1 OK in")
+        self.assertEqual(self.io.succeeded, 1)
+        self.assertEqual(self.machine.capabilities, [b"IMAP4rev1", b"IDLE", b"MOVE"])
+
+    def test_postLoginCapability(self):
+        """Logged in without capabilities: they are asked; the answer must carry some."""
+        for ok in (b"U2 OK", b"U2 OK [CAPABILITY IGNORED] done"):
+            with self.subTest(ok=ok):
+                self.login("postLoginCapability")
+                self.feed(b"+ x", b"* CAPABILITY IMAP4rev1 IDLE", ok)
+                self.assertEqual(self.io.succeeded, 1)
+                self.assertEqual(self.machine.capabilities, [b"IMAP4rev1", b"IDLE"])
+
+    def test_postLoginCapabilityWithoutAnswer(self):
+        """A CAPABILITY after login answered without capabilities, or refused, fails."""
+        cases = [
+            ("postLoginCapability", b"U2 OK"),
+            ("postLoginCapability", b"U2 OK [CAPABILITY X] only in the code"),
+            ("postLoginCapability", b"U2 NO"),
+            ("postLoginCapabilitySeen", b"U2 BAD"),
+        ]
+        for state, line in cases:
+            with self.subTest(state=state, line=line):
+                self.login(state)
+                self.feed(line)
+                self.assertEqual(self.reason(), "upstream-capability")
+
+    def test_aFailedLoginHearsNothingMore(self):
+        """After a failure every input is ignored: one report, nothing sent."""
+        self.login("authenticating")
+        self.feed(b"U1 NO [LIMIT] no")
+        self.feed(GREETING_IR, b"* CAPABILITY X", b"+ x", b"U1 OK", b"U1 OK [CAPABILITY X]")
+        self.feed(b"U1 NO", b"garbage", b"* BYE", b"* 1 EXISTS", b"* OK [CAPABILITY X] x")
+        self.machine.unusable()
+        self.machine.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.io.errors), 1)
+        self.assertEqual(self.io.sent, [])
+
+    def test_aLoggedInMachineIgnoresTheEnd(self):
+        """Once logged in, the connection's end and a bad line are not the login's business."""
+        self.login("authenticating")
+        self.feed(b"U1 OK [CAPABILITY IMAP4rev1] in")
+        self.machine.unusable()
+        self.machine.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((self.io.succeeded, self.io.errors), (1, []))
+
+
+def ensuringDeferred(f):
+    """A coroutine test method, run by trial as a Deferred."""
+
+    @functools.wraps(f)
+    def run(*args, **kwargs):
+        return ensureDeferred(f(*args, **kwargs))
+
+    return run
+
+
+def expiredPKI(directory: str) -> PKI:
+    """A CA and a ``localhost`` certificate from it that expired yesterday."""
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    caKey, leafKey = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired test CA")])
+
+    def build(subject, key, notAfter, extensions):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(caName)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=10))
+            .not_valid_after(notAfter)
+        )
+        for extension, critical in extensions:
+            b = b.add_extension(extension, critical=critical)
+        return b.sign(caKey, hashes.SHA256())
+
+    ca = build(
+        caName,
+        caKey,
+        now + datetime.timedelta(days=3),
+        [(x509.BasicConstraints(ca=True, path_length=0), True)],
+    )
+    leaf = build(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
+        leafKey,
+        now - datetime.timedelta(days=1),
+        [(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)],
+    )
+    pki = PKI(*(os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem")))
+    pem = serialization.Encoding.PEM
+    for path, data in (
+        (pki.ca_cert, ca.public_bytes(pem)),
+        (pki.cert, leaf.public_bytes(pem)),
+        (
+            pki.key,
+            leafKey.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        ),
+    ):
+        with open(path, "wb") as f:
+            f.write(data)
+    return pki
+
+
+class LoopbackIMAPServer(LineReceiver):
+    """
+    Just enough of an IMAP server, over real TLS on loopback: implicit TLS,
+    or STARTTLS first; it accepts any XOAUTH2 login.
+    """
+
+    delimiter = b"\r\n"
+
+    def __init__(self, factory: LoopbackServers):
+        self.factory = factory
+
+    def connectionMade(self):
+        self.factory.connections += 1
+        caps = b"STARTTLS" if self.factory.starttls else b"SASL-IR AUTH=XOAUTH2"
+        self.sendLine(b"* OK [CAPABILITY IMAP4rev1 " + caps + b"] loopback")
+
+    def lineReceived(self, line):
+        tag, _, command = line.partition(b" ")
+        if command == b"STARTTLS":
+            self.sendLine(tag + b" OK begin TLS")
+            self.transport.startTLS(self.factory.tlsOptions)
+        elif command == b"CAPABILITY":
+            self.sendLine(b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2")
+            self.sendLine(tag + b" OK done")
+        elif command.startswith(b"AUTHENTICATE"):
+            self.sendLine(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] in")
+
+    def connectionLost(self, reason):
+        self.factory.lost.append(reason)
+        if self.factory.connections == len(self.factory.lost):
+            waiting, self.factory.waiting = self.factory.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+
+class LoopbackServers(Factory):
+    """Counts connections, and tells when all of them have ended."""
+
+    def __init__(self, tlsOptions, starttls: bool):
+        self.tlsOptions = tlsOptions
+        self.starttls = starttls
+        self.connections = 0
+        self.lost: list = []
+        self.waiting: list[Deferred] = []
+
+    def buildProtocol(self, addr):
+        return LoopbackIMAPServer(self)
+
+    def allClosed(self) -> Deferred:
+        if self.connections == len(self.lost):
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.waiting.append(d)
+        return d
+
+
+class ReportingTLSOptionsTests(SynchronousTestCase):
+    """The per-connection options pass session resumption on to the shared ones."""
+
+    def test_rememberIsPassedOn(self):
+        """remember() reaches the shared options (ResumingTLSOptions), with the transport."""
+        seen: list = []
+
+        class Shared:
+            def remember(self, transport):
+                seen.append(transport)
+
+        transport = object()
+        ReportingTLSOptions(Shared(), "imap.example.com", 993).remember(transport)
+        self.assertEqual(seen, [transport])
+
+    def test_sharedOptionsWithoutResumption(self):
+        """Shared options that do not resume are fine too."""
+        ReportingTLSOptions(object(), "imap.example.com", 993).remember(object())
+
+
+class CertificateRefusalTests(TestCase):
+    """
+    A provider whose certificate fails verification, over real TLS on
+    loopback (implicit and STARTTLS): the login ends in CertificateRejected
+    with a reason of its own and a detail naming the server and the
+    certificate, after one attempt; not in "upstream-closed".
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp()
+        cls.pki = make_pki(os.path.join(cls.dir, "pki"))
+        cls.otherCA = make_pki(os.path.join(cls.dir, "other")).ca_cert
+        cls.expired = expiredPKI(os.path.join(cls.dir, "expired"))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def serve(self, pki: PKI, starttls: bool = False) -> int:
+        from twisted.internet import reactor
+
+        with open(pki.key) as k, open(pki.cert) as c:
+            options = ssl.PrivateCertificate.loadPEM(k.read() + c.read()).options()
+        self.servers = LoopbackServers(options, starttls)
+        if starttls:
+            port = reactor.listenTCP(0, self.servers, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, self.servers, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        # Last in, first out: the server's connections end before it stops.
+        self.addCleanup(lambda: self.servers.allClosed())
+        return port.getHost().port  # type: ignore[no-any-return]
+
+    async def login(self, host: str, port: int, caFile: str, tls: str = "implicit"):
+        from twisted.internet import reactor
+
+        addresses = AddressCache(reactor)
+        # A name the certificate may not carry, dialled on loopback without a lookup.
+        addresses.remember(host, port, "127.0.0.1")
+        return await connectUpstream(
+            reactor,
+            Upstream(host=host, port=port, tls=tls, caFile=caFile),
+            "alice@example.com",
+            TOKEN.decode(),
+            10.0,
+            addresses=addresses,
+        )
+
+    async def refused(self, host: str, port: int, caFile: str, tls: str = "implicit"):
+        with self.assertRaises(CertificateRejected) as caught:
+            await self.login(host, port, caFile, tls)
+        error = caught.exception
+        self.assertEqual(self.servers.connections, 1, "a refused certificate is not retried")
+        self.assertNotIn(TOKEN.decode(), error.detail)
+        self.assertEqual(
+            error.imapResponse(),
+            b"NO [UNAVAILABLE] The provider's certificate was refused, the operator must act",
+        )
+        return error
+
+    @ensuringDeferred
+    async def test_aTrustedCertificateLogsIn(self):
+        """The control: the right CA and name log in, over implicit TLS and STARTTLS."""
+        for starttls in (False, True):
+            port = self.serve(self.pki, starttls)
+            tls = "starttls" if starttls else "implicit"
+            proto = await self.login("localhost", port, self.pki.ca_cert, tls)
+            self.assertEqual(proto.capabilities, [b"IMAP4rev1", b"IDLE"])
+            proto.transport.abortConnection()
+            await self.servers.allClosed()
+
+    @ensuringDeferred
+    async def test_anUntrustedCA(self):
+        """A certificate from a CA the account does not trust: certificate-untrusted."""
+        port = self.serve(self.pki)
+        error = await self.refused("localhost", port, self.otherCA)
+        self.assertEqual(error.reason, "certificate-untrusted")
+        self.assertIn(f"localhost:{port}: unable to get local issuer certificate", error.detail)
+        self.assertIn("subject CN=localhost,O=imapproxy tests", error.detail)
+        self.assertIn("issuer CN=imapproxy test CA,O=imapproxy tests", error.detail)
+
+    @ensuringDeferred
+    async def test_anUntrustedCAAfterSTARTTLS(self):
+        """The same after STARTTLS: certificate-untrusted, and no credentials sent."""
+        port = self.serve(self.pki, starttls=True)
+        error = await self.refused("localhost", port, self.otherCA, "starttls")
+        self.assertEqual(error.reason, "certificate-untrusted")
+        self.assertIn(f"localhost:{port}: unable to get local issuer certificate", error.detail)
+
+    @ensuringDeferred
+    async def test_theWrongHostName(self):
+        """A trusted certificate for another name: certificate-hostname, naming both."""
+        port = self.serve(self.pki)
+        error = await self.refused("imap.example.org", port, self.pki.ca_cert)
+        self.assertEqual(error.reason, "certificate-hostname")
+        self.assertIn(
+            f"imap.example.org:{port}: certificate is not valid for imap.example.org",
+            error.detail,
+        )
+        self.assertIn("subject CN=localhost,O=imapproxy tests", error.detail)
+
+    @ensuringDeferred
+    async def test_theWrongAddress(self):
+        """An address the certificate does not carry: certificate-hostname too."""
+        port = self.serve(self.pki)
+        error = await self.refused("127.0.0.2", port, self.pki.ca_cert)
+        self.assertEqual(error.reason, "certificate-hostname")
+        self.assertIn(f"127.0.0.2:{port}: certificate is not valid for 127.0.0.2", error.detail)
+
+    @ensuringDeferred
+    async def test_anExpiredCertificate(self):
+        """An expired certificate from a trusted CA: certificate-expired."""
+        port = self.serve(self.expired)
+        error = await self.refused("localhost", port, self.expired.ca_cert)
+        self.assertEqual(error.reason, "certificate-expired")
+        self.assertIn(
+            f"localhost:{port}: certificate has expired (server certificate)", error.detail
+        )
+        self.assertIn("issuer CN=expired test CA", error.detail)
 
 
 class ConnectUpstreamTests(SynchronousTestCase):

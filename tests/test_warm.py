@@ -10,6 +10,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,6 +19,8 @@ from proxy.imap import SessionRegistry
 from proxy.upstream import WarmUpstreams
 from tests.test_oauth import account
 from tests.test_upstream import _Driver
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi"
 
 
 class FakeUpstream:
@@ -166,6 +169,115 @@ class WarmUpstreamsTests(SynchronousTestCase):
         self.warm.loggedIn(account())
         self.warm.loggedIn(account())
         self.assertEqual(len(self.made), 1)
+
+
+class ConnectionPhaseTests(_Driver):
+    """
+    The phases of an ``UpstreamProtocol`` after its login: logged in (paused,
+    owned by the login), spare (reading, owned by the pool), relaying (the
+    splice's), closed; what each call does in each phase.
+    """
+
+    def loggedInProto(self):
+        self.connect()
+        self.receive(GREETING, b"U1 OK [CAPABILITY IMAP4rev1] ok")
+        self.loggedIn()
+        self.transport.clear()
+        return self.proto
+
+    def test_onlyASpareCanBeClaimed(self):
+        """claim() is False while logging in, logged in, relaying and closed."""
+        self.connect()
+        self.assertFalse(self.proto.claim(), "logging in")
+        self.receive(GREETING, b"U1 OK [CAPABILITY IMAP4rev1] ok")
+        self.assertFalse(self.proto.claim(), "logged in, not a spare")
+        self.proto.takeOver(lambda data: None, lambda reason: None)
+        self.assertFalse(self.proto.claim(), "relaying")
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(self.proto.claim(), "closed")
+
+    def test_aClosingSpareIsNotClaimed(self):
+        """A spare whose connection is already closing is not handed out."""
+        p = self.loggedInProto()
+        p.keepAsSpare(lambda: None)
+        self.transport.loseConnection()
+        self.assertFalse(p.claim())
+
+    def test_aClaimedSpareIsLoggedInAgain(self):
+        """A claimed spare is paused and can be taken over, or logged out."""
+        p = self.loggedInProto()
+        lost: list = []
+        p.keepAsSpare(lambda: lost.append(True))
+        self.assertTrue(p.claim())
+        self.assertEqual(self.transport.producerState, "paused")
+        p.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(lost, [], "a claimed spare no longer reports to its pool")
+
+    def test_discardOnlyLogsOutWhatNobodyRelays(self):
+        """discard() logs out a logged-in or spare connection, never one being relayed."""
+        p = self.loggedInProto()
+        p.takeOver(lambda data: None, lambda reason: None)
+        p.discard()
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_discardWhileLoggingInDoesNothing(self):
+        """discard() during the login neither sends nor closes: the login decides."""
+        self.connect()
+        self.proto.discard()
+        self.assertEqual(self.transport.value(), b"")
+        self.receive(GREETING, b"U1 OK [CAPABILITY IMAP4rev1] ok")
+        self.loggedIn()
+
+    def test_aDiscardedSpareIsClosed(self):
+        """After discard() a spare reads nothing more and reports no loss to the pool."""
+        p = self.loggedInProto()
+        lost: list = []
+        p.keepAsSpare(lambda: lost.append(True))
+        p.discard()
+        self.assertEqual(self.sent(), [b"U2 LOGOUT"])
+        self.receive(b"* BYE logging out")
+        p.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(lost, [])
+        self.assertFalse(p.claim())
+
+    def test_theSpliceHearsTheEndOnce(self):
+        """While relaying, the connection's end goes to the splice, once."""
+        p = self.loggedInProto()
+        ends: list = []
+        p.takeOver(lambda data: None, ends.append)
+        p.connectionLost(Failure(ConnectionDone()))
+        p.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(ends), 1)
+
+    def test_aFailedLoginIsClosed(self):
+        """A failed login closes the connection; later lines and its end change nothing."""
+        self.connect()
+        self.receive(b"* BYE no")
+        self.failed(Unavailable)
+        self.receive(GREETING, b"U1 OK [CAPABILITY X] ok")
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.results), 1)
+        self.assertFalse(self.proto.claim())
+
+    def test_aTooLongLineWhileRelayingIsNotParsed(self):
+        """Once relaying, bytes are not lines: no length limit applies."""
+        p = self.loggedInProto()
+        got: list[bytes] = []
+        p.takeOver(got.append, lambda reason: None)
+        p.dataReceived(b"x" * (p.MAX_LENGTH + 10))
+        self.assertEqual(len(got[0]), p.MAX_LENGTH + 10)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_theLoginCanBeTakenOverFromItsReadyCallback(self):
+        """ready's callback may take the connection over at once (as the realm's caller does)."""
+        self.connect()
+        leftovers: list[bytes] = []
+        self.proto.ready.addCallback(
+            lambda p: leftovers.append(p.takeOver(lambda data: None, lambda reason: None))
+        )
+        self.proto.dataReceived(GREETING + b"\r\nU1 OK [CAPABILITY X] ok\r\n* 1 EXISTS\r\n")
+        self.assertEqual(leftovers, [b"* 1 EXISTS\r\n"])
 
 
 class SpareProtocolTests(_Driver):

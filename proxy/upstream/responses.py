@@ -1,0 +1,27 @@
+"""
+Reading an IMAP server's responses during the login: response codes and
+capability lists (RFC 9051 section 7.1). Pure functions, no state.
+"""
+
+from __future__ import annotations
+
+import re
+
+_CODE = re.compile(rb"^\[([A-Za-z0-9-]+)(?: ([^\]]*))?\]")
+
+
+def responseCode(text: bytes) -> tuple[bytes | None, bytes]:
+    """``b"[CODE args] text"`` → ``(b"CODE", b"args")``; no code → ``(None, b"")``."""
+    m = _CODE.match(text)
+    if m is None:
+        return None, b""
+    return m.group(1).upper(), m.group(2) or b""
+
+
+def parseCapabilities(text: bytes) -> list[bytes]:
+    return text.split()
+
+
+def hasCapability(caps: list[bytes], name: bytes) -> bool:
+    name = name.upper()
+    return any(c.upper() == name for c in caps)
