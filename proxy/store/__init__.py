@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 from ..encryption import ENV_VAR, Secrets, loadSecrets
 from ._interfaces import IAccountStore, ITokenStore
 from ._rediscoord import RefreshLock, SessionBus
+from ._redispenalty import RedisPenalties
 from .redis import RedisStore, StoreUnavailable
 from .sqlite import SQLiteStore, StoreError
 
@@ -19,6 +20,7 @@ REDIS_SCHEMES = ("redis", "unix")
 __all__ = [
     "IAccountStore",
     "ITokenStore",
+    "RedisPenalties",
     "RedisStore",
     "RefreshLock",
     "SessionBus",
