@@ -162,8 +162,8 @@ class TokenChecker:
             )
         except AccessDenied as e:
             # One fixed form for every protocol: docs/fail2ban/imapproxy.conf
-            # matches it. The account is an account id or a fixed text, so a
-            # client cannot forge the part after "from".
+            # matches it. The account is an account id or "-", never a space,
+            # so a client cannot forge the part after "from".
             log.info(
                 "{protocol} login refused for {account} from {address}: {reason}",
                 protocol=c.protocol,
