@@ -16,8 +16,9 @@ import subprocess
 import tempfile
 
 from cryptography.fernet import Fernet
-from twisted.internet.defer import fail, inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, fail, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -39,6 +40,7 @@ from proxy.penalties import (
 from proxy.store import RedisPenalties, RedisStore
 from proxy.tokens import newToken
 from tests.test_api import MemoryStore
+from tests.upstream.redisserver import RedisServer
 
 NOW = 1_750_000_000.0
 ATTACKER = "127.0.0.2"
@@ -85,13 +87,9 @@ class LoginPenaltiesTests(SynchronousTestCase):
         return self.successResultOf(self._status(address))
 
     def _status(self, address: str):
-        from twisted.internet.defer import ensureDeferred
-
         return ensureDeferred(self.penalties.status(address))
 
     def fail(self, address: str = ATTACKER) -> int:
-        from twisted.internet.defer import ensureDeferred
-
         return self.successResultOf(ensureDeferred(self.penalties.failed(address)))
 
     def test_interface(self):
@@ -127,8 +125,6 @@ class LoginPenaltiesTests(SynchronousTestCase):
         self.assertEqual(self.status(USER), PenaltyStatus())
 
     def test_successClears(self):
-        from twisted.internet.defer import ensureDeferred
-
         self.fail()
         self.successResultOf(ensureDeferred(self.penalties.succeeded(ATTACKER, self.status())))
         self.assertEqual(self.status(), PenaltyStatus())
@@ -145,8 +141,6 @@ class LoginPenaltiesTests(SynchronousTestCase):
     def test_disabled(self):
         """With penalties off nothing is counted."""
         off = LoginPenalties(self.backend, self.clock, PenaltyPolicy(maximum=0))
-        from twisted.internet.defer import ensureDeferred
-
         self.successResultOf(ensureDeferred(off.failed(ATTACKER)))
         self.assertEqual(len(self.backend), 0)
 
@@ -353,8 +347,6 @@ class RedisPenaltyTests(TestCase):
     def setUp(self):
         if shutil.which("redis-server") is None:
             raise self.skipTest("redis-server is not installed")
-        from tests.upstream.redisserver import RedisServer
-
         self.server = RedisServer()
         self.server.start()
         self.addCleanup(self.server.cleanup)
@@ -421,7 +413,4 @@ class RedisPenaltyTests(TestCase):
         self.assertEqual(clock.seconds(), NOW + 2)
 
     def _tick(self):
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
-
         return deferLater(reactor, 0.01, lambda: None)
