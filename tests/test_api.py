@@ -1864,12 +1864,17 @@ class DeadlineTests(APITestCase):
             self.assertFalse(transport.disconnecting)
             self.assertIn(b"HTTP/1.1 200 ", transport.value())
             transport.clear()
+        # Idle after an answer: closed at the deadline, quietly (no 408).
         self.clock.advance(30)
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
 
     def test_configuredDeadline(self):
         """site(deadline) sets it."""
         protocol, transport = self.connect(5)
         protocol.dataReceived(b"GET / HTTP/1.1\r\n")
-        self.clock.advance(5)
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
+        self.assertIn(b" 408 ", transport.value())

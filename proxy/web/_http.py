@@ -51,7 +51,8 @@ class DeadlineChannel(http.HTTPChannel):
     connection (or the end of the previous response) to the last byte of the
     request's body, ``deadline`` seconds at most. The idle timer that
     ``HTTPChannel`` restarts at every byte cannot cut a client that sends a
-    header byte a second; this one does, answering ``408`` and closing.
+    header byte a second; this one does, answering ``408`` and closing (a
+    connection that has sent nothing is just closed).
 
     The timer is armed when the channel waits for a request and disarmed
     when one has fully arrived, so a slow route or a long response is never
@@ -60,10 +61,18 @@ class DeadlineChannel(http.HTTPChannel):
 
     deadline = REQUEST_DEADLINE
     _deadlineCall: Any = None
+    # Whether a byte of the awaited request has come: an idle keep-alive
+    # connection is closed quietly, a request under way gets its 408.
+    _begun = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._armDeadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadlineCall is not None:
+            self._begun = True
+        super().dataReceived(data)
 
     def allContentReceived(self) -> None:
         self._disarmDeadline()
@@ -80,6 +89,7 @@ class DeadlineChannel(http.HTTPChannel):
 
     def _armDeadline(self) -> None:
         self._disarmDeadline()
+        self._begun = False
         self._deadlineCall = self.callLater(self.deadline, self._deadlinePassed)
 
     def _disarmDeadline(self) -> None:
@@ -90,6 +100,9 @@ class DeadlineChannel(http.HTTPChannel):
     def _deadlinePassed(self) -> None:
         self._deadlineCall = None
         assert self.transport is not None
+        if not self._begun:
+            self.timeoutConnection()
+            return
         peer = getattr(self.transport.getPeer(), "host", "unknown")
         log.info(
             "API client {address} cut: no whole request within {deadline} s",
