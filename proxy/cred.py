@@ -109,6 +109,9 @@ class TokenChecker:
     :param clock: ``IReactorTime``, for expiry, last-use times and penalties.
     :param scope: the scope a token needs here.
     :param penalties: ``LoginPenalties``, or None for none.
+    :param refuse: refuse (``PenaltyInForce``) rather than wait once an
+        address is past ``refuseAfter`` failures; for the API, where a 429
+        costs less than a request held open.
     """
 
     credentialInterfaces = (ITokenCredentials,)
