@@ -9,7 +9,6 @@ sessions to close) is decided here.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from twisted.logger import Logger
 from .model import Account, OAuth2App, Token
 from .presets import APP_PRESETS, PRESETS
 from .store import IStore, StoreError, StoreUnavailable
-from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId
+from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId, withinLimits
 from .validation import (
     AdminError,
     InvalidInput,
@@ -45,7 +44,7 @@ __all__ = [
     "buildAccount",
     "buildApp",
     "buildToken",
-    "narrowTo",
+    "inheritLimits",
     "parseExpiry",
     "tokenView",
 ]
@@ -73,38 +72,16 @@ _object = requireObject
 TEN_YEARS = 10 * 365 * 86400
 
 
-def narrowTo(record: Token, caller: Token) -> Token:
+def inheritLimits(record: Token, minter: Token, data: dict[str, Any]) -> Token:
     """
-    Minting tokens is what the ``api`` scope is for, so an API token may issue
-    ``imap-proxy`` and ``smtp`` tokens freely (for its own account, or any
-    account when it is a root token). What it may not do is hand out more
-    management power than it has: ``*`` only from ``*``, and a token that
-    carries ``api`` or ``*`` no later-expiring and no wider in addresses than
-    the caller (inheriting the caller's limits when none are asked for).
-
-    :raises Forbidden: naming what is wider.
+    A token minted by another takes the minter's expiry and networks where
+    the request leaves them out, so that asking for less is never refused
+    (``withinLimits`` then refuses what asks for more).
     """
-    if "*" in record.scopes and "*" not in caller.scopes:
-        raise Forbidden("only a token with scope * can grant scope *")
-    if not ({"api", "*"} & set(record.scopes)):
-        return record
-    if caller.expires is not None:
-        if record.expires is None:
-            record = attrs.evolve(record, expires=caller.expires)
-        elif record.expires > caller.expires:
-            raise Forbidden("this token cannot grant API access that outlives it")
-    if caller.addresses:
-        if not record.addresses:
-            record = attrs.evolve(record, addresses=caller.addresses)
-        else:
-            outer = [ipaddress.ip_network(n) for n in caller.addresses]
-            for n in record.addresses:
-                net = ipaddress.ip_network(n)
-                if not any(
-                    net.version == o.version and net.subnet_of(o)  # type: ignore[arg-type]
-                    for o in outer
-                ):
-                    raise Forbidden(f"this token cannot grant API access from {n}")
+    if minter.expires is not None and data.get("expires") is None and data.get("expiresIn") is None:
+        record = attrs.evolve(record, expires=minter.expires)
+    if minter.addresses and not record.addresses:
+        record = attrs.evolve(record, addresses=minter.addresses)
     return record
 
 
@@ -171,13 +148,17 @@ class Admin:
 
     async def issueToken(self, data: Any, caller: Token | None = None) -> tuple[str, Token]:
         """
-        :param caller: the token asking (over the API); None for the operator
-            at the admin command.
+        :param caller: the token asking (over the API), which bounds what it
+            may mint (``withinLimits``); None for the operator at the admin
+            command, who has the store itself.
         :return: the token (shown once) and its stored record.
         """
         record = buildToken(data, self._now())
         if caller is not None:
-            record = narrowTo(record, caller)
+            record = inheritLimits(record, caller, data)
+            refused = withinLimits(caller, record)
+            if refused is not None:
+                raise Forbidden(refused)
         if record.account is not None and await self.store.getAccount(record.account) is None:
             raise NotFound(f"no account {record.account}")
         token, tid = newToken()

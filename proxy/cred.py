@@ -24,8 +24,9 @@ from .errors import (
     GrantInvalid,
     UpstreamRejectedToken,
 )
-from .model import Account, validAccountId
+from .model import Account, Token, validAccountId
 from .oauth import AccessTokens
+from .penalties import LoginPenalties, PenaltyInForce, PenaltyStatus
 from .store import IAccountStore, ITokenStore
 from .tokens import checkToken, looksLikeToken, tokenId
 from .upstream import AddressCache, TLSOptionsCache, UpstreamProtocol, connectUpstream
@@ -33,20 +34,26 @@ from .upstream import AddressCache, TLSOptionsCache, UpstreamProtocol, connectUp
 log = Logger()
 
 IMAP_SCOPE = "imap-proxy"
+API_SCOPE = "api"
 
 
 class ITokenCredentials(ICredentials):
-    account = Attribute("The account id the client names as its user name (str).")
+    account = Attribute(
+        "The account id the client names as its user name (str), or None where "
+        "the token alone says (the API checks account access per route)."
+    )
     token = Attribute("The token presented as the password (str).")
-    address = Attribute("The client's IP address (str), for IP restrictions.")
+    address = Attribute("The client's IP address (str), for IP restrictions and penalties.")
+    protocol = Attribute("What the client logs in to (imap, smtp, api), for the log.")
 
 
 @implementer(ITokenCredentials)
 @attrs.frozen
 class TokenCredentials:
-    account: str
+    account: str | None
     token: str = attrs.field(repr=False)
     address: str
+    protocol: str = "imap"
 
 
 class IUpstreamSession(Interface):
@@ -84,25 +91,73 @@ def loggableAccount(name: str) -> str:
     return "(not an account id)"
 
 
+def _refusedName(account: str | None) -> str:
+    """The account as a refusal line shows it: an account id, else ``-`` (no spaces)."""
+    if account is None or loggableAccount(account) != account:
+        return "-"
+    return account
+
+
 @implementer(ICredentialsChecker)
 class TokenChecker:
     """
+    The one place a presented token is checked, for every front door (IMAP
+    now, SMTP and the API through ``check``): scope, account, address and
+    expiry (``proxy.tokens.checkToken``), then the login penalty of the
+    client's address.
+
+    A penalised address's attempt is answered only once its penalty has run
+    out, success or failure alike: a valid login from there is slowed, never
+    made impossible, and the penalty does not stop any other address. With
+    ``refuse`` (the API), an address that failed ``refuseAfter`` times is
+    refused unchecked while its penalty lasts (``PenaltyInForce``).
+
     :param tokens: the token store.
-    :param clock: ``IReactorTime``, for expiry and last-use times.
+    :param clock: ``IReactorTime``, for expiry, last-use times and penalties.
     :param scope: the scope a token needs here.
+    :param penalties: ``LoginPenalties``, or None for none.
+    :param refuse: refuse (``PenaltyInForce``) rather than wait once an
+        address is past ``refuseAfter`` failures; for the API, where a 429
+        costs less than a request held open.
     """
 
     credentialInterfaces = (ITokenCredentials,)
 
-    def __init__(self, tokens: ITokenStore, clock: Any, scope: str = IMAP_SCOPE):
+    def __init__(
+        self,
+        tokens: ITokenStore,
+        clock: Any,
+        scope: str = IMAP_SCOPE,
+        penalties: LoginPenalties | None = None,
+        refuse: bool = False,
+    ):
         self._tokens = tokens
         self._clock = clock
         self._scope = scope
+        self._penalties = penalties
+        self._refuse = refuse
+        self._penaltyStoreDown = False
 
     def requestAvatarId(self, credentials: TokenCredentials) -> Deferred[Any]:
-        return ensureDeferred(self._check(credentials))
+        return ensureDeferred(self._avatarId(credentials))
 
-    async def _check(self, c: TokenCredentials) -> tuple[str, str]:
+    async def _avatarId(self, c: TokenCredentials) -> tuple[str, str]:
+        record = await self.check(c)
+        # The avatar id carries the token's id too, so a session can be found
+        # (and closed) by the token it was opened with.
+        return (c.account if c.account is not None else "", record.id)
+
+    async def check(self, c: TokenCredentials) -> Token:
+        """
+        :return: the token's record when it may be used here.
+        :raises AccessDenied: naming the first check that failed.
+        :raises PenaltyInForce: with ``refuse``, past the failures allowed.
+        """
+        status = await self._penaltyStatus(c.address)
+        if self._refuse and self._penalties is not None and self._penalties.refuses(status):
+            raise PenaltyInForce(status.retryAfter)
+        if status.remaining > 0 and self._penalties is not None:
+            await self._penalties.wait(status)
         tid = tokenId(c.token)
         record = await self._tokens.getToken(tid)
         now = self._clock.seconds()
@@ -116,19 +171,50 @@ class TokenChecker:
                 now=now,
             )
         except AccessDenied as e:
+            # One fixed form for every protocol: docs/fail2ban/imapproxy.conf
+            # matches it. The account is an account id or "-", never a space,
+            # so a client cannot forge the part after "from".
             log.info(
-                "login refused for {account} from {address}: {reason}",
-                account=loggableAccount(c.account),
+                "{protocol} login refused for {account} from {address}: {reason}",
+                protocol=c.protocol,
+                account=_refusedName(c.account),
                 address=c.address,
                 reason=e.reason,
             )
+            await self._penalize(c.address)
             raise
+        assert record is not None
         self._tokens.touchToken(tid, now, c.address).addErrback(
             lambda f: log.failure("recording token use failed", f)
         )
-        # The avatar id carries the token's id too, so a session can be found
-        # (and closed) by the token it was opened with.
-        return (c.account, tid)
+        if self._penalties is not None and status.failures:
+            await self._penaltyCall(self._penalties.succeeded(c.address, status))
+        return record
+
+    async def _penaltyStatus(self, address: str) -> PenaltyStatus:
+        if self._penalties is None:
+            return PenaltyStatus()
+        status = await self._penaltyCall(self._penalties.status(address))
+        return status if status is not None else PenaltyStatus()
+
+    async def _penalize(self, address: str) -> None:
+        if self._penalties is not None:
+            await self._penaltyCall(self._penalties.failed(address))
+
+    async def _penaltyCall(self, work: Any) -> Any:
+        """
+        Penalties fail open: a store that cannot count them must not refuse
+        logins that the token check admits. Said once per outage.
+        """
+        try:
+            result = await work
+        except Exception as e:
+            if not self._penaltyStoreDown:
+                self._penaltyStoreDown = True
+                log.warn("login penalties unavailable: {error}", error=type(e).__name__)
+            return None
+        self._penaltyStoreDown = False
+        return result
 
 
 def isCertificateReason(stateReason: str | None) -> bool:

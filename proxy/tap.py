@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from .admin import Admin
 from .config import ConfigError, readConfig, splitList
-from .cred import TokenChecker, UpstreamRealm, upstreamConnector
+from .cred import API_SCOPE, TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
@@ -32,7 +32,9 @@ from .oauth import (
     TokenCache,
 )
 from .pem import splitCertificates
+from .penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from .store import (
+    RedisPenalties,
     RedisStore,
     RefreshLock,
     SessionBus,
@@ -97,11 +99,32 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "max-line-length": (8192, int, "Longest command line accepted before login"),
     "max-literal": (4096, int, "Largest literal accepted before login"),
     "oauth2-threads": (4, int, "Threads for requests to token endpoints"),
+    "login-penalty": (
+        15.0,
+        float,
+        "Most seconds a source address that keeps failing to log in waits for its next "
+        "answer (2 s after the first failure, doubling; 0: no penalties)",
+    ),
+    "login-penalty-forget": (
+        600.0,
+        float,
+        "Seconds without a failed login after which an address's penalty is forgotten",
+    ),
+    "api-refuse-after": (
+        5,
+        int,
+        "Failed logins from an address after which the API answers 429 while its penalty lasts",
+    ),
+    "api-request-timeout": (
+        30.0,
+        float,
+        "Seconds an HTTP API client has to send a whole request, headers and body",
+    ),
 }
 
 
 # Numeric settings for which 0 means "none".
-ZERO_ALLOWED = {"warm-upstream"}
+ZERO_ALLOWED = {"warm-upstream", "login-penalty"}
 
 # Settings that may be given several times (one a line in the config file).
 LIST_SETTINGS = {"port", "api-port"}
@@ -377,7 +400,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         realm.connectFor, reactor, keep=options["warm-upstream"], maxSpares=options["max-warm"]
     )
     realm.warm = warm
-    portal = Portal(realm, [TokenChecker(store, reactor)])
+    penalties = LoginPenalties(
+        RedisPenalties(store) if shared else MemoryPenalties(reactor),
+        reactor,
+        PenaltyPolicy(
+            maximum=options["login-penalty"],
+            forget=options["login-penalty-forget"],
+            refuseAfter=options["api-refuse-after"],
+        ),
+    )
+    portal = Portal(realm, [TokenChecker(store, reactor, penalties=penalties)])
     policy = ServerPolicy(
         loginTimeout=options["login-timeout"],
         maxBadCommands=options["max-bad-commands"],
@@ -421,8 +453,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
     )
-    api = TokenAPI(admin, reactor, onboarding)
-    site = api.site()
+    apiChecker = TokenChecker(store, reactor, API_SCOPE, penalties, refuse=True)
+    api = TokenAPI(admin, reactor, onboarding, apiChecker)
+    site = api.site(options["api-request-timeout"])
     for description in options["api-port"]:
         _Listener(reactor, description, site, "API").setServiceParent(top)
     where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)

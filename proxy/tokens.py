@@ -127,3 +127,56 @@ def checkToken(
     if token.addresses and not addressAllowed(address, token.addresses):
         raise AccessDenied("address")
     return token
+
+
+# What the api scope may hand out besides itself: issuing mail tokens is
+# what it is for. Only * grants *.
+_GRANTED_BY_API = {"api", "imap-proxy", "smtp"}
+
+
+def grantableScopes(minter: Token) -> set[str]:
+    """The scopes a token may put on the tokens it mints."""
+    if "*" in minter.scopes:
+        return set(SCOPES)
+    if "api" in minter.scopes:
+        return _GRANTED_BY_API | set(minter.scopes)
+    return set()
+
+
+def withinLimits(minter: Token, requested: Token) -> str | None:
+    """
+    Whether ``minter`` may issue ``requested``: a token mints only tokens
+    within its own limits, so that no chain of tokens ends wider than its
+    first. Scopes: what ``grantableScopes`` allows (``*`` only from ``*``);
+    account: the minter's own when it has one; expiry: no later than the
+    minter's (an expiring token cannot mint one that never expires);
+    addresses: every requested network inside one of the minter's (a
+    restricted token cannot mint an unrestricted one).
+
+    :return: None when it may, else why not (safe to show).
+    """
+    allowed = grantableScopes(minter)
+    for scope in requested.scopes:
+        if scope not in allowed:
+            if scope == "*":
+                return "only a token with scope * can grant scope *"
+            return f"this token cannot grant scope {scope}"
+    if minter.account is not None and requested.account != minter.account:
+        return "this token can only issue tokens for its own account"
+    if minter.expires is not None:
+        if requested.expires is None:
+            return "this token expires, so it cannot issue a token that never does"
+        if requested.expires > minter.expires:
+            return "this token cannot issue a token that outlives it"
+    if minter.addresses:
+        if not requested.addresses:
+            return "this token is restricted to networks, so it cannot issue an unrestricted one"
+        outer = [ipaddress.ip_network(n) for n in minter.addresses]
+        for n in requested.addresses:
+            net = ipaddress.ip_network(n)
+            if not any(
+                net.version == o.version and net.subnet_of(o)  # type: ignore[arg-type]
+                for o in outer
+            ):
+                return f"this token cannot issue a token usable from {n}"
+    return None

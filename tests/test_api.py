@@ -36,8 +36,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from proxy.admin import Admin, buildAccount
+from proxy.admin import Admin, buildAccount, buildApp
+from proxy.cred import API_SCOPE, TokenChecker
 from proxy.model import Account, OAuth2App, Token
+from proxy.penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from proxy.store import IAccountStore, ITokenStore, StoreError
 from proxy.tokens import newToken, parseNetworks, tokenId
 from proxy.web.api import MAX_BODY, OPENAPI_PATH, TokenAPI
@@ -726,33 +728,47 @@ class TokenTests(APITestCase):
             self.assertOK(self.call("POST", "/v1/token", tokenBody(scopes=scopes), token=token))
         self.assertOK(self.call("POST", "/v1/token", tokenBody(scopes=["*"])))
 
-    def test_apiTokensNoLongerLived(self):
-        """An API token cannot grant API access that outlives it; by default it inherits its end."""
-        token = self.addToken(None, ("api",), expires=NOW + 60)
+    def test_mintNoLongerLived(self):
+        """A token mints none that outlives it or never expires; left out, the expiry is its own."""
+        token = self.addToken(None, ("api",), expires=NOW + 120)
         before = self.store.snapshot()
-        late = tokenBody(scopes=["api"], expiresIn=61)
-        self.assertError(self.call("POST", "/v1/token", late, token=token), 403)
+        for scopes in (["api"], ["imap-proxy"], ["smtp"]):
+            late = tokenBody(scopes=scopes, expiresIn=121)
+            self.assertError(self.call("POST", "/v1/token", late, token=token), 403)
         self.assertEqual(self.store.snapshot(), before)
-        body = self.assertOK(self.call("POST", "/v1/token", tokenBody(scopes=["api"]), token=token))
-        self.assertEqual(self.store.tokens[body["id"]].expires, NOW + 60)
-        mail = tokenBody(scopes=["imap-proxy"], expiresIn=3600)
+        body = self.assertOK(self.call("POST", "/v1/token", tokenBody(), token=token))
+        self.assertEqual(self.store.tokens[body["id"]].expires, NOW + 120)
+        mail = tokenBody(scopes=["imap-proxy"], expiresIn=60)
         body = self.assertOK(self.call("POST", "/v1/token", mail, token=token))
-        self.assertEqual(self.store.tokens[body["id"]].expires, NOW + 3600)
+        self.assertEqual(self.store.tokens[body["id"]].expires, NOW + 60)
 
-    def test_apiTokensNoWiderAddresses(self):
-        """A restricted API token grants API access only within its networks (inherited)."""
+    def test_mintNoWiderAddresses(self):
+        """A restricted token mints only within its networks (inherited when none are asked)."""
         token = self.addToken(None, ("*",), addresses=("127.0.0.0/8",))
         before = self.store.snapshot()
-        wide = tokenBody(scopes=["api"], restrictions={"addresses": ["10.0.0.0/8"]})
-        self.assertError(self.call("POST", "/v1/token", wide, token=token), 403)
+        for scopes in (["api"], ["imap-proxy"]):
+            wide = tokenBody(scopes=scopes, restrictions={"addresses": ["10.0.0.0/8"]})
+            self.assertError(self.call("POST", "/v1/token", wide, token=token), 403)
+            wider = tokenBody(scopes=scopes, restrictions={"addresses": ["0.0.0.0/0"]})
+            self.assertError(self.call("POST", "/v1/token", wider, token=token), 403)
         self.assertEqual(self.store.snapshot(), before)
-        body = self.assertOK(self.call("POST", "/v1/token", tokenBody(scopes=["api"]), token=token))
+        body = self.assertOK(self.call("POST", "/v1/token", tokenBody(), token=token))
         self.assertEqual(self.store.tokens[body["id"]].addresses, ("127.0.0.0/8",))
-        narrow = tokenBody(scopes=["api"], restrictions={"addresses": ["127.0.0.1"]})
+        narrow = tokenBody(restrictions={"addresses": ["127.0.0.1"]})
         body = self.assertOK(self.call("POST", "/v1/token", narrow, token=token))
         self.assertEqual(self.store.tokens[body["id"]].addresses, ("127.0.0.1/32",))
-        mail = tokenBody(restrictions={"addresses": ["10.0.0.0/8"]})
-        self.assertOK(self.call("POST", "/v1/token", mail, token=token))
+
+    def test_mintTheReportedEscape(self):
+        """A 120 s API token for 127.0.0.1 cannot mint an eternal, unrestricted IMAP token."""
+        token = self.addToken(None, ("api",), addresses=("127.0.0.1/32",), expires=NOW + 120)
+        escape = tokenBody(account="alice", restrictions={"addresses": ["0.0.0.0/0", "::/0"]})
+        self.addAccount("alice")
+        self.assertError(self.call("POST", "/v1/token", escape, token=token), 403)
+        body = self.assertOK(
+            self.call("POST", "/v1/token", tokenBody(account="alice"), token=token)
+        )
+        minted = self.store.tokens[body["id"]]
+        self.assertEqual((minted.expires, minted.addresses), (NOW + 120, ("127.0.0.1/32",)))
 
     def test_unknownAccount(self):
         """A token for an unknown account is a 404 and stores nothing."""
@@ -1068,12 +1084,14 @@ class AccountTests(APITestCase):
         self.assertIn(tokenId(bobToken), self.store.tokens)
         self.assertError(self.call("GET", "/v1/account/alice"), 404)
 
-    def test_deleteOwn(self):
-        """An account token may remove its own account, and is revoked with it."""
+    def test_deleteOwnRefused(self):
+        """An account token may not delete its own account (403); nothing is removed."""
         self.addAccount("alice")
         token = self.addToken("alice")
-        self.assertOK(self.call("DELETE", "/v1/account/alice", token=token))
-        self.assertError(self.call("GET", "/v1/accounts", token=token), 401)
+        before = self.store.snapshot()
+        self.assertError(self.call("DELETE", "/v1/account/alice", token=token), 403)
+        self.assertEqual(self.store.snapshot(), before)
+        self.assertEqual(self.sessions.calls, [])
 
     def test_secretsNeverShown(self):
         """No answer of any route shows a client secret or refresh token that was sent."""
@@ -1573,3 +1591,290 @@ class BodyLimitTests(APITestCase):
         request = self.post(json.dumps(tokenBody()).encode(), token=token)
         status, body = self.raw(request, IPv6Address("TCP", "2001:db8::5", 40000))
         self.assertEqual(status, 200, body)
+
+
+# -- login penalties: the same checker as IMAP, 429 past the threshold ------------------
+
+
+class PenaltyTests(APITestCase):
+    """Bearer tokens go through ``TokenChecker`` with penalties; requests wait on the Clock."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.backend = MemoryPenalties(self.clock)
+        penalties = LoginPenalties(self.backend, self.clock, PenaltyPolicy(refuseAfter=5))
+        checker = TokenChecker(self.store, self.clock, API_SCOPE, penalties, refuse=True)
+        self.api = TokenAPI(Admin(self.store, self.sessions, self.clock), self.clock, None, checker)
+        self.stub = StubTreq(self.api.app.resource())
+
+    def request(self, token: str, path: str = "/v1/accounts") -> Any:
+        d = self.stub.request(
+            "GET", "http://api.example" + path, headers={"Authorization": f"Bearer {token}"}
+        )
+        self.stub.flush()
+        return d
+
+    def answer(self, d: Any) -> tuple[Reply, int]:
+        """Advance the clock a second at a time until ``d`` fires: the reply and seconds waited."""
+        waited, fired = 0, []
+        d.addBoth(fired.append)
+        while not fired:
+            self.clock.advance(1)
+            self.stub.flush()
+            waited += 1
+            self.assertLess(waited, 60)
+        [response] = fired
+        content = self.successResultOf(response.content())
+        return Reply(response.code, response.headers, content), waited
+
+    def test_randomTokensThen429(self):
+        """Random tokens: 401s slowed 0, 2, 4, 8, 15 s, then 429 with Retry-After, unlooked-at."""
+        waits = []
+        for _ in range(5):
+            reply, waited = self.answer(self.request(newToken()[0]))
+            self.assertError(reply, 401)
+            waits.append(waited)
+        self.assertEqual(waits, [0, 2, 4, 8, 15])
+        reply, waited = self.answer(self.request(newToken()[0]))
+        self.assertEqual(waited, 0)
+        self.assertError(reply, 429)
+        self.assertEqual(reply.headers.getRawHeaders(b"retry-after"), [b"15"])
+        self.assertDocumented("GET", "/v1/accounts", reply)
+        # A 429 is not a failure: the count stays where it was.
+        self.assertEqual(self.successResultOf(self.backend.get("127.0.0.1"))[0], 5)
+
+    def test_validTokenAfterRetryAfter(self):
+        """A valid token from the penalised address is refused until Retry-After, then works."""
+        for _ in range(5):
+            self.answer(self.request(newToken()[0]))
+        reply, _ = self.answer(self.request(self.root))
+        self.assertError(reply, 429)
+        self.clock.advance(int(reply.headers.getRawHeaders(b"retry-after")[0]))
+        reply, waited = self.answer(self.request(self.root))
+        self.assertEqual((reply.status, waited), (200, 0))
+        self.assertIsNone(self.successResultOf(self.backend.get("127.0.0.1")))
+
+    def test_otherAddressNotSlowed(self):
+        """Another address's penalty does not slow this one's requests."""
+        for _ in range(10):
+            self.backend.fail("127.0.0.2", self.clock.seconds(), 600)
+        reply, waited = self.answer(self.request(self.root))
+        self.assertEqual((reply.status, waited), (200, 0))
+        reply, waited = self.answer(self.request(newToken()[0]))
+        self.assertEqual((reply.status, waited), (401, 0))
+
+    def test_scopeRefusalCounts(self):
+        """A real token without the api scope is a failure too (403), and counts."""
+        mail = self.addToken("alice", ("imap-proxy",))
+        reply, _ = self.answer(self.request(mail))
+        self.assertError(reply, 403)
+        self.assertEqual(self.successResultOf(self.backend.get("127.0.0.1"))[0], 1)
+
+    def test_nonAsciiTokenCounts(self):
+        """A Bearer value that is not ASCII is an unknown token (401), counted, never a 500."""
+        d = self.stub.request(
+            "GET", "http://api.example/v1/accounts", headers={b"Authorization": b"Bearer \xff" * 2}
+        )
+        self.stub.flush()
+        reply, _ = self.answer(d)
+        self.assertError(reply, 401)
+        self.assertEqual(self.successResultOf(self.backend.get("127.0.0.1"))[0], 1)
+
+
+# -- the access table of docs/api.md, walked ---------------------------------------------
+
+DOCS_API = os.path.join(os.path.dirname(HERE), "docs", "api.md")
+KINDS = ("root *", "root api", "own", "other", "mail")
+
+
+def accessTable() -> dict[str, dict[str, str]]:
+    """docs/api.md's access table: operation -> kind of token -> cell."""
+    with open(DOCS_API, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("<!-- access-table")
+    end = text.index("<!-- end of access-table -->")
+    rows = [ln for ln in text[start:end].splitlines() if ln.startswith("| ")][1:]
+    table = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        table[cells[0]] = dict(zip(KINDS, cells[1:], strict=True))
+    return table
+
+
+@attrs.frozen
+class FakeOnboarding:
+    def start(self, data: Any) -> Any:
+        return succeed({"url": "https://consent.example/x", "expires": "2026-01-01T00:00:00Z"})
+
+
+class AccessTableTests(APITestCase):
+    """Each cell of the docs' access table against the real routes, on a fresh store."""
+
+    def fresh(self, kind: str) -> tuple[str, str]:
+        """A fresh API and store; :return: a token of ``kind`` and the account it acts on."""
+        self.setUp()
+        self.api.onboarding = FakeOnboarding()  # type: ignore[assignment]
+        self.store.apps["corp"] = buildApp(appBody("corp"))
+        self.store.apps["spare"] = buildApp(appBody("spare"))
+        alice = self.addAccount("alice")
+        self.store.accounts["alice"] = attrs.evolve(
+            alice, oauth2=attrs.evolve(alice.oauth2, app="corp")
+        )
+        self.addAccount("bob")
+        tokens = {
+            "root *": (None, ("*",)),
+            "root api": (None, ("api",)),
+            "own": ("alice", ("api",)),
+            "other": ("alice", ("api",)),
+            "mail": ("alice", ("imap-proxy", "smtp")),
+        }
+        account, scopes = tokens[kind]
+        return self.addToken(account, scopes), "bob" if kind == "other" else "alice"
+
+    def perform(self, operation: str, token: str, acct: str) -> Reply:
+        issue = {"description": "walk", "account": acct}
+        victim = self.addToken(acct, ("imap-proxy",))
+        requests: dict[str, tuple[str, str, Any]] = {
+            "`POST /v1/token` an `imap-proxy` or `smtp` token": (
+                "POST", "/v1/token", {**issue, "scopes": ["imap-proxy", "smtp"]}),
+            "`POST /v1/token` an `api` token": ("POST", "/v1/token", {**issue, "scopes": ["api"]}),
+            "`POST /v1/token` a `*` token": ("POST", "/v1/token", {**issue, "scopes": ["*"]}),
+            "`POST /v1/token` a root token (no account)": (
+                "POST", "/v1/token", {"description": "walk", "scopes": ["imap-proxy"]}),
+            "`GET /v1/tokens?account=`": ("GET", f"/v1/tokens?account={acct}", NOBODY),
+            "`GET /v1/tokens/account/{account}`": ("GET", f"/v1/tokens/account/{acct}", NOBODY),
+            "`DELETE /v1/token/{token-or-id}`": ("DELETE", f"/v1/token/{tokenId(victim)}", NOBODY),
+            "`POST /v1/account`": ("POST", "/v1/account", accountBody("carol")),
+            "`GET /v1/accounts`": ("GET", "/v1/accounts", NOBODY),
+            "`GET /v1/account/{id}`": ("GET", f"/v1/account/{acct}", NOBODY),
+            "`PUT /v1/account/{id}` a new `oauth2.refreshToken`": (
+                "PUT", f"/v1/account/{acct}", {"oauth2": {"refreshToken": REFRESH_TOKEN}}),
+            "`PUT /v1/account/{id}` any other field": (
+                "PUT", f"/v1/account/{acct}", {"email": "new@example.com"}),
+            "`DELETE /v1/account/{id}`": ("DELETE", f"/v1/account/{acct}", NOBODY),
+            "`POST /v1/oauth2`": ("POST", "/v1/oauth2", appBody("third")),
+            "`GET /v1/oauth2`": ("GET", "/v1/oauth2", NOBODY),
+            "`GET /v1/oauth2/{app}`": ("GET", "/v1/oauth2/corp", NOBODY),
+            "`DELETE /v1/oauth2/{app}`": ("DELETE", "/v1/oauth2/spare", NOBODY),
+            "`POST /v1/oauth2/authorize`": (
+                "POST", "/v1/oauth2/authorize", {"app": "corp", "account": acct}),
+        }  # fmt: skip
+        self.assertIn(operation, requests, "a row of docs/api.md the walk does not know")
+        method, path, body = requests[operation]
+        return self.call(method, path, body, token=token)
+
+    def test_tableCoversEveryRoute(self):
+        """Every /v1 route of the API description has a row (aliases aside)."""
+        aliases = {"POST /v1/tokens", "DELETE /v1/tokens/{token}", "POST /v1/accounts"}
+        names = {"{appId}": "{app}", "{token}": "{token-or-id}", "/v1/account/{account}": ""}
+        routes = set()
+        for path, ops in SPEC["paths"].items():
+            for method in set(ops) & {"get", "post", "put", "delete"}:
+                route = f"{method.upper()} {path}"
+                if path.startswith("/v1/") and route not in aliases:
+                    route = route.replace("/v1/account/{account}", "/v1/account/{id}")
+                    for old, new in names.items():
+                        if old.startswith("{"):
+                            route = route.replace(old, new)
+                    routes.add(route)
+        documented = {op.split("`")[1].split("?")[0] for op in accessTable()}
+        self.assertEqual(routes, documented)
+
+    def test_walkTheTable(self):
+        """Each kind of token gets exactly what the table says, route by route."""
+        table = accessTable()
+        self.assertEqual(len(table), 18)
+        seen = []
+        for operation, cells in table.items():
+            for kind, cell in cells.items():
+                if cell == "—":
+                    continue
+                token, acct = self.fresh(kind)
+                reply = self.perform(operation, token, acct)
+                want = 200 if cell.startswith("yes") else int(cell.split()[0])
+                self.assertEqual(reply.status, want, f"{operation} / {kind}: {reply.text}")
+                seen.append((operation, kind))
+        self.assertGreater(len(seen), 80)
+
+    def test_ownAccountOnlyInListing(self):
+        """'its own only': an account token's listing holds its account alone."""
+        token, _ = self.fresh("own")
+        body = self.assertOK(self.call("GET", "/v1/accounts", token=token))
+        self.assertEqual([a["account"] for a in body["accounts"]], ["alice"])
+
+
+# -- the absolute request deadline ------------------------------------------------------
+
+
+class DeadlineTests(APITestCase):
+    """The API's channels cut a request that has not arrived whole within the deadline."""
+
+    def connect(self, deadline: float = 30.0) -> tuple[Any, StringTransport]:
+        site = self.api.site(deadline)
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        protocol = site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        self.addCleanup(lambda: protocol.connectionLost(Failure(ConnectionDone())))
+        return protocol, transport
+
+    def request(self) -> bytes:
+        return (
+            b"GET /v1/accounts HTTP/1.1\r\nHost: api.example\r\n"
+            b"Authorization: Bearer " + self.root.encode() + b"\r\n\r\n"
+        )
+
+    def test_tricklingHeadersCut(self):
+        """A header byte a second is cut at 30 s with a JSON 408, whatever the idle timer."""
+        protocol, transport = self.connect()
+        data = self.request()
+        for i in range(29):
+            protocol.dataReceived(data[i : i + 1])
+            self.clock.advance(1)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(data[29:30])
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
+        self.assertEqual(json.loads(body), {"error": "request timeout", "statusCode": 408})
+
+    def test_tricklingBodyCut(self):
+        """Headers in time, then a body trickled: cut at the deadline too."""
+        protocol, transport = self.connect()
+        body = json.dumps(tokenBody()).encode()
+        protocol.dataReceived(
+            b"POST /v1/token HTTP/1.1\r\nHost: api.example\r\nAuthorization: Bearer "
+            + self.root.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(30):
+            self.clock.advance(1)
+            protocol.dataReceived(body[i : i + 1])
+        self.assertTrue(transport.disconnecting)
+        self.assertIn(b" 408 ", transport.value())
+        self.assertEqual(self.store.snapshot()[1].keys(), {tokenId(self.root)})
+
+    def test_promptRequestsNotCut(self):
+        """Whole requests in time are answered; the deadline starts again for the next one."""
+        protocol, transport = self.connect()
+        for _ in range(3):
+            self.clock.advance(29)
+            protocol.dataReceived(self.request())
+            self.assertFalse(transport.disconnecting)
+            self.assertIn(b"HTTP/1.1 200 ", transport.value())
+            transport.clear()
+        # Idle after an answer: closed at the deadline, quietly (no 408).
+        self.clock.advance(30)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_configuredDeadline(self):
+        """site(deadline) sets it."""
+        protocol, transport = self.connect(5)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn(b" 408 ", transport.value())

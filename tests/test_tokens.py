@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from proxy.admin import Admin, Forbidden
 from proxy.errors import AccessDenied
 from proxy.model import Token
 from proxy.tokens import (
@@ -19,7 +22,9 @@ from proxy.tokens import (
     parseNetworks,
     parseScopes,
     tokenId,
+    withinLimits,
 )
+from tests.test_api import MemoryStore
 
 NOW = 1_700_000_000.0
 
@@ -246,3 +251,82 @@ class CheckTokenTests(SynchronousTestCase):
             b"NO [AUTHENTICATIONFAILED] Access denied, failed to authenticate user",
         )
         self.assertNotIn(self.token.encode(), e.imapResponse())
+
+
+# -- minting bounded by the minter ---------------------------------------------------------
+
+
+def minted(**kw) -> Token:
+    fields = dict(id="", account="alice", scopes=("imap-proxy",), description="new", created=NOW)
+    fields.update(kw)
+    return Token(**fields)
+
+
+def minter(**kw) -> Token:
+    fields = dict(id="m" * 64, account=None, scopes=("api",), description="minter", created=NOW)
+    fields.update(kw)
+    return Token(**fields)
+
+
+class WithinLimitsTests(SynchronousTestCase):
+    def test_scopes(self):
+        """api grants api and the mail scopes; * only from *; a mail token grants nothing."""
+        self.assertIsNone(withinLimits(minter(), minted(scopes=("imap-proxy", "smtp", "api"))))
+        self.assertIn("scope *", withinLimits(minter(), minted(scopes=("*",))))
+        self.assertIsNone(withinLimits(minter(scopes=("*",)), minted(scopes=("*",))))
+        self.assertIn("imap-proxy", withinLimits(minter(scopes=("smtp",)), minted()))
+
+    def test_account(self):
+        """An account token mints for its own account only, never a root token."""
+        own = minter(account="alice")
+        self.assertIsNone(withinLimits(own, minted(account="alice")))
+        self.assertIn("own account", withinLimits(own, minted(account="bob")))
+        self.assertIn("own account", withinLimits(own, minted(account=None)))
+        self.assertIsNone(withinLimits(minter(), minted(account=None)))
+
+    def test_expiry(self):
+        """An expiring minter: nothing later, nothing that never expires."""
+        m = minter(expires=NOW + 120)
+        self.assertIsNone(withinLimits(m, minted(expires=NOW + 120)))
+        self.assertIn("outlives", withinLimits(m, minted(expires=NOW + 121)))
+        self.assertIn("never", withinLimits(m, minted(expires=None)))
+        self.assertIsNone(withinLimits(minter(), minted(expires=None)))
+
+    def test_addresses(self):
+        """A restricted minter: each network inside one of its own; never unrestricted."""
+        m = minter(addresses=("127.0.0.0/8", "2001:db8::/32"))
+        self.assertIsNone(withinLimits(m, minted(addresses=("127.0.0.1/32", "2001:db8:1::/48"))))
+        self.assertIn("unrestricted", withinLimits(m, minted(addresses=())))
+        self.assertIn("0.0.0.0/0", withinLimits(m, minted(addresses=("0.0.0.0/0",))))
+        self.assertIn("::/0", withinLimits(m, minted(addresses=("127.0.0.1/32", "::/0"))))
+        # An IPv4 network never lies inside an IPv6 one, nor the reverse.
+        v6 = minter(addresses=("::/0",))
+        self.assertIn("10.0.0.0/8", withinLimits(v6, minted(addresses=("10.0.0.0/8",))))
+
+
+class AdminMintingTests(SynchronousTestCase):
+    """``Admin.issueToken``, the path of both the API and the admin command."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.store = MemoryStore(self.clock)
+        self.admin = Admin(self.store, clock=self.clock)
+
+    def issue(self, data, caller=None):
+        return ensureDeferred(self.admin.issueToken(data, caller))
+
+    def test_callerBounds(self):
+        """A minting token's limits are enforced (Forbidden) and inherited where left out."""
+        m = minter(expires=NOW + 120, addresses=("127.0.0.1/32",))
+        wide = {"scopes": ["imap-proxy"], "description": "x", "expiresIn": 3600}
+        self.failureResultOf(self.issue(wide, m), Forbidden)
+        self.assertEqual(self.store.tokens, {})
+        _, record = self.successResultOf(self.issue({"scopes": ["smtp"], "description": "x"}, m))
+        self.assertEqual((record.expires, record.addresses), (NOW + 120, ("127.0.0.1/32",)))
+
+    def test_operatorUnbounded(self):
+        """The admin command (no caller) issues any token: it holds the store itself."""
+        data = {"scopes": ["*"], "description": "ops", "restrictions": {"addresses": []}}
+        _, record = self.successResultOf(self.issue(data))
+        self.assertEqual((record.scopes, record.expires, record.addresses), (("*",), None, ()))

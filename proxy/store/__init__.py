@@ -23,6 +23,7 @@ from ._interfaces import (
     ITokenStore,
 )
 from ._rediscoord import RefreshLock, SessionBus
+from ._redispenalty import RedisPenalties
 from .memory import MemoryData, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
@@ -40,6 +41,7 @@ __all__ = [
     "ITokenStore",
     "MemoryData",
     "MemoryStore",
+    "RedisPenalties",
     "RedisStore",
     "RefreshLock",
     "SessionBus",

@@ -9,25 +9,30 @@ from __future__ import annotations
 import html
 import json
 import os
-import re
 from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import resource
 from werkzeug.exceptions import HTTPException
 
 from ..admin import Admin, AdminError, NotFound, accountView, appView, tokenView
+from ..cred import API_SCOPE, TokenChecker, TokenCredentials
 from ..errors import AccessDenied
 from ..model import Token
 from ..oauth.onboarding import Onboarding
+from ..penalties import PenaltyInForce
 from ..store import StoreDataLost, StoreUnavailable
-from ..tokens import checkToken, tokenId
+from ._http import (
+    MAX_BODY,
+    REQUEST_DEADLINE,
+    DeadlineSite,
+    LimitedRequest,
+    redactingLogFormatter,
+)
 
 log = Logger()
 
-API_SCOPE = "api"
-MAX_BODY = 64 * 1024
 
 OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "openapi.json")
 
@@ -55,54 +60,6 @@ class _JSONRoot(resource.Resource):
         except UnicodeDecodeError:
             return _error(request, 400, "the URL is not valid UTF-8")
         return self._klein.render(request)
-
-
-class LimitedRequest(server.Request):
-    """
-    A request whose body is bounded: past ``MAX_BODY`` bytes the rest is
-    dropped unread into memory and the route answers 413.
-    """
-
-    tooLarge = False
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY:
-            self.tooLarge = True
-            length = 0
-        # A chunked body (no length) is bounded too: in memory, not on disk.
-        super().gotLength(MAX_BODY if length is None else length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        assert self.content is not None
-        if self.tooLarge or self.content.tell() + len(data) > MAX_BODY:
-            self.tooLarge = True
-            return
-        super().handleContentChunk(data)
-
-
-_TOKEN_IN_PATH = re.compile(rb"[0-9A-Fa-f]{64}")
-# The OAuth2 callback's one-time code and state are credentials too.
-_SECRET_QUERY = re.compile(rb"(?<=[?&])(code|state)=[^&]*")
-
-
-class _Redacted:
-    """A request as the access log sees it: token-shaped path parts hidden."""
-
-    def __init__(self, request: Any):
-        self._request = request
-        uri = _TOKEN_IN_PATH.sub(b"[token-or-id]", request.uri)
-        self.uri = _SECRET_QUERY.sub(rb"\1=[redacted]", uri)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._request, name)
-
-
-def redactingLogFormatter(timestamp: str, request: Any) -> str:
-    """
-    The combined log format, minus secrets: ``DELETE /v1/token/<token>`` (the
-    reference API's form) must not write the token into the access log.
-    """
-    return http.combinedLogFormatter(timestamp, _Redacted(request))
 
 
 def _send(request: Any, status: int, body: Any) -> bytes:
@@ -140,20 +97,38 @@ class TokenAPI:
     """
     :param admin: the shared operations (with this process's live sessions).
     :param clock: ``IReactorTime``.
+    :param checker: the ``TokenChecker`` for bearer tokens (scope ``api``,
+        refusing with 429 while an address is penalised); by default one
+        over the admin's store without penalties.
     """
 
     app = Klein()
 
-    def __init__(self, admin: Admin, clock: Any, onboarding: Onboarding | None = None):
+    def __init__(
+        self,
+        admin: Admin,
+        clock: Any,
+        onboarding: Onboarding | None = None,
+        checker: TokenChecker | None = None,
+    ):
         self.admin = admin
         self.store = admin.store
         self.onboarding = onboarding
         self._clock = clock
+        self.checker = checker or TokenChecker(self.store, clock, scope=API_SCOPE, refuse=True)
         with open(OPENAPI_PATH, "rb") as f:
             self._openapi = f.read()
 
-    def site(self) -> server.Site:
-        site = server.Site(_JSONRoot(self.app.resource()), logFormatter=redactingLogFormatter)
+    def site(self, deadline: float = REQUEST_DEADLINE) -> DeadlineSite:
+        """
+        :param deadline: seconds a client has to send a whole request.
+        """
+        site = DeadlineSite(
+            _JSONRoot(self.app.resource()),
+            logFormatter=redactingLogFormatter,
+            reactor=self._clock,
+        )
+        site.deadline = deadline
         site.requestFactory = LimitedRequest
         site.displayTracebacks = False
         site.noisy = False
@@ -162,32 +137,27 @@ class TokenAPI:
     # -- plumbing -----------------------------------------------------------
 
     async def _caller(self, request: Any) -> Token:
-        """The API token presenting this request, checked like an IMAP login."""
+        """
+        The API token presenting this request, checked by the same
+        ``TokenChecker`` as IMAP logins (scope ``api``), penalties included.
+        """
         header = request.getHeader(b"authorization") or b""
         scheme, _, value = header.partition(b" ")
         if scheme.lower() != b"bearer" or not value.strip():
             raise ApiError(401, "missing Bearer token")
-        try:
-            presented = value.strip().decode("ascii")
-        except UnicodeDecodeError:
-            raise ApiError(401, "invalid token") from None
+        # Not ASCII is simply not a token: let the checker refuse (and count) it.
+        presented = value.strip().decode("ascii", "surrogateescape")
         address = getattr(request.getClientAddress(), "host", "")
-        record = await self.store.getToken(tokenId(presented))
-        now = self._clock.seconds()
+        creds = TokenCredentials(account=None, token=presented, address=address, protocol="api")
         try:
-            checkToken(record, presented, account=None, scope=API_SCOPE, address=address, now=now)
+            return await self.checker.check(creds)
+        except PenaltyInForce as e:
+            request.setHeader(b"Retry-After", str(e.retryAfter).encode("ascii"))
+            raise ApiError(429, "too many failed logins from this address, retry later") from None
         except AccessDenied as e:
-            log.info(
-                "API request refused from {address}: {reason}", address=address, reason=e.reason
-            )
             if e.reason in ("unknown-token", "expired"):
                 raise ApiError(401, e.message) from None
             raise ApiError(403, e.message) from None
-        assert record is not None
-        self.store.touchToken(record.id, now, address).addErrback(
-            lambda f: log.failure("recording token use failed", f)
-        )
-        return record  # type: ignore[no-any-return]
 
     @staticmethod
     def _mayUse(caller: Token, account: str | None) -> None:
@@ -342,7 +312,9 @@ class TokenAPI:
     @app.route("/v1/account/<string:account>", methods=["DELETE"])
     async def deleteAccount(self, request: Any, account: str) -> bytes:
         caller = await self._caller(request)
-        self._mayUse(caller, account)
+        if caller.account is not None:
+            # What an account holds is the operator's to end, not its own token's.
+            raise ApiError(403, "an account token may not delete its account")
         closed = await self.admin.removeAccount(account)
         log.info(
             "account {account} deleted by token {caller}, {n} sessions closed",
