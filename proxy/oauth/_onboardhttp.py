@@ -203,6 +203,7 @@ def _unreachable(error: Exception, url: str, timeout: float) -> ProviderError:
     server = serverOf(url)
     rejected = certificateRejected(error, url)
     if rejected is not None:
+        # The detail is "token endpoint HOST:PORT: WORDS"; this may be another endpoint.
         words = rejected.detail.removeprefix(f"token endpoint {server}: ")
         return ProviderCertificateRejected(
             f"the provider's certificate at {server} was refused ({rejected.reason}: {words})",
