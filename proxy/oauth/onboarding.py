@@ -2,8 +2,9 @@
 Onboarding a mailbox without copying refresh tokens by hand: the OAuth2
 authorization code flow (with PKCE) through the API and a browser, and the
 device authorization grant (RFC 8628) for the admin command on machines
-without a browser. HTTP to the provider goes through requests-oauthlib in a
-thread (``run``), never on the reactor thread.
+without a browser. The provider calls (``_onboardhttp``) block, so they run
+in a thread (``run``), never on the reactor thread; each of their failures is
+an ``OnboardingError`` with a one-line message that is safe to show.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import attrs
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..admin import (
@@ -30,24 +32,35 @@ from ..admin import (
     buildAccount,
 )
 from ..model import Account, OAuth2App, PendingAuthorization, validAccountId
+from ._onboardhttp import (
+    DevicePending,
+    DeviceSlowDown,
+    OnboardingError,
+    ProviderCertificateRejected,
+    ProviderError,
+    devicePollBlocking,
+    deviceStartBlocking,
+    exchangeCodeBlocking,
+)
+from .refresher import _printable
 
-log = Logger()
+__all__ = [
+    "DevicePending",
+    "DeviceSlowDown",
+    "Onboarding",
+    "OnboardingError",
+    "ProviderCertificateRejected",
+    "ProviderError",
+    "devicePollBlocking",
+    "deviceStartBlocking",
+    "emailFromIdToken",
+    "exchangeCodeBlocking",
+    "pkcePair",
+]
+
+log = Logger(namespace="proxy.oauth")
 
 STATE_LIFETIME = 600.0
-
-
-class OnboardingError(AdminError):
-    """A consent that cannot be completed; the message is safe to show."""
-
-    status = 400
-
-
-class DevicePending(Exception):
-    """The device grant is not decided yet (``authorization_pending``)."""
-
-
-class DeviceSlowDown(DevicePending):
-    """The provider asks to poll less often (``slow_down``)."""
 
 
 def pkcePair() -> tuple[str, str]:
@@ -77,81 +90,6 @@ def emailFromIdToken(idToken: Any) -> str | None:
         if isinstance(value, str) and "@" in value:
             return value
     return None
-
-
-# -- blocking HTTP (worker threads only) ------------------------------------
-
-
-def exchangeCodeBlocking(app: OAuth2App, code: str, verifier: str, timeout: float) -> dict:
-    """The authorization code grant's token request, with the PKCE verifier."""
-    from requests_oauthlib import OAuth2Session
-
-    session = OAuth2Session(client_id=app.clientId, redirect_uri=app.redirectURL)
-    try:
-        return dict(
-            session.fetch_token(
-                app.tokenURL,
-                code=code,
-                client_secret=app.clientSecret,
-                include_client_id=True,
-                code_verifier=verifier,
-                timeout=timeout,
-            )
-        )
-    finally:
-        session.close()
-
-
-def deviceStartBlocking(app: OAuth2App, timeout: float) -> dict:
-    """Ask for a device code (RFC 8628, 3.1)."""
-    import requests
-
-    r = requests.post(
-        app.deviceURL or "",
-        data={"client_id": app.clientId, "scope": " ".join(app.scopes)},
-        timeout=timeout,
-    )
-    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-    if r.status_code != 200 or "device_code" not in body:
-        raise OnboardingError(f"the provider refused the device authorization ({r.status_code})")
-    return dict(body)
-
-
-def devicePollBlocking(app: OAuth2App, deviceCode: str, timeout: float) -> dict:
-    """
-    One poll of the token endpoint (RFC 8628, 3.4).
-
-    :raises DevicePending: not decided yet (``DeviceSlowDown`` to back off).
-    :raises OnboardingError: refused or expired.
-    """
-    import requests
-
-    r = requests.post(
-        app.tokenURL,
-        data={
-            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-            "device_code": deviceCode,
-            "client_id": app.clientId,
-            "client_secret": app.clientSecret,
-        },
-        timeout=timeout,
-    )
-    try:
-        body = r.json()
-    except ValueError:
-        body = {}
-    if r.status_code == 200 and "access_token" in body:
-        return dict(body)
-    error = body.get("error") if isinstance(body, dict) else None
-    if error == "authorization_pending":
-        raise DevicePending()
-    if error == "slow_down":
-        raise DeviceSlowDown()
-    if error == "access_denied":
-        raise OnboardingError("the mailbox owner declined the authorization")
-    if error == "expired_token":
-        raise OnboardingError("the code expired before it was used; start again")
-    raise OnboardingError(f"the provider refused the device grant ({error or r.status_code})")
 
 
 # -- the flows ----------------------------------------------------------------
@@ -270,7 +208,7 @@ class Onboarding:
             log.info(
                 "authorization of {account} declined at the provider: {error}",
                 account=pending.account,
-                error=args["error"][:64],
+                error=_printable(args["error"], 64),
             )
             raise OnboardingError("the authorization was declined at the provider")
         code = args.get("code")
@@ -281,15 +219,58 @@ class Onboarding:
             token = await self._run(
                 exchangeCodeBlocking, app, code, pending.verifier, self._timeout
             )
+        except OnboardingError as e:
+            log.warn(
+                "code exchange for {account} failed: {error}",
+                account=pending.account,
+                error=e.message,
+            )
+            raise
         except Exception as e:
+            # Not expected from exchangeCodeBlocking; its text may hold anything.
             log.warn(
                 "code exchange for {account} failed: {error}",
                 account=pending.account,
                 error=type(e).__name__,
             )
-            raise OnboardingError("the provider refused the authorization code") from None
+            raise OnboardingError("the code exchange with the provider failed") from None
         imap = json.loads(pending.imap) if pending.imap else None
         return await self.complete(pending.account, app, token, pending.email, imap)
+
+    async def authorizeDevice(
+        self,
+        app: OAuth2App,
+        accountId: str,
+        email: str | None,
+        imap: dict | None,
+        show: Callable[[str, str], object],
+    ) -> Account:
+        """
+        The device grant (RFC 8628) from start to saved account: ask for a
+        code, ``show(verificationURI, userCode)`` to the operator, then poll
+        at the provider's interval (5 s longer after each ``slow_down``, 3.5)
+        until the owner decides or the code expires.
+
+        :raises OnboardingError: declined, expired, or the provider failed.
+        """
+        grant = await self._run(deviceStartBlocking, app, self._timeout)
+        show(grant["verification_uri"], grant["user_code"])
+        interval = grant["interval"]
+        deadline = self._clock.seconds() + grant["expires_in"]
+        while True:
+            await deferLater(self._clock, interval)
+            if self._clock.seconds() > deadline:
+                raise OnboardingError("the code expired before it was used; start again")
+            try:
+                token = await self._run(
+                    devicePollBlocking, app, grant["device_code"], self._timeout
+                )
+            except DeviceSlowDown:
+                interval = min(interval + 5.0, 60.0)
+            except DevicePending:
+                pass
+            else:
+                return await self.complete(accountId, app, token, email, imap)
 
     async def complete(
         self, accountId: str, app: OAuth2App, token: dict, email: str | None, imap: dict | None
