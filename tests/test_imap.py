@@ -841,7 +841,7 @@ class LimitsTests(ProxyServerTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.assertTrue(self.transport.disconnecting)
         self.send(b"x" * 100000)  # a closing connection reads nothing into memory
-        self.assertEqual(len(self.server._buffer), 0)
+        self.assertEqual(self.server.clearLineBuffer(), b"")
         self.clock.advance(ProxyServer.BYE_GRACE)
         self.assertTrue(self.transport.disconnected)
         self.server.connectionLost(Failure(ConnectionDone()))
@@ -886,4 +886,3 @@ class HelpersTests(SynchronousTestCase):
         self.assertIs(p.ctx, ctx)
         self.assertIs(p._sessions, factory.sessions)
         self.assertIs(p.factory, factory)
-        self.assertEqual(p._literalStringLimit, 7)
