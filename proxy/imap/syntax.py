@@ -133,6 +133,8 @@ def tokenize(piece: bytes) -> tuple[list[Token], Literal | None]:
             i += 1
             needSpace = False
             continue
+        if c == 0x20:  # a second SP
+            raise SYNTAX
         if c == 0x28:  # "("
             tokens.append(Token(OPEN))
             i += 1
