@@ -73,9 +73,7 @@ IMAP = Refusals(
     busy=b"* BYE Too many connections, try again later\r\n",
     dropped=b"* BYE Too many connections, try again later\r\n",
 )
-_HTTP_BODY = (
-    b'{"error": "too-many-connections", "message": "Too many connections, try again later"}'
-)
+_HTTP_BODY = b'{"error": "Too many connections, try again later", "statusCode": 503}'
 _HTTP_BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(_HTTP_BODY)

@@ -22,6 +22,7 @@ from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
+from .limits import HTTP, IMAP, ConnectionLimiter, LimitedFactory, Limits, openBudget
 from .oauth import AccessTokens, Onboarding, RefreshLeases, ThreadedRefresher
 from .pem import splitCertificates
 from .store import (
@@ -89,6 +90,21 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "max-line-length": (8192, int, "Longest command line accepted before login"),
     "max-literal": (4096, int, "Largest literal accepted before login"),
     "oauth2-threads": (4, int, "Threads for requests to token endpoints"),
+    "max-preauth": (
+        1000,
+        int,
+        "IMAP connections not yet logged in, all clients together; when full, "
+        "the oldest is dropped to admit a new one",
+    ),
+    "max-preauth-per-address": (
+        50,
+        int,
+        "IMAP connections not yet logged in from one client address (IPv6: one /64), "
+        "and API connections from one address; more are refused",
+    ),
+    "max-handshakes": (200, int, "TLS handshakes under way at once; when full the oldest goes"),
+    "handshake-timeout": (10.0, float, "Seconds a TLS handshake (implicit or STARTTLS) may take"),
+    "max-api-connections": (100, int, "API connections at once; when full the oldest goes"),
 }
 
 
@@ -339,6 +355,21 @@ def raiseFileLimit() -> int:
     return soft
 
 
+# Open files kept for listeners, log files, the store and the like.
+FILE_RESERVE = 64
+
+
+def _limits(options: Options, maxConnections: int, maxOpen: int | None) -> Limits:
+    """The connection limits of one front door, from the settings."""
+    return Limits(
+        maxPreauth=maxConnections,
+        maxPreauthPerAddress=options["max-preauth-per-address"],
+        maxHandshakes=options["max-handshakes"],
+        handshakeTimeout=options["handshake-timeout"],
+        maxOpen=maxOpen,
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
@@ -407,21 +438,30 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             lambda f: log.failure("watching the key file failed", f)
         )
     ).setServiceParent(top)
+    files = raiseFileLimit()
+    # Files kept for what is not a client connection: listeners, logs, the
+    # store, spare upstream connections and the API's connections.
+    reserve = FILE_RESERVE + options["max-warm"] + options["max-api-connections"]
+    imapLimits = _limits(options, options["max-preauth"], openBudget(files, reserve))
+    front = LimitedFactory(factory, ConnectionLimiter(imapLimits, reactor, "IMAP"), IMAP)
     for description in options["port"]:
-        _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
+        _Listener(reactor, description, front, "IMAP").setServiceParent(top)
     admin = Admin(store, sessions, reactor, bus)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
     )
     api = TokenAPI(admin, reactor, onboarding)
     site = api.site()
+    apiLimits = _limits(options, options["max-api-connections"], None)
+    apiFront = LimitedFactory(site, ConnectionLimiter(apiLimits, reactor, "API"), HTTP)
     for description in options["api-port"]:
-        _Listener(reactor, description, site, "API").setServiceParent(top)
+        _Listener(reactor, description, apiFront, "API").setServiceParent(top)
     where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)
     log.info("imapproxy starting, store {store}", store=where)
-    files = raiseFileLimit()
     if files > 0:
         log.info(
-            "open files limit {n}: room for about {s} sessions", n=files, s=max(files - 64, 0) // 2
+            "open files limit {n}: room for about {s} IMAP connections",
+            n=files,
+            s=imapLimits.maxOpen,
         )
     return top

@@ -385,6 +385,7 @@ class ProxyServer(CommandReader, IMAP4Server):
 class ProxyFactory(Factory):
     """
     :param contextFactory: TLS server options for STARTTLS, or None.
+    :param clock: ``IReactorTime`` for the servers' deadlines (the reactor by default).
     """
 
     protocol = ProxyServer  # type: ignore[assignment]
@@ -396,13 +397,17 @@ class ProxyFactory(Factory):
         policy: ServerPolicy,
         contextFactory: Any = None,
         sessions: SessionRegistry | None = None,
+        clock: Any = None,
     ):
         self.portal = portal
         self.policy = policy
         self.contextFactory = contextFactory
         self.sessions = sessions if sessions is not None else SessionRegistry()
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> ProxyServer:
         p = ProxyServer(self.portal, self.policy, self.contextFactory, self.sessions)
         p.factory = self
+        if self.clock is not None:
+            p.callLater = self.clock.callLater  # type: ignore[method-assign]
         return p
