@@ -23,8 +23,12 @@ the client's from the PROXY header, since this wrapper starts only after it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import ipaddress
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -84,6 +88,8 @@ HTTP = Refusals(address=_HTTP_BUSY, busy=_HTTP_BUSY, dropped=None)
 CLOSE_GRACE = 2.0
 # At most one log line per kind of refusal in this many seconds.
 LOG_INTERVAL = 60.0
+# Seconds after a limit was hit before freed memory is handed back.
+TRIM_DELAY = 5.0
 
 
 def addressKey(host: str) -> str:
@@ -109,6 +115,30 @@ def openBudget(filesLimit: int, reserve: int) -> int | None:
     if filesLimit <= 0:
         return None
     return max((filesLimit - reserve) // 2, 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _mallocTrim() -> Any:
+    path = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(path), "malloc_trim", None) if path else None
+    except OSError:
+        return None
+
+
+def releaseMemory() -> bool:
+    """
+    Hand the heap memory freed since the last call back to the system
+    (glibc's public ``malloc_trim(0)``; elsewhere nothing). After a flood of
+    connections glibc keeps the freed memory of their TLS state, so the
+    process would stay at its peak. It can take some milliseconds: call it
+    in a thread. :return: whether there was a ``malloc_trim`` to call.
+    """
+    trim = _mallocTrim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class ILimitedConnection(Interface):
@@ -141,12 +171,23 @@ class ConnectionLimiter:
 
     :param clock: ``IReactorTime``, for deadlines and for spacing log lines.
     :param name: the front door, in log lines.
+    :param trim: called ``TRIM_DELAY`` after a limit was hit (at most once in
+        that time), to give the memory of the connections that were cut back
+        to the system (``releaseMemory``, in a thread).
     """
 
-    def __init__(self, limits: Limits, clock: Any, name: str = "IMAP"):
+    def __init__(
+        self,
+        limits: Limits,
+        clock: Any,
+        name: str = "IMAP",
+        trim: Callable[[], object] | None = None,
+    ):
         self.limits = limits
         self.clock = clock
         self.name = name
+        self._trim = trim
+        self._trimCall: Any = None
         # Insertion-ordered: the oldest first.
         self._preauth: dict[LimitedProtocol, None] = {}
         self._handshakes: dict[LimitedProtocol, None] = {}
@@ -222,10 +263,23 @@ class ConnectionLimiter:
         self.closed(conn)
         conn.drop()
 
+    def _trimNow(self) -> None:
+        self._trimCall = None
+        assert self._trim is not None
+        self._trim()
+
+    def stop(self) -> None:
+        """Cancel the pending memory trim (at shutdown)."""
+        if self._trimCall is not None and self._trimCall.active():
+            self._trimCall.cancel()
+        self._trimCall = None
+
     def _note(self, kind: str, key: str) -> None:
         """Count a refusal; one log line per kind per ``LOG_INTERVAL`` at most."""
         self.refused[kind] += 1
         self._unlogged[kind] += 1
+        if self._trim is not None and self._trimCall is None:
+            self._trimCall = self.clock.callLater(TRIM_DELAY, self._trimNow)
         now = self.clock.seconds()
         last = self._lastLog.get(kind)
         if last is not None and now - last < LOG_INTERVAL:

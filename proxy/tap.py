@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -22,7 +23,15 @@ from .cred import TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
-from .limits import HTTP, IMAP, ConnectionLimiter, LimitedFactory, Limits, openBudget
+from .limits import (
+    HTTP,
+    IMAP,
+    ConnectionLimiter,
+    LimitedFactory,
+    Limits,
+    openBudget,
+    releaseMemory,
+)
 from .oauth import AccessTokens, Onboarding, RefreshLeases, ThreadedRefresher
 from .pem import splitCertificates
 from .store import (
@@ -431,6 +440,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             log.info("closed {n} sessions at shutdown", n=closed)
         warm.stop()
         refresher.stop()
+        imapLimiter.stop()
+        apiLimiter.stop()
 
     _Closing(shutdown).setServiceParent(top)
     _Starting(
@@ -443,7 +454,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # store, spare upstream connections and the API's connections.
     reserve = FILE_RESERVE + options["max-warm"] + options["max-api-connections"]
     imapLimits = _limits(options, options["max-preauth"], openBudget(files, reserve))
-    front = LimitedFactory(factory, ConnectionLimiter(imapLimits, reactor, "IMAP"), IMAP)
+    trim = functools.partial(reactor.callInThread, releaseMemory)
+    imapLimiter = ConnectionLimiter(imapLimits, reactor, "IMAP", trim)
+    front = LimitedFactory(factory, imapLimiter, IMAP)
     for description in options["port"]:
         _Listener(reactor, description, front, "IMAP").setServiceParent(top)
     admin = Admin(store, sessions, reactor, bus)
@@ -453,7 +466,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     api = TokenAPI(admin, reactor, onboarding)
     site = api.site()
     apiLimits = _limits(options, options["max-api-connections"], None)
-    apiFront = LimitedFactory(site, ConnectionLimiter(apiLimits, reactor, "API"), HTTP)
+    apiLimiter = ConnectionLimiter(apiLimits, reactor, "API", trim)
+    apiFront = LimitedFactory(site, apiLimiter, HTTP)
     for description in options["api-port"]:
         _Listener(reactor, description, apiFront, "API").setServiceParent(top)
     where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)
