@@ -317,3 +317,59 @@ class ProxyServerTests(LimiterTestCase):
         self.assertEqual(self.limiter.handshakes, 1)
         self.clock.advance(3.0)
         self.assertTrue(transport.disconnected)
+
+
+class MemoryTests(LimiterTestCase):
+    def test_trimAfterALimitWasHit(self):
+        """Freed memory is handed back once, TRIM_DELAY after limits were hit."""
+        trims: list[None] = []
+        self.limiter = ConnectionLimiter(
+            Limits(maxPreauthPerAddress=1), self.clock, trim=lambda: trims.append(None)
+        )
+        factory = LimitedFactory(Factory.forProtocol(Recorder), self.limiter, IMAP)
+        self.connect(factory)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        for _ in range(3):
+            self.connect(factory)
+        self.clock.advance(limits.TRIM_DELAY + limits.CLOSE_GRACE)
+        self.assertEqual(len(trims), 1)
+
+    def test_stopCancelsTheTrim(self):
+        """Stopping the limiter leaves no timer behind."""
+        self.limiter = ConnectionLimiter(
+            Limits(maxPreauthPerAddress=1), self.clock, trim=lambda: None
+        )
+        factory = LimitedFactory(Factory.forProtocol(Recorder), self.limiter, IMAP)
+        self.connect(factory)
+        proto, transport = self.connect(factory)
+        self.lose(proto, transport)
+        self.limiter.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_releaseMemory(self):
+        """releaseMemory calls glibc's malloc_trim where there is one."""
+        self.assertIsInstance(limits.releaseMemory(), bool)
+
+
+class APITests(LimiterTestCase):
+    def test_siteBehindTheLimiter(self):
+        """An API Site behind the limiter answers as before, and 503 past an address's cap."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        class Health(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b'{"status": "ok"}'
+
+        self.limiter = ConnectionLimiter(Limits(maxPreauthPerAddress=1), self.clock, "API")
+        factory = LimitedFactory(Site(Health(), reactor=self.clock), self.limiter, HTTP)
+        proto, transport = self.connect(factory)
+        proto.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b'{"status": "ok"}', transport.value())
+        _, refused = self.connect(factory)
+        self.assertTrue(refused.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertTrue(refused.disconnecting)
+        self.lose(proto, transport)
+        self.clock.advance(limits.CLOSE_GRACE)
