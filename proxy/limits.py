@@ -360,7 +360,8 @@ class LimitedProtocol(ProtocolWrapper, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         # Application data arrives only after the handshake: where the TLS
         # layer does not report its end to us (below a PROXY wrapper), this does.
-        self._handshakeEnded()
+        if self._handshaking:
+            self._handshakeEnded()
         self.wrappedProtocol.dataReceived(data)
 
     def timeoutConnection(self) -> None:

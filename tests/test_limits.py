@@ -373,3 +373,30 @@ class APITests(LimiterTestCase):
         self.assertTrue(refused.disconnecting)
         self.lose(proto, transport)
         self.clock.advance(limits.CLOSE_GRACE)
+
+
+class BehindProxyHeaderTests(LimiterTestCase):
+    def test_countsTheClientFromTheHeader(self):
+        """Behind a haproxy: listener the client's address from the PROXY header is counted."""
+        from proxy.endpoints import HeaderFirstEndpoint
+
+        class Inner:
+            def listen(self, factory: Any) -> None:
+                self.factory = factory
+
+        inner = Inner()
+        HeaderFirstEndpoint(inner, self.clock).listen(self.factory(maxPreauthPerAddress=1))
+        balancer = IPv4Address("TCP", "10.0.0.1", 40000)
+        transports = []
+        for _ in range(2):
+            proto = inner.factory.buildProtocol(balancer)
+            transport = StringTransport(peerAddress=balancer)
+            proto.makeConnection(transport)
+            proto.dataReceived(b"PROXY TCP4 192.0.2.9 10.0.0.1 5555 143\r\n")
+            self.open.append((proto, transport))
+            transports.append(transport)
+        self.assertEqual(self.limiter.fromAddress("192.0.2.9"), 1)
+        self.assertEqual(self.limiter.fromAddress("10.0.0.1"), 0)
+        self.assertFalse(transports[0].disconnecting)
+        self.assertEqual(transports[1].value(), b"* BYE Too many connections from your address\r\n")
+        self.clock.advance(limits.CLOSE_GRACE)
