@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -454,7 +453,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # store, spare upstream connections and the API's connections.
     reserve = FILE_RESERVE + options["max-warm"] + options["max-api-connections"]
     imapLimits = _limits(options, options["max-preauth"], openBudget(files, reserve))
-    trim = functools.partial(reactor.callInThread, releaseMemory)
+
+    def trim() -> None:
+        # After a flood was cut: give its memory back, off the reactor thread.
+        reactor.callInThread(releaseMemory)
+
     imapLimiter = ConnectionLimiter(imapLimits, reactor, "IMAP", trim)
     front = LimitedFactory(factory, imapLimiter, IMAP)
     for description in options["port"]:
