@@ -1043,6 +1043,65 @@ class FuzzTests(SynchronousTestCase):
         self.assertIn(b"* BYE Too many invalid commands", out)
 
 
+class PureParsingTests(SynchronousTestCase):
+    """The pure parsers raise only their own errors, with fixed texts."""
+
+    def test_anyBytes(self):
+        """tokenize, splitCommand, trailingLiteral and parsePlain never raise anything else."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from proxy.imap import SASLError, parsePlain
+        from proxy.imap.syntax import (
+            CommandSyntaxError,
+            splitCommand,
+            tokenize,
+            trailingLiteral,
+        )
+
+        @settings(max_examples=500, deadline=None)
+        @given(st.binary(max_size=64) | st.sampled_from([b"{5}", b"{5+}", b' "a\\"', b" (x)"]))
+        def check(data: bytes) -> None:
+            for parse in (tokenize, splitCommand, trailingLiteral):
+                try:
+                    parse(data)
+                except CommandSyntaxError as e:
+                    self.assertTrue(e.text.startswith((b"Syntax error", b"Missing command")))
+            try:
+                parsePlain(data)
+            except SASLError as e:
+                self.assertIn(
+                    e.text,
+                    (
+                        b"Authentication cancelled",
+                        b"Invalid base64 in SASL response",
+                        b"Malformed SASL PLAIN response",
+                    ),
+                )
+
+        check()
+
+    def test_parsePlain(self):
+        """PLAIN messages split in three; the password stays out of the repr."""
+        from proxy.imap import SASLError, parsePlain
+
+        plainResponse = parsePlain(plain(b"", b"alice", TOKEN.encode()))
+        self.assertEqual(
+            (plainResponse.authcid, plainResponse.password), (b"alice", TOKEN.encode())
+        )
+        self.assertTrue(plainResponse.sameIdentity)
+        self.assertNotIn(TOKEN, repr(plainResponse))
+        self.assertFalse(parsePlain(plain(b"bob", b"alice", b"t")).sameIdentity)
+        for bad, text in (
+            (b"*", b"Authentication cancelled"),
+            (b"!!", b"Invalid base64 in SASL response"),
+            (b"=", b"Malformed SASL PLAIN response"),
+        ):
+            with self.assertRaises(SASLError) as e:
+                parsePlain(bad)
+            self.assertEqual(e.exception.text, text)
+
+
 class LimitsTests(ProxyServerTestCase):
     def test_maxBadCommands(self):
         """After maxBadCommands BAD responses the server says BYE and stops reading."""
