@@ -1043,6 +1043,28 @@ class FuzzTests(SynchronousTestCase):
         self.assertIn(b"* BYE Too many invalid commands", out)
 
 
+class InternalErrorTests(ProxyServerTestCase):
+    def test_bugClosesWithOneLineAndNoTraceback(self):
+        """A bug while handling a command: BYE, one log line without input or traceback."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.greeted()
+
+        def broken(*args: Any) -> Deferred:
+            raise RuntimeError("broken portal " + TOKEN)
+
+        self.portal.login = broken  # type: ignore[method-assign]
+        self.send(b"a LOGIN alice " + TOKEN.encode() + b"\r\nb NOOP\r\n")
+        self.assertEqual(self.lines(), [b"* BYE Internal error"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(events), 1)
+        self.assertNotIn("log_failure", events[0])
+        self.assertNotIn(TOKEN, repr(events))
+        self.assertEqual(events[0]["error"], "RuntimeError")
+        self.clock.advance(ProxyServer.BYE_GRACE)
+
+
 class PureParsingTests(SynchronousTestCase):
     """The pure parsers raise only their own errors, with fixed texts."""
 
