@@ -22,6 +22,15 @@ from .cred import API_SCOPE, TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
+from .limits import (
+    HTTP,
+    IMAP,
+    ConnectionLimiter,
+    LimitedFactory,
+    Limits,
+    openBudget,
+    releaseMemory,
+)
 from .oauth import (
     AccessTokens,
     Onboarding,
@@ -120,6 +129,21 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         float,
         "Seconds an HTTP API client has to send a whole request, headers and body",
     ),
+    "max-preauth": (
+        1000,
+        int,
+        "IMAP connections not yet logged in, all clients together; when full, "
+        "the oldest is dropped to admit a new one",
+    ),
+    "max-preauth-per-address": (
+        50,
+        int,
+        "IMAP connections not yet logged in from one client address (IPv6: one /64), "
+        "and API connections from one address; more are refused",
+    ),
+    "max-handshakes": (200, int, "TLS handshakes under way at once; when full the oldest goes"),
+    "handshake-timeout": (10.0, float, "Seconds a TLS handshake (implicit or STARTTLS) may take"),
+    "max-api-connections": (100, int, "API connections at once; when full the oldest goes"),
 }
 
 
@@ -370,6 +394,21 @@ def raiseFileLimit() -> int:
     return soft
 
 
+# Open files kept for listeners, log files, the store and the like.
+FILE_RESERVE = 64
+
+
+def _limits(options: Options, maxConnections: int, maxOpen: int | None) -> Limits:
+    """The connection limits of one front door, from the settings."""
+    return Limits(
+        maxPreauth=maxConnections,
+        maxPreauthPerAddress=options["max-preauth-per-address"],
+        maxHandshakes=options["max-handshakes"],
+        handshakeTimeout=options["handshake-timeout"],
+        maxOpen=maxOpen,
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
@@ -440,6 +479,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             log.info("closed {n} sessions at shutdown", n=closed)
         warm.stop()
         refresher.stop()
+        imapLimiter.stop()
+        apiLimiter.stop()
 
     _Closing(shutdown).setServiceParent(top)
     _Starting(
@@ -447,8 +488,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             lambda f: log.failure("watching the key file failed", f)
         )
     ).setServiceParent(top)
+    files = raiseFileLimit()
+    # Files kept for what is not a client connection: listeners, logs, the
+    # store, spare upstream connections and the API's connections.
+    reserve = FILE_RESERVE + options["max-warm"] + options["max-api-connections"]
+    imapLimits = _limits(options, options["max-preauth"], openBudget(files, reserve))
+
+    def trim() -> None:
+        # After a flood was cut: give its memory back, off the reactor thread.
+        reactor.callInThread(releaseMemory)
+
+    imapLimiter = ConnectionLimiter(imapLimits, reactor, "IMAP", trim)
+    front = LimitedFactory(factory, imapLimiter, IMAP)
     for description in options["port"]:
-        _Listener(reactor, description, factory, "IMAP").setServiceParent(top)
+        _Listener(reactor, description, front, "IMAP").setServiceParent(top)
     admin = Admin(store, sessions, reactor, bus)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
@@ -456,13 +509,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     apiChecker = TokenChecker(store, reactor, API_SCOPE, penalties, refuse=True)
     api = TokenAPI(admin, reactor, onboarding, apiChecker)
     site = api.site(options["api-request-timeout"])
+    apiLimits = _limits(options, options["max-api-connections"], None)
+    apiLimiter = ConnectionLimiter(apiLimits, reactor, "API", trim)
+    apiFront = LimitedFactory(site, apiLimiter, HTTP)
     for description in options["api-port"]:
-        _Listener(reactor, description, site, "API").setServiceParent(top)
+        _Listener(reactor, description, apiFront, "API").setServiceParent(top)
     where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)
     log.info("imapproxy starting, store {store}", store=where)
-    files = raiseFileLimit()
     if files > 0:
         log.info(
-            "open files limit {n}: room for about {s} sessions", n=files, s=max(files - 64, 0) // 2
+            "open files limit {n}: room for about {s} IMAP connections",
+            n=files,
+            s=imapLimits.maxOpen,
         )
     return top

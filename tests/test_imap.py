@@ -7,6 +7,7 @@ fake logged-in upstream, so no store, network or reactor is involved.
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 import attrs
@@ -776,6 +777,353 @@ class LoginOutcomeTests(ProxyServerTestCase):
         self.assertEqual(self.output(), b"")
 
 
+class CommandSyntaxTests(ProxyServerTestCase):
+    """Arguments are parsed strictly, and every mistake gets a fixed BAD."""
+
+    def assertAnswers(self, data: bytes, expected: list[bytes]) -> None:
+        self.send(data)
+        self.assertEqual(self.lines(), expected)
+        self.assertEqual(self.portal.logins, [])
+
+    def test_loginWithoutArguments(self):
+        """LOGIN with no argument at all is a fixed BAD, not an internal error."""
+        self.greeted()
+        self.assertAnswers(b"a LOGIN\r\n", [b"a BAD Syntax error: Missing argument"])
+
+    def test_strictLiteralSizes(self):
+        """Only { digits } and { digits +} are literals; anything else is Bad literal size."""
+        for bad in (b"{-1}", b"{1_0}", b"{ 5}", b"{5 }", b"{+5}", b"{5++}", b"{0x5}", b"{}"):
+            self.greeted()
+            self.assertAnswers(
+                b"a LOGIN alice " + bad + b"\r\n", [b"a BAD Syntax error: Bad literal size"]
+            )
+
+    def test_hugeLiteralCount(self):
+        """A literal count of any length is Literal too long, without a continuation."""
+        self.greeted()
+        self.assertAnswers(
+            b"a LOGIN alice {" + b"9" * 5000 + b"}\r\n", [b"a BAD Syntax error: Literal too long"]
+        )
+
+    def test_nonSynchronizingLiteral(self):
+        """A {N+} literal is read without a continuation."""
+        self.greeted()
+        self.send(b"a LOGIN alice {64+}\r\n" + TOKEN.encode() + b"\r\n")
+        self.assertEqual(self.output(), b"")
+        creds, _ = self.lastLogin()
+        self.assertEqual((creds.account, creds.token), ("alice", TOKEN))
+
+    def test_nonSynchronizingLiteralTooLong(self):
+        """A {N+} literal past max-literal closes: its data would be read as commands."""
+        self.greeted(policy=ServerPolicy(maxLiteral=100))
+        self.send(b"a LOGIN alice {101+}\r\n")
+        self.assertEqual(self.lines(), [b"* BYE Literal too long"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_emptyLiterals(self):
+        """{0} literals are empty strings."""
+        self.greeted()
+        self.send(b"a LOGIN {0}\r\n {0}\r\n\r\n")
+        self.assertEqual(self.lines(), [b"+ Ready for 0 octets of text"] * 2)
+        creds, _ = self.lastLogin()
+        self.assertEqual((creds.account, creds.token), ("", ""))
+
+    def test_literalOfRefusedCommandIsReadPast(self):
+        """A {N+} literal of an unknown command is skipped, not run as commands."""
+        self.greeted()
+        self.assertAnswers(
+            b"a APPEND INBOX {10+}\r\nc LOGOUT\r\n\r\nb NOOP\r\n",
+            [
+                b"a BAD Command unknown or not valid before login",
+                b"b OK NOOP No operation performed",
+            ],
+        )
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_synchronizingLiteralOfRefusedCommand(self):
+        """A refused command announcing {N} is answered at once, with no continuation."""
+        self.greeted()
+        self.assertAnswers(
+            b"a APPEND INBOX {10}\r\n", [b"a BAD Command unknown or not valid before login"]
+        )
+        self.greeted()
+        self.assertAnswers(b"a NOOP {3}\r\n", [b"a BAD Syntax error: Too many arguments"])
+
+    def test_quotedStrings(self):
+        """Quoted strings unescape \\" and \\\\, and may hold UTF-8."""
+        self.greeted()
+        self.send(b'a LOGIN "al\\"i\\\\ce\xc3\xa9" "' + TOKEN.encode() + b'"\r\n')
+        creds, _ = self.lastLogin()
+        self.assertEqual((creds.account, creds.token), ('al"i\\ce\u00e9', TOKEN))
+
+    def test_malformedArguments(self):
+        """NULs, 8-bit atoms, bad escapes, stray spaces and parentheses get fixed BADs."""
+        cases = [
+            (b"a LOGIN a\x00b c", b"Syntax error: Malformed atom"),
+            (b"a LOGIN \xff\xfe c", b"Syntax error: Malformed atom"),
+            (b'a LOGIN "a\\b" c', b"Syntax error: Malformed quoted string"),
+            (b'a LOGIN "a\x00" c', b"Syntax error: Malformed quoted string"),
+            (b'a LOGIN "abc c', b"Syntax error: Unmatched quotes"),
+            (b"a LOGIN alice  pass", b"Syntax error"),
+            (b"a LOGIN alice pass ", b"Syntax error"),
+            (b"a LOGIN (x) y", b"Syntax error: Too many arguments"),
+            (b"a LOGIN alice {5} x", b"Syntax error: Malformed literal"),
+            (b"a NOOP x", b"Syntax error: Too many arguments"),
+            (b"a CAPABILITY x y z", b"Syntax error: Too many arguments"),
+            (b"a AUTHENTICATE", b"Syntax error: Missing argument"),
+            (b"a AUTHENTICATE PLAIN a b", b"Syntax error: Too many arguments"),
+            (b'a AUTHENTICATE "PLAIN"', b"Syntax error: Malformed atom"),
+            (b"a ID", b"Syntax error: Missing argument"),
+            (b"a ID (x)", b"Syntax error"),
+        ]
+        for line, text in cases:
+            self.greeted()
+            self.assertAnswers(line + b"\r\n", [b"a BAD " + text])
+
+    def test_malformedTag(self):
+        """A tag with a character no tag may have gets an untagged BAD."""
+        self.greeted()
+        self.assertAnswers(b"a*b NOOP\r\n+ NOOP\r\n", [b"* BAD Syntax error: Malformed tag"] * 2)
+
+    def test_idWithLiteral(self):
+        """ID's values may be literals; they are read and ignored."""
+        self.greeted()
+        self.send(b'a ID ("name" {3}\r\nfoo "os" NIL)\r\n')
+        lines = self.lines()
+        self.assertEqual(lines[0], b"+ Ready for 3 octets of text")
+        self.assertEqual(lines[-1], b"a OK ID completed")
+
+    def test_commandWithLiteralsIsBounded(self):
+        """A command cannot grow past max-line-length plus two literals."""
+        self.greeted(policy=ServerPolicy(maxLineLength=100, maxLiteral=50))
+        self.send(b'a ID ("a" {50+}\r\n' + b"x" * 50 + b' "b" {50+}\r\n' + b"y" * 50)
+        self.send(b' "c" {50+}\r\n' + b"z" * 50 + b' "d" {50+}\r\n' + b"w" * 50 + b")\r\n")
+        self.assertEqual(self.lines(), [b"* BYE Command line too long"])
+
+    def test_tokenNeverEchoed(self):
+        """No refusal of a malformed login quotes the token."""
+        for line in (
+            b"a LOGIN alice " + TOKEN.encode() + b"\x00",
+            b"a LOGIN alice {" + TOKEN.encode() + b"}",
+            b'a LOGIN alice "' + TOKEN.encode() + b"\\x",
+            b"a LOGIN alice " + TOKEN.encode() + b" " + TOKEN.encode(),
+        ):
+            self.greeted()
+            self.send(line + b"\r\n")
+            out = self.output()
+            self.assertTrue(out.startswith(b"a BAD Syntax error"), out)
+            self.assertNotIn(TOKEN[:16].encode(), out)
+
+
+def corpus() -> Any:
+    """Inputs for the fuzz test: pre-auth commands with 0-3 arguments in every form."""
+    from hypothesis import strategies as st
+
+    token = st.sampled_from([TOKEN.encode(), b"alice", b"", b"x" * 300])
+    atom = st.binary(max_size=12) | token
+    quoted = st.builds(
+        lambda v, end: b'"' + v + end,
+        st.binary(max_size=12) | token,
+        st.sampled_from([b'"', b"", b'\\"', b"\\"]),
+    )
+    count = st.sampled_from(
+        [b"0", b"5", b"-1", b"1_0", b" 5", b"4097", b"9" * 30, b"", b"+", b"0x5"]
+    )
+    literal = st.builds(
+        lambda n, plus, data: b"{" + n + plus + b"}\r\n" + data,
+        count,
+        st.sampled_from([b"", b"+"]),
+        st.binary(max_size=8),
+    )
+    argument = (
+        atom
+        | quoted
+        | literal
+        | st.sampled_from([b"(", b")", b"NIL", b"\x00", b"\xff", b"=", b"*"])
+    )
+    command = st.sampled_from(
+        [
+            b"LOGIN",
+            b"AUTHENTICATE",
+            b"AUTHENTICATE PLAIN",
+            b"ID",
+            b"NOOP",
+            b"CAPABILITY",
+            b"STARTTLS",
+            b"SELECT",
+            b"login",
+            b"",
+        ]
+    )
+    tag = st.sampled_from([b"a", b"A1", b"*", b"+", b"", b"a\x00", b"\xff"])
+    line = st.builds(
+        lambda t, c, args, sep: t + b" " + c + b"".join(sep + a for a in args),
+        tag,
+        command,
+        st.lists(argument, max_size=3),
+        st.sampled_from([b" ", b"  ", b"", b"\t"]),
+    )
+    lines = st.lists(line | st.binary(max_size=40), min_size=1, max_size=6)
+    return st.builds(
+        lambda ls, end: b"".join(x + end for x in ls),
+        lines,
+        st.sampled_from([b"\r\n", b"\n", b"\r"]),
+    )
+
+
+# Everything the server may say before login, the tag aside.
+_FIXED = re.compile(
+    rb"\A(?:"
+    rb"(?:\S+ BAD (?:Missing command|Command unknown or not valid before login|Syntax error"
+    rb"(?:: (?:Missing argument|Too many arguments|Unmatched quotes|Malformed quoted string"
+    rb"|Malformed atom|Malformed literal|Bad literal size|Literal too long|Malformed tag))?"
+    rb"|Invalid base64 in SASL response|Malformed SASL PLAIN response|Authentication cancelled"
+    rb"|TLS already active))"
+    rb"|\+ Ready for \d+ octets of text|\+ "
+    rb"|\* BYE (?:Too many invalid commands|Too many commands before login|Command line too long"
+    rb"|Literal too long|Too many failed logins|imapproxy logging out|Internal error)"
+    rb"|\* CAPABILITY [A-Za-z0-9= -]+|\* ID \(.*\)"
+    rb"|\S+ OK (?:NOOP No operation performed|CAPABILITY completed|ID completed|LOGOUT completed)"
+    rb"|\S+ NO (?:\[CANNOT\] (?:TLS not available|Unsupported authentication mechanism)"
+    rb"|\[PRIVACYREQUIRED\] Login without TLS is not allowed"
+    rb"|\[AUTHENTICATIONFAILED\] Access denied, (?:invalid username|failed to authenticate user))"
+    rb")\Z"
+)
+
+
+class FuzzTests(SynchronousTestCase):
+    """Whatever a client sends, the answers are fixed texts and nothing is logged."""
+
+    def feed(self, data: bytes, chunk: int) -> tuple[bytes, list[dict]]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            clock = task.Clock()
+            portal = FakePortal()
+            portal.login = lambda *a: fail(UnauthorizedLogin())  # type: ignore[method-assign]
+            server = ProxyServer(portal, ServerPolicy(maxLiteral=4096), None, SessionRegistry())
+            server.callLater = clock.callLater
+            transport = StringTransport()
+            transport.peerAddr = IPv4Address("TCP", "127.0.0.1", 1)
+            server.makeConnection(transport)
+            for i in range(0, len(data), chunk):
+                server.dataReceived(data[i : i + chunk])
+            server.connectionLost(Failure(ConnectionDone()))
+            clock.advance(ProxyServer.BYE_GRACE)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        return transport.value(), events
+
+    def test_fuzz(self):
+        """No input logs a traceback or anything critical; every answer is a fixed text."""
+        from hypothesis import HealthCheck, given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(corpus(), st.sampled_from([1, 7, 100000]))
+        def check(data: bytes, chunk: int) -> None:
+            out, events = self.feed(data, chunk)
+            for e in events:
+                self.assertNotIn("log_failure", e)
+                self.assertNotIn(e["log_level"].name, ("critical", "error"))
+            self.assertLessEqual(len(events), 1)
+            lines = out.split(b"\r\n")
+            self.assertEqual(lines[-1], b"")
+            for line in lines[1:-1]:
+                self.assertRegex(line, _FIXED)
+                self.assertNotIn(TOKEN.encode(), line.split(b" ", 1)[-1])
+
+        check()
+
+    def test_loginFloodLogsNothing(self):
+        """The finding: 'a LOGIN' repeated logs nothing at all, and ends in BYE."""
+        out, events = self.feed(b"a LOGIN\r\n" * 20, 100000)
+        self.assertEqual(events, [])
+        self.assertEqual(out.count(b"a BAD Syntax error: Missing argument"), 10)
+        self.assertIn(b"* BYE Too many invalid commands", out)
+
+
+class InternalErrorTests(ProxyServerTestCase):
+    def test_bugClosesWithOneLineAndNoTraceback(self):
+        """A bug while handling a command: BYE, one log line without input or traceback."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.greeted()
+
+        def broken(*args: Any) -> Deferred:
+            raise RuntimeError("broken portal " + TOKEN)
+
+        self.portal.login = broken  # type: ignore[method-assign]
+        self.send(b"a LOGIN alice " + TOKEN.encode() + b"\r\nb NOOP\r\n")
+        self.assertEqual(self.lines(), [b"* BYE Internal error"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(events), 1)
+        self.assertNotIn("log_failure", events[0])
+        self.assertNotIn(TOKEN, repr(events))
+        self.assertEqual(events[0]["error"], "RuntimeError")
+        self.clock.advance(ProxyServer.BYE_GRACE)
+
+
+class PureParsingTests(SynchronousTestCase):
+    """The pure parsers raise only their own errors, with fixed texts."""
+
+    def test_anyBytes(self):
+        """tokenize, splitCommand, trailingLiteral and parsePlain never raise anything else."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from proxy.imap import SASLError, parsePlain
+        from proxy.imap.syntax import (
+            CommandSyntaxError,
+            splitCommand,
+            tokenize,
+            trailingLiteral,
+        )
+
+        @settings(max_examples=500, deadline=None)
+        @given(st.binary(max_size=64) | st.sampled_from([b"{5}", b"{5+}", b' "a\\"', b" (x)"]))
+        def check(data: bytes) -> None:
+            for parse in (tokenize, splitCommand, trailingLiteral):
+                try:
+                    parse(data)
+                except CommandSyntaxError as e:
+                    self.assertTrue(e.text.startswith((b"Syntax error", b"Missing command")))
+            try:
+                parsePlain(data)
+            except SASLError as e:
+                self.assertIn(
+                    e.text,
+                    (
+                        b"Authentication cancelled",
+                        b"Invalid base64 in SASL response",
+                        b"Malformed SASL PLAIN response",
+                    ),
+                )
+
+        check()
+
+    def test_parsePlain(self):
+        """PLAIN messages split in three; the password stays out of the repr."""
+        from proxy.imap import SASLError, parsePlain
+
+        plainResponse = parsePlain(plain(b"", b"alice", TOKEN.encode()))
+        self.assertEqual(
+            (plainResponse.authcid, plainResponse.password), (b"alice", TOKEN.encode())
+        )
+        self.assertTrue(plainResponse.sameIdentity)
+        self.assertNotIn(TOKEN, repr(plainResponse))
+        self.assertFalse(parsePlain(plain(b"bob", b"alice", b"t")).sameIdentity)
+        for bad, text in (
+            (b"*", b"Authentication cancelled"),
+            (b"!!", b"Invalid base64 in SASL response"),
+            (b"=", b"Malformed SASL PLAIN response"),
+        ):
+            with self.assertRaises(SASLError) as e:
+                parsePlain(bad)
+            self.assertEqual(e.exception.text, text)
+
+
 class LimitsTests(ProxyServerTestCase):
     def test_maxBadCommands(self):
         """After maxBadCommands BAD responses the server says BYE and stops reading."""
@@ -841,7 +1189,7 @@ class LimitsTests(ProxyServerTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.assertTrue(self.transport.disconnecting)
         self.send(b"x" * 100000)  # a closing connection reads nothing into memory
-        self.assertEqual(len(self.server._buffer), 0)
+        self.assertEqual(self.server.clearLineBuffer(), b"")
         self.clock.advance(ProxyServer.BYE_GRACE)
         self.assertTrue(self.transport.disconnected)
         self.server.connectionLost(Failure(ConnectionDone()))
@@ -886,4 +1234,3 @@ class HelpersTests(SynchronousTestCase):
         self.assertIs(p.ctx, ctx)
         self.assertIs(p._sessions, factory.sessions)
         self.assertIs(p.factory, factory)
-        self.assertEqual(p._literalStringLimit, 7)

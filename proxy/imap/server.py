@@ -1,15 +1,18 @@
 """
 The client side: an ``IMAP4Server`` that speaks IMAP only until the login.
-It answers the few commands that make sense before authentication, checks the
-login through the portal, and from the tagged OK on hands both connections to
-the splice.
+It answers the few commands that make sense before authentication, parsing
+their arguments itself (strictly, with fixed answers: ``syntax.py``), checks
+the login through the portal, and from the tagged OK on hands both
+connections to the splice.
+
+Of ``IMAP4Server`` only the public response helpers, ``CAPABILITY`` and
+``NOOP`` are used: its command dispatch, argument parsers and literal
+handling (whose errors end in a logged traceback) are replaced here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from collections import Counter, deque
+import functools
 from typing import Any
 
 import attrs
@@ -17,14 +20,18 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
-from twisted.mail.imap4 import IllegalClientResponse, IMAP4Server
+from twisted.mail.imap4 import IMAP4Server
 from twisted.python.failure import Failure
 
+from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied, ProxyError, Unavailable
 from ..relay import Splice, tuneSocket
 from ..store import StoreUnavailable
 from ..tokens import clientAddress
+from .reader import CommandReader
+from .sasl import SASLError, parsePlain
+from .sessions import SessionRegistry
 
 log = Logger()
 
@@ -56,35 +63,18 @@ class ServerPolicy:
         default="loopback", validator=attrs.validators.in_(PLAINTEXT_POLICIES)
     )
 
+    @property
+    def maxCommandSize(self) -> int:
+        """Bytes one command may take with its literals (a LOGIN has two)."""
+        return self.maxLineLength + 2 * self.maxLiteral
+
 
 def isLoopback(address: str) -> bool:
     ip = clientAddress(address)
     return ip is not None and ip.is_loopback
 
 
-# Twisted's argument parser explains itself; some of its messages quote the
-# client's input (which may hold a token), so only these fixed texts are
-# ever sent back.
-_PARSER_ERRORS = (
-    ("Too many arguments", b"Too many arguments"),
-    ("Missing argument", b"Missing argument"),
-    ("Unmatched quotes", b"Unmatched quotes"),
-    ("Malformed literal", b"Malformed literal"),
-    ("Bad literal size", b"Bad literal size"),
-    ("Literal too long", b"Literal too long"),
-    ("Malformed ATOM", b"Malformed atom"),
-)
-
-
-def _fixedBad(error: Exception) -> bytes:
-    text = str(error)
-    for prefix, fixed in _PARSER_ERRORS:
-        if text.startswith(prefix):
-            return b"Syntax error: " + fixed
-    return b"Syntax error"
-
-
-class ProxyServer(IMAP4Server):
+class ProxyServer(CommandReader, IMAP4Server):
     """
     :ivar sink: after the splice starts, where client bytes go (the upstream
         transport's ``write``).
@@ -104,13 +94,11 @@ class ProxyServer(IMAP4Server):
         self.portal = portal
         self.policy = policy
         self.MAX_LENGTH = policy.maxLineLength
-        self._literalStringLimit = policy.maxLiteral
         self._sessions = sessions
         self._phase = "preauth"
         self._account = ""
         self._badCommands = 0
         self._failedLogins = 0
-        self._commands = 0
         self.sink: Any = None
         self.splice: Splice | None = None
         self.bytesReceived = 0
@@ -119,7 +107,6 @@ class ProxyServer(IMAP4Server):
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.tags = {}
         tuneSocket(self.transport)
         peer = self.transport.getPeer()
         self.address = getattr(peer, "host", "unknown")
@@ -135,7 +122,7 @@ class ProxyServer(IMAP4Server):
         pass
 
     def timeoutConnection(self) -> None:
-        self._bye(b"Login timeout, closing connection")
+        self.bye(b"Login timeout, closing connection")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
@@ -155,9 +142,21 @@ class ProxyServer(IMAP4Server):
             IMAP4Server.dataReceived(self, data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._bye(b"Command line too long")
+        self.bye(b"Command line too long")
 
-    def _bye(self, text: bytes) -> None:
+    def reading(self) -> bool:
+        """Whether commands are read (not while a login runs, nor after it)."""
+        return self._phase == "preauth"
+
+    def refuseEarly(self, name: bytes) -> Any:
+        """:return: the refusal of command ``name`` decided before its arguments, or None."""
+        if name == b"LOGIN" and not self.plaintextAllowed():
+            # No continuation for a literal password that must not be sent
+            # in the clear anyway.
+            return self._privacyRequired
+        return None
+
+    def bye(self, text: bytes) -> None:
         if self._phase in ("spliced", "closed"):
             return
         self.sendLine(b"* BYE " + text)
@@ -174,65 +173,11 @@ class ProxyServer(IMAP4Server):
         self.transport.resumeProducing()
         self.transport.loseConnection()
 
-    # -- parsing ------------------------------------------------------------
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._phase != "preauth":
-            return
-        f = getattr(self, "parse_" + self.parseState)
-        try:
-            f(line)
-        except Exception:
-            log.failure("error handling a pre-auth command")
-            self.sendBadResponse(None, b"Internal error")
-
-    def parse_command(self, line: bytes) -> None:
-        self._commands += 1
-        if self._commands > self.policy.maxCommands:
-            # Even valid commands are bounded: a peer that never logs in (or
-            # never reads) cannot make us queue answers until the timeout.
-            self._bye(b"Too many commands before login")
-            return
-        args = line.split(None, 2)
-        if len(args) < 2:
-            self.sendBadResponse(args[0] if args else None, b"Missing command")
-            return
-        tag, cmd = args[0], args[1].upper()
-        rest = args[2] if len(args) == 3 else None
-        try:
-            self.dispatchCommand(tag, cmd, rest)
-        except IllegalClientResponse as e:
-            self.sendBadResponse(tag, _fixedBad(e))
-
-    def _IMAP4Server__ebDispatch(self, failure: Any, tag: bytes) -> None:
-        # Errors of arguments parsed after a literal arrive here.
-        if failure.check(IllegalClientResponse):
-            self.sendBadResponse(tag, _fixedBad(failure.value))
-        else:
-            log.failure("error handling a pre-auth command", failure)
-            self.sendBadResponse(tag, b"Internal error")
-
-    def lookupCommand(self, cmd: bytes) -> Any:
-        if self._phase != "preauth":
-            return None
-        return getattr(self, "unauth_" + cmd.decode("ascii", "replace").upper(), None)
-
-    def dispatchCommand(self, tag: bytes, cmd: bytes, rest: Any, uid: Any = None) -> None:
-        if self.lookupCommand(cmd) is None:
-            self.sendBadResponse(tag, b"Command unknown or not valid before login")
-            return
-        if cmd == b"LOGIN" and not self.plaintextAllowed():
-            # Before parsing: no continuation for a literal password that
-            # must not be sent in the clear anyway.
-            self._privacyRequired(tag)
-            return
-        IMAP4Server.dispatchCommand(self, tag, cmd, rest, uid)
-
     def sendBadResponse(self, tag: Any = None, message: bytes = b"") -> None:
         IMAP4Server.sendBadResponse(self, tag, message)
         self._badCommands += 1
         if self._badCommands >= self.policy.maxBadCommands:
-            self._bye(b"Too many invalid commands")
+            self.bye(b"Too many invalid commands")
 
     # -- capabilities -------------------------------------------------------
 
@@ -269,9 +214,7 @@ class ProxyServer(IMAP4Server):
         self.sendPositiveResponse(tag, b"LOGOUT completed")
         self._close()
 
-    unauth_LOGOUT = (do_LOGOUT,)  # type: ignore[assignment]
-
-    def do_ID(self, tag: bytes, args: Any) -> None:
+    def do_ID(self, tag: bytes) -> None:
         # The client's ID is not needed before login; answer with ours.
         from .. import __version__
 
@@ -279,8 +222,6 @@ class ProxyServer(IMAP4Server):
             b'ID ("name" "imapproxy" "version" "' + __version__.encode("ascii") + b'")'
         )
         self.sendPositiveResponse(tag, b"ID completed")
-
-    unauth_ID = (do_ID, IMAP4Server.arg_line)
 
     def do_STARTTLS(self, tag: bytes) -> None:
         if self.secure():
@@ -291,23 +232,16 @@ class ProxyServer(IMAP4Server):
             self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
             # Commands sent with STARTTLS in the clear must not be executed
             # inside TLS (RFC 3501, 11.1 / CVE-2011-0411 class of bugs).
-            self._buffer = b""
+            self.clearLineBuffer()
+            limits.handshakeStarting(self.transport)
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
-
-    unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
 
     def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         self._login(tag, user, passwd)
 
-    unauth_LOGIN = (  # type: ignore[assignment]
-        do_LOGIN,
-        IMAP4Server.arg_astring,
-        IMAP4Server.arg_finalastring,
-    )
-
     def do_AUTHENTICATE(  # type: ignore[override]
-        self, tag: bytes, mechanism: bytes, initial: Any
+        self, tag: bytes, mechanism: bytes, initial: bytes | None
     ) -> None:
         if mechanism.upper() != b"PLAIN":
             self.sendNegativeResponse(tag, b"[CANNOT] Unsupported authentication mechanism")
@@ -315,42 +249,23 @@ class ProxyServer(IMAP4Server):
         if not self.plaintextAllowed():
             self._privacyRequired(tag)
             return
-        if initial:
-            self._plain(tag, initial.strip())
+        if initial is not None:
+            self._plain(tag, initial)
             return
+        # The next line is the response (or "*" to cancel).
         self.sendLine(b"+ ")
-        from twisted.internet.defer import Deferred
-
-        self.parseState = "pending"
-        pending: Deferred[bytes] = Deferred()
-        self._pendingLiteral = pending  # type: ignore[assignment]
-        pending.addCallback(lambda line: self._plain(tag, line.strip()))
-        pending.addErrback(lambda f: log.failure("AUTHENTICATE continuation failed", f))
-
-    unauth_AUTHENTICATE = (  # type: ignore[assignment]
-        do_AUTHENTICATE,
-        IMAP4Server.arg_atom,
-        IMAP4Server.arg_line,
-    )
+        self.continuation = functools.partial(self._plain, tag)
 
     def _plain(self, tag: bytes, response: bytes) -> None:
-        if response == b"*":
-            self.sendBadResponse(tag, b"Authentication cancelled")
-            return
         try:
-            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
-        except (binascii.Error, ValueError):
-            self.sendBadResponse(tag, b"Invalid base64 in SASL response")
+            plain = parsePlain(response)
+        except SASLError as e:
+            self.sendBadResponse(tag, e.text)
             return
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3:
-            self.sendBadResponse(tag, b"Malformed SASL PLAIN response")
-            return
-        authzid, authcid, passwd = parts
-        if authzid and authzid != authcid:
+        if not plain.sameIdentity:
             self._refused(tag, AccessDenied("username").imapResponse())
             return
-        self._login(tag, authcid, passwd)
+        self._login(tag, plain.authcid, plain.password)
 
     def _privacyRequired(self, tag: bytes) -> None:
         # A refused login like any other: it counts toward maxFailedLogins.
@@ -404,6 +319,8 @@ class ProxyServer(IMAP4Server):
             return
         self._phase = "spliced"
         self.setTimeout(None)
+        # No longer a pre-auth connection for the connection limits.
+        limits.loggedIn(self.transport)
         caps = b" ".join(session.capabilities)
         self.sendLine(
             tag
@@ -418,7 +335,7 @@ class ProxyServer(IMAP4Server):
         if self._sessions is not None:
             self._sessions.add(session, self.splice)
         self._session = session
-        held, self._buffer = self._buffer, b""
+        held = self.clearLineBuffer()
         log.info("session {label} spliced", label=label)
         self.splice.start(held)
 
@@ -462,90 +379,13 @@ class ProxyServer(IMAP4Server):
         self.sendLine(tag + b" " + response)
         self._failedLogins += 1
         if self._failedLogins >= self.policy.maxFailedLogins:
-            self._bye(b"Too many failed logins")
-
-
-class SessionRegistry:
-    """
-    The live spliced sessions, by account and by token id, and the close
-    requests that logins still under way must not slip past: a login whose
-    token was checked just before a revocation (here or, through the store's
-    bus, on another instance) is refused when it completes, not spliced.
-    """
-
-    def __init__(self, spares: Any = None) -> None:
-        """:param spares: ``WarmUpstreams``: a closed account's spare goes too."""
-        self._splices: dict[Splice, Any] = {}
-        self._spares = spares
-        # Close requests as (number, account, token id), oldest first, kept
-        # while a login that began before them is still under way.
-        self._closes: deque[tuple[int, str | None, str | None]] = deque()
-        self._requests = 0
-        # Logins under way, by the number of close requests seen when each began.
-        self._pending: Counter[int] = Counter()
-
-    def add(self, session: Any, splice: Splice) -> None:
-        self._splices[splice] = session
-
-    def discard(self, session: Any, splice: Splice) -> None:
-        self._splices.pop(splice, None)
-
-    def __len__(self) -> int:
-        return len(self._splices)
-
-    def loginStarted(self) -> int:
-        """:return: a ticket for ``loginEnded``, taken before the token is checked."""
-        self._pending[self._requests] += 1
-        return self._requests
-
-    def loginEnded(self, ticket: int, account: str | None, tokenId: str | None) -> bool:
-        """
-        :return: whether a close request matching the account or token came
-            after ``ticket`` was taken: the login must then be refused.
-        """
-        self._pending[ticket] -= 1
-        if not self._pending[ticket]:
-            del self._pending[ticket]
-        closed = any(
-            n > ticket and _matches(account, tokenId, a, t) for n, a, t in reversed(self._closes)
-        )
-        self._prune()
-        return closed
-
-    def _prune(self) -> None:
-        oldest = min(self._pending, default=self._requests)
-        while self._closes and self._closes[0][0] <= oldest:
-            self._closes.popleft()
-
-    def close(self, account: str | None = None, tokenId: str | None = None) -> int:
-        """Close the matching sessions (all, with neither); :return: how many."""
-        if account is not None and self._spares is not None:
-            self._spares.discard(account)
-        if account is not None or tokenId is not None:
-            self._requests += 1
-            if self._pending:
-                self._closes.append((self._requests, account, tokenId))
-        matched = [
-            sp
-            for sp, s in self._splices.items()
-            if _matches(s.account, s.tokenId, account, tokenId)
-        ]
-        for sp in matched:
-            sp.close()
-        return len(matched)
-
-
-def _matches(
-    account: str | None, tokenId: str | None, wantAccount: str | None, wantToken: str | None
-) -> bool:
-    return (wantAccount is None or account == wantAccount) and (
-        wantToken is None or tokenId == wantToken
-    )
+            self.bye(b"Too many failed logins")
 
 
 class ProxyFactory(Factory):
     """
     :param contextFactory: TLS server options for STARTTLS, or None.
+    :param clock: ``IReactorTime`` for the servers' deadlines (the reactor by default).
     """
 
     protocol = ProxyServer  # type: ignore[assignment]
@@ -557,13 +397,17 @@ class ProxyFactory(Factory):
         policy: ServerPolicy,
         contextFactory: Any = None,
         sessions: SessionRegistry | None = None,
+        clock: Any = None,
     ):
         self.portal = portal
         self.policy = policy
         self.contextFactory = contextFactory
         self.sessions = sessions if sessions is not None else SessionRegistry()
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> ProxyServer:
         p = ProxyServer(self.portal, self.policy, self.contextFactory, self.sessions)
         p.factory = self
+        if self.clock is not None:
+            p.callLater = self.clock.callLater  # type: ignore[method-assign]
         return p

@@ -1,0 +1,118 @@
+"""
+Connection limits on the real ``twistd imapproxy``: one address holding its
+maximum of connections and TLS handshakes (with the process held to 256 open
+files, fewer than that address tries to open) leaves room for a client from
+another address, which is greeted within a second, in the clear and over TLS.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import selectors
+import socket
+import ssl
+import time
+
+import pytest
+
+from tests.upstream.proxyproc import ProxyProcess
+
+PER_ADDRESS = 50
+HANDSHAKE_TIMEOUT = 2.0
+FILES = 256
+
+
+@pytest.fixture(scope="module")
+def limited(pki, workdir):
+    p = ProxyProcess(os.path.join(workdir, "limited"))
+    p.start(
+        "--port",
+        f"ssl:0:interface=127.0.0.1:privateKey={pki.key}:certKey={pki.cert}",
+        "--max-preauth-per-address",
+        str(PER_ADDRESS),
+        "--handshake-timeout",
+        str(HANDSHAKE_TIMEOUT),
+    )
+    # As if the open-files limit were small: the flood below is larger.
+    resource.prlimit(p.pid(), resource.RLIMIT_NOFILE, (FILES, FILES))
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def connect(port: int, source: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.setblocking(False)
+    return s
+
+
+def firstLines(socks: list[socket.socket], deadline: float) -> dict[socket.socket, bytes]:
+    """What each socket received up to its first CRLF (b"" when closed), until ``deadline``."""
+    got = {s: b"" for s in socks}
+    done: dict[socket.socket, bytes] = {}
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    try:
+        while len(done) < len(socks) and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.2):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    data = s.recv(4096)
+                except ConnectionError:
+                    data = b""
+                got[s] += data
+                if not data or b"\r\n" in got[s]:
+                    done[s] = got[s].split(b"\r\n")[0]
+                    sel.unregister(s)
+    finally:
+        sel.close()
+    return done
+
+
+def test_one_address_at_its_cap_leaves_room_for_another(limited, pki):
+    """An address at its cap gets BYE; another is greeted within a second, plain and TLS."""
+    plain, tls = limited.ports["tcp"], limited.ports["ssl"]
+    held: list[socket.socket] = []
+    try:
+        # 30 idle connections, greeted...
+        idle = [connect(plain, "127.0.0.1") for _ in range(30)]
+        held += idle
+        lines = firstLines(idle, time.monotonic() + 30)
+        assert all(v.startswith(b"* OK imapproxy ready") for v in lines.values())
+        assert len(lines) == 30
+        # ...20 TLS handshakes that never send a ClientHello...
+        handshakes = [connect(tls, "127.0.0.1") for _ in range(20)]
+        held += handshakes
+        # ...and 250 more from the same address: past the cap (and past the
+        # process's open files, had it no cap).
+        flood = [connect(plain, "127.0.0.1") for _ in range(250)]
+        held += flood
+        lines = firstLines(flood, time.monotonic() + 30)
+        assert len(lines) == 250
+        assert set(lines.values()) == {b"* BYE Too many connections from your address"}
+
+        for port, wrap in ((plain, False), (tls, True)):
+            started = time.monotonic()
+            s = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)
+            )
+            if wrap:
+                ctx = ssl.create_default_context(cafile=pki.ca_cert)
+                s = ctx.wrap_socket(s, server_hostname="localhost")
+            with s:
+                greeting = s.recv(4096)
+            elapsed = time.monotonic() - started
+            assert greeting.startswith(b"* OK imapproxy ready for requests from 127.0.0.2")
+            assert elapsed < 1.0, elapsed
+
+        # The unfinished handshakes are cut at their deadline.
+        cut = firstLines(handshakes, time.monotonic() + HANDSHAKE_TIMEOUT + 20)
+        assert len(cut) == 20 and set(cut.values()) == {b""}
+    finally:
+        for s in held:
+            s.close()
+    assert "Traceback" not in limited.log()
