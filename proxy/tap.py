@@ -24,6 +24,8 @@ from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
 from .oauth import AccessTokens, Onboarding, RefreshLeases, ThreadedRefresher
 from .pem import splitCertificates
+from .relay import MODES as RELAY_MODES
+from .relay import configure as configureRelay
 from .store import (
     RedisStore,
     RefreshLock,
@@ -89,6 +91,12 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "max-line-length": (8192, int, "Longest command line accepted before login"),
     "max-literal": (4096, int, "Largest literal accepted before login"),
     "oauth2-threads": (4, int, "Threads for requests to token endpoints"),
+    "relay": (
+        "fast",
+        str,
+        "How sessions are relayed: fast (Twisted's public path plus fast paths, "
+        "when their start-up probes pass) or plain (Twisted's public path only)",
+    ),
 }
 
 
@@ -166,6 +174,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
+        if self["relay"] not in RELAY_MODES:
+            raise usage.UsageError("--relay must be fast or plain")
         for name, (_default, conv, _help) in SETTINGS.items():
             if name in ZERO_ALLOWED and self[name] == 0:
                 continue
@@ -343,6 +353,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     top = MultiService()
+    # Once for the whole process, before any connection: logs which path.
+    configureRelay(options["relay"])
     store = options["_store"]
     store.setServiceParent(top)
 
