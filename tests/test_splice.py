@@ -306,6 +306,32 @@ def test_aFastPathThatCannotHookFallsBackAfterTheOK(pki):
         _fast._paths = previous
 
 
+def test_aSpliceThatCannotStartClosesBothSides(pki):
+    """Should starting fail anyway (a bug), the client is not left holding a dead session."""
+    s = Session(pki, True)
+
+    def broken(sink, onLost):
+        raise RuntimeError("takeOver failed")
+
+    s.upstreamSide.takeOver = broken  # type: ignore[method-assign]
+    failures: list[dict] = []
+    observer = lambda event: "log_failure" in event and failures.append(event)  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        s.splice()  # does not raise
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [f["log_failure"].type for f in failures] == [RuntimeError]
+    s.clientWrites(b"a3 LOGIN other token\r\n")
+    s.settle()
+    assert s.provider.lost is not None
+    assert s.client.lost is not None
+    assert s.ended == [s.spliced]
+    assert s.clock.getDelayedCalls() == []
+    # What the client sent after its OK was dropped, not parsed as a command.
+    assert s.clientSide.kept == b""
+
+
 # -- the start-up probes --------------------------------------------------------
 
 

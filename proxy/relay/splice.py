@@ -32,6 +32,10 @@ def tuneSocket(transport: Any) -> None:
     _fast.eagerWrites(transport)
 
 
+def _discard(data: bytes) -> None:
+    pass
+
+
 class Splice:
     """
     Glue between the client's ``ProxyServer`` and the logged-in
@@ -72,7 +76,11 @@ class Splice:
         except Exception:
             # The client was told OK already: never leave it a dead session.
             log.failure("session {label} could not be spliced", label=self.label)
+            # What the client sends now goes nowhere, not to the pre-auth parser.
+            self.client.sink = _discard
             self.close()
+            # Its loss may never be reported to this splice: no cut to wait for.
+            self._sideLost("upstream")
 
     def _start(self, held: bytes) -> None:
         ct = self.client.transport
