@@ -1,20 +1,18 @@
 """
-The one module that uses private names of Twisted, pyOpenSSL and
-cryptography; each access says why beside it.
+The one module that uses private names of Twisted and pyOpenSSL; each
+access says why beside it.
 
-Private names change without notice between releases, so every name and
-behaviour used here is probed once, at start-up (:func:`configure`, called by
-``makeService``), against Twisted's own classes over an in-memory TLS pair
-and a socket pair. The fast paths are on only when every probe passes;
-otherwise the whole process relays through Twisted's public interfaces and
-says why in one log line. Every function exported here may be called either
-way and never raises: with the fast paths off, or should hooking one
-connection fail anyway, it does what Twisted's public path does.
+Private names change without notice, so every name and behaviour used here
+is probed once at start-up (:func:`configure`, from ``makeService``) over an
+in-memory TLS pair and a socket pair. The fast paths are on only when every
+probe passes; otherwise the whole process relays through Twisted's public
+interfaces and says why in one log line. The functions exported here never
+raise: with the fast paths off, or should hooking one connection fail
+anyway, they do what Twisted's public path does.
 
-The PROXY-protocol parsers are not a fast path: Twisted has no public parser
-and no public way to read the header before the protocol starts. They are
-probed once, when the listeners are checked at start-up; a ``haproxy:``
-listener is refused with one clear line when they are missing.
+The PROXY-protocol parsers are not a fast path (Twisted exports none): they
+are probed when the listeners are checked at start-up, and a ``haproxy:``
+listener is refused with one line when they are missing.
 """
 
 from __future__ import annotations
@@ -35,20 +33,19 @@ log = Logger()
 
 MODES = ("fast", "plain")
 
-# TLS's largest record; the most decrypted bytes handed on at once; how much a
-# TCP connection reads at a time with the fast paths on (fewer, larger reads
+# TLS's largest record; the most decrypted records handed on at once; how much
+# a TCP connection reads at a time with the fast paths on (fewer, larger reads
 # and writes for bulk transfers).
 TLS_RECORD = 16384
-SEND_CHUNK = 262144
+SEND_RECORDS = 16
 READ_SIZE = 262144
 
 
 @attrs.frozen
 class FastPaths:
     """
-    Whether this process relays through the fast paths.
-
-    :ivar enabled: eager TCP writes, direct TLS writes and batched TLS reads.
+    :ivar enabled: whether this process uses eager TCP writes, direct TLS
+        writes and batched TLS reads.
     :ivar reason: why they are off (or ``"all probes passed"``).
     """
 
@@ -172,27 +169,31 @@ def _probeEagerWrites() -> None:
         # and its abort never completes.
         conn = tcp.Connection(a, Protocol(), MemoryReactorClock())
         conn.connected = 1
-        if (conn._aborting, conn._writeDisconnected, conn._tempDataLen) != (False, False, 0):
-            raise AssertionError("unexpected initial connection state")
-        if conn.offset != len(conn.dataBuffer) or conn.TLS:
-            raise AssertionError("unexpected initial write buffer")
+        state = (conn._aborting, conn._writeDisconnected, conn._tempDataLen, conn.TLS)
+        _check(state == (False, False, 0, False), "unexpected connection state")
+        _check(conn.offset == len(conn.dataBuffer), "unexpected write buffer")
         _eager(conn)
         conn.write(b"probe")
-        if b.recv(16) != b"probe":
-            raise AssertionError("an eager write was not sent at once")
+        _check(b.recv(16) == b"probe", "an eager write was not sent at once")
         conn.abortConnection()
-        if not conn._aborting:
-            raise AssertionError("abortConnection does not set _aborting")
+        _check(conn._aborting, "abortConnection does not set _aborting")
         conn.write(b"late")
-        try:
-            late = b.recv(16)
-        except BlockingIOError:
-            late = b""
-        if late:
-            raise AssertionError("a write after abortConnection was sent")
+        _check(_recv(b) == b"", "a write after abortConnection was sent")
     finally:
         a.close()
         b.close()
+
+
+def _check(condition: Any, problem: str) -> None:
+    if not condition:
+        raise AssertionError(problem)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(16)
+    except BlockingIOError:
+        return b""
 
 
 # -- direct TLS writes and batched TLS reads -----------------------------------
@@ -310,7 +311,7 @@ def _batchReads(tls: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes], Any
         if not gathering[0]:
             return sink(data)
         pending.append(data)
-        if sum(map(len, pending)) >= SEND_CHUNK:
+        if len(pending) >= SEND_RECORDS:  # each at most one record
             flush()
         return None
 
@@ -357,32 +358,26 @@ def _probeTLS() -> None:
 
     pair = tlsPair()
     for tls in (pair.client, pair.server):
-        if not isinstance(tls, BufferingTLSTransport):
-            raise TypeError("Twisted's TLS layer is not a BufferingTLSTransport")
-        if not isinstance(tls.getHandle(), SSL.Connection):
-            raise TypeError("the TLS layer's handle is not an OpenSSL connection")
-        if tls._appSendBuffer != [] or tls._lostTLSConnection is not False:
-            raise AssertionError("unexpected TLS layer state")
+        _check(isinstance(tls, BufferingTLSTransport), "the TLS layer does not buffer")
+        _check(isinstance(tls.getHandle(), SSL.Connection), "the TLS handle is not OpenSSL's")
+        _check(tls._appSendBuffer == [] and tls._lostTLSConnection is False, "TLS layer state")
     # Direct writes: what is written arrives, in order, after what was
     # aggregated before.
     pair.client.write(b"first ")
     write = _directWriter(pair.client)
     write(b"x" * (3 * TLS_RECORD))
     pair.pump()
-    if pair.serverReceived() != b"first " + b"x" * (3 * TLS_RECORD):
-        raise AssertionError("direct TLS writes did not arrive intact")
+    _check(pair.serverReceived() == b"first " + b"x" * (3 * TLS_RECORD), "direct TLS writes")
     # Batched reads: three records read at once reach the sink in one call.
     got: list[bytes] = []
     pair.serverApp.sink = _batchReads(pair.server, got.append)
     write(b"y" * (3 * TLS_RECORD))
     pair.pump()
-    if got != [b"y" * (3 * TLS_RECORD)]:
-        raise AssertionError("batched TLS reads did not gather one read")
-    connection = pair.client.getHandle()
+    _check(got == [b"y" * (3 * TLS_RECORD)], "batched TLS reads did not gather one read")
     from OpenSSL._util import lib
 
-    if lib.SSL_session_reused(connection._ssl) != 0:
-        raise AssertionError("SSL_session_reused is wrong on a fresh session")
+    reused = lib.SSL_session_reused(pair.client.getHandle()._ssl)
+    _check(reused == 0, "SSL_session_reused is wrong on a fresh session")
 
 
 # -- PROXY-protocol headers ----------------------------------------------------
@@ -425,27 +420,20 @@ class ProxyHeaderReader:
 @functools.cache
 def proxyHeaderProblem() -> str | None:
     """Why PROXY headers cannot be read with this Twisted, or ``None``."""
-    v2 = (
-        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
-        + bytes([192, 0, 2, 1, 198, 51, 100, 2])
-        + (1111).to_bytes(2, "big")
-        + (143).to_bytes(2, "big")
-    )
-    cases = [(b"PROXY TCP4 192.0.2.1 198.51.100.2 1111 143\r\n", "rest"), (v2, "rest")]
+    # 192.0.2.1:1111 -> 198.51.100.2:143, in each version.
+    v2 = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\xc6\x33\x64\x02\x04\x57\x00\x8f"
     try:
-        for header, rest in cases:
+        for header in (b"PROXY TCP4 192.0.2.1 198.51.100.2 1111 143\r\n", v2):
             reader = ProxyHeaderReader()
-            if reader.feed(header[:20]) != (None, b""):
-                raise AssertionError("a partial header was accepted")
-            info, left = reader.feed(header[20:] + rest.encode())
-            if (info.source.host, info.source.port, left) != ("192.0.2.1", 1111, b"rest"):
-                raise AssertionError("the header's source address was misread")
+            _check(reader.feed(header[:20]) == (None, b""), "a partial header was accepted")
+            info, left = reader.feed(header[20:] + b"rest")
+            got = (info.source.host, info.source.port, left)
+            _check(got == ("192.0.2.1", 1111, b"rest"), "the header was misread")
         try:
             ProxyHeaderReader().feed(b"PROXY BOGUS\r\n")
+            raise AssertionError("a bad header passed")
         except ValueError:
             pass
-        else:
-            raise AssertionError("an invalid header was accepted")
     except Exception as e:
         return f"Twisted's PROXY-protocol parsers: {type(e).__name__}: {e}"
     return None
