@@ -74,6 +74,9 @@ def test_large_append_and_fetch_are_byte_identical(relay_proxy, provider, doveco
         assert data[0][1] == msg
     finally:
         c.logout()
+    # Every connection took its path without a fallback or an error.
+    assert "not hooked" not in relay_proxy.log()
+    assert "Traceback" not in relay_proxy.log()
 
 
 def test_idle_sees_exists(relay_proxy, provider, dovecot, pki):
