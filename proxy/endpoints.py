@@ -20,22 +20,36 @@ from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import (
-    HAProxyProtocolWrapper,
-    HAProxyWrappingFactory,
-)
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
+
+from .relay import ProxyHeaderReader, proxyHeaderProblem
 
 HEADER_TIMEOUT = 10.0
 
 
-class _HeaderFirstWrapper(HAProxyProtocolWrapper):
+class _HeaderFirstWrapper(ProtocolWrapper):
+    """Reads the PROXY header, then starts the wrapped protocol (with TLS first for ``ssl:``)."""
+
     _started = False
     _timer: Any = None
+    _proxyInfo: Any = None
+
+    def __init__(self, factory: Any, wrappedProtocol: Any):
+        super().__init__(factory, wrappedProtocol)
+        self._reader = ProxyHeaderReader()
+
+    def getPeer(self) -> Any:
+        # The client, as the balancer saw it.
+        if self._proxyInfo is not None and self._proxyInfo.source is not None:
+            return self._proxyInfo.source
+        return self.transport.getPeer()  # type: ignore[union-attr]
+
+    def getHost(self) -> Any:
+        if self._proxyInfo is not None and self._proxyInfo.destination is not None:
+            return self._proxyInfo.destination
+        return self.transport.getHost()  # type: ignore[union-attr]
 
     def makeConnection(self, transport: Any) -> None:
         # As ProtocolWrapper.makeConnection, minus starting the wrapped
@@ -53,18 +67,9 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
         if self._started:
             self.wrappedProtocol.dataReceived(data)
             return
-        parser = self._parser
-        if parser is None:
-            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and ord(data[12:13]) & 0xF0 == 0x20:
-                self._parser = parser = V2Parser()
-            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
-                self._parser = parser = V1Parser()
-            else:
-                self.loseConnection()
-                return
         try:
-            info, remaining = parser.feed(data)
-        except InvalidProxyHeader:
+            info, remaining = self._reader.feed(data)
+        except ValueError:
             self.loseConnection()
             return
         if info is None:
@@ -96,7 +101,7 @@ class _HeaderFirstWrapper(HAProxyProtocolWrapper):
         self.factory.unregisterProtocol(self)
 
 
-class _HeaderFirstFactory(HAProxyWrappingFactory):
+class _HeaderFirstFactory(WrappingFactory):
     protocol = _HeaderFirstWrapper  # type: ignore[assignment]
     noisy = False
 
@@ -104,6 +109,9 @@ class _HeaderFirstFactory(HAProxyWrappingFactory):
         super().__init__(wrappedFactory)
         self.clock = clock
         self.tls = tls
+
+    def logPrefix(self) -> str:
+        return "PROXY-protocol " + self.wrappedFactory.logPrefix()  # type: ignore[attr-defined]
 
 
 class HeaderFirstEndpoint:
@@ -116,6 +124,23 @@ class HeaderFirstEndpoint:
 
     def listen(self, factory: Any) -> Any:
         return self._inner.listen(_HeaderFirstFactory(factory, self._clock, self._tls))
+
+
+class _ClearTLSReactor:
+    """
+    The reactor as an ``ssl:`` endpoint sees it, but listening in the clear:
+    ``listenSSL`` listens with TCP and starts TLS (with the endpoint's own
+    certificate options) once the PROXY header is read.
+    """
+
+    def __init__(self, reactor: Any):
+        self._reactor = reactor
+
+    def listenSSL(
+        self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
+    ) -> Any:
+        wrapped = _HeaderFirstFactory(factory, self._reactor, contextFactory)
+        return self._reactor.listenTCP(port, wrapped, backlog, interface)
 
 
 # Connections the kernel queues for accept(): Twisted's 50 is too few for
@@ -137,13 +162,12 @@ def serverEndpoint(reactor: Any, description: str) -> Any:
     """``serverFromString``, with ``haproxy:`` served by ``HeaderFirstEndpoint``."""
     description = withBacklog(description)
     if description.startswith("haproxy:"):
-        inner = endpoints.serverFromString(reactor, description[len("haproxy:") :])
-        if isinstance(inner, endpoints.SSL4ServerEndpoint):
+        problem = proxyHeaderProblem()
+        if problem is not None:
+            raise ValueError(f"haproxy: listeners cannot work: {problem}")
+        inner = description[len("haproxy:") :]
+        if inner.startswith("ssl:"):
             # Listen in the clear; TLS starts once the header is read.
-            tls = inner._sslContextFactory
-            inner = endpoints.TCP4ServerEndpoint(
-                reactor, inner._port, inner._backlog, inner._interface
-            )
-            return HeaderFirstEndpoint(inner, reactor, tls)
-        return HeaderFirstEndpoint(inner, reactor)
+            return endpoints.serverFromString(_ClearTLSReactor(reactor), inner)
+        return HeaderFirstEndpoint(endpoints.serverFromString(reactor, inner), reactor)
     return endpoints.serverFromString(reactor, description)

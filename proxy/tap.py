@@ -42,6 +42,8 @@ from .oauth import (
 )
 from .pem import splitCertificates
 from .penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
+from .relay import MODES as RELAY_MODES
+from .relay import configure as configureRelay
 from .store import (
     RedisPenalties,
     RedisStore,
@@ -144,6 +146,12 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "max-handshakes": (200, int, "TLS handshakes under way at once; when full the oldest goes"),
     "handshake-timeout": (10.0, float, "Seconds a TLS handshake (implicit or STARTTLS) may take"),
     "max-api-connections": (100, int, "API connections at once; when full the oldest goes"),
+    "relay": (
+        "fast",
+        str,
+        "How sessions are relayed: fast (Twisted's public path plus fast paths, "
+        "when their start-up probes pass) or plain (Twisted's public path only)",
+    ),
 }
 
 
@@ -221,6 +229,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
+        if self["relay"] not in RELAY_MODES:
+            raise usage.UsageError("--relay must be fast or plain")
         for name, (_default, conv, _help) in SETTINGS.items():
             if name in ZERO_ALLOWED and self[name] == 0:
                 continue
@@ -413,6 +423,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     top = MultiService()
+    # Once for the whole process, before any connection: logs which path.
+    configureRelay(options["relay"])
     store = options["_store"]
     store.setServiceParent(top)
 

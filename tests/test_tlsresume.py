@@ -2,7 +2,8 @@
 Tests for ``ResumingTLSOptions``: an upstream connection resumes the TLS
 session of an earlier, fully verified one, and a server that was not
 verified never gets that far. Both ends are real OpenSSL, over Twisted's
-in-memory transports (``iosim``).
+in-memory transports (``iosim``). Under both relay paths: resumption
+works with Twisted's and pyOpenSSL's public interfaces alone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from OpenSSL._util import lib
+from OpenSSL._util import lib  # only to check the handshake; the proxy never uses it
 from twisted.internet import ssl, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -18,6 +19,7 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.upstream import ResumingTLSOptions
+from tests.relaypaths import useRelay
 from tests.upstream.certs import make_pki
 
 
@@ -38,7 +40,16 @@ class Reader(Protocol):
         self.lost = reason
 
 
+def reused(tls) -> int:
+    return lib.SSL_session_reused(tls.getHandle()._ssl)  # type: ignore[no-any-return]
+
+
 class ResumptionTests(SynchronousTestCase):
+    relay = "fast"
+
+    def setUp(self):
+        useRelay(self, self.relay)
+
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp()
@@ -78,18 +89,18 @@ class ResumptionTests(SynchronousTestCase):
         server, options = self.serverOptions(), self.clientOptions()
         first, reader = self.connect(server, options)
         self.assertEqual(reader.data, b"* OK hello\r\n")
-        self.assertEqual(lib.SSL_session_reused(first._tlsConnection._ssl), 0)
+        self.assertEqual(reused(first), 0)
         options.remember(first)
         second, reader = self.connect(server, options)
         self.assertEqual(reader.data, b"* OK hello\r\n")
-        self.assertEqual(lib.SSL_session_reused(second._tlsConnection._ssl), 1)
+        self.assertEqual(reused(second), 1)
 
     def test_withoutASessionEveryHandshakeIsFull(self):
         """Nothing remembered: a full handshake, as Twisted's own options do."""
         server, options = self.serverOptions(), self.clientOptions()
         first, _ = self.connect(server, options)
         second, _ = self.connect(server, options)
-        self.assertEqual(lib.SSL_session_reused(second._tlsConnection._ssl), 0)
+        self.assertEqual(reused(second), 0)
 
     def test_theWrongHostIsStillRefused(self):
         """Host name verification is Twisted's, unchanged: a mismatch fails the handshake."""
@@ -97,3 +108,26 @@ class ResumptionTests(SynchronousTestCase):
         _c, reader = self.connect(server, options)
         self.assertEqual(reader.data, b"")
         self.assertIsNotNone(reader.lost)
+
+    def test_resumptionGoesOnConnectionAfterConnection(self):
+        """The session kept from a resumed connection resumes the next one too."""
+        server, options = self.serverOptions(), self.clientOptions()
+        first, _ = self.connect(server, options)
+        options.remember(first)
+        for _ in range(3):
+            later, reader = self.connect(server, options)
+            self.assertEqual(reader.data, b"* OK hello\r\n")
+            self.assertEqual(reused(later), 1)
+            options.remember(later)
+
+    def test_aPlainConnectionIsIgnored(self):
+        """remember() on a transport without TLS keeps nothing."""
+        options = self.clientOptions()
+        options.remember(Reader())
+        self.assertIsNone(options.session)
+
+
+class PlainRelayResumptionTests(ResumptionTests):
+    """The same, with ``relay = plain``: no private name is used."""
+
+    relay = "plain"

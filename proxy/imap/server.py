@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied, ProxyError, Unavailable
-from ..relay import Splice, tuneSocket
+from ..relay import Splice, transportChain, tuneSocket
 from ..store import StoreUnavailable
 from ..tokens import clientAddress
 from .reader import CommandReader
@@ -185,11 +185,9 @@ class ProxyServer(CommandReader, IMAP4Server):
         """Whether this connection runs over TLS (implicit or STARTTLS)."""
         if self.startedTLS:
             return True
-        t = self.transport
-        while t is not None:
+        for t in transportChain(self.transport):
             if INegotiated.providedBy(t) or getattr(t, "TLS", False):
                 return True
-            t = getattr(t, "transport", None)
         return False
 
     def plaintextAllowed(self) -> bool:

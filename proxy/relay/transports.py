@@ -29,13 +29,3 @@ def transportChain(transport: Any) -> Iterator[Any]:
             return
         yield t
         t = getattr(t, "transport", None)
-
-
-def innermostTransport(transport: Any) -> Any:
-    """
-    The transport at the bottom of ``transport``'s stack (the socket's, for
-    a TCP connection, below TLS and PROXY-protocol wrappers), or None for
-    None.
-    """
-    chain = list(transportChain(transport))
-    return chain[-1] if chain else None

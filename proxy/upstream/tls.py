@@ -11,7 +11,6 @@ import stat
 from typing import Any
 
 from OpenSSL import SSL, crypto
-from OpenSSL._util import lib as _lib
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -21,6 +20,7 @@ from zope.interface import implementer
 from ..errors import Unavailable
 from ..model import Upstream
 from ..pem import splitCertificates
+from ..relay import sessionReused
 
 MAX_CA_FILE = 1024 * 1024
 
@@ -79,17 +79,18 @@ class ResumingTLSOptions:
 
     def remember(self, transport: Any) -> None:
         """Keep the session of ``transport``'s TLS connection for the next one."""
-        t = transport
-        for _ in range(3):
-            connection = getattr(t, "_tlsConnection", None)
-            if connection is None and getattr(t, "TLS", False):
-                connection = getattr(getattr(t, "protocol", None), "_tlsConnection", None)
-            if connection is not None:
-                # A resumed connection's session is the one already kept.
-                if not _lib.SSL_session_reused(connection._ssl):
-                    self.session = connection.get_session()
-                return
-            t = getattr(t, "transport", None)
+        try:
+            # A TLS transport's handle is its OpenSSL connection (STARTTLS
+            # included); a plain one's is its socket.
+            connection = transport.getHandle()
+        except Exception:
+            return
+        if not isinstance(connection, SSL.Connection):
+            return
+        # A resumed connection's session is the one already kept. Without
+        # the fast paths that is unknown: keep the newest, which resumes too.
+        if not sessionReused(connection):
+            self.session = connection.get_session()
 
 
 class TLSOptionsCache:
