@@ -405,6 +405,7 @@ def buildToken(data: Any, now: float) -> Token:
         scopes = parseScopes(scopes)
     except ValueError as e:
         raise InvalidInput(str(e)) from None
+    _check(data.get("description") is not None, "description is required")
     description = _string(data.get("description"), "description", 1024)
     restrictions = _object(data.get("restrictions") or {}, "restrictions", {"addresses"})
     addresses = restrictions.get("addresses") or []
