@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
@@ -98,6 +100,8 @@ class ReloadingCertificate:
         self.keyPath = keyPath
         self._options = options
         self._stamps = (_stamp(certPath), _stamp(keyPath))
+        #: Runs a blocking callable off the reactor thread (tests: at once).
+        self.runInThread: Callable[..., Deferred[Any]] | None = None
 
     @classmethod
     def fromFiles(cls, certPath: str, keyPath: str) -> ReloadingCertificate:
@@ -138,7 +142,10 @@ class ReloadingCertificate:
         """
         if force:
             self._stamps = ((0, 0, 0, 0), (0, 0, 0, 0))
-        d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), self.changedBlocking)
+        run = self.runInThread or partial(
+            threads.deferToThreadPool, reactor, reactor.getThreadPool()
+        )
+        d = run(self.changedBlocking)
 
         def swap(options: ssl.CertificateOptions | None) -> bool:
             if options is None:

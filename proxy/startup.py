@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .encryption import SecretKeyError, writeLoadedMarker
@@ -136,9 +139,16 @@ class KeyWatch:
     whether a running server picked a new key up.
     """
 
-    def __init__(self, store: Any, reactor: Any, pid: int | None = None):
+    def __init__(
+        self,
+        store: Any,
+        reactor: Any,
+        pid: int | None = None,
+        runInThread: Callable[..., Deferred[Any]] | None = None,
+    ):
         self._store = store
         self._reactor = reactor
+        self._run = runInThread
         self._pid = os.getpid() if pid is None else pid
         self._recorded: list[bytes] | None = None
         self._markerFailed = False
@@ -173,14 +183,10 @@ class KeyWatch:
         if secrets.path is None or secrets.keys == self._recorded:
             return None
         keys = list(secrets.keys)
-        d = threads.deferToThreadPool(
-            self._reactor,
-            self._reactor.getThreadPool(),
-            writeLoadedMarker,
-            secrets.path,
-            keys,
-            self._pid,
+        run = self._run or partial(
+            threads.deferToThreadPool, self._reactor, self._reactor.getThreadPool()
         )
+        d = run(writeLoadedMarker, secrets.path, keys, self._pid)
 
         def done(_: Any) -> None:
             self._recorded = keys
