@@ -16,7 +16,7 @@ from cryptography.fernet import Fernet
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
@@ -24,8 +24,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from proxy.encryption import ENV_VAR
-from proxy.startup import ListeningEndpoint, ProxyService
+from proxy.encryption import ENV_VAR, Secrets, keyFingerprint, readLoadedMarker
+from proxy.startup import KeyWatch, ListeningEndpoint, ProxyService
 from proxy.store import SQLiteStore
 from proxy.tap import DEFAULT_PORT, SETTINGS, Options, makeService
 from tests.upstream.certs import make_pki
@@ -439,3 +439,48 @@ class ListenerLimitTests(SynchronousTestCase):
             self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
         else:
             self.assertGreaterEqual(raiseFileLimit(), soft)
+
+
+class KeyWatchTests(SynchronousTestCase):
+    """The server's record of the keys it uses, read by 'imapproxy secrets add-key'."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "secret.key")
+        self.secrets = Secrets([Fernet.generate_key()], self.path)
+        self.changed = False
+        self.store = mock.Mock(secrets=self.secrets)
+        self.store.reloadSecrets = lambda: succeed(self.changed)
+
+    def watch(self) -> KeyWatch:
+        return KeyWatch(self.store, MemoryReactorClock(), pid=4321, runInThread=maybeDeferred)
+
+    def test_recordsKeysInUse(self):
+        """After a look at the key file the keys in use are recorded, by fingerprint."""
+        watch = self.watch()
+        self.successResultOf(watch.check())
+        self.assertEqual(
+            readLoadedMarker(self.path), (4321, [keyFingerprint(self.secrets.keys[0])])
+        )
+        # Unchanged keys are not written again.
+        os.unlink(self.path + ".loaded")
+        self.successResultOf(watch.check())
+        self.assertIsNone(readLoadedMarker(self.path))
+        # New keys are.
+        self.secrets._setKeys([Fernet.generate_key(), *self.secrets.keys])
+        self.changed = True
+        self.successResultOf(watch.check())
+        self.assertEqual(readLoadedMarker(self.path)[1][0], keyFingerprint(self.secrets.keys[0]))
+
+    def test_unwritableRecordWarnsOnce(self):
+        """A directory the server cannot write is one warning, and the watch goes on."""
+        self.secrets.path = os.path.join(self.dir, "missing", "secret.key")
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        watch = self.watch()
+        self.successResultOf(watch.check())
+        self.successResultOf(watch.check())
+        warned = [e for e in events if "cannot record the keys" in formatEvent(e)]
+        self.assertEqual(len(warned), 1)
