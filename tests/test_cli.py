@@ -248,3 +248,12 @@ class PickupTests(TempDirMixin, SynchronousTestCase):
             text = f.read()
         self.assertNotIn(self.new.decode(), text)
         self.assertIn(keyFingerprint(self.new), text)
+
+
+class TokenRequestTests(SynchronousTestCase):
+    def test_descriptionRequired(self):
+        """A token request without a description says it is required (the reference does)."""
+        from proxy.admin import InvalidInput, buildToken
+
+        e = self.assertRaises(InvalidInput, buildToken, {"scopes": ["api"]}, 0.0)
+        self.assertEqual(str(e), "description is required")

@@ -15,6 +15,8 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -319,3 +321,12 @@ def test_device_authorization_unreachable_in_one_line(tmp_path, provider):
         "accounts", "authorize", "b", "--app", "untrusted", "--device", check=False
     )
     assert "is not trusted" in one_line(untrusted)
+
+
+def test_api_does_not_advertise_versions(proxy):
+    """The API's Server header names no software version."""
+    request = urllib.request.Request(proxy.api_url + "/v1/tokens")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(request, timeout=TIMEOUT)
+    assert refused.value.headers["Server"] == "imapproxy"
