@@ -206,6 +206,12 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         self.assertIn("sqlite:///var/lib/imapproxy/x.sqlite3", e.code)
         self.assertEqual(os.listdir(self.dir), [])
 
+    def test_extraSlashesCollapsed(self):
+        """sqlite:////abs/x names /abs/x (logged with one leading slash)."""
+        from proxy.store import sqlitePath
+
+        self.assertEqual(sqlitePath("sqlite:////var/lib/x.sqlite3"), "/var/lib/x.sqlite3")
+
     def test_emptyStorePath(self):
         """A store URL without a file is refused."""
         for url in ("sqlite://", "sqlite:///", "sqlite:///tmp/dir/"):

@@ -70,6 +70,8 @@ def sqlitePath(url: str) -> str:
     if parts.query or parts.fragment:
         raise StoreError(f"store URL {url!r}: an SQLite store takes no ?query or #fragment")
     path = unquote(parts.path)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")  # sqlite:////abs: one root, as the log shows it
     if not path or path.endswith("/"):
         raise StoreError(f"store URL {url!r} names no file")
     return path
