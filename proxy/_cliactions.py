@@ -189,6 +189,22 @@ async def awaitPickup(path: str, key: bytes, clock: Any, wait: float, step: floa
     )
 
 
+def checkServerUsesNewest(path: str, newest: bytes) -> None:
+    """
+    Before re-encrypting: a running server that still encrypts under an older
+    key would write secrets that ``retire`` then makes unreadable.
+
+    :raises AdminError: when the server recorded beside ``path`` is running
+        without the newest key.
+    """
+    marker = readLoadedMarker(path)
+    if marker is not None and _alive(marker[0]) and marker[1][:1] != [keyFingerprint(newest)]:
+        raise AdminError(
+            f"the running server (pid {marker[0]}) does not use the newest key of {path}: "
+            "see its log (can its user read the file?) and try again"
+        )
+
+
 async def secrets(command: str, store: Any, reloadInterval: float) -> None:
     from twisted.internet import reactor
     from twisted.internet.task import deferLater
@@ -213,6 +229,7 @@ async def secrets(command: str, store: Any, reloadInterval: float) -> None:
         age = time.time() - os.stat(keys.path).st_mtime
         if age < 2 * reloadInterval:
             await deferLater(reactor, 2 * reloadInterval - age)
+        checkServerUsesNewest(keys.path, keys.keys[0])
         n = await store.rotateSecrets()
         print(
             f"{n} stored secrets re-encrypted under the newest key. Next: imapproxy secrets retire",

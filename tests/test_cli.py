@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy import __version__, cli
-from proxy._cliactions import awaitPickup, errorLine, openStore
+from proxy._cliactions import awaitPickup, checkServerUsesNewest, errorLine, openStore
 from proxy.admin import AdminError
 from proxy.encryption import (
     ENV_VAR,
@@ -240,6 +240,17 @@ class PickupTests(TempDirMixin, SynchronousTestCase):
         e = self.failureResultOf(d, AdminError).value
         self.assertIn("did not load the new key within 12 s", str(e))
         self.assertIn(self.path, str(e))
+
+    def test_rotateRefusedWhileServerUsesOldKey(self):
+        """'secrets rotate' refuses while a running server encrypts under an older key."""
+        writeLoadedMarker(self.path, [self.old], os.getpid())
+        e = self.assertRaises(AdminError, checkServerUsesNewest, self.path, self.new)
+        self.assertIn("does not use the newest key", str(e))
+        writeLoadedMarker(self.path, [self.new, self.old], os.getpid())
+        checkServerUsesNewest(self.path, self.new)
+        # A server that is gone does not hold the rotation up.
+        writeLoadedMarker(self.path, [self.old], 2**22 + 12345)
+        checkServerUsesNewest(self.path, self.new)
 
     def test_fingerprintIsOneWay(self):
         """The record names keys by a short digest, never the key."""
