@@ -27,19 +27,35 @@ log = Logger()
 KEY_RELOAD_INTERVAL = 5.0
 
 
+class StartupFailed(Exception):
+    """
+    The service cannot start. An exception, not ``SystemExit``: twistd
+    reports an ``Exception`` from a daemonized start to the waiting parent
+    (``An error has occurred: …``, status 1), and waits forever otherwise.
+    """
+
+
+def _oneLine(previous: Any, kind: Any, value: BaseException, tb: Any) -> None:
+    if isinstance(value, StartupFailed):
+        # twistd sends sys.stderr to the log, which already has the line.
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(f"imapproxy: {value}\n")
+        stream.flush()
+    else:
+        previous(kind, value, tb)
+
+
 def startupFailed(message: str) -> None:
     """
-    End the start-up with one line: in the log and on the real standard error
-    (twistd sends ``sys.stderr`` to the log), then exit non-zero so that a
-    supervisor (systemd's ``Restart=on-failure``) sees the failure.
+    End the start-up with one line, in the log and on standard error (not a
+    traceback), and exit status 1 so that a supervisor (systemd's
+    ``Restart=on-failure``) sees the failure.
+
+    :raises StartupFailed: always, out of twistd to the interpreter.
     """
     log.critical("{message}", message=message)
-    stream = sys.__stderr__
-    if stream is not None and stream is not sys.stderr:
-        stream.write(f"imapproxy: {message}\n")
-        stream.flush()
-        raise SystemExit(1)
-    raise SystemExit(f"imapproxy: {message}")
+    sys.excepthook = partial(_oneLine, sys.excepthook)
+    raise StartupFailed(message)
 
 
 class ListeningEndpoint:

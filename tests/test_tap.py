@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+from io import StringIO
 from unittest import mock
 
 from cryptography.fernet import Fernet
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.encryption import ENV_VAR, Secrets, keyFingerprint, readLoadedMarker
-from proxy.startup import KeyWatch, ListeningEndpoint, ProxyService
+from proxy.startup import KeyWatch, ListeningEndpoint, ProxyService, StartupFailed
 from proxy.store import SQLiteStore
 from proxy.tap import DEFAULT_PORT, SETTINGS, Options, makeService
 from tests.upstream.certs import make_pki
@@ -235,8 +236,6 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
 
     def test_version(self):
         """--version prints imapproxy's version, not only Twisted's."""
-        from io import StringIO
-
         from proxy import __version__
 
         out = StringIO()
@@ -355,10 +354,13 @@ class MakeServiceTests(OptionsMixin, TestCase):
         good = ListeningEndpoint(endpoint, "tcp:1143", "IMAP", reactor)
         top.addListener(good, Factory())
         top.addListener(ListeningEndpoint(FailingEndpoint(), "tcp:8080", "API", reactor), Factory())
-        # Not under twistd: standard error is not the log, so the line is the exit's.
-        with mock.patch("sys.stderr", sys.__stderr__):
-            e = self.assertRaises(SystemExit, top.privilegedStartService)
-        self.assertEqual(e.code, "imapproxy: cannot listen on tcp:8080: Address already in use")
+        err = StringIO()
+        with mock.patch("sys.excepthook"), mock.patch("sys.__stderr__", err):
+            e = self.assertRaises(StartupFailed, top.privilegedStartService)
+            # Out of twistd, the interpreter shows it as one line.
+            sys.excepthook(StartupFailed, e, None)
+        self.assertEqual(str(e), "cannot listen on tcp:8080: Address already in use")
+        self.assertEqual(err.getvalue(), f"imapproxy: {e}\n")
         self.assertTrue(endpoint.port.stopped)
 
     def test_sslPortUsesConfiguredCertificate(self):
