@@ -154,7 +154,9 @@ def writeKeyFile(path: str, keys: list[bytes]) -> None:
     :raises SecretKeyError: when the owner cannot be kept (say as whom to run).
     """
     try:
-        old = os.stat(path)
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None  # a new file: ours, mode 0600
     except OSError as e:
         raise SecretKeyError(f"cannot read secret file {path}: {e.strerror}") from None
     tmp = f"{path}.new.{os.getpid()}"
@@ -168,7 +170,7 @@ def writeKeyFile(path: str, keys: list[bytes]) -> None:
             for k in keys:
                 f.write(k.decode("ascii") + "\n")
             f.flush()
-            if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
                 try:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
                 except PermissionError:
@@ -176,7 +178,8 @@ def writeKeyFile(path: str, keys: list[bytes]) -> None:
                         f"{path} belongs to {_owner(old.st_uid)}: run the command as that "
                         f"user (runuser -u {_owner(old.st_uid)} -- imapproxy ...) or as root"
                     ) from None
-            os.fchmod(f.fileno(), old.st_mode & 0o7777)
+            if old is not None:
+                os.fchmod(f.fileno(), old.st_mode & 0o7777)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
