@@ -21,15 +21,24 @@ from .store import SQLiteStore, StoreError, makeStore, sqlitePath
 CREATING = {("accounts", "add"), ("accounts", "authorize"), ("apps", "add"), ("tokens", "issue")}
 
 
-def openStore(url: str, secretFile: str | None, create: bool = True) -> Any:
+def requireStore(url: str) -> None:
+    """Exit with one line when ``url`` names an SQLite store that does not exist."""
     try:
-        if not create and urlsplit(url).scheme == "sqlite":
+        if urlsplit(url).scheme == "sqlite":
             path = os.path.abspath(sqlitePath(url))
             if not os.path.exists(path):
                 raise StoreError(
                     f"no store at {path} (give --store or --config as the server has them; "
                     "'imapproxy accounts add' creates a new one)"
                 )
+    except StoreError as e:
+        sys.exit(f"imapproxy: {e}")
+
+
+def openStore(url: str, secretFile: str | None, create: bool = True) -> Any:
+    if not create:
+        requireStore(url)
+    try:
         store = makeStore(url, secretFile)
         fresh = isinstance(store, SQLiteStore) and not os.path.exists(store.path)
         store.openBlocking()

@@ -16,7 +16,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
 from . import __version__
-from ._cliactions import CREATING, authorize, errorLine, openStore, secrets
+from ._cliactions import CREATING, authorize, errorLine, openStore, requireStore, secrets
 from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .model import TLS_MODES
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.group == "store":
         source, target = _openBoth(args, url, secretFile)
         _react(lambda: _copy(source, target, args.overwrite))
-    store = openStore(url, secretFile, create=(args.group, args.command) in CREATING)
+    store = _open(url, secretFile, create=(args.group, args.command) in CREATING)
 
     async def run() -> None:
         # On a shared store, sessions closed here are closed on every instance.
@@ -349,14 +349,17 @@ def main(argv: list[str] | None = None) -> None:
     _react(run)
 
 
+def _open(url: str, secretFile: str | None, create: bool = True) -> Any:
+    return openStore(url, secretFile, create)
+
+
 def _openBoth(args: argparse.Namespace, url: str, secretFile: str | None) -> tuple[Any, Any]:
     # The configured store's key is FROM's when FROM is the configured store.
-    source = openStore(
-        args.source,
-        args.from_secret_file or (secretFile if args.source == url else None),
-        create=False,
+    requireStore(args.source)
+    source = _open(
+        args.source, args.from_secret_file or (secretFile if args.source == url else None)
     )
-    target = openStore(args.target, args.to_secret_file)
+    target = _open(args.target, args.to_secret_file)
     if _identity(source) == _identity(target):
         sys.exit("imapproxy: FROM and TO are the same store")
     return source, target

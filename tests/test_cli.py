@@ -128,6 +128,22 @@ class OpenStoreTests(TempDirMixin, SynchronousTestCase):
         self.assertIn(f"created a new secret key {self.dir}/secret.key: back it up", err.getvalue())
 
 
+class NewStoreOwnerTests(TempDirMixin, SynchronousTestCase):
+    def test_rootGivesNewFilesToTheStateOwner(self):
+        """Root creating a store in the service user's directory gives it the new files."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        state = os.path.join(self.dir, "state")
+        os.mkdir(state, 0o700)
+        os.chown(state, 65534, 65534)
+        with mock.patch("sys.stderr", io.StringIO()):
+            store = openStore(f"sqlite://{state}/x.sqlite3", None)
+        store._closeBlocking()
+        for name in ("x.sqlite3", "secret.key"):
+            st = os.stat(os.path.join(state, name))
+            self.assertEqual((st.st_uid, st.st_gid), (65534, 65534), name)
+
+
 class ErrorLineTests(SynchronousTestCase):
     def request(self, url: str) -> requests.PreparedRequest:
         return requests.Request("POST", url).prepare()
