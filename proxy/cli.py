@@ -10,17 +10,18 @@ import argparse
 import json
 import os
 import sys
-import time
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from . import __version__
+from ._cliactions import CREATING, authorize, errorLine, openStore, requireStore, secrets
 from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
-from .encryption import SecretKeyError
 from .model import TLS_MODES
-from .store import RedisStore, SessionBus, StoreError, defaultStoreURL, makeStore
+from .startup import KEY_RELOAD_INTERVAL
+from .store import RedisStore, SessionBus, defaultStoreURL
 from .store.copy import copyStore
 
 
@@ -34,12 +35,21 @@ def _secretArg(value: str) -> str:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other failure of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"imapproxy: {self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--store",
         default=argparse.SUPPRESS,
-        help="store URL, e.g. sqlite:///var/lib/imapproxy/imapproxy.sqlite3",
+        help="store URL: sqlite:///ABSOLUTE/PATH (three slashes), "
+        "redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH/redis.sock?db=N "
+        "[default: imapproxy.sqlite3 in the state directory]",
     )
     common.add_argument(
         "--config",
@@ -54,9 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="imapproxy", parents=[common], description="Manage imapproxy accounts and tokens."
     )
+    p.add_argument("--version", action="version", version=f"imapproxy {__version__}")
     top = p.add_subparsers(dest="group", required=True)
 
     acc = top.add_parser("accounts", help="mailbox accounts").add_subparsers(
@@ -241,7 +252,7 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
         await admin.removeAccount(args.account)
         print(f"account {args.account} removed with its tokens", file=sys.stderr)
     elif group == "accounts" and command == "authorize":
-        await _authorize(args, admin, out)
+        await authorize(args, admin, out)
     elif group == "apps" and command == "add":
         data: dict[str, Any] = {
             "app": args.app,
@@ -274,7 +285,7 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
         await admin.removeApp(args.app)
         print(f"OAuth2 app {args.app} removed", file=sys.stderr)
     elif group == "secrets":
-        await _secrets(command, admin.store)
+        await secrets(command, admin.store, KEY_RELOAD_INTERVAL)
     elif group == "tokens" and command == "issue":
         request: dict[str, Any] = {
             "account": args.account,
@@ -307,121 +318,9 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
         print(f"token revoked{done}", file=sys.stderr)
 
 
-async def _authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-    from twisted.internet.threads import deferToThread
-
-    from .oauth.onboarding import (
-        DevicePending,
-        DeviceSlowDown,
-        Onboarding,
-        OnboardingError,
-        devicePollBlocking,
-        deviceStartBlocking,
-    )
-
-    imap: dict[str, Any] | None = None
-    if args.imap_host:
-        imap = {"host": args.imap_host, "port": args.imap_port, "tls": args.imap_tls}
-        if args.imap_ca_file:
-            imap["caFile"] = os.path.abspath(args.imap_ca_file)
-    onboarding = Onboarding(admin, admin.store.secrets, deferToThread, reactor)
-    if not args.device:
-        request: dict[str, Any] = {"app": args.app, "account": args.account}
-        if args.email:
-            request["email"] = args.email
-        if imap is not None:
-            request["imap"] = imap
-        started = await onboarding.start(request)
-        out.write(started["url"] + "\n")
-        print(
-            "open this URL in the mailbox owner's browser within 10 minutes; "
-            "the proxy's /oauth2/callback completes the account",
-            file=sys.stderr,
-        )
-        return
-    app = await admin.getApp(args.app)
-    if not app.deviceURL:
-        raise OnboardingError(f"OAuth2 app {app.id} has no deviceAuthorizationUrl")
-    grant = await deferToThread(deviceStartBlocking, app, 10.0)
-    uri = grant.get("verification_uri") or grant.get("verification_url")
-    out.write(f"To authorize, open {uri} on any device and enter the code {grant['user_code']}\n")
-    out.flush()
-    interval = float(grant.get("interval", 5))
-    deadline = reactor.seconds() + float(grant.get("expires_in", 900))
-    while True:
-        if reactor.seconds() >= deadline:
-            raise OnboardingError("the code expired before it was used; start again")
-        await deferLater(reactor, interval)
-        try:
-            token = await deferToThread(devicePollBlocking, app, grant["device_code"], 10.0)
-            break
-        except DeviceSlowDown:
-            interval += 5
-        except DevicePending:
-            pass
-    account = await onboarding.complete(args.account, app, token, args.email, imap)
-    print(f"account {account.id} authorized for {account.email}", file=sys.stderr)
-
-
-async def _secrets(command: str, store: Any) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    from .encryption import newKey, writeKeyFile
-    from .tap import KEY_RELOAD_INTERVAL
-
-    secrets = store.secrets
-    if secrets.path is None:
-        raise AdminError(
-            "the keys come from $IMAPPROXY_SECRET_KEY: change them there "
-            "(newest first, comma-separated)"
-        )
-    if command == "add-key":
-        writeKeyFile(secrets.path, [newKey(), *secrets.keys])
-        print(
-            f"new key added to {secrets.path}; running servers use it within "
-            f"{KEY_RELOAD_INTERVAL:.0f} s. Next: imapproxy secrets rotate",
-            file=sys.stderr,
-        )
-    elif command == "rotate":
-        # Servers re-read the key file every few seconds; wait until they must
-        # have the newest key, so nothing they write later needs an old one.
-        age = time.time() - os.stat(secrets.path).st_mtime
-        if age < 2 * KEY_RELOAD_INTERVAL:
-            await deferLater(reactor, 2 * KEY_RELOAD_INTERVAL - age)
-        n = await store.rotateSecrets()
-        print(
-            f"{n} stored secrets re-encrypted under the newest key. Next: imapproxy secrets retire",
-            file=sys.stderr,
-        )
-    elif command == "retire":
-        if len(secrets.keys) == 1:
-            print("only one key: nothing to retire", file=sys.stderr)
-            return
-        left = await store.undecryptable(secrets.newestOnly())
-        if left:
-            raise AdminError(
-                f"{left} stored secret(s) still need an older key: "
-                "run 'imapproxy secrets rotate' first"
-            )
-        writeKeyFile(secrets.path, secrets.keys[:1])
-        print(f"{len(secrets.keys) - 1} old key(s) removed from {secrets.path}", file=sys.stderr)
-
-
 def _json(value: Any, out: Any) -> None:
     json.dump(value, out, indent=2)
     out.write("\n")
-
-
-def _open(url: str, secretFile: str | None) -> Any:
-    try:
-        store = makeStore(url, secretFile)
-        store.openBlocking()
-    except (StoreError, SecretKeyError) as e:
-        sys.exit(f"imapproxy: {e}")
-    return store
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.group == "store":
         source, target = _openBoth(args, url, secretFile)
         _react(lambda: _copy(source, target, args.overwrite))
-    store = _open(url, secretFile)
+    store = _open(url, secretFile, create=(args.group, args.command) in CREATING)
 
     async def run() -> None:
         # On a shared store, sessions closed here are closed on every instance.
@@ -450,8 +349,13 @@ def main(argv: list[str] | None = None) -> None:
     _react(run)
 
 
+def _open(url: str, secretFile: str | None, create: bool = True) -> Any:
+    return openStore(url, secretFile, create)
+
+
 def _openBoth(args: argparse.Namespace, url: str, secretFile: str | None) -> tuple[Any, Any]:
     # The configured store's key is FROM's when FROM is the configured store.
+    requireStore(args.source)
     source = _open(
         args.source, args.from_secret_file or (secretFile if args.source == url else None)
     )
@@ -485,11 +389,11 @@ def _react(run: Any) -> None:
     def outer(reactor: Any) -> Any:
         def failed(f: Any) -> None:
             nonlocal code
-            if f.check(AdminError, StoreError, SecretKeyError):
-                print(f"imapproxy: {f.value}", file=sys.stderr)
-                code = 1
-                return None
-            return f
+            # Every failure is one line; a traceback only when asked for.
+            if os.environ.get("IMAPPROXY_DEBUG"):
+                f.printTraceback(file=sys.stderr)
+            print(f"imapproxy: {errorLine(f.value)}", file=sys.stderr)
+            code = 1
 
         return ensureDeferred(run()).addErrback(failed)
 

@@ -22,7 +22,11 @@ def readConfig(path: str, known: set[str]) -> dict[str, str]:
     :raises ConfigError: unreadable file, no ``[imapproxy]`` section, or an
         unknown key (a typo should not silently fall back to a default).
     """
-    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    # "port = tcp:2143 ; the IMAP port": a comment after a value (after
+    # white space) is a comment, never part of an endpoint string or a path.
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="__none__", inline_comment_prefixes=(";", "#")
+    )
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)

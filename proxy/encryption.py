@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -26,6 +27,9 @@ class Secrets:
     :param path: the key file they came from (None for the environment), so
         that a running service can pick up keys added by ``secrets add-key``.
     """
+
+    #: True when this process created the key file (a new key: back it up).
+    created = False
 
     def __init__(self, keys: list[bytes], path: str | None = None):
         self.path = path
@@ -129,22 +133,103 @@ def loadSecrets(secretFile: str | None, defaultFile: str | None, environ=os.envi
         return Secrets(parseKeys(environ[ENV_VAR]))
     if defaultFile is None:
         raise SecretKeyError(f"no secret key: give --secret-file or set {ENV_VAR}")
+    created = False
     if not os.path.exists(defaultFile):
-        _createKeyFile(defaultFile)
-    return Secrets(_readKeyFile(defaultFile), defaultFile)
+        try:
+            _createKeyFile(defaultFile)
+        except OSError as e:
+            raise SecretKeyError(f"cannot create secret file {defaultFile}: {e.strerror}") from None
+        created = True
+    secrets = Secrets(_readKeyFile(defaultFile), defaultFile)
+    secrets.created = created
+    return secrets
 
 
 def writeKeyFile(path: str, keys: list[bytes]) -> None:
-    """Replace the key file atomically (mode 0600)."""
+    """
+    Replace the key file atomically, keeping its owner, group and mode (the
+    server may run as another user than the admin command; a key file it
+    cannot read would stop it at the next start).
+
+    :raises SecretKeyError: when the owner cannot be kept (say as whom to run).
+    """
+    try:
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None  # a new file: ours, mode 0600
+    except OSError as e:
+        raise SecretKeyError(f"cannot read secret file {path}: {e.strerror}") from None
     tmp = f"{path}.new.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("# imapproxy secret keys, newest first (see 'imapproxy secrets')\n")
-        for k in keys:
-            f.write(k.decode("ascii") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise SecretKeyError(f"cannot write beside {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("# imapproxy secret keys, newest first (see 'imapproxy secrets')\n")
+            for k in keys:
+                f.write(k.decode("ascii") + "\n")
+            f.flush()
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+                except PermissionError:
+                    raise SecretKeyError(
+                        f"{path} belongs to {_owner(old.st_uid)}: run the command as that "
+                        f"user (runuser -u {_owner(old.st_uid)} -- imapproxy ...) or as root"
+                    ) from None
+            if old is not None:
+                os.fchmod(f.fileno(), old.st_mode & 0o7777)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def keyFingerprint(key: bytes) -> str:
+    """A short, one-way name for a key, safe to write down and compare."""
+    return hashlib.sha256(b"imapproxy-key-id\0" + key).hexdigest()[:16]
+
+
+def loadedMarkerPath(keyFile: str) -> str:
+    """Where a running server records the keys it loaded from ``keyFile``."""
+    return keyFile + ".loaded"
+
+
+def writeLoadedMarker(keyFile: str, keys: list[bytes], pid: int) -> None:
+    """
+    Blocking: record which keys (fingerprints, newest first) the server ``pid``
+    uses, so that ``imapproxy secrets add-key`` can tell whether it picked a
+    new key up. :raises OSError: when the directory is not writable.
+    """
+    path = loadedMarkerPath(keyFile)
+    tmp = f"{path}.{pid}"
+    with open(tmp, "w", encoding="ascii") as f:
+        json.dump({"pid": pid, "keys": [keyFingerprint(k) for k in keys]}, f)
     os.replace(tmp, path)
+
+
+def readLoadedMarker(keyFile: str) -> tuple[int, list[str]] | None:
+    """:return: (pid, key fingerprints) last recorded by a server, or None."""
+    try:
+        with open(loadedMarkerPath(keyFile), encoding="ascii") as f:
+            data = json.load(f)
+        return int(data["pid"]), [str(k) for k in data["keys"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def newKey() -> bytes:

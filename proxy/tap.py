@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
-from twisted.internet import ssl
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import __version__
 from .admin import Admin
+from .certs import (
+    CertificateError,
+    ReloadingCertificate,
+    certificateWatch,
+    configuredCertificateEndpoint,
+    usesConfiguredCertificate,
+)
 from .config import ConfigError, readConfig, splitList
 from .cred import API_SCOPE, TokenChecker, UpstreamRealm, upstreamConnector
-from .encryption import SecretKeyError
+from .encryption import ENV_VAR, SecretKeyError
 from .endpoints import serverEndpoint
 from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistry
 from .limits import (
@@ -40,15 +47,24 @@ from .oauth import (
     ThreadedRefresher,
     TokenCache,
 )
-from .pem import splitCertificates
 from .penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from .relay import MODES as RELAY_MODES
 from .relay import configure as configureRelay
+from .startup import (
+    KEY_RELOAD_INTERVAL,
+    Closing,
+    Hangup,
+    KeyWatch,
+    ListeningEndpoint,
+    ProxyService,
+    raiseFileLimit,
+)
 from .store import (
     RedisPenalties,
     RedisStore,
     RefreshLock,
     SessionBus,
+    SQLiteStore,
     StoreError,
     defaultStoreURL,
     makeStore,
@@ -67,7 +83,8 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "store": (
         None,
         str,
-        "Where accounts and tokens live: sqlite:///PATH "
+        "Where accounts and tokens live: sqlite:///ABSOLUTE/PATH (three slashes), "
+        "redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH/redis.sock?db=N (Redis) "
         "[default: an SQLite file in the state directory]",
     ),
     "secret-file": (
@@ -82,7 +99,12 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         str,
         "Logins without TLS: allow, loopback (only from loopback clients) or deny",
     ),
-    "tls-certificate": (None, str, "PEM certificate (chain) offered with STARTTLS on plain ports"),
+    "tls-certificate": (
+        None,
+        str,
+        "PEM certificate (chain) offered with STARTTLS on plain ports and on ssl: "
+        "ports that name no privateKey=; reloaded when the file changes or on SIGHUP",
+    ),
     "tls-key": (None, str, "PEM private key for --tls-certificate"),
     "login-timeout": (60.0, float, "Seconds a client has from connecting to logging in"),
     "upstream-timeout": (
@@ -189,10 +211,29 @@ class Options(usage.Options):
         self["port"] = []
         self["api-port"] = []
 
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        As usage.Options, but a bad option or a start-up check that fails ends
+        the process with one line (``imapproxy: …``, status 1): twistd would
+        print its whole usage text above the reason.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"imapproxy: {e}") from None
+
+    def opt_version(self) -> None:
+        """Display imapproxy's version (and Twisted's) and exit."""
+        from twisted import version as twistedVersion
+
+        print(f"imapproxy {__version__} (Twisted {twistedVersion.short()})")
+        sys.exit(0)
+
     def opt_port(self, description: str) -> None:
         """
-        Endpoint to accept IMAP clients on, e.g. ssl:2993:privateKey=key.pem:certKey=cert.pem
-        or haproxy:tcp:2143 (repeatable) [default: tcp:2143:interface=127.0.0.1]
+        Endpoint to accept IMAP clients on, e.g. ssl:2993 (with --tls-certificate),
+        ssl:2993:privateKey=key.pem:certKey=cert.pem or haproxy:tcp:2143 (repeatable)
+        [default: tcp:2143:interface=127.0.0.1]
         """
         self["port"].append(description)
 
@@ -200,7 +241,7 @@ class Options(usage.Options):
 
     def opt_api_port(self, description: str) -> None:
         """
-        Endpoint for the HTTP API, e.g. ssl:8443:privateKey=key.pem:certKey=cert.pem
+        Endpoint for the HTTP API, e.g. ssl:8443 (with --tls-certificate)
         (repeatable; "none" for no API) [default: tcp:8080:interface=127.0.0.1]
         """
         self["api-port"].append(description)
@@ -248,20 +289,47 @@ class Options(usage.Options):
             )
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
-        self["starttls"] = self._loadStartTLS()
+        self["certificate"] = None
+        if self["tls-certificate"]:
+            try:
+                self["certificate"] = ReloadingCertificate.fromFiles(
+                    os.path.abspath(self["tls-certificate"]), os.path.abspath(self["tls-key"])
+                )
+            except CertificateError as e:
+                raise usage.UsageError(str(e)) from None
+        # STARTTLS offers the same, reloading, certificate.
+        self["starttls"] = self["certificate"]
         from twisted.internet import reactor
 
         for description in self["port"] + self["api-port"]:
-            try:
-                serverEndpoint(reactor, description)
-            except Exception as e:
-                # Endpoint parsers raise all sorts (a systemd: index without a
-                # passed socket is an IndexError): every one is a usage error.
-                raise usage.UsageError(f"endpoint {description!r}: {e}") from None
+            self.endpoint(reactor, description)
+        self._openStore(reactor)
+
+    def endpoint(self, reactor: Any, description: str) -> Any:
+        """
+        The endpoint for a ``--port`` or ``--api-port`` string.
+
+        :raises usage.UsageError: naming the string and what is wrong.
+        """
+        try:
+            if usesConfiguredCertificate(description):
+                if self["certificate"] is None:
+                    raise ValueError(
+                        "names no privateKey=/certKey= and no tls-certificate/tls-key is set"
+                    )
+                return configuredCertificateEndpoint(reactor, description, self["certificate"])
+            return serverEndpoint(reactor, description)
+        except Exception as e:
+            # Endpoint parsers raise all sorts (a systemd: index without a
+            # passed socket is an IndexError): every one is a usage error.
+            raise usage.UsageError(f"endpoint {description!r}: {e}") from None
+
+    def _openStore(self, reactor: Any) -> None:
         if self["store"] is None:
             self["store"] = defaultStoreURL()
         try:
             store = makeStore(self["store"], self["secret-file"], reactor)
+            fresh = isinstance(store, SQLiteStore) and not os.path.exists(store.path)
             # Opened here to refuse a wrong key or a bad file before anything
             # starts, then closed: twistd may fork to daemonize, and an SQLite
             # connection must not cross a fork. The service opens it again.
@@ -269,139 +337,14 @@ class Options(usage.Options):
             store._closeBlocking()
         except (StoreError, SecretKeyError) as e:
             raise usage.UsageError(str(e)) from None
+        except OSError as e:
+            raise usage.UsageError(f"cannot open the store {self['store']}: {e}") from None
         self["_store"] = store
-
-    def _loadStartTLS(self) -> Any:
-        if not self["tls-certificate"]:
-            return None
-        try:
-            with open(self["tls-certificate"], "rb") as f:
-                chain = f.read()
-            with open(self["tls-key"], "rb") as f:
-                key = f.read()
-            certs = splitCertificates(chain)
-            if not certs:
-                raise ValueError("no certificate in the file")
-            leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key)
-            # The intermediates go out with the leaf: clients need them.
-            return ssl.CertificateOptions(
-                privateKey=leaf.privateKey.original,
-                certificate=leaf.original,
-                extraCertChain=[ssl.Certificate.loadPEM(c).original for c in certs[1:]],
-            )
-        except (OSError, ValueError, ssl.SSL.Error) as e:
-            raise usage.UsageError(f"cannot load the STARTTLS certificate: {e}") from None
+        self["_freshStore"] = fresh
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-class _Listener(Service):
-    """Listens on one endpoint string and logs the address it got."""
-
-    def __init__(self, reactor: Any, description: str, factory: Any, what: str):
-        self._reactor = reactor
-        self._description = description
-        self._factory = factory
-        self._what = what
-        self._port: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        d = serverEndpoint(self._reactor, self._description).listen(self._factory)
-        d.addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: Any) -> None:
-        self._port = port
-        host = port.getHost()
-        log.info(
-            "{what} listening on {host}:{port} ({kind})",
-            what=self._what,
-            host=getattr(host, "host", host),
-            port=getattr(host, "port", ""),
-            kind="haproxy+ssl"
-            if self._description.startswith("haproxy:ssl:")
-            else self._description.split(":", 1)[0],
-        )
-
-    def _failed(self, failure: Any) -> None:
-        log.critical(
-            "cannot listen on {description}: {error}",
-            description=self._description,
-            error=failure.getErrorMessage(),
-        )
-        self._reactor.stop()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()
-        return None
-
-
-KEY_RELOAD_INTERVAL = 5.0
-
-
-def _reloadKeys(store: Any) -> Any:
-    def changed(yes: bool) -> None:
-        if yes:
-            log.info("secret keys reloaded from {path}", path=store.secrets.path)
-
-    def invalid(failure: Any) -> None:
-        # A broken key file must not stop the watch: keep the keys in use.
-        failure.trap(SecretKeyError)
-        log.error(
-            "key file {path} not loaded, keeping the current keys: {error}",
-            path=store.secrets.path,
-            error=failure.getErrorMessage(),
-        )
-
-    return store.reloadSecrets().addCallbacks(changed, invalid)
-
-
-class _Starting(Service):
-    """Runs a callable when the service starts."""
-
-    def __init__(self, onStart: Any):
-        self._onStart = onStart
-
-    def startService(self) -> None:
-        super().startService()
-        self._onStart()
-
-
-class _Closing(Service):
-    """Runs a callable when the service stops (thread pools, open sessions)."""
-
-    def __init__(self, onStop: Any):
-        self._onStop = onStop
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self._onStop()
-
-
-def raiseFileLimit() -> int:
-    """
-    Raise the soft limit on open files to the hard one: a spliced session
-    holds two, and the usual soft default (1,024) would stop the proxy near
-    500 sessions. :return: the limit now in force.
-    """
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return -1
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1048576)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 # Open files kept for listeners, log files, the store and the like.
@@ -420,9 +363,10 @@ def _limits(options: Options, maxConnections: int, maxOpen: int | None) -> Limit
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
+    signals = reactor is None  # the real twistd: SIGHUP reloads
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
-    top = MultiService()
+    top = ProxyService()
     # Once for the whole process, before any connection: logs which path.
     configureRelay(options["relay"])
     store = options["_store"]
@@ -479,13 +423,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         bus = SessionBus(store, sessions.close, reactor)
         bus.setServiceParent(top)
 
-    # Keys added with 'imapproxy secrets add-key' are picked up while running.
-    keyWatch = LoopingCall(_reloadKeys, store)
-    keyWatch.clock = reactor
-
     def shutdown() -> None:
-        if keyWatch.running:
-            keyWatch.stop()
         closed = sessions.close()
         if closed:
             log.info("closed {n} sessions at shutdown", n=closed)
@@ -494,12 +432,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         imapLimiter.stop()
         apiLimiter.stop()
 
-    _Closing(shutdown).setServiceParent(top)
-    _Starting(
-        lambda: keyWatch.start(KEY_RELOAD_INTERVAL, now=False).addErrback(
-            lambda f: log.failure("watching the key file failed", f)
-        )
-    ).setServiceParent(top)
+    Closing(shutdown).setServiceParent(top)
+    # Keys added with 'imapproxy secrets add-key' are picked up while running.
+    keys = KeyWatch(store, reactor)
+    keys.service(KEY_RELOAD_INTERVAL).setServiceParent(top)
+    certificate = options["certificate"]
+    if certificate is not None:
+        certificateWatch(certificate, reactor).setServiceParent(top)
+    if signals:
+
+        def hangup() -> None:
+            log.info("SIGHUP: reloading the TLS certificate and the key file")
+            keys.check()
+            if certificate is not None:
+                certificate.reload(reactor, force=True)
+
+        Hangup(reactor, hangup).setServiceParent(top)
     files = raiseFileLimit()
     # Files kept for what is not a client connection: listeners, logs, the
     # store, spare upstream connections and the API's connections.
@@ -512,8 +460,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     imapLimiter = ConnectionLimiter(imapLimits, reactor, "IMAP", trim)
     front = LimitedFactory(factory, imapLimiter, IMAP)
-    for description in options["port"]:
-        _Listener(reactor, description, front, "IMAP").setServiceParent(top)
     admin = Admin(store, sessions, reactor, bus)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
@@ -524,10 +470,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     apiLimits = _limits(options, options["max-api-connections"], None)
     apiLimiter = ConnectionLimiter(apiLimits, reactor, "API", trim)
     apiFront = LimitedFactory(site, apiLimiter, HTTP)
-    for description in options["api-port"]:
-        _Listener(reactor, description, apiFront, "API").setServiceParent(top)
-    where = store.path if isinstance(store, RedisStore) else os.path.basename(store.path)
-    log.info("imapproxy starting, store {store}", store=where)
+    for what, descriptions, serving in (
+        ("IMAP", options["port"], front),
+        ("API", options["api-port"], apiFront),
+    ):
+        for description in descriptions:
+            endpoint = options.endpoint(reactor, description)
+            top.addListener(ListeningEndpoint(endpoint, description, what, reactor), serving)
+    _logState(options, store)
     if files > 0:
         log.info(
             "open files limit {n}: room for about {s} IMAP connections",
@@ -535,3 +485,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             s=imapLimits.maxOpen,
         )
     return top
+
+
+def _logState(options: Options, store: Any) -> None:
+    """Say where the state is: an operator must know what to back up."""
+    where = store.path if isinstance(store, RedisStore) else os.path.abspath(store.path)
+    keyFile = store.secrets.path
+    keyFile = os.path.abspath(keyFile) if keyFile else "$" + ENV_VAR
+    log.info(
+        "imapproxy {version} starting, store {store}, key file {key}",
+        version=__version__,
+        store=where,
+        key=keyFile,
+    )
+    if options.get("_freshStore"):
+        log.warn("first run: created a new, empty store at {store}", store=where)
+    if store.secrets.created:
+        log.warn(
+            "created a new secret key in {key}: back it up now; without it the stored "
+            "refresh tokens and client secrets cannot be read",
+            key=keyFile,
+        )

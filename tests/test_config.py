@@ -80,3 +80,18 @@ class ReadConfigTests(SynchronousTestCase):
         """splitList drops blank lines and surrounding spaces."""
         self.assertEqual(splitList("\n a \n\n b\n"), ["a", "b"])
         self.assertEqual(splitList(""), [])
+
+    def test_inlineComments(self):
+        """A comment after a value (after white space) is not part of it, on any line."""
+        path = self.write(
+            "[imapproxy]\nport = tcp:2143:interface=127.0.0.1 ; IMAP\n"
+            "  ssl:2993  # TLS\nlogin-timeout = 30 # seconds\n"
+        )
+        values = readConfig(path, KNOWN)
+        self.assertEqual(splitList(values["port"]), ["tcp:2143:interface=127.0.0.1", "ssl:2993"])
+        self.assertEqual(values["login-timeout"], "30")
+
+    def test_hashInsideValueKept(self):
+        """'#' or ';' not after white space stays part of the value (a path may hold one)."""
+        path = self.write("[imapproxy]\nstore = sqlite:///var/lib/a#b;c.db\n")
+        self.assertEqual(readConfig(path, KNOWN)["store"], "sqlite:///var/lib/a#b;c.db")

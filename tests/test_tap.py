@@ -9,16 +9,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from io import StringIO
+from unittest import mock
 
 from cryptography.fernet import Fernet
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.encryption import ENV_VAR
 from proxy.store import SQLiteStore
 from proxy.tap import DEFAULT_PORT, SETTINGS, Options, makeService
+from tests.upstream.certs import make_pki
 
 
 def closeStore(store: SQLiteStore) -> None:
@@ -124,13 +129,15 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         self.assertEqual(o["port"], ["tcp:1143", "tcp:1144", "tcp:1145"])
 
     def usageError(self, *args: str) -> str:
+        """A start-up error: one line, ``imapproxy: …``, no usage text."""
         options = Options()
-        e = self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--store", self.storeURL, *args]
-        )
+        e = self.assertRaises(SystemExit, options.parseOptions, ["--store", self.storeURL, *args])
         if "_store" in options:
             closeStore(options["_store"])
-        return str(e)
+        self.assertIsInstance(e.code, str)
+        self.assertTrue(e.code.startswith("imapproxy: "), e.code)
+        self.assertNotIn("\n", e.code)
+        return e.code
 
     def test_badPlaintextLogin(self):
         """An unknown --plaintext-login is a usage error."""
@@ -177,11 +184,74 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         self.assertIn("max-literal", self.usageError("--config", path))
 
     def test_badStoreURL(self):
-        """A store URL of an unknown scheme is a usage error."""
+        """A store URL of an unknown scheme is a one-line start-up error."""
         options = Options()
-        self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--store", "redis://localhost/0"]
+        e = self.assertRaises(SystemExit, options.parseOptions, ["--store", "mysql://localhost/0"])
+        self.assertIn("unsupported store URL", e.code)
+
+    def test_twoSlashStoreURL(self):
+        """sqlite://var/lib/… is refused, naming the three-slash form; nothing is created."""
+        cwd = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, cwd)
+        options = Options()
+        e = self.assertRaises(
+            SystemExit, options.parseOptions, ["--store", "sqlite://var/lib/imapproxy/x.sqlite3"]
         )
+        self.assertIn("sqlite:///var/lib/imapproxy/x.sqlite3", e.code)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_extraSlashesCollapsed(self):
+        """sqlite:////abs/x names /abs/x (logged with one leading slash)."""
+        from proxy.store import sqlitePath
+
+        self.assertEqual(sqlitePath("sqlite:////var/lib/x.sqlite3"), "/var/lib/x.sqlite3")
+
+    def test_emptyStorePath(self):
+        """A store URL without a file is refused."""
+        for url in ("sqlite://", "sqlite:///", "sqlite:///tmp/dir/"):
+            self.assertIn("names no file", self.usageErrorStore(url))
+
+    def usageErrorStore(self, url: str) -> str:
+        e = self.assertRaises(SystemExit, Options().parseOptions, ["--store", url])
+        return str(e.code)
+
+    def test_unwritableStoreDirectory(self):
+        """A store that cannot be created is one line naming it, not a traceback."""
+        blocker = os.path.join(self.dir, "file")
+        open(blocker, "w").close()
+        line = self.usageErrorStore(f"sqlite://{blocker}/state/x.sqlite3")
+        self.assertTrue(line.startswith("imapproxy: "), line)
+        self.assertIn(blocker, line)
+
+    def test_unknownOptionIsOneLine(self):
+        """An unknown option is one line, without twistd's usage text."""
+        self.assertIn("--bogus", self.usageError("--bogus"))
+
+    def test_version(self):
+        """--version prints imapproxy's version, not only Twisted's."""
+        from proxy import __version__
+
+        out = StringIO()
+        with mock.patch("sys.stdout", out):
+            e = self.assertRaises(SystemExit, Options().parseOptions, ["--version"])
+        self.assertEqual(e.code, 0)
+        self.assertTrue(out.getvalue().startswith(f"imapproxy {__version__} "), out.getvalue())
+
+    def test_sslWithoutKeyNeedsCertificate(self):
+        """ssl:PORT without privateKey= and without tls-certificate is one line saying so."""
+        self.assertIn("tls-certificate", self.usageError("--port", "ssl:2993"))
+
+    def test_missingCertificateNamed(self):
+        """A configured certificate that does not exist is named in the one line."""
+        missing = os.path.join(self.dir, "cert.pem")
+        line = self.usageError("--tls-certificate", missing, "--tls-key", missing)
+        self.assertIn(f"cannot read TLS certificate {missing}", line)
+
+    def test_commentAfterPortInConfig(self):
+        """'port = tcp:2143 ; comment' in the config file is the endpoint tcp:2143."""
+        path = self.config("port = tcp:1143:interface=127.0.0.1 ; the IMAP port\n")
+        self.assertEqual(self.parse("--config", path)["port"], ["tcp:1143:interface=127.0.0.1"])
 
     def test_wrongSecretKey(self):
         """A secret key that does not match the existing store is a usage error."""
@@ -192,10 +262,33 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         self.assertIn("does not match", self.usageError("--secret-file", keyFile))
 
 
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """A memory reactor whose "thread pool" runs the work at once."""
+
+    def getThreadPool(self):
+        return self
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except Exception:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
 class MakeServiceTests(OptionsMixin, TestCase):
+    def service(self, *args: str):
+        o = self.parse(*args)
+        reactor = ThreadedMemoryReactor()
+        return o, reactor, makeService(o, reactor)
+
     def test_service(self):
         """makeService listens on every IMAP and API port and closes the store when stopped."""
-        o = self.parse(
+        o, reactor, service = self.service(
             "--port",
             "tcp:1143:interface=127.0.0.1",
             "--port",
@@ -203,15 +296,15 @@ class MakeServiceTests(OptionsMixin, TestCase):
             "--api-port",
             "tcp:18080:interface=127.0.0.1",
         )
-        reactor = MemoryReactorClock()
-        service = makeService(o, reactor)
         self.assertIsInstance(service, MultiService)
         self.assertIn(o["_store"], list(service))
-        service.startService()
+        service.privilegedStartService()
+        # Listening before the reactor runs (and before twistd drops root).
         self.assertEqual(
             [(port, interface) for port, _f, _b, interface in reactor.tcpServers],
             [(1143, "127.0.0.1"), (1144, ""), (18080, "127.0.0.1")],
         )
+        service.startService()
 
         def stopped(_):
             self.assertIsNone(o["_store"]._db)
@@ -219,6 +312,42 @@ class MakeServiceTests(OptionsMixin, TestCase):
             self.assertEqual(reactor.getDelayedCalls(), [])
 
         return service.stopService().addCallback(stopped)
+
+    def test_sslPortUsesConfiguredCertificate(self):
+        """ssl:PORT without a key listens with the configured certificate, as STARTTLS does."""
+        pki = make_pki(os.path.join(self.dir, "pki"))
+        o, reactor, service = self.service(
+            "--port",
+            "ssl:1993:interface=127.0.0.1",
+            "--tls-certificate",
+            pki.cert,
+            "--tls-key",
+            pki.key,
+            "--api-port",
+            "none",
+        )
+        service.privilegedStartService()
+        [(port, _factory, contextFactory, _backlog, interface)] = reactor.sslServers
+        self.assertEqual((port, interface), (1993, "127.0.0.1"))
+        self.assertIs(contextFactory, o["certificate"])
+        self.assertIs(o["starttls"], o["certificate"])
+        for p in service:
+            if isinstance(p, StreamServerEndpointService):
+                p.stopService()
+
+    def test_stateLogged(self):
+        """Start-up logs the absolute store and key file, and warns of a new key and store."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.service()
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn(f"store {os.path.join(self.dir, 'x.sqlite3')}, key file", text)
+        self.assertIn(os.path.join(self.dir, "secret.key"), text)
+        self.assertIn("back it up", text)
+        self.assertIn("first run", text)
+        warned = [e for e in events if "back it up" in formatEvent(e)]
+        self.assertEqual(warned[0]["log_level"], LogLevel.warn)
 
 
 class ExampleConfigTests(SynchronousTestCase):
@@ -258,7 +387,7 @@ class ListenerLimitTests(SynchronousTestCase):
         """The soft open-files limit ends at the hard one (a session holds two files)."""
         import resource
 
-        from proxy.tap import raiseFileLimit
+        from proxy.startup import raiseFileLimit
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))

@@ -77,16 +77,27 @@ def sqlitePath(url: str) -> str:
     """
     ``sqlite:///abs/path`` (or ``sqlite:relative/path``) to a file path.
 
-    :raises StoreError: for any other kind of URL.
+    :raises StoreError: for any other kind of URL, and for ``sqlite://var/…``
+        (two slashes: ``var`` would be a host, and the file would silently be
+        ``lib/…`` under the working directory).
     """
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
         raise StoreError(
-            f"unsupported store URL scheme {parts.scheme!r} (use sqlite://, redis:// or unix://)"
+            f"unsupported store URL {url!r} (use sqlite:///PATH, redis://HOST or unix:///PATH)"
         )
-    path = unquote(parts.netloc + parts.path)
-    if not path:
-        raise StoreError("the sqlite store URL names no file")
+    if parts.netloc:
+        raise StoreError(
+            f"store URL {url!r} names a host ({parts.netloc!r}): an absolute path needs "
+            f"three slashes, sqlite:///{parts.netloc}{parts.path}"
+        )
+    if parts.query or parts.fragment:
+        raise StoreError(f"store URL {url!r}: an SQLite store takes no ?query or #fragment")
+    path = unquote(parts.path)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")  # sqlite:////abs: one root, as the log shows it
+    if not path or path.endswith("/"):
+        raise StoreError(f"store URL {url!r} names no file")
     return path
 
 

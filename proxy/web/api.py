@@ -54,6 +54,7 @@ class _JSONRoot(resource.Resource):
         self._klein = klein
 
     def render(self, request: Any) -> Any:
+        request.setHeader(b"server", b"imapproxy")  # not TwistedWeb/<version>
         try:
             b"/".join(request.postpath).decode("utf-8")
             request.getRequestHostname().decode("utf-8")

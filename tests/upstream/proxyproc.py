@@ -46,8 +46,11 @@ class ProxyProcess:
         env: dict[str, str] | None = None,
         store: str | None = None,
         secret_file: str | None = None,
+        server_prefix: list[str] | None = None,
     ):
         self.workdir = workdir
+        # e.g. setpriv …: the server runs as another user than the admin command.
+        self.server_prefix = list(server_prefix or [])
         os.makedirs(workdir, exist_ok=True)
         self.store = store or f"sqlite:///{workdir}/state/imapproxy.sqlite3"
         self.secret_file = secret_file
@@ -98,6 +101,7 @@ class ProxyProcess:
         if os.path.exists(self.log_path):
             self._logOffset = os.path.getsize(self.log_path)
         cmd = [
+            *self.server_prefix,
             _script("twistd"),
             "-n",
             "--pidfile=",

@@ -1,0 +1,286 @@
+"""
+Tests for the admin command (``proxy.cli``, ``proxy._cliactions``): its
+parsing and how each failure becomes one line, without a reactor. The
+command run end to end is in ``test_integration_startup``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+import requests
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy import __version__, cli
+from proxy._cliactions import awaitPickup, checkServerUsesNewest, errorLine, openStore
+from proxy.admin import AdminError
+from proxy.encryption import (
+    ENV_VAR,
+    SecretKeyError,
+    keyFingerprint,
+    newKey,
+    writeKeyFile,
+    writeLoadedMarker,
+)
+
+
+class TempDirMixin:
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        saved = os.environ.pop(ENV_VAR, None)
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, ENV_VAR, saved)
+
+    def exits(self, f, *args, **kwargs) -> tuple[object, str]:
+        """Run ``f`` to its SystemExit: (exit code, standard error)."""
+        err = io.StringIO()
+        with mock.patch("sys.stderr", err):
+            e = self.assertRaises(SystemExit, f, *args, **kwargs)
+        return e.code, err.getvalue()
+
+
+class ParserTests(TempDirMixin, SynchronousTestCase):
+    def test_usageErrorIsOneLine(self):
+        """A usage error is one 'imapproxy: …' line and status 2, without the usage text."""
+        code, err = self.exits(cli.main, ["tokens", "issue", "--scope", "api"])
+        self.assertEqual(code, 2)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("imapproxy: imapproxy tokens issue: "), err)
+        self.assertIn("--description", err)
+
+    def test_unknownCommand(self):
+        """An unknown command is one line too."""
+        code, err = self.exits(cli.main, ["accounts", "frobnicate"])
+        self.assertEqual((code, err.count("\n")), (2, 1), err)
+
+    def test_version(self):
+        """--version prints imapproxy's version."""
+        out = io.StringIO()
+        with mock.patch("sys.stdout", out):
+            e = self.assertRaises(SystemExit, cli.main, ["--version"])
+        self.assertEqual(e.code, 0)
+        self.assertEqual(out.getvalue(), f"imapproxy {__version__}\n")
+
+    def test_storeHelpNamesRedis(self):
+        """--store's help names the Redis URLs as well as SQLite's."""
+        out = io.StringIO()
+        with mock.patch("sys.stdout", out):
+            self.assertRaises(SystemExit, cli.main, ["accounts", "list", "--help"])
+        text = " ".join(out.getvalue().split())
+        self.assertIn("sqlite:///ABSOLUTE/PATH", text)
+        self.assertIn("redis://", text)
+
+    def test_readOnlyCommandsCreateNothing(self):
+        """Read-only commands never create a store or key: one line saying there is none."""
+        url = f"sqlite://{self.dir}/state/imapproxy.sqlite3"
+        for argv in (["accounts", "list"], ["tokens", "list"], ["secrets", "add-key"]):
+            code, _err = self.exits(cli.main, [*argv, "--store", url])
+            self.assertIn("no store at", str(code))
+            self.assertTrue(str(code).startswith("imapproxy: "))
+        self.assertEqual(os.listdir(self.dir), [])
+
+
+class OpenStoreTests(TempDirMixin, SynchronousTestCase):
+    def test_missingStoreNotCreated(self):
+        """create=False: no file, no key, no directory appears."""
+        path = os.path.join(self.dir, "s", "x.sqlite3")
+        code, _ = self.exits(openStore, f"sqlite://{path}", None, create=False)
+        self.assertEqual(code, f"imapproxy: no store at {path} " + str(code).split(path + " ")[1])
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_twoSlashes(self):
+        """sqlite://var/… is refused in one line before anything is created."""
+        cwd = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, cwd)
+        code, _ = self.exits(openStore, "sqlite://var/lib/imapproxy/x.sqlite3", None)
+        self.assertIn("three slashes", str(code))
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_unknownScheme(self):
+        """An unknown scheme is refused in one line."""
+        code, _ = self.exits(openStore, "postgres://db/x", None)
+        self.assertIn("unsupported store URL", str(code))
+
+    def test_uncreatableDirectory(self):
+        """A state directory that cannot be created is one line naming the file."""
+        blocker = os.path.join(self.dir, "file")
+        open(blocker, "w").close()
+        code, _ = self.exits(openStore, f"sqlite://{blocker}/x.sqlite3", None)
+        self.assertEqual(
+            code, f"imapproxy: cannot create secret file {blocker}/secret.key: File exists"
+        )
+
+    def test_newStoreAndKeyAnnounced(self):
+        """Creating a store and its key says so on standard error (back the key up)."""
+        err = io.StringIO()
+        with mock.patch("sys.stderr", err):
+            store = openStore(f"sqlite://{self.dir}/x.sqlite3", None)
+        store._closeBlocking()
+        self.assertIn(f"created a new store {self.dir}/x.sqlite3", err.getvalue())
+        self.assertIn(f"created a new secret key {self.dir}/secret.key: back it up", err.getvalue())
+
+
+class NewStoreOwnerTests(TempDirMixin, SynchronousTestCase):
+    def test_rootGivesNewFilesToTheStateOwner(self):
+        """Root creating a store in the service user's directory gives it the new files."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        state = os.path.join(self.dir, "state")
+        os.mkdir(state, 0o700)
+        os.chown(state, 65534, 65534)
+        with mock.patch("sys.stderr", io.StringIO()):
+            store = openStore(f"sqlite://{state}/x.sqlite3", None)
+        store._closeBlocking()
+        for name in ("x.sqlite3", "secret.key"):
+            st = os.stat(os.path.join(state, name))
+            self.assertEqual((st.st_uid, st.st_gid), (65534, 65534), name)
+
+
+class ErrorLineTests(SynchronousTestCase):
+    def request(self, url: str) -> requests.PreparedRequest:
+        return requests.Request("POST", url).prepare()
+
+    def test_untrustedCertificate(self):
+        """An untrusted provider certificate names the host and how to trust a private CA."""
+        e = requests.exceptions.SSLError(
+            "CERTIFICATE_VERIFY_FAILED",
+            request=self.request("https://idp.example:8443/device?client_secret=s3cret"),
+        )
+        line = errorLine(e)
+        self.assertIn("idp.example:8443", line)
+        self.assertIn("REQUESTS_CA_BUNDLE", line)
+        self.assertNotIn("s3cret", line)
+
+    def test_unreachable(self):
+        """A provider that cannot be reached is named, nothing more."""
+        e = requests.ConnectionError(
+            "Max retries exceeded", request=self.request("http://127.0.0.1:9/x")
+        )
+        self.assertEqual(errorLine(e), "cannot connect to 127.0.0.1:9")
+
+    def test_timeout(self):
+        e = requests.Timeout("read timed out", request=self.request("http://127.0.0.1:9/x"))
+        self.assertEqual(errorLine(e), "127.0.0.1:9 did not answer in time")
+
+    def test_oserror(self):
+        """An OSError is its reason and the file."""
+        e = PermissionError(13, "Permission denied", "/var/lib/imapproxy/secret.key")
+        self.assertEqual(errorLine(e), "Permission denied: /var/lib/imapproxy/secret.key")
+
+    def test_ownErrorsShownAsIs(self):
+        self.assertEqual(errorLine(AdminError("no such account")), "no such account")
+
+    def test_unexpected(self):
+        """Anything else is named by its kind, its text never echoed."""
+        self.assertEqual(errorLine(KeyError("secret")), "unexpected KeyError (please report it)")
+
+
+class KeyFileTests(TempDirMixin, SynchronousTestCase):
+    def keyFile(self) -> str:
+        path = os.path.join(self.dir, "secret.key")
+        with open(path, "wb") as f:
+            f.write(newKey() + b"\n")
+        os.chmod(path, 0o640)
+        return path
+
+    def test_ownerKept(self):
+        """Root rewriting the key file keeps its owner, group and mode."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root to give the file to another user")
+        path = self.keyFile()
+        os.chown(path, 65534, 65534)
+        writeKeyFile(path, [newKey(), newKey()])
+        st = os.stat(path)
+        self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o777), (65534, 65534, 0o640))
+        self.assertEqual(len([n for n in os.listdir(self.dir) if n.startswith("secret.key.")]), 0)
+
+    def test_ownerCannotBeKept(self):
+        """When the owner cannot be kept the file is left alone and the user is named."""
+        path = self.keyFile()
+        with open(path, "rb") as f:
+            before = f.read()
+        # As a user that is not the file's owner (and not root).
+        with (
+            mock.patch("os.geteuid", return_value=4242),
+            mock.patch("os.fchown", side_effect=PermissionError(1, "Operation not permitted")),
+        ):
+            e = self.assertRaises(SecretKeyError, writeKeyFile, path, [newKey()])
+        self.assertIn("run the command as that user", str(e))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(os.listdir(self.dir), ["secret.key"])
+
+
+class PickupTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.path = os.path.join(self.dir, "secret.key")
+        self.old, self.new = newKey(), newKey()
+        self.clock = Clock()
+
+    def wait(self):
+        return ensureDeferred(awaitPickup(self.path, self.new, self.clock, 12, step=0.5))
+
+    def test_noServerEver(self):
+        """No record beside the key: no server used it yet, nothing to wait for."""
+        self.assertIn("no server has recorded", self.successResultOf(self.wait()))
+
+    def test_serverGone(self):
+        """A record by a process that is gone: said, no waiting."""
+        writeLoadedMarker(self.path, [self.old], 2**22 + 12345)
+        self.assertIn("no server is running", self.successResultOf(self.wait()))
+
+    def test_pickedUp(self):
+        """A running server that records the new key within the wait: said."""
+        writeLoadedMarker(self.path, [self.old], os.getpid())
+        d = self.wait()
+        self.assertNoResult(d)
+        writeLoadedMarker(self.path, [self.new, self.old], os.getpid())
+        self.clock.advance(0.5)
+        self.assertIn(f"pid {os.getpid()}) now uses it", self.successResultOf(d))
+
+    def test_notPickedUp(self):
+        """A running server that does not load the key in time is a failure naming the file."""
+        writeLoadedMarker(self.path, [self.old], os.getpid())
+        d = self.wait()
+        for _ in range(30):
+            self.clock.advance(0.5)
+        e = self.failureResultOf(d, AdminError).value
+        self.assertIn("did not load the new key within 12 s", str(e))
+        self.assertIn(self.path, str(e))
+
+    def test_rotateRefusedWhileServerUsesOldKey(self):
+        """'secrets rotate' refuses while a running server encrypts under an older key."""
+        writeLoadedMarker(self.path, [self.old], os.getpid())
+        e = self.assertRaises(AdminError, checkServerUsesNewest, self.path, self.new)
+        self.assertIn("does not use the newest key", str(e))
+        writeLoadedMarker(self.path, [self.new, self.old], os.getpid())
+        checkServerUsesNewest(self.path, self.new)
+        # A server that is gone does not hold the rotation up.
+        writeLoadedMarker(self.path, [self.old], 2**22 + 12345)
+        checkServerUsesNewest(self.path, self.new)
+
+    def test_fingerprintIsOneWay(self):
+        """The record names keys by a short digest, never the key."""
+        writeLoadedMarker(self.path, [self.new], 1)
+        with open(self.path + ".loaded") as f:
+            text = f.read()
+        self.assertNotIn(self.new.decode(), text)
+        self.assertIn(keyFingerprint(self.new), text)
+
+
+class TokenRequestTests(SynchronousTestCase):
+    def test_descriptionRequired(self):
+        """A token request without a description says it is required (the reference does)."""
+        from proxy.admin import InvalidInput, buildToken
+
+        e = self.assertRaises(InvalidInput, buildToken, {"scopes": ["api"]}, 0.0)
+        self.assertEqual(str(e), "description is required")
