@@ -1,0 +1,117 @@
+"""
+The settings of ``twistd imapproxy``: one table for the command-line options,
+the config file and ``tap.example.conf`` (a test checks all three agree).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_PORT = "tcp:2143:interface=127.0.0.1"
+DEFAULT_API_PORT = "tcp:8080:interface=127.0.0.1"
+
+# name -> (default, converter, help). One table for the options, the config
+# file and tap.example.conf.
+SETTINGS: dict[str, tuple[Any, Any, str]] = {
+    "store": (
+        None,
+        str,
+        "Where accounts and tokens live: sqlite:///ABSOLUTE/PATH (three slashes), "
+        "redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH/redis.sock?db=N (Redis) "
+        "[default: an SQLite file in the state directory]",
+    ),
+    "secret-file": (
+        None,
+        str,
+        "File holding the key(s) that encrypt provider secrets "
+        "[default: $IMAPPROXY_SECRET_KEY, else secret.key beside the "
+        "SQLite file, created on first run]",
+    ),
+    "plaintext-login": (
+        "loopback",
+        str,
+        "Logins without TLS: allow, loopback (only from loopback clients) or deny",
+    ),
+    "tls-certificate": (
+        None,
+        str,
+        "PEM certificate (chain) offered with STARTTLS on plain ports and on ssl: "
+        "ports that name no privateKey=; reloaded when the file changes or on SIGHUP",
+    ),
+    "tls-key": (None, str, "PEM private key for --tls-certificate"),
+    "login-timeout": (60.0, float, "Seconds a client has from connecting to logging in"),
+    "upstream-timeout": (
+        15.0,
+        float,
+        "Seconds to connect and log in to the provider's IMAP server",
+    ),
+    "warm-upstream": (
+        300.0,
+        float,
+        "Seconds a spare provider connection, already logged in, waits for the next "
+        "login of an account that logged in twice within that time (0: no spares)",
+    ),
+    "max-warm": (500, int, "Spare provider connections kept at most, all accounts together"),
+    "oauth2-timeout": (10.0, float, "Seconds for one request to a token endpoint"),
+    "oauth2-deadline": (
+        10.0,
+        float,
+        "Seconds a token refresh may take in all, retries with backoff included; "
+        "past it the login gets NO [UNAVAILABLE]",
+    ),
+    "max-bad-commands": (10, int, "Invalid commands before login, then * BYE"),
+    "max-commands": (100, int, "Commands of any kind before login, then * BYE"),
+    "max-failed-logins": (3, int, "Refused logins on one connection, then * BYE"),
+    "max-line-length": (8192, int, "Longest command line accepted before login"),
+    "max-literal": (4096, int, "Largest literal accepted before login"),
+    "oauth2-threads": (4, int, "Threads for requests to token endpoints"),
+    "login-penalty": (
+        15.0,
+        float,
+        "Most seconds a source address that keeps failing to log in waits for its next "
+        "answer (2 s after the first failure, doubling; 0: no penalties)",
+    ),
+    "login-penalty-forget": (
+        600.0,
+        float,
+        "Seconds without a failed login after which an address's penalty is forgotten",
+    ),
+    "api-refuse-after": (
+        5,
+        int,
+        "Failed logins from an address after which the API answers 429 while its penalty lasts",
+    ),
+    "api-request-timeout": (
+        30.0,
+        float,
+        "Seconds an HTTP API client has to send a whole request, headers and body",
+    ),
+    "max-preauth": (
+        1000,
+        int,
+        "IMAP connections not yet logged in, all clients together; when full, "
+        "the oldest is dropped to admit a new one",
+    ),
+    "max-preauth-per-address": (
+        50,
+        int,
+        "IMAP connections not yet logged in from one client address (IPv6: one /64), "
+        "and API connections from one address; more are refused",
+    ),
+    "max-handshakes": (200, int, "TLS handshakes under way at once; when full the oldest goes"),
+    "handshake-timeout": (10.0, float, "Seconds a TLS handshake (implicit or STARTTLS) may take"),
+    "max-api-connections": (100, int, "API connections at once; when full the oldest goes"),
+    "relay": (
+        "fast",
+        str,
+        "How sessions are relayed: fast (Twisted's public path plus fast paths, "
+        "when their start-up probes pass) or plain (Twisted's public path only)",
+    ),
+}
+
+
+# Numeric settings for which 0 means "none".
+ZERO_ALLOWED = {"warm-upstream", "login-penalty"}
+
+# Settings that may be given several times (one a line in the config file).
+LIST_SETTINGS = {"port", "api-port"}
