@@ -316,11 +316,14 @@ def test_device_authorization_unreachable_in_one_line(tmp_path, provider):
         )
     ISSUED_SECRETS.append(CLIENT_SECRET)
     down = proxy.cli("accounts", "authorize", "a", "--app", "down", "--device", check=False)
-    assert one_line(down) == f"imapproxy: cannot connect to 127.0.0.1:{port}"
+    assert one_line(down) == (
+        f"imapproxy: cannot reach the provider at 127.0.0.1:{port} (connection refused)"
+    )
     untrusted = proxy.cli(
         "accounts", "authorize", "b", "--app", "untrusted", "--device", check=False
     )
-    assert "is not trusted" in one_line(untrusted)
+    assert "certificate-untrusted" in one_line(untrusted)
+    assert "REQUESTS_CA_BUNDLE" in one_line(untrusted)
 
 
 def test_api_does_not_advertise_versions(proxy):

@@ -854,7 +854,8 @@ class BlockingCallsTests(TestCase, SafeMessages):
         os.environ.pop("REQUESTS_CA_BUNDLE")
         message = (
             f"the provider's certificate at {self.server} was refused "
-            "(certificate-untrusted: unable to get local issuer certificate)"
+            "(certificate-untrusted: unable to get local issuer certificate); "
+            "a private CA? set REQUESTS_CA_BUNDLE to its PEM file"
         )
         for d in (self.exchange(), self.call(deviceStartBlocking, self.app, 10.0), self.poll()):
             yield self.refused(d, ProviderCertificateRejected, message, "certificate-untrusted")

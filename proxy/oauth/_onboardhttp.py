@@ -205,8 +205,12 @@ def _unreachable(error: Exception, url: str, timeout: float) -> ProviderError:
     if rejected is not None:
         # The detail is "token endpoint HOST:PORT: WORDS"; this may be another endpoint.
         words = rejected.detail.removeprefix(f"token endpoint {server}: ")
+        hint = ""
+        if rejected.reason == "certificate-untrusted":
+            hint = "; a private CA? set REQUESTS_CA_BUNDLE to its PEM file"
         return ProviderCertificateRejected(
-            f"the provider's certificate at {server} was refused ({rejected.reason}: {words})",
+            f"the provider's certificate at {server} was refused "
+            f"({rejected.reason}: {words}){hint}",
             rejected.reason,
         )
     if isinstance(error, requests.Timeout):
