@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from . import selfcheck
 from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .encryption import SecretKeyError
@@ -425,6 +426,10 @@ def _open(url: str, secretFile: str | None) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
+    reason = selfcheck.check()
+    if reason is not None:
+        print(f"imapproxy: {reason}", file=sys.stderr)
+        sys.exit(2)
     args = _parser().parse_args(argv)
     settings: dict[str, str] = {}
     if getattr(args, "config", None):

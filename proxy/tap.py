@@ -16,6 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import selfcheck
 from .admin import Admin
 from .config import ConfigError, readConfig, splitList
 from .cred import TokenChecker, UpstreamRealm, upstreamConnector
@@ -143,6 +144,9 @@ class Options(usage.Options):
         self["api-port"].append(description)
 
     def postOptions(self) -> None:
+        reason = selfcheck.check()
+        if reason is not None:
+            raise usage.UsageError(reason)
         fromFile: dict[str, str] = {}
         if self["config"]:
             try:
