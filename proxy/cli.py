@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from . import __version__
+from . import __version__, selfcheck
 from ._cliactions import CREATING, authorize, errorLine, openStore, requireStore, secrets
 from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
@@ -324,6 +324,10 @@ def _json(value: Any, out: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    reason = selfcheck.check()
+    if reason is not None:
+        print(f"imapproxy: {reason}", file=sys.stderr)
+        sys.exit(2)
     args = _parser().parse_args(argv)
     settings: dict[str, str] = {}
     if getattr(args, "config", None):

@@ -15,7 +15,7 @@ from twisted.cred.portal import Portal
 from twisted.logger import Logger
 from twisted.python import usage
 
-from . import __version__
+from . import __version__, selfcheck
 from .admin import Admin
 from .certs import (
     CertificateError,
@@ -139,6 +139,9 @@ class Options(usage.Options):
         self["api-port"].append(description)
 
     def postOptions(self) -> None:
+        reason = selfcheck.check()
+        if reason is not None:
+            raise usage.UsageError(reason)
         fromFile: dict[str, str] = {}
         if self["config"]:
             try:

@@ -2,6 +2,12 @@
 Session fixtures for the integration tests: one PKI, one fake OAuth2
 provider, one Dovecot and one ``twistd imapproxy`` shared by the tests, and a
 factory that registers a fresh mailbox account with its own grant and token.
+
+Tests in files that start real processes (twistd, Dovecot, redis-server,
+HAProxy, mbsync) are marked ``integration`` here, by file name, so that
+``pytest -m "not integration"`` runs the unit tests alone; those that need
+only a redis-server (the Redis store and its coordination) are marked
+``redis`` as well, so the lowest-versions run can exercise txredisapi.
 """
 
 from __future__ import annotations
@@ -18,6 +24,34 @@ import pytest
 
 from tests.upstream import Dovecot, Provider, make_pki
 from tests.upstream.proxyproc import ProxyProcess
+
+# Files whose tests start real processes; everything else is a unit test.
+INTEGRATION_FILES = frozenset(
+    {
+        "test_api_schemathesis.py",
+        "test_clients.py",
+        "test_fixtures.py",
+        "test_rediscoord.py",
+        "test_store_redis.py",
+    }
+)
+# Integration files that need only a redis-server.
+REDIS_FILES = frozenset({"test_rediscoord.py", "test_store_redis.py"})
+
+
+def isIntegrationFile(name: str) -> bool:
+    """Whether the test file ``name`` (a base name) starts real processes."""
+    return name.startswith("test_integration") or name in INTEGRATION_FILES
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        name = item.path.name
+        if isIntegrationFile(name):
+            item.add_marker(pytest.mark.integration)
+        if name in REDIS_FILES:
+            item.add_marker(pytest.mark.redis)
+
 
 CLIENT_ID = "app-client"
 CLIENT_SECRET = "app-secret"

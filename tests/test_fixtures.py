@@ -20,6 +20,7 @@ from requests_oauthlib import OAuth2Session
 from twisted.internet import task
 
 from tests.upstream import PKI, Dovecot, Provider, ProviderError, make_pki
+from tests.upstream.osutil import wait_until
 from tests.upstream.provider import (
     DEVICE_CODE_GRANT,
     INTROSPECTION_CLIENT_ID,
@@ -28,6 +29,7 @@ from tests.upstream.provider import (
     ProviderState,
     s256,
 )
+from tests.upstream.redisserver import RedisServer
 
 CLIENT_ID = "app-client"
 CLIENT_SECRET = "app-secret"
@@ -624,3 +626,20 @@ def test_codes_expire_on_the_injected_clock() -> None:
     clock.advance(600)
     assert token_error(**poll) == "expired_token"
     assert state.pending_user_codes() == []
+
+
+def test_redis_restart_waits_for_loading() -> None:
+    """A restarted redis-server is ready only once it has loaded its data (no LOADING)."""
+    with RedisServer(persist=True, load_delay_us=2000) as redis:
+        keys = [f"k{i}" for i in range(400)]
+        redis.command("MSET", *(part for k in keys for part in (k, "v")))
+        # Compact the log into an RDB base file, which is what key-load-delay slows.
+        redis.command("BGREWRITEAOF")
+        wait_until(lambda: _rewritten(redis.command("INFO", "persistence")), 30, "the AOF rewrite")
+        redis.stop()
+        redis.start()
+        assert redis.command("DBSIZE") == len(keys)
+
+
+def _rewritten(info: str) -> bool:
+    return "aof_rewrite_in_progress:0" in info and "aof_rewrite_scheduled:0" in info

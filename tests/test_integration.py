@@ -9,7 +9,6 @@ from __future__ import annotations
 import imaplib
 import socket
 import sqlite3
-import threading
 import time
 
 import pytest
@@ -25,6 +24,7 @@ from tests.imaputil import (
     provider_access_token,
     tls,
 )
+from tests.upstream.osutil import wait_until
 
 
 def _login_refusal(port: int, user: str, password: str) -> str:
@@ -537,10 +537,9 @@ def test_client_disconnect_closes_upstream(proxy, mailbox, dovecot):
     user = mailbox.email.encode()
     assert user in dovecot.doveadm("who", "-1").stdout
     c.shutdown()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and user in dovecot.doveadm("who", "-1").stdout:
-        threading.Event().wait(0.1)
-    assert user not in dovecot.doveadm("who", "-1").stdout
+    wait_until(
+        lambda: user not in dovecot.doveadm("who", "-1").stdout, 30, "the provider session closed"
+    )
 
 
 def test_provider_disconnect_closes_client(proxy, mailbox, dovecot):
@@ -583,6 +582,19 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def _unread_from(port: int) -> int:
+    """The most bytes waiting unread in a local TCP socket whose peer is ``port``."""
+    most = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            rows = f.read().splitlines()[1:]
+        for row in rows:
+            fields = row.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                most = max(most, int(fields[4].split(":")[1], 16))
+    return most
+
+
 def test_flow_control_bounds_memory_for_a_client_that_does_not_read(proxy, mailbox, dovecot):
     """A 40 MB FETCH to a client that stops reading is not buffered in the proxy."""
     size = 40 * 1024 * 1024
@@ -596,14 +608,15 @@ def test_flow_control_bounds_memory_for_a_client_that_does_not_read(proxy, mailb
         r.until(b"b")
         before = _rss_kib(proxy.pid())
         r.send(b"c FETCH 1 BODY.PEEK[]\r\n")
-        # Wait until the proxy's memory stops moving (Dovecot has sent what
-        # flow control lets through), bounded at 5 s.
-        last, still, deadline = before, 0, time.monotonic() + 5
-        while time.monotonic() < deadline and still < 5:
-            threading.Event().wait(0.1)
-            now = _rss_kib(proxy.pid())
-            still = still + 1 if abs(now - last) < 64 else 0
-            last = now
+        # Flow control has taken hold once the proxy leaves Dovecot's bytes
+        # unread in its socket (the client's buffers and the proxy's are
+        # full). A proxy that buffered instead would read all 40 MB and
+        # leave nothing queued, and fail here.
+        wait_until(
+            lambda: _unread_from(dovecot.tls_port) >= 32 * 1024,
+            30,
+            "the proxy to stop reading from Dovecot",
+        )
         grown = _rss_kib(proxy.pid()) - before
         assert grown < 8 * 1024, f"proxy grew by {grown} KiB while the client did not read"
         got = r.until(b"c")

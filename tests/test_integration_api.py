@@ -12,7 +12,6 @@ import json
 import shutil
 import sqlite3
 import subprocess
-import threading
 import time
 
 import pytest
@@ -20,6 +19,7 @@ import requests
 
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ISSUED_SECRETS
 from tests.imaputil import Raw, plain
+from tests.upstream.osutil import wait_until
 
 CURL = shutil.which("curl")
 
@@ -367,10 +367,9 @@ def test_disconnect_closes_tls_sessions(proxy, provider, dovecot, pki, root):
     finally:
         s.close()
     user = acct["email"].encode()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and user in dovecot.doveadm("who", "-1").stdout:
-        threading.Event().wait(0.1)
-    assert user not in dovecot.doveadm("who", "-1").stdout
+    wait_until(
+        lambda: user not in dovecot.doveadm("who", "-1").stdout, 30, "the provider session closed"
+    )
 
 
 def test_tokens_cannot_mint_wider_api_tokens(proxy, provider, dovecot, pki, root):

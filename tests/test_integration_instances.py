@@ -27,6 +27,7 @@ from cryptography.fernet import Fernet
 from proxy.store._rediscoord import _PUBLISH, STREAM_LENGTH
 from tests.conftest import ISSUED_SECRETS, OAUTH2_DEADLINE, register
 from tests.imaputil import Raw, message, plain
+from tests.upstream.osutil import wait_until
 from tests.upstream.proxyproc import ProxyProcess
 from tests.upstream.redisserver import RedisServer
 
@@ -122,16 +123,6 @@ def _closed_within(r: Raw, seconds: float) -> bool:
     """Whether the proxy closes the session within ``seconds`` (EOF, not a timeout)."""
     r.sock.settimeout(seconds)
     return r.closed()
-
-
-def _until(check, seconds: float, pause: float = 0.1):
-    """Poll ``check()`` until it is truthy or ``seconds`` pass; its last result."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        threading.Event().wait(pause)
 
 
 def _imap_token(p: ProxyProcess, root: str, account: str) -> str:
@@ -244,8 +235,11 @@ def test_close_missed_while_unsubscribed_is_caught_up(pair, provider, dovecot, p
     on_a = _spliced(pair.a, mb.account, mb.token)
     on_b = _spliced(pair.b, mb.account, mb.token)
     try:
-        subscribed = _until(lambda: pair.redis.command("PUBSUB", "NUMSUB", CHANNEL)[1] == 2, 10)
-        assert subscribed
+        wait_until(
+            lambda: pair.redis.command("PUBSUB", "NUMSUB", CHANNEL)[1] == 2,
+            30,
+            "both instances subscribed",
+        )
         body = json.dumps({"from": "tests", "account": mb.account, "token": None})
         # Atomically: drop both subscriptions, then publish (live delivery impossible).
         killed, (_entry, listening) = pair.redis.transaction(
@@ -356,8 +350,11 @@ def test_redis_down_and_back(pair, provider, dovecot, pki):
         finally:
             pair.redis.start()
         for p in (pair.a, pair.b):
-            healed = _until(lambda p=p: _login(p.port, mb.account, mb.token) == "OK", 15, 0.2)
-            assert healed, f"no login through {p.workdir} after Redis came back"
+            wait_until(
+                lambda p=p: _login(p.port, mb.account, mb.token) == "OK",
+                30,
+                f"a login through {p.workdir} after Redis came back",
+            )
         assert _noop(live, b"m").startswith(b"m OK")
         # The close subscriptions came back: a revoke on B reaches A's session.
         r = api(pair.b, "DELETE", f"/v1/token/{cut}?disconnect=true", pair.root)

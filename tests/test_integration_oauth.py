@@ -18,6 +18,7 @@ import requests
 
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ISSUED_SECRETS, register
 from tests.imaputil import plain
+from tests.upstream.osutil import wait_until
 from tests.upstream.proxyproc import ProxyProcess, _script
 
 
@@ -329,12 +330,11 @@ def test_slow_token_endpoint_bounded_and_late_answer_kept(proxy, provider, dovec
     assert elapsed < OAUTH2_DEADLINE + 1.5
     # The slow answer arrives after the refusal; the proxy keeps it, so the
     # next login needs no new refresh (one call in all, none sent twice).
-    deadline = time.monotonic() + 10
-    while (
-        time.monotonic() < deadline
-        and "new provider access token for " + mb.account not in proxy.log()
-    ):
-        threading.Event().wait(0.1)
+    wait_until(
+        lambda: "new provider access token for " + mb.account in proxy.log(),
+        30,
+        "the late access token kept",
+    )
     _login_ok(proxy, mb.account, mb.token)
     assert provider.stats()["token_calls_by_username"][mb.email] == 1
 

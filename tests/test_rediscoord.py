@@ -20,6 +20,8 @@ __all__ = ["setUpModule", "tearDownModule"]
 
 # A close request reaches a subscribed instance well within this.
 PROMPT = 5.0
+ALICE = "imapproxy:lock:refresh:alice"
+BOB = "imapproxy:lock:refresh:bob"
 
 
 @inlineCallbacks
@@ -52,12 +54,17 @@ class RefreshLockTests(RedisHarness, TestCase):
     def test_aLeaseExpiresUnlessRenewed(self):
         """An unrenewed lease lapses after its TTL; a renewed one does not."""
         lock = RefreshLock((yield self.openStore()))
-        lapsing = yield lock.acquire("alice", 0.3)
-        kept = yield lock.acquire("bob", 0.3)
-        for _ in range(4):
-            yield deferLater(reactor, 0.15, lambda: None)
-            self.assertTrue((yield lock.renew("bob", kept, 0.3)))
-        self.assertFalse((yield lock.renew("alice", lapsing, 0.3)), "lapsed: not ours")
+        lapsing = yield lock.acquire("alice", 30.0)
+        kept = yield lock.acquire("bob", 30.0)
+        # The TTL is Redis's own key TTL, set from the lease's; renewing restarts it.
+        for key in (ALICE, BOB):
+            self.assertTrue(0 < int(self.server.command("PTTL", key)) <= 30_000)
+        self.assertTrue((yield lock.renew("bob", kept, 60.0)))
+        self.assertGreater(int(self.server.command("PTTL", BOB)), 30_000)
+        # Alice's TTL runs out: an expiry time in the past removes the key,
+        # as Redis does when the time comes, without waiting for it.
+        self.server.command("PEXPIREAT", ALICE, "1000")
+        self.assertFalse((yield lock.renew("alice", lapsing, 30.0)), "lapsed: not ours")
         self.assertIsNotNone((yield lock.acquire("alice", 5.0)))
         self.assertIsNone((yield lock.acquire("bob", 5.0)))
 

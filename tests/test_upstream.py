@@ -1142,3 +1142,35 @@ class AddressCacheTests(SynchronousTestCase):
         """A host given as an address needs no cache entry."""
         self.cache.remember("192.0.2.9", 143, "192.0.2.9")
         self.assertIsNone(self.cache.get("192.0.2.9", 143))
+
+
+# --- Regression tests moved from test_review_regressions.py (each docstring
+# says what was wrong; every test failed before its fix). ---
+
+
+class SpareLongLineTests(_Driver):
+    def test_aTooLongLineWhileSpareClosesIt(self):
+        """
+        proxy/upstream/imap.py: in state "spare" the LineReceiver still enforces
+        MAX_LENGTH; ``lineLengthExceeded`` -> ``_fail`` (which does not
+        exclude "spare") -> ``self.ready.errback`` on a Deferred that already
+        fired.
+
+        Expected: the spare is dropped quietly (connection closed, pool told
+        through its onLost callback).
+        Actual: AlreadyCalledError escapes dataReceived (in the reactor: the
+        connection is torn down with an unhandled error), and since the state
+        is then "failed", connectionLost never calls the pool's onLost, so the
+        pool keeps a dead entry until its expiry timer.
+        """
+        self.connect()
+        self.receive(
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi", b"U1 OK [CAPABILITY X] ok"
+        )
+        proto = self.loggedIn()
+        lost: list = []
+        proto.keepAsSpare(lambda: lost.append(True))
+        proto.dataReceived(b"* " + b"x" * (proto.MAX_LENGTH + 10))
+        self.assertTrue(self.transport.disconnecting)
+        proto.connectionLost()
+        self.assertEqual(lost, [True])

@@ -325,3 +325,88 @@ class SpareProtocolTests(_Driver):
         p.discard()
         self.assertEqual(self.sent(), [b"U2 LOGOUT"])
         self.assertTrue(self.transport.disconnecting)
+
+
+# --- Regression tests moved from test_review_regressions.py (each docstring
+# says what was wrong; every test failed before its fix). ---
+
+
+class WarmStopWhileConnectingTests(_Driver):
+    def test_aSpareFinishedAfterStopIsClosed(self):
+        """
+        proxy/upstream/spares.py _warm: a warm-up that completes after ``stop()`` (or for
+        an account that already has a spare) calls ``protocol.discard()``, but
+        the protocol is still in state "ready" (keepAsSpare was never called)
+        and ``UpstreamProtocol.discard`` only acts in state "spare".
+
+        Expected: the logged-in provider connection is logged out / closed.
+        Actual: nothing is sent, the transport stays open (and paused, so it
+        never even notices the server closing it): the connection leaks.
+        """
+        clock = task.Clock()
+        pending: list[Deferred] = []
+
+        def connect(acct):
+            d: Deferred = Deferred()
+            pending.append(d)
+            return d
+
+        warm = WarmUpstreams(connect, clock, keep=300.0, often=2)
+        acct = account()
+        warm.loggedIn(acct)
+        clock.advance(1)
+        warm.loggedIn(acct)
+        self.assertEqual(len(pending), 1)
+
+        # A real UpstreamProtocol, logged in (state "ready"), as connect gives it.
+        self.connect()
+        self.receive(
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi", b"U1 OK [CAPABILITY X] ok"
+        )
+        proto = self.loggedIn()
+        self.transport.clear()
+
+        warm.stop()  # shutdown while the warm-up is under way
+        pending[0].callback(proto)
+
+        self.assertEqual(len(warm), 0)
+        self.assertTrue(
+            self.transport.disconnecting,
+            "the spare made after stop() is neither logged out nor closed",
+        )
+
+
+class SpareAfterAccountCloseTests(SynchronousTestCase):
+    def test_aWarmUpUnderWayWhenTheAccountIsRemovedMakesNoSpare(self):
+        """
+        proxy/imap SessionRegistry.close(account) -> WarmUpstreams.discard
+        only drops a spare that exists; a warm-up still connecting (in
+        ``_warming``) is not cancelled or marked, so when it completes the
+        removed account gets a fresh logged-in spare (to its mailbox, with
+        its old grant) that lives for ``keep`` seconds, and is handed out if
+        the account id is re-created with the same settings within that time.
+
+        Expected: after the account's sessions are closed (account removed),
+        no spare for it exists. Actual: one is kept.
+        """
+        clock = task.Clock()
+        pending: list[Deferred] = []
+
+        def connect(acct):
+            d: Deferred = Deferred()
+            pending.append(d)
+            return d
+
+        warm = WarmUpstreams(connect, clock, keep=300.0, often=2)
+        registry = SessionRegistry(spares=warm)
+        acct = account()
+        warm.loggedIn(acct)
+        clock.advance(1)
+        warm.loggedIn(acct)
+        registry.close(account=acct.id)  # accounts remove (here or via the bus)
+        proto = FakeUpstream()
+        pending[0].callback(proto)
+        try:
+            self.assertEqual(len(warm), 0, "the removed account got a spare")
+        finally:
+            warm.stop()

@@ -40,13 +40,18 @@ class RedisServer:
 
     :param password: given to ``--requirepass`` (and used by ``command``).
     :param persist: keep the data across ``stop()``/``start()`` (AOF, fsync always).
+    :param load_delay_us: Redis's ``key-load-delay``: a pause for each key loaded
+        at start-up, so that a restart stays ``LOADING`` long enough to see.
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, password: str | None = None, persist: bool = False) -> None:
+    def __init__(
+        self, password: str | None = None, persist: bool = False, load_delay_us: int = 0
+    ) -> None:
         self.password = password
         self.persist = persist
+        self.load_delay_us = load_delay_us
         self.port: int | None = None
         self.dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -123,6 +128,8 @@ class RedisServer:
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.load_delay_us:
+            cmd += ["--key-load-delay", str(self.load_delay_us)]
         with open(os.path.join(self.dir, "redis.log"), "ab") as log:
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -136,16 +143,33 @@ class RedisServer:
                 self.stop()
                 raise RedisServerError(f"redis-server exited with {code}: {self.log_tail()}")
             try:
-                if self.command("PING") == "PONG":
+                if self._ready():
                     return
-            except OSError:
-                pass
+            except RedisServerError:
+                self.stop()
+                raise
             if time.monotonic() > deadline:
                 self.stop()
                 raise RedisServerError(
-                    f"redis-server not answering after {START_TIMEOUT}s: {self.log_tail()}"
+                    f"redis-server not ready after {START_TIMEOUT}s: {self.log_tail()}"
                 )
             time.sleep(0.02)
+
+    def _ready(self) -> bool:
+        """Whether the server answers PING with PONG.
+
+        Not yet listening (OSError) and still loading its data set (the
+        ``LOADING`` error a restarted server with an append-only file gives)
+        both mean "not yet"; any other error reply is a real failure.
+        """
+        try:
+            return self.command("PING") == "PONG"
+        except OSError:
+            return False
+        except RedisServerError as e:
+            if str(e).startswith("LOADING"):
+                return False
+            raise
 
     def stop(self) -> None:
         """SIGTERM and wait; the port and the directory are kept for ``start()``."""
