@@ -691,10 +691,13 @@ class TokenEndpointHandshakeTests(TestCase):
         return threads.deferToThread(oauth.refreshBlocking, account(url=url), 10.0)
 
     def refused(self, d: Deferred, reason: str, words: str) -> Deferred:
+        """``words``: the verifier's words, or a part of them (they vary by urllib3)."""
+
         def check(f):
             f.trap(CertificateRejected)
             self.assertEqual(f.value.reason, reason)
-            self.assertEqual(f.value.detail, f"token endpoint {self.server}: {words}")
+            self.assertTrue(f.value.detail.startswith(f"token endpoint {self.server}: "))
+            self.assertIn(words, f.value.detail)
 
         return d.addCallbacks(lambda _: self.fail("no error"), check)
 
@@ -711,7 +714,7 @@ class TokenEndpointHandshakeTests(TestCase):
         return self.refused(
             d,
             "certificate-hostname",
-            "IP address mismatch, certificate is not valid for '127.0.0.2'.",
+            "'127.0.0.2'",
         )
 
 

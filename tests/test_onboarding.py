@@ -866,11 +866,16 @@ class BlockingCallsTests(TestCase, SafeMessages):
         """A trusted certificate for another address: certificate-hostname."""
         server = self.listen("127.0.0.2")
         app = makeApp(f"https://{server}/token", deviceURL=f"https://{server}/dev")
-        yield self.refused(
-            self.call(deviceStartBlocking, app, 10.0),
-            ProviderCertificateRejected,
-            f"the provider's certificate at {server} was refused (certificate-hostname: "
-            "IP address mismatch, certificate is not valid for '127.0.0.2'.)",
-            "certificate-hostname",
+        error = yield self.assertFailure(
+            self.call(deviceStartBlocking, app, 10.0), ProviderCertificateRejected
         )
+        self.assertEqual(error.reason, "certificate-hostname")
+        # The verifier's words differ between urllib3 lines; they name the address.
+        self.assertTrue(
+            error.message.startswith(
+                f"the provider's certificate at {server} was refused (certificate-hostname: "
+            )
+        )
+        self.assertIn("'127.0.0.2'", error.message)
+        self.assertSafe(error.message)
         self.assertEqual(self.provider.forms, [])

@@ -14,8 +14,6 @@ import tempfile
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl, task, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import Factory, Protocol
@@ -118,10 +116,8 @@ class Session:
         self.tls = useTLS
         if useTLS:
             with open(pki.key, "rb") as k, open(pki.cert, "rb") as c:
-                self.serverTLS = ssl.CertificateOptions(
-                    privateKey=serialization.load_pem_private_key(k.read(), None),
-                    certificate=x509.load_pem_x509_certificate(c.read()),
-                )
+                # pyOpenSSL objects: the lowest allowed pyOpenSSL takes no others.
+                self.serverTLS = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
             with open(pki.ca_cert) as f:
                 ca = ssl.Certificate.loadPEM(f.read())
             self.clientTLS = ssl.optionsForClientTLS("localhost", trustRoot=ca)
