@@ -138,6 +138,16 @@ class LoginPenaltiesTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(backend.get("192.0.2.0")))
         self.assertEqual(self.successResultOf(backend.get("192.0.2.4")), (1, NOW))
 
+    def test_remainingNeverExceedsThePenalty(self):
+        """
+        A failure time ahead of this clock (another instance's clock on a
+        shared Redis, or a damaged value) never makes a wait longer than the
+        penalty itself: waits stay bounded by ``maximum``.
+        """
+        for last in (NOW + 3600, float("inf")):
+            self.backend._entries[ATTACKER] = (3, last, NOW + 600)
+            self.assertEqual(self.status(), PenaltyStatus(3, 8.0))
+
     def test_disabled(self):
         """With penalties off nothing is counted."""
         off = LoginPenalties(self.backend, self.clock, PenaltyPolicy(maximum=0))
