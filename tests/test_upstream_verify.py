@@ -229,3 +229,30 @@ class AdversarialCertificateTests(TestCase):
             proto.transport.abortConnection()
             await self.servers.allClosed()
             self.fail("logged in to imap.example.net with imap.example.com's session")
+
+    @ensuringDeferred
+    async def test_aFixedCAFileIsReadAtTheNextLogin(self):
+        """
+        After a refusal the operator fixes the account's CA file in place
+        (as docs/operations.md advises): the next login reads it, rather
+        than keep refusing with the options built from the old one.
+        """
+        from twisted.internet import reactor
+
+        otherRoot = issue("other root", None, ca=True)
+        leaf = issue("imap.example.com", otherRoot, ca=False, sans=("imap.example.com",))
+        port = self.serve(serverOptions(leaf), starttls=False)
+        caFile = os.path.join(self.dir, "account-ca.pem")
+        self.patch(self, "caFile", caFile)
+        with open(caFile, "wb") as f:
+            f.write(pem(self.root.cert))
+        tlsCache = TLSOptionsCache(reactor)
+        with self.assertRaises(CertificateRejected):
+            await self.login("imap.example.com", port, "implicit", tlsCache)
+        await self.servers.allClosed()
+        # The same path, now holding the CA that signs the server's certificate.
+        with open(caFile, "wb") as f:
+            f.write(pem(otherRoot.cert))
+        proto = await self.login("imap.example.com", port, "implicit", tlsCache)
+        proto.transport.abortConnection()
+        await self.servers.allClosed()
