@@ -166,6 +166,27 @@ class UpstreamProtocolTests(_Driver):
         self.assertEqual(self.sent(), [])
         self.assertFalse(self.transport.disconnecting)
 
+    def test_aFailingSessionKeeperDoesNotStopTheLogin(self):
+        """
+        Keeping the TLS session for resumption is an optimisation: when it
+        fails (a pyOpenSSL without what it relies on), the login still ends
+        logged in, instead of hanging until the upstream timeout.
+        """
+
+        class Options:
+            def remember(self, transport):
+                raise AttributeError("SSL_session_reused")
+
+        self.patch(UpstreamProtocol, "_rememberFailed", False)
+        for _ in range(2):
+            self.connect(tlsOptions=Options())
+            self.receive(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready")
+            self.sent()
+            self.receive(b"U1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+            self.assertEqual(self.loggedIn().capabilities, [b"IMAP4rev1", b"IDLE"])
+        # Logged once, not at every login.
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
     def test_greetingWithoutCapabilities(self):
         """A greeting without capabilities makes the proxy ask CAPABILITY first."""
         self.connect()
