@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from proxy.errors import CertificateRejected
 from proxy.model import Upstream
 from proxy.upstream import AddressCache, TLSOptionsCache, connectUpstream
-from tests.test_upstream import TOKEN, LoopbackServers, ensuringDeferred
+from tests.test_upstream import TOKEN, ensuringDeferred, serveLoopback
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -101,16 +101,7 @@ class AdversarialCertificateTests(TestCase):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
     def serve(self, options, starttls: bool) -> int:
-        from twisted.internet import reactor
-
-        self.servers = LoopbackServers(options, starttls)
-        if starttls:
-            port = reactor.listenTCP(0, self.servers, interface="127.0.0.1")
-        else:
-            port = reactor.listenSSL(0, self.servers, options, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.addCleanup(lambda: self.servers.allClosed())
-        return port.getHost().port  # type: ignore[no-any-return]
+        return serveLoopback(self, options, starttls)
 
     async def login(self, host: str, port: int, tls: str, tlsCache=None):
         from twisted.internet import reactor
