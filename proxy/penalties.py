@@ -181,8 +181,11 @@ class LoginPenalties:
         if found is None:
             return PenaltyStatus()
         failures, last = found
-        until = last + self.policy.penalty(failures)
-        return PenaltyStatus(failures, max(0.0, until - self._clock.seconds()))
+        penalty = self.policy.penalty(failures)
+        # Never longer than the penalty: a failure time ahead of this clock
+        # (another instance's, on a shared store) must not hold logins longer.
+        remaining = min(max(0.0, last + penalty - self._clock.seconds()), penalty)
+        return PenaltyStatus(failures, remaining)
 
     def wait(self, status: PenaltyStatus) -> Deferred[None]:
         """Fires when the penalty of ``status`` has run out."""

@@ -44,10 +44,25 @@ def parseNetworks(addresses: Iterable[str]) -> tuple[str, ...]:
     out = []
     for a in addresses:
         try:
-            out.append(str(ipaddress.ip_network(a.strip(), strict=False)))
+            net = ipaddress.ip_network(a.strip(), strict=False)
         except ValueError:
             raise ValueError(f"not an IP address or CIDR network: {a!r}") from None
+        out.append(str(_unmapped(net)))
     return tuple(out)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(net: Network) -> Network:
+    """
+    An IPv4-mapped IPv6 network as the IPv4 network it carries: the checks
+    see an IPv4-mapped client as IPv4 (``clientAddress``), so the mapped
+    form would match no one.
+    """
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 def parseScopes(scopes: Iterable[str]) -> tuple[str, ...]:

@@ -138,6 +138,16 @@ class LoginPenaltiesTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(backend.get("192.0.2.0")))
         self.assertEqual(self.successResultOf(backend.get("192.0.2.4")), (1, NOW))
 
+    def test_remainingNeverExceedsThePenalty(self):
+        """
+        A failure time ahead of this clock (another instance's clock on a
+        shared Redis, or a damaged value) never makes a wait longer than the
+        penalty itself: waits stay bounded by ``maximum``.
+        """
+        for last in (NOW + 3600, float("inf")):
+            self.backend._entries[ATTACKER] = (3, last, NOW + 600)
+            self.assertEqual(self.status(), PenaltyStatus(3, 8.0))
+
     def test_disabled(self):
         """With penalties off nothing is counted."""
         off = LoginPenalties(self.backend, self.clock, PenaltyPolicy(maximum=0))
@@ -375,13 +385,41 @@ class RedisPenaltyTests(TestCase):
 
     @inlineCallbacks
     def test_forgottenByRedis(self):
-        """Each failure sets the entry's expiry to ``forget``: Redis forgets a quiet address."""
+        """The penalty keys expire ``forget`` after the last failure: an idle store is clean."""
         store = yield self.openStore()
         backend = RedisPenalties(store)
         yield backend.fail(ATTACKER, NOW, 600)
-        [key] = [k for k in self.server.dump() if "penalty" in k]
-        ttl = int(self.server.command("PTTL", key))
-        self.assertTrue(595_000 < ttl <= 600_000, ttl)
+        keys = sorted(self.server.command("KEYS", "*penalt*"))
+        self.assertEqual(len(keys), 2, keys)
+        for key in keys:
+            ttl = int(self.server.command("PTTL", key))
+            self.assertTrue(595_000 < ttl <= 600_000, ttl)
+
+    @inlineCallbacks
+    def test_quietAddressesAreForgotten(self):
+        """A failure sweeps the addresses quiet for ``forget`` seconds: they start clean."""
+        backend = RedisPenalties((yield self.openStore()))
+        yield backend.fail(ATTACKER, NOW, 600)
+        yield backend.fail(ATTACKER, NOW + 1, 600)
+        yield backend.fail(USER, NOW + 601, 600)
+        self.assertIsNone((yield backend.get(ATTACKER)))
+        self.assertEqual((yield backend.fail(ATTACKER, NOW + 602, 600)), 1)
+
+    @inlineCallbacks
+    def test_boundedAcrossInstances(self):
+        """
+        However many addresses fail, the shared store keeps at most
+        ``maxAddresses`` of them, dropping those that failed longest ago:
+        one client spread over many networks cannot fill Redis.
+        """
+        a = RedisPenalties((yield self.openStore()), maxAddresses=3)
+        b = RedisPenalties((yield self.openStore()), maxAddresses=3)
+        for i in range(50):
+            yield (a if i % 2 else b).fail(f"2001:db8:{i:x}::/64", NOW + i, 600)
+        self.assertEqual(int(self.server.command("HLEN", "imapproxy:penalties")), 3)
+        self.assertEqual(int(self.server.command("ZCARD", "imapproxy:penalties-seen")), 3)
+        self.assertIsNone((yield a.get("2001:db8:2e::/64")))
+        self.assertEqual((yield a.get("2001:db8:31::/64")), (1, NOW + 49))
 
     @inlineCallbacks
     def test_checkerOverRedis(self):

@@ -86,6 +86,23 @@ class ParseNetworksTests(SynchronousTestCase):
         """A bare address means the single host."""
         self.assertEqual(parseNetworks([" 192.0.2.7 ", "::1"]), ("192.0.2.7/32", "::1/128"))
 
+    def test_ipv4MappedNetworks(self):
+        """
+        An IPv4-mapped network (``::ffff:10.0.0.0/104``, as a dual-stack
+        server's logs show IPv4 clients) is stored as the IPv4 network it
+        means: the checks see such clients as IPv4, so the mapped form would
+        match no one, and minting would not see it inside ``10.0.0.0/8``.
+        """
+        self.assertEqual(
+            parseNetworks(["::ffff:10.0.0.0/104", "::ffff:192.0.2.7"]),
+            ("10.0.0.0/8", "192.0.2.7/32"),
+        )
+        (network,) = parseNetworks(["::ffff:10.0.0.0/104"])
+        self.assertTrue(addressAllowed("::ffff:10.1.2.3", [network]))
+        self.assertTrue(addressAllowed("10.1.2.3", [network]))
+        # Wider than the mapped range: an IPv6 network, kept as it is.
+        self.assertEqual(parseNetworks(["::/80"]), ("::/80",))
+
     def test_garbage(self):
         """A bad entry raises ValueError naming it."""
         e = self.assertRaises(ValueError, parseNetworks, ["10.0.0.0/8", "nonsense"])

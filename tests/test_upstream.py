@@ -166,6 +166,27 @@ class UpstreamProtocolTests(_Driver):
         self.assertEqual(self.sent(), [])
         self.assertFalse(self.transport.disconnecting)
 
+    def test_aFailingSessionKeeperDoesNotStopTheLogin(self):
+        """
+        Keeping the TLS session for resumption is an optimisation: when it
+        fails (a pyOpenSSL without what it relies on), the login still ends
+        logged in, instead of hanging until the upstream timeout.
+        """
+
+        class Options:
+            def remember(self, transport):
+                raise AttributeError("SSL_session_reused")
+
+        self.patch(UpstreamProtocol, "_rememberFailed", False)
+        for _ in range(2):
+            self.connect(tlsOptions=Options())
+            self.receive(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready")
+            self.sent()
+            self.receive(b"U1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+            self.assertEqual(self.loggedIn().capabilities, [b"IMAP4rev1", b"IDLE"])
+        # Logged once, not at every login.
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
     def test_greetingWithoutCapabilities(self):
         """A greeting without capabilities makes the proxy ask CAPABILITY first."""
         self.connect()
@@ -884,6 +905,26 @@ class LoopbackServers(Factory):
         return d
 
 
+def serveLoopback(case: TestCase, options, starttls: bool) -> int:
+    """
+    Listen on loopback with ``LoopbackServers`` (kept as ``case.servers``),
+    implicit TLS or STARTTLS with ``options``, until the test ends.
+
+    :return: the port.
+    """
+    from twisted.internet import reactor
+
+    servers = case.servers = LoopbackServers(options, starttls)  # type: ignore[attr-defined]
+    if starttls:
+        port = reactor.listenTCP(0, servers, interface="127.0.0.1")
+    else:
+        port = reactor.listenSSL(0, servers, options, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    # Last in, first out: the server's connections end before it stops.
+    case.addCleanup(lambda: servers.allClosed())
+    return port.getHost().port  # type: ignore[no-any-return]
+
+
 class ReportingTLSOptionsTests(SynchronousTestCase):
     """The per-connection options pass session resumption on to the shared ones."""
 
@@ -924,19 +965,9 @@ class CertificateRefusalTests(TestCase):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
     def serve(self, pki: PKI, starttls: bool = False) -> int:
-        from twisted.internet import reactor
-
         with open(pki.key) as k, open(pki.cert) as c:
             options = ssl.PrivateCertificate.loadPEM(k.read() + c.read()).options()
-        self.servers = LoopbackServers(options, starttls)
-        if starttls:
-            port = reactor.listenTCP(0, self.servers, interface="127.0.0.1")
-        else:
-            port = reactor.listenSSL(0, self.servers, options, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        # Last in, first out: the server's connections end before it stops.
-        self.addCleanup(lambda: self.servers.allClosed())
-        return port.getHost().port  # type: ignore[no-any-return]
+        return serveLoopback(self, options, starttls)
 
     async def login(self, host: str, port: int, caFile: str, tls: str = "implicit"):
         from twisted.internet import reactor

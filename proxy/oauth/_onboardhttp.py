@@ -23,7 +23,7 @@ from typing import Any
 
 from ..admin import AdminError
 from ..model import OAuth2App
-from .refresher import _printable, certificateRejected, serverOf
+from .refresher import _printable, causes, certificateRejected, serverOf
 
 # An answer larger than this is not a token endpoint's: stop reading.
 MAX_ANSWER = 64 * 1024
@@ -249,19 +249,7 @@ def _refused(url: str, status: int, body: dict[str, Any], what: str) -> Provider
 
 def _caused(error: BaseException, kind: type[BaseException]) -> bool:
     """Whether ``kind`` is in the chain of causes that requests and urllib3 wrap."""
-    seen: set[int] = set()
-    todo = [error]
-    while todo and len(seen) < 32:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return True
-        for inner in (getattr(e, "reason", None), e.__cause__, e.__context__, *e.args):
-            if isinstance(inner, BaseException):
-                todo.append(inner)
-    return False
+    return any(isinstance(e, kind) for e in causes(error))
 
 
 def _text(value: Any) -> bool:

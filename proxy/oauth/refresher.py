@@ -7,7 +7,7 @@ errors mapped to a ``Grant`` or to the proxy's fixed errors.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -145,7 +145,12 @@ def certificateRejected(error: BaseException, url: str) -> CertificateRejected |
     return CertificateRejected(reason, detail=detail)
 
 
-def _verificationError(error: BaseException) -> BaseException | None:
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """
+    ``error`` and what it wraps, as requests and urllib3 nest them
+    (``reason``, ``__cause__``, ``__context__``, arguments), each once, at
+    most 32.
+    """
     seen: set[int] = set()
     todo = [error]
     while todo and len(seen) < 32:
@@ -153,11 +158,16 @@ def _verificationError(error: BaseException) -> BaseException | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError) or type(e).__name__ == "CertificateError":
-            return e
+        yield e
         for inner in (getattr(e, "reason", None), e.__cause__, e.__context__, *e.args):
             if isinstance(inner, BaseException):
                 todo.append(inner)
+
+
+def _verificationError(error: BaseException) -> BaseException | None:
+    for e in causes(error):
+        if isinstance(e, ssl.SSLCertVerificationError) or type(e).__name__ == "CertificateError":
+            return e
     return None
 
 

@@ -56,10 +56,6 @@ def _value(value: str | int | float) -> str:
     return str(value) if isinstance(value, int) else _text(value)
 
 
-def _num(value: float | None) -> str | None:
-    return None if value is None else _text(value)
-
-
 def _text(value: float) -> str:
     """A float as text that reads back exactly (txredisapi would round it)."""
     return repr(float(value))

@@ -19,6 +19,8 @@ Key layout (``prefix`` defaults to ``imapproxy:``)::
     token:<id>              hash, with a TTL at its expiry (if it has one)
     tokens:all              sorted set of token ids by creation time
     tokens:account:<id>     the same, one account's tokens
+    penalties               hash: source address -> "failures time" (login penalties)
+    penalties-seen          sorted set of those addresses by last failure (to bound them)
 
 A TTL only collects garbage: the proxy judges expiry by its own clock, so a
 record written already expired is kept a minute (``MIN_TTL``). Index entries

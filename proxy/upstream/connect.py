@@ -12,8 +12,9 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from ..errors import ProxyError, Unavailable
+from ..errors import CertificateRejected, ProxyError, Unavailable
 from ..model import Upstream
 from .auth import XOAUTH2Authenticator
 from .imap import UpstreamProtocol
@@ -135,6 +136,8 @@ async def connectUpstream(
             if result is proto:
                 proto.transport.abortConnection()
             return
+        if isinstance(result, Failure) and result.check(CertificateRejected):
+            tlsCache.forget(upstream)
         if isinstance(result, UpstreamProtocol):
             if addresses is not None:
                 peer = getattr(proto.transport.getPeer(), "host", None)

@@ -44,6 +44,8 @@ class UpstreamProtocol(LineReceiver):
     delimiter = b"\r\n"
     transport: Any
     _machine = MethodicalMachine()
+    # Whether keeping a TLS session failed once already (said once).
+    _rememberFailed = False
 
     def __init__(
         self,
@@ -197,9 +199,17 @@ class UpstreamProtocol(LineReceiver):
     def _fireReady(self) -> None:
         # Logged in: the server's session tickets (sent after the handshake)
         # have arrived; the next connection to this server resumes.
+        # Only an optimisation: its failure must not keep the login from
+        # ending (it would hang until the upstream timeout).
         remember = getattr(self.tlsOptions, "remember", None)
         if remember is not None:
-            remember(self.transport)
+            try:
+                remember(self.transport)
+            except Exception:
+                if not UpstreamProtocol._rememberFailed:
+                    # Once: it would fail the same way at every login.
+                    UpstreamProtocol._rememberFailed = True
+                    log.failure("keeping a TLS session for resumption failed")
         # Stop parsing: what follows belongs to the client's session.
         self._lines = self._ignore
         self.pauseProducing()

@@ -97,7 +97,8 @@ class TLSOptionsCache:
     """
     TLS client options by (host, CA file), built in a thread and kept for a
     while: building them reads files and the system CA store, which must
-    happen neither on the reactor thread nor at every login.
+    happen neither on the reactor thread nor at every login. Options a
+    certificate was refused with are dropped (``forget``).
     """
 
     def __init__(self, reactor: Any, ttl: float = 3600.0, size: int = 1024):
@@ -128,6 +129,15 @@ class TLSOptionsCache:
             return await waiter
         except ValueError:
             raise Unavailable("upstream-ca-file") from None
+
+    def forget(self, upstream: Upstream) -> None:
+        """
+        Drop the options for ``upstream`` (and the session they would
+        resume): its certificate was refused with them, and the operator's
+        fix (a corrected CA file, new system CAs) must count at the next
+        login, not an hour later.
+        """
+        self._entries.pop((upstream.host, upstream.caFile), None)
 
     def _built(self, result: Any, key: tuple[str, str | None], now: float) -> None:
         waiters = self._building.pop(key)

@@ -132,7 +132,9 @@ class DeadlineSite(server.Site):
         return channel
 
 
-_TOKEN_IN_PATH = re.compile(rb"[0-9A-Fa-f]{64}")
+# 64 hex digits, each as it is or percent-encoded (the route decodes the
+# path, so %61%62... is a token too).
+_TOKEN_IN_PATH = re.compile(rb"(?:[0-9A-Fa-f]|%(?:3[0-9]|[46][1-6])){64}")
 # The OAuth2 callback's one-time code and state are credentials too.
 _SECRET_QUERY = re.compile(rb"(?<=[?&])(code|state)=[^&]*")
 
