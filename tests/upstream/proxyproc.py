@@ -94,7 +94,11 @@ class ProxyProcess:
     def start(self, *extra: str) -> None:
         """
         :param extra: more ``twistd imapproxy`` options; each ``--port`` in
-            them adds a listener to wait for.
+            them adds a listener to wait for. Login penalties are off unless
+            ``extra`` sets ``--login-penalty``: the suite's own refused logins
+            from 127.0.0.1 must not slow the tests that follow them (a test
+            that depends on another's leftovers depends on run order);
+            ``test_integration_penalties`` runs them for real.
         """
         if self._proc is not None:
             raise ProxyError("already started")
@@ -113,6 +117,7 @@ class ProxyProcess:
             "tcp:0:interface=127.0.0.1",
             "--api-port",
             "tcp:0:interface=127.0.0.1",
+            *([] if "--login-penalty" in extra else ["--login-penalty", "0"]),
             *extra,
         ]
         self._proc = subprocess.Popen(
