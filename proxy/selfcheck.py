@@ -33,7 +33,7 @@ KNOWN_BAD: tuple[tuple[str, str, str], ...] = (
     (
         "cryptography",
         "<42",
-        "its OpenSSL bindings lack SSL_session_reused, so every TLS upstream login would fail",
+        "its OpenSSL bindings lack the TLS session-reuse query; releases before 42 are untested",
     ),
 )
 
