@@ -1744,6 +1744,8 @@ class AccessTableTests(APITestCase):
             "`GET /v1/tokens?account=`": ("GET", f"/v1/tokens?account={acct}", NOBODY),
             "`GET /v1/tokens/account/{account}`": ("GET", f"/v1/tokens/account/{acct}", NOBODY),
             "`DELETE /v1/token/{token-or-id}`": ("DELETE", f"/v1/token/{tokenId(victim)}", NOBODY),
+            "`DELETE /v1/token/{token-or-id}` a `*` token": (
+                "DELETE", f"/v1/token/{tokenId(self.addToken(None, ('*',)))}", NOBODY),
             "`POST /v1/account`": ("POST", "/v1/account", accountBody("carol")),
             "`GET /v1/accounts`": ("GET", "/v1/accounts", NOBODY),
             "`GET /v1/account/{id}`": ("GET", f"/v1/account/{acct}", NOBODY),
@@ -1783,7 +1785,7 @@ class AccessTableTests(APITestCase):
     def test_walkTheTable(self):
         """Each kind of token gets exactly what the table says, route by route."""
         table = accessTable()
-        self.assertEqual(len(table), 18)
+        self.assertEqual(len(table), 19)
         seen = []
         for operation, cells in table.items():
             for kind, cell in cells.items():
