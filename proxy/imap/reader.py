@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from . import syntax
 
-log = Logger()
+log = Logger(namespace="proxy.imap")
 
 UNKNOWN = b"Command unknown or not valid before login"
 

@@ -33,7 +33,7 @@ from .reader import CommandReader
 from .sasl import SASLError, parsePlain
 from .sessions import SessionRegistry
 
-log = Logger()
+log = Logger(namespace="proxy.imap")
 
 PLAINTEXT_POLICIES = ("allow", "loopback", "deny")
 

@@ -31,7 +31,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 from .transports import transportChain
 
-log = Logger()
+log = Logger(namespace="proxy.relay")
 
 MODES = ("fast", "plain")
 

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 
 from . import _fast
 
-log = Logger()
+log = Logger(namespace="proxy.relay")
 
 
 def tuneSocket(transport: Any) -> None:

@@ -21,7 +21,7 @@ from .imap import UpstreamProtocol
 from .tls import TLSOptionsCache
 from .verify import ReportingTLSOptions
 
-log = Logger()
+log = Logger(namespace="proxy.upstream")
 
 
 class AddressCache:

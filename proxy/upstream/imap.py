@@ -23,7 +23,7 @@ from ..errors import ProxyError
 from ..relay import tuneSocket
 from .login import ILoginIO, UpstreamLogin
 
-log = Logger()
+log = Logger(namespace="proxy.upstream")
 
 
 @implementer(ILoginIO)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ..model import Account
 from ..oauth import fingerprint
 
-log = Logger()
+log = Logger(namespace="proxy.upstream")
 
 
 @attrs.define

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from ..errors import CertificateRejected
 
-log = Logger()
+log = Logger(namespace="proxy.upstream")
 
 # OpenSSL's X509_V_ERR_* codes an operator meets, in OpenSSL's own words
 # (pyOpenSSL has no public way to turn a code into its text).

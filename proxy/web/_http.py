@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-log = Logger()
+log = Logger(namespace="proxy.api")
 
 MAX_BODY = 64 * 1024
 # Seconds a client has to send a whole request, headers and body.

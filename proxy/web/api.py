@@ -32,7 +32,7 @@ from ._http import (
     redactingLogFormatter,
 )
 
-log = Logger()
+log = Logger(namespace="proxy.api")
 
 
 OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "openapi.json")
