@@ -19,6 +19,7 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.upstream import ResumingTLSOptions
+from proxy.upstream.verify import ReportingTLSOptions
 from tests.relaypaths import useRelay
 from tests.upstream.certs import make_pki
 
@@ -119,6 +120,35 @@ class ResumptionTests(SynchronousTestCase):
             self.assertEqual(reader.data, b"* OK hello\r\n")
             self.assertEqual(reused(later), 1)
             options.remember(later)
+
+    @staticmethod
+    def recording(check, calls, n):
+        """``check``, noting ``n`` in ``calls`` each time it runs."""
+
+        def recorded(certificate):
+            calls.append(n)
+            return check(certificate)
+
+        return recorded
+
+    def test_resumesThroughEachConnectionsReportingOptions(self):
+        """
+        As a login connects: each connection gets its own
+        ``ReportingTLSOptions`` (its verify callback) around the shared
+        options, and ``remember`` goes through it. The second and later
+        connections still resume, and a resumed handshake skips the
+        certificate check (the chain was verified when the session was made).
+        """
+        server, shared = self.serverOptions(), self.clientOptions()
+        checked = []
+        for n in range(3):
+            options = ReportingTLSOptions(shared, "localhost", 993)
+            options._checkName = self.recording(options._checkName, checked, n)
+            tls, reader = self.connect(server, options)
+            self.assertEqual(reader.data, b"* OK hello\r\n")
+            self.assertEqual(reused(tls), 0 if n == 0 else 1)
+            options.remember(tls)
+        self.assertEqual(checked, [0])
 
     def test_aPlainConnectionIsIgnored(self):
         """remember() on a transport without TLS keeps nothing."""
