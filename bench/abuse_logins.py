@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("--api-concurrency", type=int, default=20)
     args = parser.parse_args()
     run("penalties off", ["--login-penalty", "0"], args)
-    run("penalties on ", [], args)
+    # Explicitly: the tests' fixture turns penalties off unless told.
+    run("penalties on ", ["--login-penalty", "15"], args)
 
 
 if __name__ == "__main__":

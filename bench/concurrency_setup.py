@@ -171,4 +171,7 @@ def proxy_args(pki: Any) -> list[str]:
         f"ssl:0:interface=127.0.0.1:backlog=1024:privateKey={pki.key}:certKey={pki.cert}",
         "--oauth2-deadline",
         str(OAUTH2_DEADLINE),
+        # The default, which the tests' fixture turns off: measure what ships.
+        "--login-penalty",
+        "15",
     ]

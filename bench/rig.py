@@ -114,6 +114,9 @@ class Rig:
             self.pki.key,
             "--oauth2-deadline",
             str(OAUTH2_DEADLINE),
+            # The default, which the tests' fixture turns off: measure what ships.
+            "--login-penalty",
+            "15",
         )
 
     def register(self) -> Mailbox:
