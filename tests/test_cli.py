@@ -292,8 +292,8 @@ class TokenRequestTests(SynchronousTestCase):
         self.assertEqual(str(e), "description is required")
 
 
-# --- Regression tests moved from test_review_regressions.py (each docstring
-# says what was wrong; every test failed before its fix). ---
+# --- Regression tests (each docstring says what was wrong; every test
+# failed before its fix). ---
 
 
 class _Store:

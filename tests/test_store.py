@@ -859,8 +859,8 @@ class MissingKeyTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.join(d, "secret.key")))
 
 
-# --- Regression tests moved from test_review_regressions.py (each docstring
-# says what was wrong; every test failed before its fix). ---
+# --- Regression tests (each docstring says what was wrong; every test
+# failed before its fix). ---
 
 
 class StoreCopyOverwriteTests(TestCase):

@@ -1175,8 +1175,8 @@ class AddressCacheTests(SynchronousTestCase):
         self.assertIsNone(self.cache.get("192.0.2.9", 143))
 
 
-# --- Regression tests moved from test_review_regressions.py (each docstring
-# says what was wrong; every test failed before its fix). ---
+# --- Regression tests (each docstring says what was wrong; every test
+# failed before its fix). ---
 
 
 class SpareLongLineTests(_Driver):

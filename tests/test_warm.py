@@ -327,8 +327,8 @@ class SpareProtocolTests(_Driver):
         self.assertTrue(self.transport.disconnecting)
 
 
-# --- Regression tests moved from test_review_regressions.py (each docstring
-# says what was wrong; every test failed before its fix). ---
+# --- Regression tests (each docstring says what was wrong; every test
+# failed before its fix). ---
 
 
 class WarmStopWhileConnectingTests(_Driver):
