@@ -506,18 +506,20 @@ def test_spliced_session_outlives_login_timeout(pki, workdir, dovecot, provider)
     p = ProxyProcess(
         os.path.join(workdir, "proxy-timeout2"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert}
     )
-    p.start("--login-timeout", "1")
+    # Long enough for a first login (token refresh, upstream TLS) on a loaded
+    # machine; the wait below outlasts it from the connection's start.
+    p.start("--login-timeout", "3")
     try:
         mb = register(p, provider, dovecot, pki)
         r = Raw(p.port)
         r.line()
         r.send(f"a LOGIN {mb.account} {mb.token}\r\nb SELECT INBOX\r\n".encode())
         r.until(b"b")
-        # Wait out twice the login timeout on an event that never comes: the
-        # IDLE gets no update, and the session must still be there after.
+        # Wait out more than the login timeout on an event that never comes:
+        # the IDLE gets no update, and the session must still be there after.
         r.send(b"i IDLE\r\n")
         assert r.line().startswith(b"+")
-        r.sock.settimeout(2.5)
+        r.sock.settimeout(3.5)
         with pytest.raises(TimeoutError):
             r.line()
         r.sock.settimeout(20)
