@@ -117,21 +117,6 @@ def test_imapclient_over_tls_and_idle_sees_exists(proxy, mailbox, pki, dovecot):
         assert (1, b"EXISTS") in responses
 
 
-def test_large_append_and_fetch_are_byte_identical(proxy, mailbox, pki):
-    """A 20 MB APPEND and FETCH through TLS on both legs arrive unchanged."""
-    msg = message(20 * 1024 * 1024, "large")
-    c = tls(proxy.ports["ssl"], pki.ca_cert)
-    try:
-        c.login(mailbox.account, mailbox.token)
-        assert c.append("INBOX", "", None, msg)[0] == "OK"
-        c.select("INBOX")
-        typ, data = c.fetch("1", "(BODY.PEEK[])")
-        assert typ == "OK"
-        assert data[0][1] == msg
-    finally:
-        c.logout()
-
-
 def test_commands_pipelined_behind_login_go_upstream_in_order(proxy, mailbox):
     """Commands sent in the same packet as LOGIN are answered by the provider, in order."""
     r = Raw(proxy.port)

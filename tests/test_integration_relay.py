@@ -53,6 +53,15 @@ class TLSRaw(Raw):
         self.buf = b""
 
 
+def loggedIn(relay_proxy: ProxyProcess, pki, mailbox) -> TLSRaw:
+    """A raw TLS client, greeted and logged in (tag ``a``) through the relay."""
+    r = TLSRaw(relay_proxy.ports["ssl"], pki.ca_cert)
+    r.line()
+    r.send(f"a LOGIN {mailbox.account} {mailbox.token}\r\n".encode())
+    assert r.until(b"a")[-1].startswith(b"a OK")
+    return r
+
+
 def test_the_start_up_log_names_the_path_once(relay_proxy):
     """One line at start-up says which path the relay takes."""
     log = relay_proxy.log()
@@ -82,11 +91,8 @@ def test_large_append_and_fetch_are_byte_identical(relay_proxy, provider, doveco
 def test_idle_sees_exists(relay_proxy, provider, dovecot, pki):
     """IDLE over the splice wakes up for a message appended by another session."""
     mailbox = register(relay_proxy, provider, dovecot, pki)
-    r = TLSRaw(relay_proxy.ports["ssl"], pki.ca_cert)
+    r = loggedIn(relay_proxy, pki, mailbox)
     try:
-        r.line()
-        r.send(f"a LOGIN {mailbox.account} {mailbox.token}\r\n".encode())
-        assert r.until(b"a")[-1].startswith(b"a OK")
         r.send(b"b SELECT INBOX\r\n")
         assert r.until(b"b")[-1].startswith(b"b OK")
         r.send(b"c IDLE\r\n")
@@ -107,11 +113,8 @@ def test_idle_sees_exists(relay_proxy, provider, dovecot, pki):
 def test_client_tls_close_ends_the_session(relay_proxy, provider, dovecot, pki):
     """A client that logs out: its TLS closes cleanly and the session ends."""
     mailbox = register(relay_proxy, provider, dovecot, pki)
-    r = TLSRaw(relay_proxy.ports["ssl"], pki.ca_cert)
+    r = loggedIn(relay_proxy, pki, mailbox)
     try:
-        r.line()
-        r.send(f"a LOGIN {mailbox.account} {mailbox.token}\r\n".encode())
-        assert r.until(b"a")[-1].startswith(b"a OK")
         r.send(b"z LOGOUT\r\n")
         assert r.until(b"z")[-1].startswith(b"z OK")
         assert r.closed()
@@ -123,11 +126,8 @@ def test_client_tls_close_ends_the_session(relay_proxy, provider, dovecot, pki):
 def test_provider_disconnect_closes_the_tls_client(relay_proxy, provider, dovecot, pki):
     """When the provider ends the session, the TLS client sees its BYE, then a clean close."""
     mailbox = register(relay_proxy, provider, dovecot, pki)
-    r = TLSRaw(relay_proxy.ports["ssl"], pki.ca_cert)
+    r = loggedIn(relay_proxy, pki, mailbox)
     try:
-        r.line()
-        r.send(f"a LOGIN {mailbox.account} {mailbox.token}\r\n".encode())
-        assert r.until(b"a")[-1].startswith(b"a OK")
         dovecot.kick(mailbox.email)
         assert r.line().startswith(b"* BYE")
         assert r.closed()
