@@ -24,6 +24,8 @@ import pytest
 
 from tests.upstream import Dovecot, Provider, make_pki
 from tests.upstream.proxyproc import ProxyProcess
+from tests.upstream.smtpsink import SMTPSink
+from tests.upstream.submission import Submission
 
 # Files whose tests start real processes; everything else is a unit test.
 INTEGRATION_FILES = frozenset(
@@ -31,6 +33,7 @@ INTEGRATION_FILES = frozenset(
         "test_api_schemathesis.py",
         "test_clients.py",
         "test_fixtures.py",
+        "test_fixtures_smtp.py",
         "test_rediscoord.py",
         "test_store_redis.py",
     }
@@ -89,6 +92,28 @@ def dovecot(pki, provider):
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def smtp_sink() -> Iterator[SMTPSink]:
+    """The SMTP sink :func:`submission` relays every message to."""
+    sink = SMTPSink()
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+@pytest.fixture(scope="session")
+def submission(pki, provider, smtp_sink) -> Iterator[Submission]:
+    """A Dovecot submission server (XOAUTH2 against ``provider``) relaying to ``smtp_sink``."""
+    s = Submission(pki, provider.introspection_url, smtp_sink)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="session")

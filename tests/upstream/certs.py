@@ -1,6 +1,6 @@
 """A throw-away PKI for tests: one self-signed CA and one leaf certificate.
 
-The leaf is valid for ``localhost``, ``127.0.0.1`` and ``::1``; servers under
+The leaf is valid for ``localhost``, ``127.0.0.1``, ``127.0.0.2`` and ``::1``; servers under
 test (the fake provider, Dovecot) present it and clients trust ``ca_cert``.
 """
 
@@ -119,6 +119,8 @@ def make_pki(directory: str) -> PKI:
                 [
                     x509.DNSName("localhost"),
                     x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                    # The SMTP submission fixture listens there (see submission.py).
+                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.2")),
                     x509.IPAddress(ipaddress.IPv6Address("::1")),
                 ]
             ),
