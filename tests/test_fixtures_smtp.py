@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from tests.upstream import PKI, Provider
+from tests.upstream.osutil import wait_until
 from tests.upstream.smtpsink import Received, SMTPSink, SMTPSinkError
 from tests.upstream.submission import Submission, strip_received
 
@@ -161,7 +162,8 @@ def test_starttls_xoauth2_message_arrives_identical(
     assert (got.mail_from, got.rcpt_tos) == ("from@example.com", ("to@example.net",))
     assert strip_received(got.data) == message
     assert b"\tby localhost with ESMTPSA\r\n" in got.data.split(b"Message-ID")[0]
-    assert f"Login: user=<{user}>, method=XOAUTH2" in submission.log()
+    # Dovecot's log process may write the line a moment after the reply.
+    wait_until(lambda: f"Login: user=<{user}>, method=XOAUTH2" in submission.log(), 10)
 
 
 def test_implicit_tls_xoauth2_several_messages(
