@@ -106,9 +106,14 @@ def smtp_sink() -> Iterator[SMTPSink]:
 
 
 @pytest.fixture(scope="session")
-def submission(pki, provider, smtp_sink) -> Iterator[Submission]:
-    """A Dovecot submission server (XOAUTH2 against ``provider``) relaying to ``smtp_sink``."""
-    s = Submission(pki, provider.introspection_url, smtp_sink)
+def submission(workdir, provider, smtp_sink) -> Iterator[Submission]:
+    """
+    A Dovecot submission server (XOAUTH2 against ``provider``) relaying to
+    ``smtp_sink``, with a certificate of its own for 127.0.0.2 (trust
+    ``submission.ca_cert``): the shared one stays wrong for that address.
+    """
+    own = make_pki(os.path.join(workdir, "pki-smtp"), extra_ips=(Submission.host,))
+    s = Submission(own, provider.introspection_url, smtp_sink)
     s.start()
     try:
         yield s

@@ -71,9 +71,9 @@ def xoauth2(user: str, token: str, answers: list[bytes] | None = None) -> Callab
     return auth
 
 
-def starttls_client(submission: Submission, pki: PKI) -> smtplib.SMTP:
+def starttls_client(submission: Submission) -> smtplib.SMTP:
     c = smtplib.SMTP(submission.host, submission.port, timeout=30)
-    c.starttls(context=ssl.create_default_context(cafile=pki.ca_cert))
+    c.starttls(context=ssl.create_default_context(cafile=submission.ca_cert))
     c.ehlo("client.example")
     return c
 
@@ -154,7 +154,7 @@ def test_starttls_xoauth2_message_arrives_identical(
 ) -> None:
     user, token = user_and_token(provider, pki)
     message = sample_message(uuid.uuid4().hex)
-    with starttls_client(submission, pki) as c:
+    with starttls_client(submission) as c:
         assert b"XOAUTH2" in c.esmtp_features["auth"].encode()
         assert c.auth("XOAUTH2", xoauth2(user, token)) == (235, b"2.7.0 Logged in.")
         assert c.sendmail("from@example.com", ["to@example.net"], message) == {}
@@ -171,7 +171,7 @@ def test_implicit_tls_xoauth2_several_messages(
 ) -> None:
     user, token = user_and_token(provider, pki)
     messages = [sample_message(uuid.uuid4().hex) for _ in range(3)]
-    ctx = ssl.create_default_context(cafile=pki.ca_cert)
+    ctx = ssl.create_default_context(cafile=submission.ca_cert)
     with smtplib.SMTP_SSL(submission.host, submission.tls_port, timeout=30, context=ctx) as c:
         c.ehlo("client.example")
         assert c.auth("XOAUTH2", xoauth2(user, token))[0] == 235
@@ -187,7 +187,7 @@ def test_refused_token_gets_334_then_535(
     """The provider's error challenge, answered with an empty line, then 535; AUTH may retry."""
     user, token = user_and_token(provider, pki)
     challenges: list[bytes] = []
-    with starttls_client(submission, pki) as c:
+    with starttls_client(submission) as c:
         with pytest.raises(smtplib.SMTPAuthenticationError) as e:
             c.auth("XOAUTH2", xoauth2(user, "not-a-token", challenges))
         assert (e.value.smtp_code, e.value.smtp_error) == (535, b"5.7.8 Authentication failed.")
@@ -201,7 +201,7 @@ def test_sink_refusals_pass_through(
     submission: Submission, smtp_sink: SMTPSink, provider: Provider, pki: PKI
 ) -> None:
     user, token = user_and_token(provider, pki)
-    with starttls_client(submission, pki) as c:
+    with starttls_client(submission) as c:
         c.auth("XOAUTH2", xoauth2(user, token))
         assert c.docmd("MAIL", "FROM:<quota@example.com>") == (452, b"4.2.2 Mailbox full")
         assert c.docmd("RSET") == (250, b"2.0.0 Ok")  # gotcha 3: RSET after a failed MAIL
@@ -224,7 +224,7 @@ def test_thirty_megabytes_arrive_identical_and_fast(
     user, token = user_and_token(provider, pki)
     message = b"Subject: big\r\n\r\n" + (EIGHT_BIT * 40 + b"\r\n") * 3000
     assert len(message) > 30_000_000
-    with starttls_client(submission, pki) as c:
+    with starttls_client(submission) as c:
         c.auth("XOAUTH2", xoauth2(user, token))
         started = time.monotonic()
         assert c.sendmail("from@example.com", ["to@example.net"], message) == {}
@@ -248,7 +248,7 @@ def test_stop_and_start_keep_the_ports(
         submission.start()
     assert (submission.port, submission.tls_port) == ports
     user, token = user_and_token(provider, pki)
-    with starttls_client(submission, pki) as c:
+    with starttls_client(submission) as c:
         assert c.auth("XOAUTH2", xoauth2(user, token))[0] == 235
 
 

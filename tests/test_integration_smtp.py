@@ -136,7 +136,7 @@ def sender(
         smtp_host=submission.host,
         smtp_port=submission.port if smtp_tls == "starttls" else submission.tls_port,
         smtp_tls=smtp_tls,
-        smtp_ca_file=pki.ca_cert,
+        smtp_ca_file=submission.ca_cert,
     )
     return Sender(account, email, smtp_token(proxy, account, *scopes), refresh_token)
 
@@ -338,7 +338,7 @@ def test_ehlo_offers_only_what_the_provider_has(sproxy, snd, submission, pki):
     with starttls(sproxy, pki) as c:
         login_plain(c, snd.account, snd.token)
     with smtplib.SMTP(submission.host, submission.port, timeout=TIMEOUT) as direct:
-        direct.starttls(context=context(pki))
+        direct.starttls(context=ssl.create_default_context(cafile=submission.ca_cert))
         _, provider_ehlo = direct.ehlo("client.example")
     provider_keywords = {line.split()[0].upper() for line in provider_ehlo.split(b"\n")[1:]}
     r = RawSMTP(sproxy.smtp_port)

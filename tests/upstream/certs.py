@@ -1,6 +1,6 @@
 """A throw-away PKI for tests: one self-signed CA and one leaf certificate.
 
-The leaf is valid for ``localhost``, ``127.0.0.1``, ``127.0.0.2`` and ``::1``; servers under
+The leaf is valid for ``localhost``, ``127.0.0.1`` and ``::1``; servers under
 test (the fake provider, Dovecot) present it and clients trust ``ca_cert``.
 """
 
@@ -48,8 +48,11 @@ def _write(path: str, data: bytes, mode: int) -> None:
     os.chmod(path, mode)  # O_CREAT's mode is filtered by the umask
 
 
-def make_pki(directory: str) -> PKI:
+def make_pki(directory: str, extra_ips: tuple[str, ...] = ()) -> PKI:
     """Create ``ca.pem``, ``cert.pem`` and ``key.pem`` (EC P-256) in *directory*.
+
+    *extra_ips*: more addresses the leaf names (the SMTP submission fixture's
+    own PKI names 127.0.0.2, an address the shared one must not name).
 
     Certificates are mode 0644, the private key 0600.
     """
@@ -119,9 +122,8 @@ def make_pki(directory: str) -> PKI:
                 [
                     x509.DNSName("localhost"),
                     x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-                    # The SMTP submission fixture listens there (see submission.py).
-                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.2")),
                     x509.IPAddress(ipaddress.IPv6Address("::1")),
+                    *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
                 ]
             ),
             critical=False,

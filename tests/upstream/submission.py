@@ -11,9 +11,11 @@ It behaves like Gmail and Microsoft 365, so a proxy that forgets STARTTLS is
 caught: it listens on 127.0.0.2 (clients connect from 127.0.0.1, so Dovecot
 does not count them as "secured" loopback clients) with ``ssl = required``
 and ``disable_plaintext_auth = yes``: before TLS the EHLO offers no AUTH,
-and AUTH or MAIL get ``530 5.7.0 TLS required.`` The test PKI's certificate
-names 127.0.0.2. /work/shared/reference/dovecot-submission-upstream.md has
-the replies and the gotchas encoded here. Must run as root.
+and AUTH or MAIL get ``530 5.7.0 TLS required.`` Its certificate must name
+127.0.0.2: give it a PKI of its own (``make_pki(DIR, extra_ips=("127.0.0.2",))``),
+so that the shared one can stay wrong for that address.
+/work/shared/reference/dovecot-submission-upstream.md has the replies and
+the gotchas encoded here. Must run as root.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class Submission:
     the ports, so :meth:`start` brings the same server back (for "provider
     down" tests); :meth:`close` stops it and deletes the directory.
 
+    :param pki: its certificate, which must name 127.0.0.2; clients (and
+        the proxy's ``--smtp-ca-file``) trust :attr:`ca_cert`.
     :param sink: the relay host; start it first.
     """
 
@@ -259,6 +263,11 @@ class Submission:
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc, STOP_TIMEOUT)
+
+    @property
+    def ca_cert(self) -> str:
+        """The CA file that verifies this server's certificate."""
+        return self.pki.ca_cert
 
     @property
     def running(self) -> bool:
