@@ -39,12 +39,13 @@ class Provider:
 
 _MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
 
-# The SMTP servers are the providers' documented ones for OAuth2 clients:
-# Google's "Gmail IMAP, POP and SMTP with OAuth" page (smtp.gmail.com, 465,
-# TLS; scope https://mail.google.com/ covers sending), Microsoft's
-# "Authenticate an IMAP, POP or SMTP connection using OAuth" and "POP, IMAP
-# and SMTP settings" pages (smtp.office365.com, 587, STARTTLS; scope
-# SMTP.Send beside IMAP.AccessAsUser.All).
+# The SMTP servers are those the providers document for OAuth2 clients:
+# Google's "IMAP, POP, and SMTP" page (developers.google.com/gmail/imap/
+# imap-smtp: smtp.gmail.com, 465 with TLS from the start; the one mail scope
+# covers sending), Microsoft's "How to set up a multifunction device or
+# application to send email using Microsoft 365" (SMTP AUTH client
+# submission: smtp.office365.com, 587, STARTTLS) and "Authenticate an IMAP,
+# POP or SMTP connection using OAuth" (scope SMTP.Send beside IMAP's).
 PROVIDERS: dict[str, Provider] = {
     "gmail": Provider(
         imap={"host": "imap.gmail.com", "port": 993, "tls": "implicit"},
