@@ -392,6 +392,42 @@ class AccountCommandTests(SynchronousTestCase):
         self.assertEqual(message, "no account bob")
         self.assertIsNone(self.smtp())
 
+    def test_authorizeCarriesSMTP(self):
+        """accounts authorize hands its --smtp-* flags to the consent, kept until the callback."""
+        self.successResultOf(
+            Deferred.fromCoroutine(
+                self.admin.createApp(
+                    {
+                        "app": "corp",
+                        "clientId": "c",
+                        "clientSecret": "cs-cli-unit-app",
+                        "tokenUrl": "https://idp.example.com/token",
+                        "authorizationUrl": "https://idp.example.com/authorize",
+                        "redirectUrl": "https://proxy.example.com/oauth2/callback",
+                    }
+                )
+            )
+        )
+        out, _ = self.run_(
+            "accounts",
+            "authorize",
+            "alice",
+            "--app",
+            "corp",
+            "--imap-host",
+            "imap.example.com",
+            "--smtp-host",
+            "smtp.example.com",
+            "--smtp-port",
+            "587",
+        )
+        self.assertTrue(out.startswith("https://idp.example.com/authorize?"), out)
+        [pending] = self.store.data.pending.values()
+        self.assertEqual(
+            json.loads(pending["smtp"]),
+            {"host": "smtp.example.com", "port": 587, "tls": "starttls"},
+        )
+
     def test_listAndShowTheSMTPServer(self):
         """list shows the SMTP server (or -) after the state; show has the smtp object."""
         self.run_(*self.ADD)
