@@ -98,6 +98,7 @@ class Account:
     stateReason: str | None = None
     created: float = 0.0
     updated: float = 0.0
+    smtp: Upstream | None = None
 
 
 @attrs.frozen

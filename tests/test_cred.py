@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy import cred
+from proxy import realm
 from proxy.cred import IUpstreamSession, UpstreamRealm
 from proxy.errors import (
     AccessDenied,
@@ -80,7 +80,7 @@ class UpstreamRealmTests(SynchronousTestCase):
         self.tokens = AccessTokens(self.refresh, FakeSaver(), self.clock)
         self.realm = UpstreamRealm(self.store, self.tokens, self.connect, self.clock)
         self.events: list[dict] = []
-        self.patch(cred, "log", Logger(observer=self.events.append))
+        self.patch(realm, "log", Logger(observer=self.events.append))
 
     def tearDown(self):
         self.assertEqual(self.clock.getDelayedCalls(), [])
