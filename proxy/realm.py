@@ -34,7 +34,8 @@ from .oauth import AccessTokens
 from .store import IAccountStore
 from .upstream import SMTPUpstreamProtocol, UpstreamConnector, UpstreamProtocol, ehloName
 
-log = Logger()
+# The same namespace as before the realm left cred.py: operators match it.
+log = Logger(namespace="proxy.cred")
 
 
 class IUpstreamSession(Interface):
