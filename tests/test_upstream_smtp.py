@@ -8,14 +8,19 @@ over, and ``connectSMTP``/``probeSMTP`` over a ``MemoryReactorClock``.
 from __future__ import annotations
 
 import base64
+import os
+import shutil
+import tempfile
 
 from service_identity import VerificationError
+from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.errors import (
     AuthenticationFailed,
@@ -51,9 +56,12 @@ from tests.test_upstream import (
     TOKEN,
     USER,
     XOAUTH2,
+    LoopbackServers,
     RecordingIO,
     TLSStringTransport,
+    ensuringDeferred,
 )
+from tests.upstream.certs import make_pki
 
 # Dovecot's EHLO over TLS (reference: dovecot-submission-upstream.md).
 EHLO_TLS = [
@@ -800,3 +808,150 @@ class ConnectSMTPTests(SynchronousTestCase):
         self.accept()
         self.reply(b"554 5.7.1 no")
         self.assertEqual(self.failureResultOf(d, Unavailable).value.reason, "upstream-refused")
+
+
+class LoopbackSMTPServer(LineReceiver):
+    """Just enough of a submission server, over real TLS on loopback; any XOAUTH2 is fine."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self, factory: LoopbackSMTPServers):
+        self.factory = factory
+        self.tls = not factory.starttls
+
+    def connectionMade(self):
+        self.factory.connections += 1
+        self.sendLine(b"220 loopback ESMTP")
+
+    def lineReceived(self, line):
+        self.factory.lines.append(line)
+        if line.startswith(b"EHLO"):
+            offer = b"AUTH XOAUTH2" if self.tls else b"STARTTLS"
+            self.sendLine(b"250-loopback")
+            self.sendLine(b"250 " + offer)
+        elif line == b"STARTTLS":
+            self.sendLine(b"220 2.0.0 go ahead")
+            self.transport.startTLS(self.factory.tlsOptions)
+            self.tls = True
+        elif line.startswith(b"AUTH"):
+            self.sendLine(b"235 2.7.0 ok")
+        elif line == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.factory.lost.append(reason)
+        if self.factory.connections == len(self.factory.lost):
+            waiting, self.factory.waiting = self.factory.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+
+class LoopbackSMTPServers(LoopbackServers):
+    def __init__(self, tlsOptions, starttls: bool):
+        super().__init__(tlsOptions, starttls)
+        self.lines: list[bytes] = []
+
+    def buildProtocol(self, addr):
+        return LoopbackSMTPServer(self)
+
+
+class RealTLSTests(TestCase):
+    """
+    ``connectSMTP`` and ``probeSMTP`` over real TLS on loopback, implicit and
+    STARTTLS: the certificate verified and a refusal reported as for IMAP.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp()
+        cls.pki = make_pki(os.path.join(cls.dir, "pki"))
+        cls.otherCA = make_pki(os.path.join(cls.dir, "other")).ca_cert
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def serve(self, starttls: bool) -> int:
+        from twisted.internet import reactor
+
+        with open(self.pki.key) as k, open(self.pki.cert) as c:
+            options = ssl.PrivateCertificate.loadPEM(k.read() + c.read()).options()
+        servers = self.servers = LoopbackSMTPServers(options, starttls)
+        if starttls:
+            port = reactor.listenTCP(0, servers, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, servers, options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: servers.allClosed())
+        return port.getHost().port  # type: ignore[no-any-return]
+
+    def upstream(self, port: int, tls: str, caFile: str) -> Upstream:
+        return Upstream(host="localhost", port=port, tls=tls, caFile=caFile)
+
+    def addresses(self, port: int) -> AddressCache:
+        from twisted.internet import reactor
+
+        addresses = AddressCache(reactor)
+        addresses.remember("localhost", port, "127.0.0.1")
+        return addresses
+
+    @ensuringDeferred
+    async def test_aLoginOverEachKindOfTLS(self):
+        """Implicit TLS and STARTTLS with the right CA log in; STARTTLS says EHLO twice."""
+        from twisted.internet import reactor
+
+        for tls in ("implicit", "starttls"):
+            port = self.serve(tls == "starttls")
+            proto = await connectSMTP(
+                reactor,
+                self.upstream(port, tls, self.pki.ca_cert),
+                "alice@example.com",
+                TOKEN.decode(),
+                10.0,
+                "client.example",
+                addresses=self.addresses(port),
+            )
+            self.assertEqual(proto.extensions, [b"AUTH XOAUTH2"])
+            ehlos = [line for line in self.servers.lines if line.startswith(b"EHLO")]
+            self.assertEqual(len(ehlos), 2 if tls == "starttls" else 1)
+            self.assertEqual(self.servers.lines[-1], AUTH_IR)
+            proto.transport.abortConnection()
+            await self.servers.allClosed()
+
+    @ensuringDeferred
+    async def test_aProbeOverSTARTTLS(self):
+        """probeSMTP over real STARTTLS: the extensions offered over TLS, then QUIT."""
+        from twisted.internet import reactor
+
+        port = self.serve(starttls=True)
+        extensions = await probeSMTP(
+            reactor,
+            self.upstream(port, "starttls", self.pki.ca_cert),
+            10.0,
+            addresses=self.addresses(port),
+        )
+        self.assertEqual(extensions, [b"AUTH XOAUTH2"])
+        await self.servers.allClosed()
+        self.assertEqual(self.servers.lines[-1], b"QUIT")
+        self.assertFalse(any(line.startswith(b"AUTH") for line in self.servers.lines))
+
+    @ensuringDeferred
+    async def test_anUntrustedCertificateAfterSTARTTLS(self):
+        """A CA the account does not trust: CertificateRejected naming the server; no AUTH sent."""
+        from twisted.internet import reactor
+
+        port = self.serve(starttls=True)
+        with self.assertRaises(CertificateRejected) as caught:
+            await connectSMTP(
+                reactor,
+                self.upstream(port, "starttls", self.otherCA),
+                "alice@example.com",
+                TOKEN.decode(),
+                10.0,
+                addresses=self.addresses(port),
+            )
+        self.assertEqual(caught.exception.reason, "certificate-untrusted")
+        self.assertIn(f"localhost:{port}: unable to get local issuer", caught.exception.detail)
+        self.assertEqual(self.servers.connections, 1, "not retried")
+        self.assertFalse(any(line.startswith(b"AUTH") for line in self.servers.lines))
