@@ -32,6 +32,7 @@ from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistr
 from .limits import (
     HTTP,
     IMAP,
+    SMTP,
     ConnectionLimiter,
     LimitedFactory,
     Limits,
@@ -50,7 +51,15 @@ from .oauth import (
 from .penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from .relay import MODES as RELAY_MODES
 from .relay import configure as configureRelay
-from .settings import DEFAULT_API_PORT, DEFAULT_PORT, LIST_SETTINGS, SETTINGS, ZERO_ALLOWED
+from .settings import (
+    DEFAULT_API_PORT,
+    DEFAULT_PORT,
+    DEFAULT_SMTP_PORT,
+    LIST_SETTINGS,
+    SETTINGS,
+    ZERO_ALLOWED,
+)
+from .smtp import submissionDoor, validHostname
 from .startup import (
     KEY_RELOAD_INTERVAL,
     Closing,
@@ -70,7 +79,7 @@ from .store import (
     defaultStoreURL,
     makeStore,
 )
-from .upstream import WarmUpstreams
+from .upstream import WarmUpstreams, probeSMTP
 from .web import TokenAPI
 
 log = Logger()
@@ -102,6 +111,7 @@ class Options(usage.Options):
         super().__init__()
         self["port"] = []
         self["api-port"] = []
+        self["smtp-port"] = []
 
     def parseOptions(self, options: Any = None) -> None:
         """
@@ -138,6 +148,14 @@ class Options(usage.Options):
         """
         self["api-port"].append(description)
 
+    def opt_smtp_port(self, description: str) -> None:
+        """
+        Endpoint to accept SMTP submission clients on, e.g. ssl:2465 (implicit TLS,
+        with --tls-certificate) or tcp:2587 (STARTTLS when a certificate is set)
+        (repeatable; "none" for no SMTP) [default: tcp:2587:interface=127.0.0.1]
+        """
+        self["smtp-port"].append(description)
+
     def postOptions(self) -> None:
         reason = selfcheck.check()
         if reason is not None:
@@ -154,6 +172,10 @@ class Options(usage.Options):
             self["api-port"] = splitList(fromFile.get("api-port", "")) or [DEFAULT_API_PORT]
         if self["api-port"] == ["none"]:
             self["api-port"] = []
+        if not self["smtp-port"]:
+            self["smtp-port"] = splitList(fromFile.get("smtp-port", "")) or [DEFAULT_SMTP_PORT]
+        if self["smtp-port"] == ["none"]:
+            self["smtp-port"] = []
         for name, (default, conv, _help) in SETTINGS.items():
             raw = self[name] if self[name] is not None else fromFile.get(name)
             if raw is None:
@@ -165,6 +187,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
+        if self["smtp-hostname"] is not None and not validHostname(self["smtp-hostname"]):
+            raise usage.UsageError("--smtp-hostname must be a host name (letters, digits, . and -)")
         if self["relay"] not in RELAY_MODES:
             raise usage.UsageError("--relay must be fast or plain")
         for name, (_default, conv, _help) in SETTINGS.items():
@@ -196,13 +220,13 @@ class Options(usage.Options):
         self["starttls"] = self["certificate"]
         from twisted.internet import reactor
 
-        for description in self["port"] + self["api-port"]:
+        for description in self["port"] + self["api-port"] + self["smtp-port"]:
             self.endpoint(reactor, description)
         self._openStore(reactor)
 
     def endpoint(self, reactor: Any, description: str) -> Any:
         """
-        The endpoint for a ``--port`` or ``--api-port`` string.
+        The endpoint for a ``--port``, ``--api-port`` or ``--smtp-port`` string.
 
         :raises usage.UsageError: naming the string and what is wrong.
         """
@@ -311,6 +335,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     sessions = SessionRegistry(spares=warm)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
+    smtpFactory, primer = submissionDoor(
+        realm,
+        store,
+        reactor,
+        penalties,
+        policy,
+        options["starttls"],
+        sessions,
+        lambda upstream: probeSMTP(reactor, upstream, options["upstream-timeout"]),
+        # None: looked up, once, when there is an SMTP listener.
+        options["smtp-hostname"] if options["smtp-port"] else "localhost",
+    )
     bus = None
     if shared:
         # Close requests (revoke with disconnect, account deletion) made on
@@ -325,6 +361,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         warm.stop()
         refresher.stop()
         imapLimiter.stop()
+        smtpLimiter.stop()
         apiLimiter.stop()
 
     Closing(shutdown).setServiceParent(top)
@@ -355,6 +392,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     imapLimiter = ConnectionLimiter(imapLimits, reactor, "IMAP", trim)
     front = LimitedFactory(factory, imapLimiter, IMAP)
+    smtpLimiter = ConnectionLimiter(imapLimits, reactor, "SMTP", trim)
+    smtpFront = LimitedFactory(smtpFactory, smtpLimiter, SMTP)
+    if options["smtp-port"]:
+        # What the first clients' EHLO offers: the stored accounts' servers, asked.
+        primer.setServiceParent(top)
     admin = Admin(store, sessions, reactor, bus)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
@@ -368,6 +410,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for what, descriptions, serving in (
         ("IMAP", options["port"], front),
         ("API", options["api-port"], apiFront),
+        ("SMTP", options["smtp-port"], smtpFront),
     ):
         for description in descriptions:
             endpoint = options.endpoint(reactor, description)
