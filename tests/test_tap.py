@@ -315,7 +315,7 @@ class MakeServiceTests(OptionsMixin, TestCase):
         return o, reactor, makeService(o, reactor)
 
     def test_service(self):
-        """makeService listens on every IMAP, API and SMTP port and closes the store when stopped."""
+        """Listens on every IMAP, API and SMTP port and closes the store when stopped."""
         o, reactor, service = self.service(
             "--port",
             "tcp:1143:interface=127.0.0.1",

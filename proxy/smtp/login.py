@@ -136,7 +136,11 @@ class LoginMixin:
             account=account, token=token, address=self.address, protocol="smtp"
         )
         ticket = self._sessions.loginStarted()
-        d = self.portal.login(creds, self._ehlo, ISubmissionSession)
+        try:
+            d = self.portal.login(creds, self._ehlo, ISubmissionSession)
+        except Exception:
+            self._sessions.loginEnded(ticket, None, None)
+            raise
         d.addCallbacks(self._loggedIn, self._loginFailed, (ticket,), None, (ticket,), None)
         d.addErrback(lambda f: log.failure("smtp login completion failed", f))
 

@@ -108,7 +108,10 @@ class ExtensionsPrimer(Service):
             d.errback(e)
         self._inflight[key] = d
         d.addCallbacks(self._learned, self._failedProbe, callbackArgs=(key,), errbackArgs=(key,))
-        d.addBoth(lambda _: self._inflight.pop(key, None))
+        d.addBoth(self._done, key)
+
+    def _done(self, _: object, key: str) -> None:
+        self._inflight.pop(key, None)
 
     def _learned(self, extensions: list[bytes], key: str) -> None:
         self._failed.discard(key)
