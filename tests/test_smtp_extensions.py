@@ -153,6 +153,24 @@ class ProviderExtensionsTests(SynchronousTestCase):
         cache.expect([])
         self.assertNotEqual(cache.offered(), [])
 
+    def test_unreachableServerStopsHoldingBack(self):
+        """A stored account's server that failed its probe no longer empties the offer."""
+        cache = ProviderExtensions()
+        cache.learn("a:1", [b"PIPELINING"])
+        cache.expect(["a:1", "dead:1"])
+        self.assertEqual(cache.offered(), [])
+        cache.unreachable("dead:1")
+        self.assertEqual(cache.offered(), [b"PIPELINING"])
+        # Probed again next round: still not waited for while the probe runs.
+        self.assertEqual(cache.expect(["a:1", "dead:1"]), frozenset({"dead:1"}))
+        self.assertEqual(cache.offered(), [b"PIPELINING"])
+        # A server no stored account names is not marked.
+        cache.unreachable("other:1")
+        cache.expect(["a:1", "dead:1", "other:1"])
+        self.assertEqual(cache.offered(), [])
+        cache.learn("other:1", [b"PIPELINING", b"DSN"])
+        self.assertEqual(cache.offered(), [b"PIPELINING"])
+
     def test_boundedAndForgettingNeverWidens(self):
         """Past maxHosts the oldest server goes, but what it lacked stays unoffered."""
         cache = ProviderExtensions(maxHosts=2)
@@ -250,8 +268,14 @@ class PrimerTests(SynchronousTestCase):
         failures = [e for e in self.events if "failed" in formatEvent(e)]
         self.assertEqual(len(failures), 2)
         self.assertIn("probing SMTP server smtp.gmail.com:465 failed (unavailable)", self.text())
-        self.assertEqual(self.cache.pending, {"smtp.gmail.com:465", "smtp.office365.com:587"})
-        self.assertEqual(self.cache.offered(), [])
+        self.assertEqual(self.cache.pending, frozenset())
+        # One answers at last; the other fails a third time, unlogged.
+        self.clock.advance(300)
+        byServer = {serverKey(u): d for u, d in self.probes[4:]}
+        byServer["smtp.gmail.com:465"].callback(GMAIL)
+        self.assertEqual(self.cache.offered()[0], b"SIZE 35882577")
+        byServer["smtp.office365.com:587"].errback(Unavailable())
+        self.assertEqual(self.text().count("failed"), 2)
 
     def test_slowProbeNotDoubled(self):
         """A probe still under way at the next round is not started again."""

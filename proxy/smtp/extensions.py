@@ -108,9 +108,12 @@ class ProviderExtensions:
     The provider servers learned, by ``host:port`` (``session.server``),
     and the servers of stored accounts still unknown.
 
-    While a stored account's server is unknown (its probe has not answered
-    yet), nothing is offered: its clients too get the EHLO, and nothing is
-    known of what their provider takes. The cache is bounded: past
+    While a stored account's server is unknown and its probe has not failed
+    (at start-up, for a few seconds), nothing is offered: its clients too
+    get the EHLO, and nothing is known of what their provider takes. A
+    server that did not answer its probe stops holding the offer back: its
+    clients cannot send through it anyway, and the first login that reaches
+    it teaches it. The cache is bounded: past
     ``maxHosts`` the server learned longest ago is folded into ``retired``,
     what the forgotten ones had in common, which still limits the offer;
     forgetting a server never widens it.
@@ -120,7 +123,8 @@ class ProviderExtensions:
         self.maxHosts = maxHosts
         self._hosts: dict[str, Features] = {}
         self._retired: Features | None = None
-        self._pending: set[str] = set()
+        self._unknown: set[str] = set()
+        self._unreachable: set[str] = set()
         self._offer: list[bytes] = []
 
     def __len__(self) -> int:
@@ -131,15 +135,16 @@ class ProviderExtensions:
 
     @property
     def pending(self) -> frozenset[str]:
-        """Servers of stored accounts not learned yet."""
-        return frozenset(self._pending)
+        """Servers of stored accounts not learned yet, and not known to be unreachable."""
+        return frozenset(self._unknown - self._unreachable)
 
     def learn(self, server: str, extensions: Iterable[bytes]) -> None:
         """Record what ``server`` offered in its EHLO (replacing what it offered before)."""
         features = Features.parse(extensions)
         self._hosts.pop(server, None)
         self._hosts[server] = features
-        self._pending.discard(server)
+        self._unknown.discard(server)
+        self._unreachable.discard(server)
         while len(self._hosts) > self.maxHosts:
             oldest = next(iter(self._hosts))
             old = self._hosts.pop(oldest)
@@ -149,18 +154,26 @@ class ProviderExtensions:
     def expect(self, servers: Iterable[str]) -> frozenset[str]:
         """
         :param servers: the SMTP servers of the stored accounts, as ``host:port``.
-        :return: those not learned yet (to probe); until they are, nothing is offered.
+        :return: those not learned yet (to probe); until they are, or their
+            probe fails (``unreachable``), nothing is offered.
         """
-        self._pending = {s for s in servers if s not in self._hosts}
+        self._unknown = {s for s in servers if s not in self._hosts}
+        self._unreachable &= self._unknown
         self._update()
-        return frozenset(self._pending)
+        return frozenset(self._unknown)
+
+    def unreachable(self, server: str) -> None:
+        """A stored account's server did not answer its probe: stop waiting for it."""
+        if server in self._unknown:
+            self._unreachable.add(server)
+            self._update()
 
     def offered(self) -> list[bytes]:
         """The extension lines of the pre-auth EHLO (a copy)."""
         return list(self._offer)
 
     def _update(self) -> None:
-        if self._pending or (not self._hosts and self._retired is None):
+        if self.pending or (not self._hosts and self._retired is None):
             self._offer = []
             return
         common = self._retired

@@ -37,8 +37,8 @@ class ExtensionsPrimer(Service):
     :param interval: seconds between rounds.
 
     A server that cannot be probed is named once in the log (again only
-    after it answered once), and keeps the EHLO to its basic set until it
-    answers a probe or a login reaches it.
+    after it answered once); until it answers a probe or a login reaches
+    it, what it offers is unknown and does not limit the EHLO.
     """
 
     def __init__(
@@ -123,13 +123,15 @@ class ExtensionsPrimer(Service):
         )
 
     def _failedProbe(self, failure: Any, key: str) -> None:
-        if failure.check(CancelledError) or key in self._failed:
+        if failure.check(CancelledError):
+            return
+        self._extensions.unreachable(key)
+        if key in self._failed:
             return
         self._failed.add(key)
         error = failure.value
         log.warn(
-            "probing SMTP server {server} failed ({reason}); the EHLO offers no "
-            "extensions until it answers (tried again every {interval} s)",
+            "probing SMTP server {server} failed ({reason}); tried again every {interval} s",
             server=key,
             reason=getattr(error, "reason", None) or type(error).__name__,
             interval=round(self._interval),
