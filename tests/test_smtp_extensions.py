@@ -170,6 +170,10 @@ class ProviderExtensionsTests(SynchronousTestCase):
         self.assertEqual(cache.offered(), [])
         cache.learn("other:1", [b"PIPELINING", b"DSN"])
         self.assertEqual(cache.offered(), [b"PIPELINING"])
+        # An account gone and back: its server is waited for afresh.
+        cache.expect(["a:1"])
+        self.assertEqual(cache.expect(["a:1", "dead:1"]), frozenset({"dead:1"}))
+        self.assertEqual(cache.offered(), [])
 
     def test_boundedAndForgettingNeverWidens(self):
         """Past maxHosts the oldest server goes, but what it lacked stays unoffered."""

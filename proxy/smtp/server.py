@@ -89,6 +89,8 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         peer = self.transport.getPeer()
         self.address = getattr(peer, "host", "unknown")
         self.canStartTLS = self.ctx is not None and hasattr(self.transport, "startTLS")
+        # A deadline for the whole login, not an idle timer (nothing here
+        # calls resetTimeout): a client cannot keep a connection alive unlogged.
         self.setTimeout(self.policy.loginTimeout)
         self.sendLine(
             b"220 "
@@ -99,11 +101,6 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
 
     def sendLine(self, line: bytes) -> None:
         self.transport.write(line + b"\r\n")
-
-    def resetTimeout(self) -> None:
-        # A deadline for the whole login, not an idle timer: a client cannot
-        # keep an unauthenticated connection alive.
-        pass
 
     def timeoutConnection(self) -> None:
         self.bye(b"4.4.2", b"Login timeout")
