@@ -120,5 +120,7 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
 # Numeric settings for which 0 means "none".
 ZERO_ALLOWED = {"warm-upstream", "login-penalty"}
 
-# Settings that may be given several times (one a line in the config file).
-LIST_SETTINGS = {"port", "api-port", "smtp-port"}
+# Settings that may be given several times (one a line in the config file),
+# with their defaults; "none" turns the API and SMTP listeners off.
+LIST_DEFAULTS = {"port": DEFAULT_PORT, "api-port": DEFAULT_API_PORT, "smtp-port": DEFAULT_SMTP_PORT}
+LIST_SETTINGS = set(LIST_DEFAULTS)

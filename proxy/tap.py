@@ -51,14 +51,7 @@ from .oauth import (
 from .penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from .relay import MODES as RELAY_MODES
 from .relay import configure as configureRelay
-from .settings import (
-    DEFAULT_API_PORT,
-    DEFAULT_PORT,
-    DEFAULT_SMTP_PORT,
-    LIST_SETTINGS,
-    SETTINGS,
-    ZERO_ALLOWED,
-)
+from .settings import LIST_DEFAULTS, LIST_SETTINGS, SETTINGS, ZERO_ALLOWED
 from .smtp import submissionDoor, validHostname
 from .startup import (
     KEY_RELOAD_INTERVAL,
@@ -166,16 +159,11 @@ class Options(usage.Options):
                 fromFile = readConfig(self["config"], set(SETTINGS) | LIST_SETTINGS)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
-        if not self["port"]:
-            self["port"] = splitList(fromFile.get("port", "")) or [DEFAULT_PORT]
-        if not self["api-port"]:
-            self["api-port"] = splitList(fromFile.get("api-port", "")) or [DEFAULT_API_PORT]
-        if self["api-port"] == ["none"]:
-            self["api-port"] = []
-        if not self["smtp-port"]:
-            self["smtp-port"] = splitList(fromFile.get("smtp-port", "")) or [DEFAULT_SMTP_PORT]
-        if self["smtp-port"] == ["none"]:
-            self["smtp-port"] = []
+        for name, default in LIST_DEFAULTS.items():
+            if not self[name]:
+                self[name] = splitList(fromFile.get(name, "")) or [default]
+            if self[name] == ["none"] and name != "port":
+                self[name] = []
         for name, (default, conv, _help) in SETTINGS.items():
             raw = self[name] if self[name] is not None else fromFile.get(name)
             if raw is None:

@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.encryption import ENV_VAR
+from proxy.settings import DEFAULT_PORT, DEFAULT_SMTP_PORT, SETTINGS
 from proxy.store import SQLiteStore
-from proxy.tap import DEFAULT_PORT, DEFAULT_SMTP_PORT, SETTINGS, Options, makeService
+from proxy.tap import Options, makeService
 from tests.upstream.certs import make_pki
 
 

@@ -217,8 +217,9 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         if verb in NEEDS_AUTH:
             self.bad(S.AUTH_REQUIRED)
         else:
-            handler = getattr(self, "smtp_" + verb.decode("ascii", "replace"), None)
-            if handler is None or not verb.isalpha():
+            name = verb.decode("ascii") if verb.isalpha() and verb.isascii() else ""
+            handler = getattr(self, "smtp_" + name, None) if name else None
+            if handler is None:
                 self.bad(S.UNKNOWN)
             else:
                 handler(argument)
