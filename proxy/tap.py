@@ -142,12 +142,14 @@ class Options(usage.Options):
         self["api-port"].append(description)
 
     def opt_smtp_port(self, description: str) -> None:
-        """
-        Endpoint to accept SMTP submission clients on, e.g. ssl:2465 (implicit TLS,
-        with --tls-certificate) or tcp:2587 (STARTTLS when a certificate is set)
-        (repeatable; "none" for no SMTP) [default: tcp:2587:interface=127.0.0.1]
-        """
         self["smtp-port"].append(description)
+
+    # One line: --help wraps the text as it is, indentation included.
+    opt_smtp_port.__doc__ = (
+        "Endpoint to accept SMTP submission clients on, e.g. ssl:2465 (implicit TLS "
+        "with --tls-certificate) or tcp:2587 (STARTTLS when a certificate is set) "
+        '(repeatable; "none" for no SMTP) [default: tcp:2587:interface=127.0.0.1]'
+    )
 
     def postOptions(self) -> None:
         reason = selfcheck.check()

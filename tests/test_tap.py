@@ -146,6 +146,13 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         self.assertEqual(o["smtp-port"], ["tcp:1599"])
         self.assertEqual(self.parse("--config", self.config("smtp-port = none\n"))["smtp-port"], [])
 
+    def test_smtpPortHelp(self):
+        """--help describes --smtp-port in even text, with its default."""
+        text = str(Options()).split("--smtp-port=")[1].split("--store=")[0]
+        words = " ".join(line.strip() for line in text.splitlines())
+        self.assertNotIn("  ", words)
+        self.assertIn("[default: tcp:2587:interface=127.0.0.1]", words)
+
     def test_badSmtpEndpoint(self):
         """An --smtp-port that does not parse is a usage error naming it."""
         self.assertIn("bogus:2587", self.usageError("--smtp-port", "bogus:2587"))
