@@ -515,8 +515,13 @@ class LoginOutcomeTests(SMTPTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.greeted()
-        self.authPlain().errback(RuntimeError("boom " + TOKEN))
+        d = self.authPlain()
+        try:
+            raise RuntimeError("boom " + TOKEN)
+        except RuntimeError:
+            d.errback()
         self.assertEqual(len(events), 1)
+        self.assertRegex(events[0]["where"], r"\Atest_smtp\.py:\d+\Z")
         self.assertNotIn("log_failure", events[0])
         self.assertEqual(events[0]["error"], "RuntimeError")
         self.assertNotIn(TOKEN, repr(events))

@@ -205,11 +205,14 @@ class LoginMixin:
         else:
             # A bug, not an input: one line, no traceback (which might carry
             # the token), and a fixed answer.
+            frames = getattr(failure, "frames", None) or [("", "?", 0)]
+            _func, filename, line = frames[-1][:3]
             log.error(
-                "smtp login of {account} from {address} failed: unexpected {error}",
+                "smtp login of {account} from {address} failed: unexpected {error} at {where}",
                 account=self._account,
                 address=self.address,
                 error=failure.type.__name__,
+                where=f"{filename.rsplit('/', 1)[-1]}:{line}",
             )
             response = S.INTERNAL
         self._retry(response)
