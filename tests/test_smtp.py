@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.cred import ISubmissionSession, TokenCredentials
-from proxy.errors import AccessDenied, Unavailable
+from proxy.errors import AccessDenied, AuthenticationFailed, Unavailable
 from proxy.imap import ServerPolicy, SessionRegistry
 from proxy.limits import SMTP, ConnectionLimiter, LimitedFactory, Limits
 from proxy.smtp import ProviderExtensions, SubmissionFactory, SubmissionServer
@@ -490,6 +490,11 @@ class LoginOutcomeTests(SMTPTestCase):
     def test_refusals(self):
         """Each refusal is a fixed SMTP reply; the connection stays for another AUTH."""
         self.greeted(policy=ServerPolicy(maxFailedLogins=10))
+        # The texts of the provider-side errors are proxy.errors' own.
+        unavailable = Unavailable().smtpResponse()
+        self.assertTrue(unavailable.startswith(b"454 4.7.0 "))
+        failed = AuthenticationFailed().smtpResponse()
+        self.assertTrue(failed.startswith(b"535 5.7.8 "))
         for error, reply in (
             (
                 AccessDenied("address"),
@@ -497,11 +502,9 @@ class LoginOutcomeTests(SMTPTestCase):
             ),
             (AccessDenied("scope"), b"535 5.7.8 Access denied, invalid scope"),
             (UnauthorizedLogin(), b"535 5.7.8 Access denied, failed to authenticate user"),
-            (Unavailable(), b"454 4.7.0 Service temporarily unavailable, try again later"),
-            (
-                StoreUnavailable("down"),
-                b"454 4.7.0 Service temporarily unavailable, try again later",
-            ),
+            (Unavailable(), unavailable),
+            (StoreUnavailable("down"), unavailable),
+            (AuthenticationFailed(), failed),
             (RuntimeError(TOKEN), b"454 4.7.0 Internal error, try again later"),
         ):
             self.authPlain().errback(error)
