@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -333,7 +334,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         policy,
         options["starttls"],
         sessions,
-        lambda upstream: probeSMTP(reactor, upstream, options["upstream-timeout"]),
+        # probeSMTP may be a coroutine function: a Deferred either way.
+        lambda upstream: ensureDeferred(probeSMTP(reactor, upstream, options["upstream-timeout"])),
         # None: looked up, once, when there is an SMTP listener.
         options["smtp-hostname"] if options["smtp-port"] else "localhost",
     )
