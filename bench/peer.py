@@ -185,7 +185,7 @@ class Peer:
     :func:`ensure_installed`'s answer.  After :meth:`start`: ``host``,
     ``port`` (implicit TLS), ``cafile`` and ``pid``.
 
-    With *smtp* (Dovecot submission's implicit-TLS port) it also
+    With *smtp* (Dovecot submission's implicit-TLS host and port) it also
     serves SMTP, implicit TLS on both legs (``[SMTP-<port>]``, no
     ``local_starttls``, ``server_starttls = False``), on ``smtp_port``:
     ``AUTH PLAIN`` with the IMAP username and password becomes ``AUTH
@@ -201,9 +201,9 @@ class Peer:
         provider: Any,
         dovecot: Any,
         python: str,
-        smtp: int | None = None,
+        smtp: tuple[str, int] | None = None,
     ) -> None:
-        self.smtp_server_port = smtp
+        self.smtp_server: tuple[str, int] | None = smtp
         self.smtp_port: int | None = None
         self.workdir = os.path.abspath(workdir)
         self.pki = pki
@@ -260,11 +260,11 @@ class Peer:
                 "local_certificate_path": self.pki.cert,
                 "local_key_path": self.pki.key,
             }
-        if smtp_port is not None and self.smtp_server_port is not None:
+        if smtp_port is not None and self.smtp_server is not None:
             config[f"SMTP-{smtp_port}"] = {
                 "local_address": self.host,
-                "server_address": "localhost",
-                "server_port": str(self.smtp_server_port),
+                "server_address": self.smtp_server[0],
+                "server_port": str(self.smtp_server[1]),
                 "server_starttls": "False",
                 "local_certificate_path": self.pki.cert,
                 "local_key_path": self.pki.key,
@@ -355,7 +355,7 @@ class Peer:
             last = ""
             for _ in range(START_ATTEMPTS):
                 port = free_port()
-                smtp_port = free_port() if self.smtp_server_port is not None else None
+                smtp_port = free_port() if self.smtp_server is not None else None
                 if self._start_once(port, smtp_port):
                     self.port, self.smtp_port = port, smtp_port
                     atexit.register(self.stop)

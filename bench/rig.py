@@ -211,11 +211,11 @@ class Rig:
         return "reference relay: " + (version.splitlines() or ["HAProxy"])[0]
 
     def add_peer(
-        self, python: str, cold_runs: int, smtp: tuple[int, list[Mailbox]] | None = None
+        self, python: str, cold_runs: int, smtp: tuple[tuple[str, int], list[Mailbox]] | None = None
     ) -> None:
         """Start the peer (:class:`bench.peer.Peer`) on the same mailboxes.
 
-        :param smtp: Dovecot submission's implicit-TLS port and the SMTP
+        :param smtp: Dovecot submission's implicit-TLS (host, port) and the SMTP
             accounts: the peer serves SMTP too (``peer_smtp``, ``peer_smtp_port``).
         """
         from bench.peer import Peer

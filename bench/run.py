@@ -138,7 +138,7 @@ def start_peer(rig: Rig, args: argparse.Namespace, cold_runs: int, smtp: Any = N
         say(f"installing {peer.PEER_PACKAGE} {peer.PEER_VERSION} in {args.peer_venv}")
         python = peer.ensure_installed(args.peer_venv)
         say("starting the peer (its key derivation takes a while per account)")
-        rig.add_peer(python, cold_runs, (smtp.upstream_port, smtp.accounts) if smtp else None)
+        rig.add_peer(python, cold_runs, (smtp.upstream, smtp.accounts) if smtp else None)
     except Exception:
         traceback.print_exc()
         return "peer left out: it failed to install or start (traceback above)"

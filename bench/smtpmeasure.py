@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from bench.smtpclient import SMTPClient, connect_login, stuff
+from bench.smtpclient import SMTPClient, SMTPError, SMTPLogin, connect_login, stuff
 from bench.smtprig import RCPT, SMTPTarget
 from bench.smtpsinkproc import SinkProcess, digest
 from bench.stats import Sample, cpu_seconds
@@ -59,7 +59,14 @@ def verify(sink: SinkProcess, target: str, mail_from: str, sent: Sequence[bytes]
         if frm != mail_from or rcpts != [RCPT]:
             raise NotDelivered(f"{target}: message {i}: envelope {frm!r} -> {rcpts!r}")
         if length != len(m) or sha != digest(m):
-            raise NotDelivered(f"{target}: message {i}: {length} bytes, not as sent ({len(m)})")
+            raise NotDelivered(f"{target}: message {i}: {length} bytes, not the {len(m)} sent")
+
+
+def _login(t: SMTPTarget, login: SMTPLogin) -> tuple[SMTPClient, float]:
+    try:
+        return connect_login(t.host, t.port, t.ctx, login)
+    except (OSError, SMTPError) as e:
+        raise SMTPError(f"{t.name}: {e!r}") from e
 
 
 def login_latency(targets: Sequence[SMTPTarget], runs: int) -> dict[str, Sample]:
@@ -67,10 +74,10 @@ def login_latency(targets: Sequence[SMTPTarget], runs: int) -> dict[str, Sample]
     for one account (its token cached), then QUIT (not timed)."""
     times: dict[str, list[float]] = {t.name: [] for t in targets}
     for t in targets:  # warm-up: caches, the proxy's access token, code paths
-        connect_login(t.host, t.port, t.ctx, t.login)[0].quit()
+        _login(t, t.login)[0].quit()
     for _ in range(runs):
         for t in targets:
-            c, elapsed = connect_login(t.host, t.port, t.ctx, t.login)
+            c, elapsed = _login(t, t.login)
             times[t.name].append(elapsed)
             c.quit()
     return {n: Sample(tuple(v), "ms", scale=1e3) for n, v in times.items()}
@@ -89,14 +96,14 @@ def session_rate(
     stuffed = [stuff(m) for m in messages]
     rates: dict[str, list[float]] = {t.name: [] for t in targets}
     for t in targets:  # warm-up
-        c, _ = connect_login(t.host, t.port, t.ctx, t.sender)
+        c, _ = _login(t, t.sender)
         for m, s in zip(messages[:5], stuffed[:5], strict=True):
             _send(c, t, m, s)
         c.quit()
         verify(sink, t.name, t.mail_from, messages[:5])
     for _ in range(runs):
         for t in targets:
-            c, _ = connect_login(t.host, t.port, t.ctx, t.sender)
+            c, _ = _login(t, t.sender)
             started = time.perf_counter()
             for m, s in zip(messages, stuffed, strict=True):
                 _send(c, t, m, s)
@@ -104,6 +111,27 @@ def session_rate(
             c.quit()
             verify(sink, t.name, t.mail_from, messages)
     return {n: Sample(tuple(v), "msg/s", higher_better=True, digits=0) for n, v in rates.items()}
+
+
+def session_per_message(
+    targets: Sequence[SMTPTarget], sessions: int, size: int, sink: SinkProcess
+) -> dict[str, Sample]:
+    """Messages/s when each *size*-byte message has a session of its own, as
+    a script sending one alert does: connect, TLS, EHLO, AUTH, one message,
+    QUIT until its ``221``; over *sessions* sessions per target."""
+    messages = [message8(size, f"bench single {i}") for i in range(sessions)]
+    stuffed = [stuff(m) for m in messages]
+    rates: dict[str, list[float]] = {t.name: [] for t in targets}
+    for i in range(sessions):
+        for t in targets:
+            started = time.perf_counter()
+            c, _ = _login(t, t.sender)
+            _send(c, t, messages[i], stuffed[i])
+            c.command(b"QUIT", b"221")
+            rates[t.name].append(1 / (time.perf_counter() - started))
+            c.close()
+            verify(sink, t.name, t.mail_from, messages[i : i + 1])
+    return {n: Sample(tuple(v), "msg/s", higher_better=True, digits=1) for n, v in rates.items()}
 
 
 @attrs.define
@@ -123,7 +151,7 @@ def big_rate(targets: Sequence[SMTPTarget], runs: int, message: bytes, sink: Sin
     sessions: dict[str, SMTPClient] = {}
     try:
         for t in targets:
-            c, _ = connect_login(t.host, t.port, t.ctx, t.sender)
+            c, _ = _login(t, t.sender)
             sessions[t.name] = c
             _send(c, t, message, stuffed)  # warm-up
             verify(sink, t.name, t.mail_from, [message])

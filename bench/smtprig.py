@@ -114,9 +114,10 @@ class SMTPRig:
             )
 
     @property
-    def upstream_port(self) -> int:
+    def upstream(self) -> tuple[str, int]:
+        """Dovecot submission's implicit-TLS (host, port)."""
         assert self.submission is not None and self.submission.tls_port is not None
-        return self.submission.tls_port
+        return self.submission.host, self.submission.tls_port
 
     def add_peer(self, peer_logins: dict[str, tuple[str, str]], port: int, pid: int) -> None:
         """The peer's SMTP server; *peer_logins* maps email to (user, password)."""

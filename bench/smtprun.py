@@ -10,7 +10,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench.smtpmeasure import big_rate, login_latency, message8, session_rate
+from bench.smtpmeasure import (
+    big_rate,
+    login_latency,
+    message8,
+    session_per_message,
+    session_rate,
+)
 from bench.smtprig import SMTPRig
 from bench.stats import Sample, Table
 
@@ -47,6 +53,9 @@ def measure(smtp: SMTPRig, s: Any, table: Table, step: Callable[[str], None]) ->
         step(f"SMTP {s.smtp_messages} x 10 KB messages in one session, {s.runs} runs")
         rate = session_rate(targets, s.runs, s.smtp_messages, size, smtp.sink)
         _row(table, f"SMTP 10 KB messages, {s.smtp_messages} in one session", rate)
+        step(f"SMTP one 10 KB message per session, {s.smtp_logins} sessions")
+        single = session_per_message(targets, s.smtp_logins, size, smtp.sink)
+        _row(table, "SMTP one 10 KB message per session (connect to QUIT's 221)", single)
         big = message8(s.smtp_size, "bench large message")
         mb = f"{len(big) / 1e6:.0f} MB"
         step(f"SMTP {mb} message, {s.runs} runs")
@@ -66,6 +75,7 @@ def measure(smtp: SMTPRig, s: Any, table: Table, step: Callable[[str], None]) ->
         ratios = [
             ("login time", _over(login["peer"], login["imapproxy"])),
             ("10 KB msg/s", _over(rate["imapproxy"], rate["peer"])),
+            ("one message per session", _over(single["imapproxy"], single["peer"])),
             (f"{mb} MB/s", _over(tp.rate["imapproxy"], tp.rate["peer"])),
         ]
         table.notes.append(
