@@ -101,7 +101,9 @@ class SMTPRig:
             sender.email,
         )
         if with_proxy:
-            ports = getattr(rig.proxy, "smtp_ports", {})
+            ports = getattr(rig.proxy, "smtp_ports", None) or {}
+            if "ssl" not in ports:
+                raise RuntimeError(f"imapproxy reported no implicit-TLS SMTP listener: {ports}")
             self.targets["imapproxy"] = SMTPTarget(
                 "imapproxy",
                 rig.proxy.host,
