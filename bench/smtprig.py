@@ -60,36 +60,21 @@ class SMTPRig:
     accounts: list[Mailbox] = attrs.field(factory=list)
     targets: dict[str, SMTPTarget] = attrs.field(factory=dict)
 
-    def start(self, with_proxy: bool) -> None:
-        """Sink, Dovecot submission, the accounts; the direct target and,
-        with *with_proxy*, imapproxy's."""
+    def start(self) -> None:
+        """Sink, Dovecot submission, the accounts, the direct target."""
         rig = self.rig
         assert rig.pki and rig.provider and rig.proxy and rig.dovecot
         rig.stack.callback(self.sink.stop)
         self.sink.start()
-        self.submission = sub = Submission(rig.pki, rig.provider.introspection_url, self.sink)  # type: ignore[arg-type]
+        sub = Submission(rig.pki, rig.provider.introspection_url, self.sink)  # type: ignore[arg-type]
+        self.submission = sub
         rig.stack.callback(sub.close)
         sub.start()
         assert sub.tls_port is not None
-        for _ in range(2):
-            mb = register(
-                rig.proxy, rig.provider, rig.dovecot, rig.pki, token_args=("--scope", "smtp")
-            )
-            if with_proxy:
-                rig.proxy.cli(
-                    "accounts",
-                    "update",
-                    mb.account,
-                    "--smtp-host",
-                    sub.host,
-                    "--smtp-port",
-                    str(sub.tls_port),
-                    "--smtp-tls",
-                    "implicit",
-                    "--smtp-ca-file",
-                    rig.pki.ca_cert,
-                )
-            self.accounts.append(mb)
+        self.accounts = [
+            register(rig.proxy, rig.provider, rig.dovecot, rig.pki, token_args=("--scope", "smtp"))
+            for _ in range(2)
+        ]
         login, sender = self.accounts
         self.targets["direct"] = SMTPTarget(
             "direct",
@@ -100,20 +85,41 @@ class SMTPRig:
             SMTPLogin.xoauth2(sender.email, rig.access_token(sender)),
             sender.email,
         )
-        if with_proxy:
-            ports = getattr(rig.proxy, "smtp_ports", None) or {}
-            if "ssl" not in ports:
-                raise RuntimeError(f"imapproxy reported no implicit-TLS SMTP listener: {ports}")
-            self.targets["imapproxy"] = SMTPTarget(
-                "imapproxy",
-                rig.proxy.host,
-                ports["ssl"],
-                rig.ctx,
-                SMTPLogin.plain(login.account, login.token),
-                SMTPLogin.plain(sender.account, sender.token),
-                sender.email,
-                pid=rig.proxy.pid(),
+
+    def add_proxy(self) -> None:
+        """imapproxy's target: the accounts' SMTP upstream is Dovecot
+        submission's implicit-TLS port (``imapproxy accounts update``)."""
+        rig = self.rig
+        assert rig.proxy and rig.pki
+        host, port = self.upstream
+        for mb in self.accounts:
+            rig.proxy.cli(
+                "accounts",
+                "update",
+                mb.account,
+                "--smtp-host",
+                host,
+                "--smtp-port",
+                str(port),
+                "--smtp-tls",
+                "implicit",
+                "--smtp-ca-file",
+                rig.pki.ca_cert,
             )
+        ports = getattr(rig.proxy, "smtp_ports", None) or {}
+        if "ssl" not in ports:
+            raise RuntimeError(f"imapproxy reported no implicit-TLS SMTP listener: {ports}")
+        login, sender = self.accounts
+        self.targets["imapproxy"] = SMTPTarget(
+            "imapproxy",
+            rig.proxy.host,
+            ports["ssl"],
+            rig.ctx,
+            SMTPLogin.plain(login.account, login.token),
+            SMTPLogin.plain(sender.account, sender.token),
+            sender.email,
+            pid=rig.proxy.pid(),
+        )
 
     @property
     def upstream(self) -> tuple[str, int]:

@@ -23,16 +23,20 @@ from bench.stats import Sample, Table
 
 def start(rig: Any, with_proxy: bool) -> tuple[SMTPRig | None, list[str]]:
     """The SMTP rig, or None; notes for the table."""
-    notes = []
-    if not with_proxy:
-        notes.append("SMTP through imapproxy left out: this imapproxy has no SMTP front door")
     smtp = SMTPRig(rig)
     try:
-        smtp.start(with_proxy)
+        smtp.start()
     except Exception:
         traceback.print_exc()
         return None, ["SMTP figures left out: the SMTP set-up failed (traceback above)"]
-    return smtp, notes
+    if not with_proxy:
+        return smtp, ["SMTP through imapproxy left out: this imapproxy has no SMTP front door"]
+    try:
+        smtp.add_proxy()
+    except Exception:
+        traceback.print_exc()
+        return smtp, ["SMTP through imapproxy left out: its set-up failed (traceback above)"]
+    return smtp, []
 
 
 def add_peer(smtp: SMTPRig, rig: Any) -> list[str]:
