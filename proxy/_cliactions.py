@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from .admin import Admin, AdminError
 from .encryption import SecretKeyError, keyFingerprint, readLoadedMarker
+from .model import TLS_MODES, Account
 from .store import SQLiteStore, StoreError, makeStore, sqlitePath
 
 # Commands that may create the store (and its key) when there is none yet;
@@ -71,6 +72,94 @@ def _giveToStateOwner(store: Any) -> None:
             os.chown(path, owner.st_uid, owner.st_gid)
 
 
+# The TLS mode a well-known SMTP port implies when --smtp-tls is not given.
+PORT_TLS = {465: "implicit", 587: "starttls", 25: "starttls"}
+
+
+def smtpArguments(parser: argparse.ArgumentParser, update: bool = False) -> None:
+    """The ``--smtp-*`` flags of ``accounts add``, ``update`` and ``authorize``."""
+    parser.add_argument("--smtp-host", help="SMTP submission server, for sending through the proxy")
+    parser.add_argument(
+        "--smtp-port", type=int, help="[default: 465 with implicit TLS, 587 with starttls]"
+    )
+    parser.add_argument(
+        "--smtp-tls",
+        choices=TLS_MODES,
+        help="[default: starttls with --smtp-port 587 or 25, else implicit]",
+    )
+    parser.add_argument(
+        "--smtp-ca-file", help="PEM CA bundle for the SMTP server [default: the system's CAs]"
+    )
+    if update:
+        parser.add_argument(
+            "--no-smtp", action="store_true", help="remove the SMTP server (no sending)"
+        )
+
+
+def smtpSettings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """
+    The ``smtp`` object the ``--smtp-*`` flags give (None: no flag). A port
+    of 465, 587 or 25 without ``--smtp-tls`` implies its TLS mode; the port
+    left out follows the mode (``proxy.validation``: 465 or 587).
+    """
+    smtp: dict[str, Any] = {}
+    if args.smtp_host is not None:
+        smtp["host"] = args.smtp_host
+    if args.smtp_port is not None:
+        smtp["port"] = args.smtp_port
+    tls = args.smtp_tls or PORT_TLS.get(args.smtp_port or 0)
+    if tls is not None:
+        smtp["tls"] = tls
+    if args.smtp_ca_file:
+        smtp["caFile"] = os.path.abspath(args.smtp_ca_file)
+    return smtp or None
+
+
+def describeServer(account: Account) -> str:
+    """The SMTP server as ``accounts list`` shows it: ``host:port``, or ``-``."""
+    return "-" if account.smtp is None else f"{account.smtp.host}:{account.smtp.port}"
+
+
+async def addAccount(args: argparse.Namespace, admin: Admin) -> None:
+    """``accounts add``: the flags as the API's account object."""
+    imap: dict[str, Any] = {"host": args.imap_host, "port": args.imap_port, "tls": args.imap_tls}
+    if args.imap_ca_file:
+        imap["caFile"] = os.path.abspath(args.imap_ca_file)
+    oauth2: dict[str, Any] = {
+        "tokenUrl": args.token_url,
+        "clientId": args.client_id,
+        "clientSecret": args.client_secret,
+        "refreshToken": args.refresh_token,
+    }
+    if args.oauth2_scope:
+        oauth2["scopes"] = args.oauth2_scope
+    body = {"account": args.account, "email": args.email, "imap": imap, "oauth2": oauth2}
+    smtp = smtpSettings(args)
+    if smtp is not None:
+        body["smtp"] = smtp
+    await admin.createAccount(body, replace=args.replace)
+    print(f"account {args.account} saved", file=sys.stderr)
+
+
+async def updateAccount(args: argparse.Namespace, admin: Admin) -> None:
+    """
+    ``accounts update``: the SMTP settings of an existing account, through
+    the API's PUT operation; its grant, IMAP server and state are untouched.
+    """
+    smtp = smtpSettings(args)
+    if args.no_smtp and smtp is not None:
+        raise AdminError("--no-smtp removes the SMTP server: give it without --smtp-* flags")
+    if not args.no_smtp and smtp is None:
+        raise AdminError(
+            "nothing to change: give --smtp-host, --smtp-port, --smtp-tls, "
+            "--smtp-ca-file or --no-smtp"
+        )
+    account = await admin.updateAccount(args.account, {"smtp": smtp})
+    server = account.smtp
+    said = "none" if server is None else f"{server.host}:{server.port} ({server.tls})"
+    print(f"account {account.id}: SMTP server {said}", file=sys.stderr)
+
+
 def errorLine(error: BaseException) -> str:
     """
     The one line (after ``imapproxy: ``) that says why a command failed.
@@ -121,6 +210,7 @@ async def authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
         imap = {"host": args.imap_host, "port": args.imap_port, "tls": args.imap_tls}
         if args.imap_ca_file:
             imap["caFile"] = os.path.abspath(args.imap_ca_file)
+    smtp = smtpSettings(args)
     onboarding = Onboarding(admin, admin.store.secrets, deferToThread, reactor)
     if not args.device:
         request: dict[str, Any] = {"app": args.app, "account": args.account}
@@ -128,6 +218,8 @@ async def authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
             request["email"] = args.email
         if imap is not None:
             request["imap"] = imap
+        if smtp is not None:
+            request["smtp"] = smtp
         started = await onboarding.start(request)
         out.write(started["url"] + "\n")
         print(
@@ -156,7 +248,7 @@ async def authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
             interval += 5
         except DevicePending:
             pass
-    account = await onboarding.complete(args.account, app, token, args.email, imap)
+    account = await onboarding.complete(args.account, app, token, args.email, imap, smtp)
     print(f"account {account.id} authorized for {account.email}", file=sys.stderr)
 
 

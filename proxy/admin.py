@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from .model import Account, OAuth2App, Token
+from .model import Account, OAuth2App, Token, Upstream
 from .presets import APP_PRESETS, PRESETS
 from .store import IStore, StoreError, StoreUnavailable
 from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId, withinLimits
@@ -33,6 +33,7 @@ __all__ = [
     "APP_PRESETS",
     "IMAP_FIELDS",
     "PRESETS",
+    "SMTP_FIELDS",
     "Admin",
     "AdminError",
     "Conflict",
@@ -64,8 +65,9 @@ class Forbidden(AdminError):
     status = 403
 
 
-# The imap settings an account (or a consent) may give: the API's schema's.
+# The imap and smtp settings an account (or a consent) may give: the API's schema's.
 IMAP_FIELDS = fields("ImapSettings")
+SMTP_FIELDS = fields("SmtpSettings")
 # For callers that check an object's fields themselves.
 _object = requireObject
 
@@ -317,17 +319,17 @@ def _iso(t: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _serverView(u: Upstream) -> dict[str, Any]:
+    return {"host": u.host, "port": u.port, "tls": u.tls, "caFile": u.caFile}
+
+
 def accountView(a: Account) -> dict[str, Any]:
     """An account as shown to operators and API clients: secrets only as set/unset."""
     return {
         "account": a.id,
         "email": a.email,
-        "imap": {
-            "host": a.upstream.host,
-            "port": a.upstream.port,
-            "tls": a.upstream.tls,
-            "caFile": a.upstream.caFile,
-        },
+        "imap": _serverView(a.upstream),
+        "smtp": None if a.smtp is None else _serverView(a.smtp),
         "oauth2": {
             "app": a.oauth2.app,
             "tokenUrl": a.oauth2.tokenURL,

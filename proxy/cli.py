@@ -16,7 +16,18 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
 from . import __version__, selfcheck
-from ._cliactions import CREATING, authorize, errorLine, openStore, requireStore, secrets
+from ._cliactions import (
+    CREATING,
+    addAccount,
+    authorize,
+    describeServer,
+    errorLine,
+    openStore,
+    requireStore,
+    secrets,
+    smtpArguments,
+    updateAccount,
+)
 from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .model import TLS_MODES
@@ -82,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--imap-ca-file", help="PEM CA bundle for the IMAP server [default: the system's CAs]"
     )
+    smtpArguments(add)
     add.add_argument("--token-url", required=True, help="the provider's token endpoint")
     add.add_argument("--client-id", required=True)
     add.add_argument(
@@ -105,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--replace", action="store_true", help="replace an existing account of that id"
     )
+    upd = acc.add_parser(
+        "update", parents=[common], help="change an account's SMTP server (its grant untouched)"
+    )
+    upd.add_argument("account")
+    smtpArguments(upd, update=True)
     acc.add_parser("list", parents=[common], help="list accounts")
     show = acc.add_parser("show", parents=[common], help="show one account")
     show.add_argument("account")
@@ -129,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--imap-port", type=int, default=993)
     auth.add_argument("--imap-tls", choices=TLS_MODES, default="implicit")
     auth.add_argument("--imap-ca-file")
+    smtpArguments(auth)
 
     apps = top.add_parser("apps", help="OAuth2 apps shared by accounts").add_subparsers(
         dest="command", required=True
@@ -219,33 +237,17 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     asJSON = getattr(args, "json", False)
     group, command = args.group, args.command
     if group == "accounts" and command == "add":
-        imap: dict[str, Any] = {
-            "host": args.imap_host,
-            "port": args.imap_port,
-            "tls": args.imap_tls,
-        }
-        if args.imap_ca_file:
-            imap["caFile"] = os.path.abspath(args.imap_ca_file)
-        oauth2: dict[str, Any] = {
-            "tokenUrl": args.token_url,
-            "clientId": args.client_id,
-            "clientSecret": args.client_secret,
-            "refreshToken": args.refresh_token,
-        }
-        if args.oauth2_scope:
-            oauth2["scopes"] = args.oauth2_scope
-        await admin.createAccount(
-            {"account": args.account, "email": args.email, "imap": imap, "oauth2": oauth2},
-            replace=args.replace,
-        )
-        print(f"account {args.account} saved", file=sys.stderr)
+        await addAccount(args, admin)
     elif group == "accounts" and command == "list":
         accounts = await admin.listAccounts()
         if asJSON:
             _json({"accounts": [accountView(a) for a in accounts]}, out)
         else:
             for a in accounts:
-                out.write(f"{a.id}\t{a.email}\t{a.upstream.host}:{a.upstream.port}\t{a.state}\n")
+                imap = f"{a.upstream.host}:{a.upstream.port}"
+                out.write(f"{a.id}\t{a.email}\t{imap}\t{a.state}\t{describeServer(a)}\n")
+    elif group == "accounts" and command == "update":
+        await updateAccount(args, admin)
     elif group == "accounts" and command == "show":
         _json(accountView(await admin.getAccount(args.account)), out)
     elif group == "accounts" and command == "remove":

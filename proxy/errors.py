@@ -1,6 +1,7 @@
 """
-The errors a login can end in, each with the fixed text and IMAP response code
-a client is shown.
+The errors a login can end in, each with the fixed text a client is shown:
+with an IMAP response code (``imapResponse``), or with an SMTP reply code and
+enhanced status code (``smtpResponse``, RFC 4954 and RFC 3463).
 
 Nothing here carries a token, a provider secret or an exception's text: the
 ``message`` of every error is chosen from fixed strings, so it is safe to send
@@ -17,11 +18,15 @@ class ProxyError(Exception):
     A login failure the client is told about as ``tag NO [code] message``.
 
     :ivar code: the IMAP response code (RFC 5530), as bytes.
+    :ivar smtpCode: the SMTP reply code and enhanced status code, as bytes:
+        ``454 4.7.0`` (temporary: the client tries again later) unless the
+        provider refused the account itself.
     :ivar message: a fixed human-readable text, as str.
     :ivar reason: a short machine-readable reason, for logs and metrics.
     """
 
     code = b"UNAVAILABLE"
+    smtpCode = b"454 4.7.0"
     message = "Service temporarily unavailable, try again later"
     reason = "unavailable"
 
@@ -34,6 +39,10 @@ class ProxyError(Exception):
 
     def imapResponse(self) -> bytes:
         return b"NO [" + self.code + b"] " + self.message.encode("ascii")
+
+    def smtpResponse(self) -> bytes:
+        """The SMTP reply line, without its CRLF."""
+        return self.smtpCode + b" " + self.message.encode("ascii")
 
 
 class Unavailable(ProxyError):
@@ -72,17 +81,39 @@ class AuthenticationFailed(ProxyError):
     """The provider refused the account's credentials."""
 
     code = b"AUTHENTICATIONFAILED"
+    smtpCode = b"535 5.7.8"
     message = "Authentication with the provider failed"
     reason = "upstream-auth"
 
 
 class UpstreamRejectedToken(AuthenticationFailed):
     """
-    The provider's IMAP server refused an access token: it may be stale, so the
-    realm refreshes it once and tries again.
+    The provider's IMAP or SMTP server refused an access token: it may be
+    stale, so the realm refreshes it once and tries again.
     """
 
     reason = "upstream-token-rejected"
+
+
+class SMTPAuthDisabled(AuthenticationFailed):
+    """
+    The provider's SMTP server refused AUTH because its administrator turned
+    SMTP AUTH off for the mailbox (Microsoft 365: ``535 5.7.139``). Not a
+    token problem: refreshing would not help, the operator must act.
+    """
+
+    smtpCode = b"535 5.7.139"
+    message = "SMTP AUTH is disabled for this mailbox by its administrator"
+    reason = "smtp-auth-disabled"
+
+
+class NoSMTPServer(ProxyError):
+    """An SMTP login for an account that has no SMTP server configured."""
+
+    code = b"CONTACTADMIN"
+    smtpCode = b"535 5.7.8"
+    message = "Sending is not set up for this account"
+    reason = "smtp-not-configured"
 
 
 class GrantInvalid(AuthenticationFailed):
@@ -115,6 +146,7 @@ class AccessDenied(UnauthorizedLogin):
         "account-disabled": "Access denied, account disabled",
     }
     code = b"AUTHENTICATIONFAILED"
+    smtpCode = b"535 5.7.8"
 
     def __init__(self, reason: str):
         assert reason in self.TEXTS, reason
@@ -124,3 +156,7 @@ class AccessDenied(UnauthorizedLogin):
 
     def imapResponse(self) -> bytes:
         return b"NO [" + self.code + b"] " + self.message.encode("ascii")
+
+    def smtpResponse(self) -> bytes:
+        """The SMTP reply line, without its CRLF."""
+        return self.smtpCode + b" " + self.message.encode("ascii")

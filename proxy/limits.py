@@ -1,5 +1,5 @@
 """
-Connection limits for the front doors (IMAP now, SMTP later, the HTTP API),
+Connection limits for the front doors (IMAP, SMTP submission, the HTTP API),
 in the spirit of Dovecot's login limits and HAProxy's ``maxconn``: whoever
 opens connections without logging in can hold only so many, from one
 address and in all, so that one client can neither lock others out nor run
@@ -76,6 +76,11 @@ IMAP = Refusals(
     address=b"* BYE Too many connections from your address\r\n",
     busy=b"* BYE Too many connections, try again later\r\n",
     dropped=b"* BYE Too many connections, try again later\r\n",
+)
+SMTP = Refusals(
+    address=b"421 4.7.0 Too many connections from your address\r\n",
+    busy=b"421 4.7.0 Too many connections, try again later\r\n",
+    dropped=b"421 4.7.0 Too many connections, try again later\r\n",
 )
 _HTTP_BODY = b'{"error": "Too many connections, try again later", "statusCode": 503}'
 _HTTP_BUSY = (

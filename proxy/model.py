@@ -12,6 +12,9 @@ import attrs
 TLS_MODES = ("implicit", "starttls", "plain")
 SCOPES = ("imap-proxy", "smtp", "api", "*")
 ACCOUNT_STATES = ("ok", "reauth-required", "disabled")
+# An SMTP server's port when none is given, by its TLS mode: submissions
+# (RFC 8314) for implicit TLS, submission (RFC 6409) otherwise.
+SMTP_PORTS = {"implicit": 465, "starttls": 587, "plain": 587}
 
 _ACCOUNT_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
 
@@ -26,7 +29,11 @@ def validAccountId(value: str) -> bool:
 
 @attrs.frozen
 class Upstream:
-    """Where an account's mailbox lives."""
+    """
+    A provider's server: where an account's mailbox lives (IMAP) or where
+    it submits mail (SMTP). The defaults are IMAP's; ``SMTP_PORTS`` gives
+    SMTP's.
+    """
 
     host: str
     port: int = 993
@@ -86,10 +93,16 @@ class PendingAuthorization:
     email: str | None
     expires: float
     imap: str | None = None  # JSON of the account's imap settings, for new accounts
+    smtp: str | None = None  # JSON of its smtp settings ("null": none), as given
 
 
 @attrs.frozen
 class Account:
+    """
+    A mailbox: ``upstream`` is its IMAP server, ``smtp`` the server it
+    submits mail through (None: the account cannot send).
+    """
+
     id: str
     email: str
     upstream: Upstream
@@ -98,6 +111,7 @@ class Account:
     stateReason: str | None = None
     created: float = 0.0
     updated: float = 0.0
+    smtp: Upstream | None = None
 
 
 @attrs.frozen

@@ -9,6 +9,7 @@ from typing import Any
 
 DEFAULT_PORT = "tcp:2143:interface=127.0.0.1"
 DEFAULT_API_PORT = "tcp:8080:interface=127.0.0.1"
+DEFAULT_SMTP_PORT = "tcp:2587:interface=127.0.0.1"
 
 # name -> (default, converter, help). One table for the options, the config
 # file and tap.example.conf.
@@ -39,6 +40,12 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "ports that name no privateKey=; reloaded when the file changes or on SIGHUP",
     ),
     "tls-key": (None, str, "PEM private key for --tls-certificate"),
+    "smtp-hostname": (
+        None,
+        str,
+        "The name the SMTP front door gives in its greeting and EHLO "
+        "[default: this machine's fully qualified name, looked up once at start-up]",
+    ),
     "login-timeout": (60.0, float, "Seconds a client has from connecting to logging in"),
     "upstream-timeout": (
         15.0,
@@ -89,14 +96,14 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "max-preauth": (
         1000,
         int,
-        "IMAP connections not yet logged in, all clients together; when full, "
-        "the oldest is dropped to admit a new one",
+        "IMAP connections not yet logged in, all clients together (and as many SMTP "
+        "ones); when full, the oldest is dropped to admit a new one",
     ),
     "max-preauth-per-address": (
         50,
         int,
         "IMAP connections not yet logged in from one client address (IPv6: one /64), "
-        "and API connections from one address; more are refused",
+        "and as many SMTP and API connections; more are refused",
     ),
     "max-handshakes": (200, int, "TLS handshakes under way at once; when full the oldest goes"),
     "handshake-timeout": (10.0, float, "Seconds a TLS handshake (implicit or STARTTLS) may take"),
@@ -113,5 +120,7 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
 # Numeric settings for which 0 means "none".
 ZERO_ALLOWED = {"warm-upstream", "login-penalty"}
 
-# Settings that may be given several times (one a line in the config file).
-LIST_SETTINGS = {"port", "api-port"}
+# Settings that may be given several times (one a line in the config file),
+# with their defaults; "none" turns the API and SMTP listeners off.
+LIST_DEFAULTS = {"port": DEFAULT_PORT, "api-port": DEFAULT_API_PORT, "smtp-port": DEFAULT_SMTP_PORT}
+LIST_SETTINGS = set(LIST_DEFAULTS)

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -32,6 +33,7 @@ from .imap import PLAINTEXT_POLICIES, ProxyFactory, ServerPolicy, SessionRegistr
 from .limits import (
     HTTP,
     IMAP,
+    SMTP,
     ConnectionLimiter,
     LimitedFactory,
     Limits,
@@ -50,7 +52,8 @@ from .oauth import (
 from .penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from .relay import MODES as RELAY_MODES
 from .relay import configure as configureRelay
-from .settings import DEFAULT_API_PORT, DEFAULT_PORT, LIST_SETTINGS, SETTINGS, ZERO_ALLOWED
+from .settings import LIST_DEFAULTS, LIST_SETTINGS, SETTINGS, ZERO_ALLOWED
+from .smtp import submissionDoor, validHostname
 from .startup import (
     KEY_RELOAD_INTERVAL,
     Closing,
@@ -70,7 +73,7 @@ from .store import (
     defaultStoreURL,
     makeStore,
 )
-from .upstream import WarmUpstreams
+from .upstream import WarmUpstreams, probeSMTP
 from .web import TokenAPI
 
 log = Logger()
@@ -102,6 +105,7 @@ class Options(usage.Options):
         super().__init__()
         self["port"] = []
         self["api-port"] = []
+        self["smtp-port"] = []
 
     def parseOptions(self, options: Any = None) -> None:
         """
@@ -138,6 +142,16 @@ class Options(usage.Options):
         """
         self["api-port"].append(description)
 
+    def opt_smtp_port(self, description: str) -> None:
+        self["smtp-port"].append(description)
+
+    # One line: --help wraps the text as it is, indentation included.
+    opt_smtp_port.__doc__ = (
+        "Endpoint to accept SMTP submission clients on, e.g. ssl:2465 (implicit TLS "
+        "with --tls-certificate) or tcp:2587 (STARTTLS when a certificate is set) "
+        '(repeatable; "none" for no SMTP) [default: tcp:2587:interface=127.0.0.1]'
+    )
+
     def postOptions(self) -> None:
         reason = selfcheck.check()
         if reason is not None:
@@ -148,12 +162,11 @@ class Options(usage.Options):
                 fromFile = readConfig(self["config"], set(SETTINGS) | LIST_SETTINGS)
             except ConfigError as e:
                 raise usage.UsageError(str(e)) from None
-        if not self["port"]:
-            self["port"] = splitList(fromFile.get("port", "")) or [DEFAULT_PORT]
-        if not self["api-port"]:
-            self["api-port"] = splitList(fromFile.get("api-port", "")) or [DEFAULT_API_PORT]
-        if self["api-port"] == ["none"]:
-            self["api-port"] = []
+        for name, default in LIST_DEFAULTS.items():
+            if not self[name]:
+                self[name] = splitList(fromFile.get(name, "")) or [default]
+            if self[name] == ["none"] and name != "port":
+                self[name] = []
         for name, (default, conv, _help) in SETTINGS.items():
             raw = self[name] if self[name] is not None else fromFile.get(name)
             if raw is None:
@@ -165,6 +178,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: not a valid value: {raw!r}") from None
         if self["plaintext-login"] not in PLAINTEXT_POLICIES:
             raise usage.UsageError("--plaintext-login must be allow, loopback or deny")
+        if self["smtp-hostname"] is not None and not validHostname(self["smtp-hostname"]):
+            raise usage.UsageError("--smtp-hostname must be a host name (letters, digits, . and -)")
         if self["relay"] not in RELAY_MODES:
             raise usage.UsageError("--relay must be fast or plain")
         for name, (_default, conv, _help) in SETTINGS.items():
@@ -196,13 +211,13 @@ class Options(usage.Options):
         self["starttls"] = self["certificate"]
         from twisted.internet import reactor
 
-        for description in self["port"] + self["api-port"]:
+        for description in self["port"] + self["api-port"] + self["smtp-port"]:
             self.endpoint(reactor, description)
         self._openStore(reactor)
 
     def endpoint(self, reactor: Any, description: str) -> Any:
         """
-        The endpoint for a ``--port`` or ``--api-port`` string.
+        The endpoint for a ``--port``, ``--api-port`` or ``--smtp-port`` string.
 
         :raises usage.UsageError: naming the string and what is wrong.
         """
@@ -311,6 +326,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     sessions = SessionRegistry(spares=warm)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
+    smtpFactory, primer = submissionDoor(
+        realm,
+        store,
+        reactor,
+        penalties,
+        policy,
+        options["starttls"],
+        sessions,
+        # probeSMTP may be a coroutine function: a Deferred either way.
+        lambda upstream: ensureDeferred(probeSMTP(reactor, upstream, options["upstream-timeout"])),
+        # None: looked up, once, when there is an SMTP listener.
+        options["smtp-hostname"] if options["smtp-port"] else "localhost",
+    )
     bus = None
     if shared:
         # Close requests (revoke with disconnect, account deletion) made on
@@ -325,6 +353,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         warm.stop()
         refresher.stop()
         imapLimiter.stop()
+        smtpLimiter.stop()
         apiLimiter.stop()
 
     Closing(shutdown).setServiceParent(top)
@@ -355,6 +384,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     imapLimiter = ConnectionLimiter(imapLimits, reactor, "IMAP", trim)
     front = LimitedFactory(factory, imapLimiter, IMAP)
+    smtpLimiter = ConnectionLimiter(imapLimits, reactor, "SMTP", trim)
+    smtpFront = LimitedFactory(smtpFactory, smtpLimiter, SMTP)
+    if options["smtp-port"]:
+        # What the first clients' EHLO offers: the stored accounts' servers, asked.
+        primer.setServiceParent(top)
     admin = Admin(store, sessions, reactor, bus)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
@@ -368,6 +402,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for what, descriptions, serving in (
         ("IMAP", options["port"], front),
         ("API", options["api-port"], apiFront),
+        ("SMTP", options["smtp-port"], smtpFront),
     ):
         for description in descriptions:
             endpoint = options.endpoint(reactor, description)

@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
 
-from .model import Account, OAuth2App, OAuth2Grant, Upstream
+from .model import SMTP_PORTS, Account, OAuth2App, OAuth2Grant, Upstream
 from .presets import APP_PRESETS, PRESETS
 
 OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "web", "openapi.json")
@@ -107,6 +107,9 @@ _SHAPES = {
     "imap.host": "imap.host is not a host name",
     "imap.port": "imap.port must be an integer 1-65535",
     "imap.caFile": "imap.caFile must be an absolute path",
+    "smtp.host": "smtp.host is not a host name",
+    "smtp.port": "smtp.port must be an integer 1-65535",
+    "smtp.caFile": "smtp.caFile must be an absolute path",
     "redirectUrl": "redirectUrl must be https:// (or http:// on localhost)",
     "oauth2.scopes": "oauth2.scopes must be a list of scope strings",
     "restrictions.addresses": "restrictions.addresses: not an IP address or CIDR network",
@@ -251,9 +254,10 @@ def buildAccount(
     """
     Validate an account description (the API's JSON shape) and build the
     ``Account``. With ``existing``, fields left out keep their values (PUT
-    replaces what it names; secrets are kept unless given). A provider
-    preset fills what is missing on a new account, or replaces the imap
-    settings when the provider is named again.
+    replaces what it names; secrets are kept unless given; ``smtp: null``
+    removes the SMTP server). A provider preset fills what is missing on a
+    new account, or replaces the imap and smtp settings when the provider
+    is named again.
 
     :param accountId: the account named by the URL (the body may repeat it).
     :param app: the shared OAuth2 app the account uses, if any.
@@ -271,22 +275,25 @@ def buildAccount(
     preset = PRESETS.get(provider, {})
     tenant = data.get("tenant", "common")
 
-    imap = data.get("imap", {})
-    old = existing.upstream if existing else None
-    presetImap = preset.get("imap", {}) if existing is None or "provider" in data else {}
-    host = imap.get("host", presetImap.get("host", old.host if old else None))
-    _check(host is not None, "imap.host is required")
-    tls = imap.get("tls", presetImap.get("tls", old.tls if old else "implicit"))
-    _check(
-        tls != "plain" or host in LOCAL_HOSTS,
-        "imap.tls plain (no TLS at all) is allowed only to a server on this machine",
+    # A preset's servers apply to a new account, or when the provider is named again.
+    presetting = existing is None or "provider" in data
+    upstream = _upstream(
+        "imap",
+        data.get("imap", {}),
+        preset.get("imap", {}) if presetting else {},
+        existing.upstream if existing else None,
     )
-    upstream = Upstream(
-        host=host,
-        port=imap.get("port", presetImap.get("port", old.port if old else 993)),
-        tls=tls,
-        caFile=imap.get("caFile", old.caFile if old else None),
-    )
+    smtp = existing.smtp if existing else None
+    if data.get("smtp") is not None or (presetting and preset.get("smtp") and "smtp" not in data):
+        smtp = _upstream(
+            "smtp",
+            data.get("smtp") or {},
+            preset.get("smtp", {}) if presetting else {},
+            smtp,
+            SMTP_PORTS,
+        )
+    elif "smtp" in data:
+        smtp = None  # null: the account has no SMTP server (any more)
 
     oauth = data.get("oauth2", {})
     oldGrant = existing.oauth2 if existing else None
@@ -342,6 +349,42 @@ def buildAccount(
         state=state,
         stateReason=existing.stateReason if kept and existing else None,
         created=existing.created if existing else 0.0,
+        smtp=smtp,
+    )
+
+
+def _upstream(
+    name: str,
+    given: dict[str, Any],
+    preset: dict[str, Any],
+    old: Upstream | None,
+    ports: dict[str, int] | None = None,
+) -> Upstream:
+    """
+    A server's settings (``imap`` or ``smtp``): each field as given, else
+    the preset's, else the stored one (``old``), else the default.
+
+    :param ports: the default port by TLS mode (SMTP's, where the TLS mode
+        decides the port); a changed mode then takes its default port
+        rather than keeping the stored one. None: IMAP's 993, the stored
+        port kept whatever the mode.
+    """
+    host = given.get("host", preset.get("host", old.host if old else None))
+    if host is None:
+        raise InvalidInput(f"{name}.host is required")
+    tls = given.get("tls", preset.get("tls", old.tls if old else "implicit"))
+    _check(
+        tls != "plain" or host in LOCAL_HOSTS,
+        f"{name}.tls plain (no TLS at all) is allowed only to a server on this machine",
+    )
+    port = given.get("port", preset.get("port"))
+    if port is None:
+        if old is not None and (ports is None or old.tls == tls):
+            port = old.port
+        else:
+            port = ports[tls] if ports is not None else 993
+    return Upstream(
+        host=host, port=port, tls=tls, caFile=given.get("caFile", old.caFile if old else None)
     )
 
 

@@ -164,8 +164,24 @@ def add_account(
     tls: str = "implicit",
     host: str = "localhost",
     replace: bool = False,
+    smtp_host: str | None = None,
+    smtp_port: int | None = None,
+    smtp_tls: str | None = None,
+    smtp_ca_file: str | None = None,
 ) -> None:
-    """Register (or with ``replace``, change) an account with the admin command."""
+    """
+    Register (or with ``replace``, change) an account with the admin command;
+    the ``smtp_*`` arguments given become its ``--smtp-*`` flags.
+    """
+    smtp = []
+    for flag, value in (
+        ("--smtp-host", smtp_host),
+        ("--smtp-port", smtp_port),
+        ("--smtp-tls", smtp_tls),
+        ("--smtp-ca-file", smtp_ca_file),
+    ):
+        if value is not None:
+            smtp += [flag, str(value)]
     proxy.cli(
         "accounts",
         "add",
@@ -181,6 +197,7 @@ def add_account(
         tls,
         "--imap-ca-file",
         ca_file,
+        *smtp,
         "--token-url",
         provider.token_url,
         "--client-id",

@@ -18,6 +18,7 @@ from proxy.admin import (
     APP_PRESETS,
     IMAP_FIELDS,
     PRESETS,
+    SMTP_FIELDS,
     Admin,
     Conflict,
     InvalidInput,
@@ -25,7 +26,7 @@ from proxy.admin import (
     accountView,
     buildToken,
 )
-from proxy.model import Account
+from proxy.model import Account, Upstream
 from proxy.presets import PROVIDERS
 from proxy.store import MemoryStore, StoreUnavailable
 from proxy.tokens import tokenId
@@ -245,6 +246,24 @@ class AccountTests(AdminTestCase):
         a = self.addAccount("local", imap={"host": "127.0.0.1", "port": 143, "tls": "plain"})
         self.assertEqual(a.upstream.tls, "plain")
 
+    def test_smtpPlainOnlyToThisMachine(self):
+        """smtp.tls plain follows imap's rule: only to a server on this machine, port 587."""
+        a = self.addAccount("local", smtp={"host": "localhost", "tls": "plain"})
+        self.assertEqual(a.smtp, Upstream(host="localhost", port=587, tls="plain"))
+
+    def test_smtpUpdateKeepsGrantAndState(self):
+        """Changing only the SMTP server keeps the grant, the IMAP server and the state."""
+        before = self.addAccount()
+        self.run_(self.store.setAccountState("alice", "reauth-required", "invalid-grant"))
+        smtp = {"host": "smtp.example.com", "tls": "starttls"}
+        a = self.run_(self.admin.updateAccount("alice", {"smtp": smtp}))
+        self.assertEqual(a.smtp, Upstream(host="smtp.example.com", port=587, tls="starttls"))
+        self.assertEqual((a.oauth2, a.upstream), (before.oauth2, before.upstream))
+        self.assertEqual((a.state, a.stateReason), ("reauth-required", "invalid-grant"))
+        a = self.run_(self.admin.updateAccount("alice", {"smtp": None}))
+        self.assertIsNone(a.smtp)
+        self.assertEqual((a.oauth2, a.state), (before.oauth2, "reauth-required"))
+
     def test_removeAccount(self):
         """Removing an account removes its tokens and closes its sessions; twice is NotFound."""
         self.addAccount()
@@ -283,6 +302,7 @@ class AppTests(AdminTestCase):
         a = self.run_(self.admin.createAccount(body))
         self.assertEqual((a.oauth2.app, a.oauth2.clientId), ("corp", "app-client"))
         self.assertEqual(a.upstream.host, "outlook.office365.com")
+        self.assertEqual(a.smtp, Upstream(host="smtp.office365.com", port=587, tls="starttls"))
         body["oauth2"]["clientId"] = "mine"
         message = self.refused(self.admin.createAccount(body, replace=True))
         self.assertIn("come from the app", message)
@@ -385,6 +405,21 @@ class ValidationTests(AdminTestCase):
         ({"imap": {"host": "a/b"}}, "imap.host is not a host name"),
         ({"imap": {"user": "u"}}, "imap: unknown field(s): user"),
         ({"imap": {"caFile": "ca.pem"}}, "imap.caFile must be an absolute path"),
+        ({"smtp": "smtp.example.com"}, "smtp must be an object"),
+        ({"smtp": {"port": 465}}, "smtp.host is required"),
+        ({"smtp": {"host": "h", "port": 0}}, "smtp.port must be an integer 1-65535"),
+        ({"smtp": {"host": "h", "port": "587"}}, "smtp.port must be an integer 1-65535"),
+        ({"smtp": {"host": "a/b"}}, "smtp.host is not a host name"),
+        (
+            {"smtp": {"host": "h", "tls": "ssl"}},
+            "smtp.tls must be one of implicit, starttls, plain",
+        ),
+        ({"smtp": {"host": "h", "user": "u"}}, "smtp: unknown field(s): user"),
+        ({"smtp": {"host": "h", "caFile": "ca.pem"}}, "smtp.caFile must be an absolute path"),
+        (
+            {"smtp": {"host": "smtp.example.com", "tls": "plain"}},
+            "smtp.tls plain (no TLS at all) is allowed only to a server on this machine",
+        ),
         ({"oauth2": {"tokenUrl": "http://t"}}, "oauth2.tokenUrl must be an https:// URL"),
         ({"oauth2": {"scopes": ["a b"]}}, "oauth2.scopes must be a list of scope strings"),
         ({"oauth2": {"refreshToken": ""}}, "oauth2.refreshToken must not be empty"),
@@ -403,8 +438,9 @@ class ValidationTests(AdminTestCase):
         self.assertEqual(self.run_(self.admin.getAccount("alice")), before)
 
     def test_imapFieldsFromSchema(self):
-        """The imap fields a consent may give are the schema's."""
+        """The imap and smtp fields a consent may give are the schema's."""
         self.assertEqual(IMAP_FIELDS, {"host", "port", "tls", "caFile"})
+        self.assertEqual(SMTP_FIELDS, {"host", "port", "tls", "caFile"})
 
 
 class PresetTests(SynchronousTestCase):
@@ -414,6 +450,22 @@ class PresetTests(SynchronousTestCase):
             self.assertEqual(PRESETS[name].get("tokenUrl"), p.tokenURL)
             self.assertEqual(APP_PRESETS[name].get("tokenUrl"), p.tokenURL)
             self.assertEqual(PRESETS[name].get("imap"), p.imap)
+            self.assertEqual(PRESETS[name].get("smtp"), p.smtp)
         self.assertEqual(APP_PRESETS["gmail"]["deviceAuthorizationUrl"], None)
         self.assertEqual(PRESETS["generic"], {})
         self.assertEqual(APP_PRESETS["generic"], {})
+
+    def test_smtpServers(self):
+        """Each provider's SMTP submission server, and one Microsoft grant for IMAP and SMTP."""
+        self.assertEqual(
+            PROVIDERS["gmail"].smtp, {"host": "smtp.gmail.com", "port": 465, "tls": "implicit"}
+        )
+        self.assertEqual(
+            PROVIDERS["outlook"].smtp,
+            {"host": "smtp.office365.com", "port": 587, "tls": "starttls"},
+        )
+        for scopes in (PRESETS["outlook"]["scopes"], APP_PRESETS["outlook"]["scopes"]):
+            self.assertIn("https://outlook.office.com/IMAP.AccessAsUser.All", scopes)
+            self.assertIn("https://outlook.office.com/SMTP.Send", scopes)
+        # Google's one mail scope covers sending.
+        self.assertEqual(PRESETS["gmail"]["scopes"], ["https://mail.google.com/"])

@@ -38,7 +38,7 @@ from zope.interface.verify import verifyObject
 
 from proxy.admin import Admin, buildAccount, buildApp
 from proxy.cred import API_SCOPE, TokenChecker
-from proxy.model import Account, OAuth2App, Token
+from proxy.model import Account, OAuth2App, Token, Upstream
 from proxy.penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from proxy.store import IAccountStore, ITokenStore, StoreError
 from proxy.tokens import newToken, parseNetworks, tokenId
@@ -882,6 +882,7 @@ class AccountTests(APITestCase):
                     "tls": "starttls",
                     "caFile": "/etc/ca.pem",
                 },
+                "smtp": None,
                 "oauth2": {
                     "app": None,
                     "tokenUrl": "https://oauth.example.com/token",
@@ -928,6 +929,10 @@ class AccountTests(APITestCase):
         )
         self.assertEqual(body["oauth2"]["tokenUrl"], "https://oauth2.googleapis.com/token")
         self.assertEqual(body["oauth2"]["scopes"], ["https://mail.google.com/"])
+        self.assertEqual(
+            body["smtp"],
+            {"host": "smtp.gmail.com", "port": 465, "tls": "implicit", "caFile": None},
+        )
 
     def test_outlookPreset(self):
         """provider outlook fills in Microsoft's IMAP host and the tenant's token URL."""
@@ -947,6 +952,13 @@ class AccountTests(APITestCase):
             "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token",
         )
         self.assertIn("offline_access", body["oauth2"]["scopes"])
+        # One grant reads and sends: the SMTP scope is asked for beside IMAP's.
+        self.assertIn("https://outlook.office.com/IMAP.AccessAsUser.All", body["oauth2"]["scopes"])
+        self.assertIn("https://outlook.office.com/SMTP.Send", body["oauth2"]["scopes"])
+        self.assertEqual(
+            body["smtp"],
+            {"host": "smtp.office365.com", "port": 587, "tls": "starttls", "caFile": None},
+        )
 
     def test_outlookDefaultTenant(self):
         """Without a tenant the outlook preset uses the common endpoint."""
@@ -976,6 +988,106 @@ class AccountTests(APITestCase):
         )
         self.assertEqual(body["imap"]["host"], "imap.gmail.com")
         self.assertEqual(body["imap"]["port"], 1993)
+
+    def test_createWithSMTP(self):
+        """An account's smtp object is stored; a port left out follows its TLS mode."""
+        smtp = {"host": "smtp.example.net", "tls": "starttls", "caFile": "/etc/smtp-ca.pem"}
+        body = self.create(accountBody("alice", smtp=smtp))
+        self.assertEqual(body["smtp"], {**smtp, "port": 587})
+        self.assertEqual(
+            self.store.accounts["alice"].smtp,
+            Upstream(host="smtp.example.net", port=587, tls="starttls", caFile="/etc/smtp-ca.pem"),
+        )
+        body = self.create(accountBody("bob", smtp={"host": "smtp.example.net"}))
+        self.assertEqual(
+            body["smtp"],
+            {"host": "smtp.example.net", "port": 465, "tls": "implicit", "caFile": None},
+        )
+        body = self.create(accountBody("carol", smtp={"host": "localhost", "port": 2525}))
+        self.assertEqual((body["smtp"]["port"], body["smtp"]["tls"]), (2525, "implicit"))
+
+    def test_createWithoutSMTP(self):
+        """Without smtp (or with null, even under a preset) an account has no SMTP server."""
+        self.assertIsNone(self.create(accountBody("alice"))["smtp"])
+        body = self.create(
+            {
+                "account": "g",
+                "email": "g@gmail.com",
+                "provider": "gmail",
+                "smtp": None,
+                "oauth2": {"clientId": "c", "clientSecret": "s", "refreshToken": "r"},
+            }
+        )
+        self.assertIsNone(body["smtp"])
+        self.assertIsNone(self.store.accounts["g"].smtp)
+
+    def test_presetSMTPOverridden(self):
+        """smtp fields given win over the preset's; the rest come from it."""
+        body = self.create(
+            {
+                "account": "o",
+                "email": "o@contoso.com",
+                "provider": "outlook",
+                "smtp": {"port": 25},
+                "oauth2": {"clientId": "c", "clientSecret": "s", "refreshToken": "r"},
+            }
+        )
+        self.assertEqual(
+            body["smtp"],
+            {"host": "smtp.office365.com", "port": 25, "tls": "starttls", "caFile": None},
+        )
+
+    def test_putSetsChangesAndRemovesSMTP(self):
+        """PUT smtp adds a server, changes the fields it names, null removes it; the rest stays."""
+        self.addAccount("alice")
+        before = self.store.accounts["alice"]
+        put = "/v1/account/alice"
+        body = self.assertOK(self.call("PUT", put, {"smtp": {"host": "smtp.example.com"}}))
+        self.assertEqual(
+            body["smtp"],
+            {"host": "smtp.example.com", "port": 465, "tls": "implicit", "caFile": None},
+        )
+        stored = self.store.accounts["alice"]
+        self.assertEqual(
+            (stored.oauth2, stored.upstream, stored.email, stored.state),
+            (before.oauth2, before.upstream, before.email, before.state),
+        )
+        body = self.assertOK(self.call("PUT", put, {"smtp": {"port": 2465}}))
+        self.assertEqual((body["smtp"]["host"], body["smtp"]["port"]), ("smtp.example.com", 2465))
+        # A new TLS mode without a port takes that mode's port.
+        body = self.assertOK(self.call("PUT", put, {"smtp": {"tls": "starttls"}}))
+        self.assertEqual((body["smtp"]["tls"], body["smtp"]["port"]), ("starttls", 587))
+        # A change elsewhere keeps it.
+        body = self.assertOK(self.call("PUT", put, {"email": "a2@example.com"}))
+        self.assertEqual(body["smtp"]["host"], "smtp.example.com")
+        body = self.assertOK(self.call("PUT", put, {"smtp": None}))
+        self.assertIsNone(body["smtp"])
+        self.assertIsNone(self.store.accounts["alice"].smtp)
+        self.assertEqual(self.store.accounts["alice"].oauth2, before.oauth2)
+
+    def test_putProviderAgainSetsItsSMTP(self):
+        """Naming a provider again in a PUT brings its SMTP server, as it does its IMAP one."""
+        self.addAccount("alice")
+        body = self.assertOK(self.call("PUT", "/v1/account/alice", {"provider": "gmail"}))
+        self.assertEqual((body["smtp"]["host"], body["smtp"]["port"]), ("smtp.gmail.com", 465))
+
+    def test_accountTokenMayNotChangeSMTP(self):
+        """An account's own token may not set its servers (403), nor start a consent that does."""
+        self.addAccount("alice")
+        token = self.addToken("alice")
+        before = self.store.snapshot()
+        reply = self.call("PUT", "/v1/account/alice", {"smtp": {"host": "evil"}}, token=token)
+        self.assertError(reply, 403)
+        for servers in ({"smtp": {"host": "evil"}}, {"imap": {"host": "evil"}}):
+            reply = self.call(
+                "POST",
+                "/v1/oauth2/authorize",
+                {"app": "x", "account": "alice", **servers},
+                token=token,
+            )
+            self.assertError(reply, 403)
+            self.assertIn("may not set imap or smtp", reply.json["error"])
+        self.assertEqual(self.store.snapshot(), before)
 
     def test_get(self):
         """GET /v1/account/{id} shows the account without its secrets."""
@@ -1149,6 +1261,16 @@ class AccountTests(APITestCase):
         ("port boolean", accountBody(imap={"host": "h", "port": True}), True),
         ("tls unknown", accountBody(imap={"host": "h", "tls": "ssl"}), True),
         ("caFile relative", accountBody(imap={"host": "h", "caFile": "ca.pem"}), True),
+        ("smtp not an object", accountBody(smtp="smtp.example.com"), True),
+        ("unknown smtp field", accountBody(smtp={"host": "h", "user": "u"}), True),
+        ("smtp host missing", accountBody(smtp={"port": 465}), False),
+        ("smtp host with slash", accountBody(smtp={"host": "a/b"}), True),
+        ("smtp port zero", accountBody(smtp={"host": "h", "port": 0}), True),
+        ("smtp port too big", accountBody(smtp={"host": "h", "port": 65536}), True),
+        ("smtp port string", accountBody(smtp={"host": "h", "port": "465"}), True),
+        ("smtp tls unknown", accountBody(smtp={"host": "h", "tls": "ssl"}), True),
+        ("smtp plain elsewhere", accountBody(smtp={"host": "h", "tls": "plain"}), False),
+        ("smtp caFile relative", accountBody(smtp={"host": "h", "caFile": "ca.pem"}), True),
         (
             "tokenUrl http",
             accountBody(oauth2={**accountBody()["oauth2"], "tokenUrl": "http://x"}),
@@ -1223,6 +1345,9 @@ class AccountTests(APITestCase):
             ("tokenUrl http", {"oauth2": {"tokenUrl": "http://t"}}),
             ("state unknown", {"state": "gone"}),
             ("empty secret", {"oauth2": {"refreshToken": ""}}),
+            ("smtp without a host", {"smtp": {"tls": "starttls"}}),
+            ("smtp port string", {"smtp": {"host": "h", "port": "1"}}),
+            ("smtp plain elsewhere", {"smtp": {"host": "smtp.example.com", "tls": "plain"}}),
         ]:
             reply = self.call("PUT", "/v1/account/alice", body)
             self.assertEqual(reply.status, 400, f"{name}: {reply.text}")

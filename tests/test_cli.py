@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import sys
@@ -31,7 +32,8 @@ from proxy.encryption import (
     writeKeyFile,
     writeLoadedMarker,
 )
-from proxy.store import makeStore
+from proxy.model import Upstream
+from proxy.store import MemoryStore, makeStore
 from proxy.tokens import newToken
 from tests.test_store import token as storedToken
 
@@ -281,6 +283,169 @@ class PickupTests(TempDirMixin, SynchronousTestCase):
             text = f.read()
         self.assertNotIn(self.new.decode(), text)
         self.assertIn(keyFingerprint(self.new), text)
+
+
+class AccountCommandTests(SynchronousTestCase):
+    """``accounts add``/``update``/``list``/``show`` over an in-memory store."""
+
+    ADD = [
+        "accounts",
+        "add",
+        "alice",
+        "--email",
+        "alice@example.com",
+        "--imap-host",
+        "imap.example.com",
+        "--token-url",
+        "https://oauth.example.com/token",
+        "--client-id",
+        "c",
+        "--client-secret",
+        "cs-cli-unit-4e1d",
+        "--refresh-token",
+        "rt-cli-unit-8a2f",
+    ]
+
+    def setUp(self) -> None:
+        self.store = MemoryStore()
+        self.store.openBlocking()
+        self.admin = Admin(self.store)
+
+    def run_(self, *argv: str) -> tuple[str, str]:
+        """One command: (standard output, standard error); a refusal raises it."""
+        args = cli._parser().parse_args(list(argv))
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch("sys.stderr", err):
+            d = Deferred.fromCoroutine(cli._run(args, self.admin, out))
+        self.successResultOf(d)
+        return out.getvalue(), err.getvalue()
+
+    def refused(self, *argv: str) -> str:
+        args = cli._parser().parse_args(list(argv))
+        with mock.patch("sys.stderr", io.StringIO()):
+            d = Deferred.fromCoroutine(cli._run(args, self.admin, io.StringIO()))
+        return str(self.failureResultOf(d, AdminError).value)
+
+    def smtp(self, account: str = "alice") -> Upstream | None:
+        return self.successResultOf(self.store.getAccount(account)).smtp
+
+    def test_addWithSMTP(self):
+        """--smtp-* flags give the new account its SMTP server, the CA file made absolute."""
+        self.run_(*self.ADD, "--smtp-host", "smtp.example.com", "--smtp-ca-file", "ca.pem")
+        self.assertEqual(
+            self.smtp(),
+            Upstream("smtp.example.com", 465, "implicit", os.path.abspath("ca.pem")),
+        )
+
+    def test_addWithoutSMTP(self):
+        """Without --smtp-host an account has no SMTP server; a port alone is refused."""
+        self.run_(*self.ADD)
+        self.assertIsNone(self.smtp())
+        message = self.refused(*self.ADD, "--replace", "--smtp-port", "465")
+        self.assertEqual(message, "smtp.host is required")
+
+    def test_tlsAndPortDefaults(self):
+        """The port follows --smtp-tls; 587 and 25 imply starttls, other ports implicit TLS."""
+        cases = [
+            (["--smtp-tls", "starttls"], (587, "starttls")),
+            (["--smtp-tls", "implicit"], (465, "implicit")),
+            (["--smtp-port", "587"], (587, "starttls")),
+            (["--smtp-port", "25"], (25, "starttls")),
+            (["--smtp-port", "2465"], (2465, "implicit")),
+            (["--smtp-port", "587", "--smtp-tls", "implicit"], (587, "implicit")),
+        ]
+        for flags, expected in cases:
+            self.run_(*self.ADD, "--replace", "--smtp-host", "smtp.example.com", *flags)
+            smtp = self.smtp()
+            self.assertEqual((smtp.port, smtp.tls), expected, flags)
+
+    def test_updateChangesOnlySMTP(self):
+        """accounts update changes the SMTP server, keeps the rest; --no-smtp removes it."""
+        self.run_(*self.ADD)
+        self.successResultOf(self.store.setAccountState("alice", "disabled", "by hand"))
+        before = self.successResultOf(self.store.getAccount("alice"))
+        _, err = self.run_("accounts", "update", "alice", "--smtp-host", "smtp.example.com")
+        self.assertEqual(err, "account alice: SMTP server smtp.example.com:465 (implicit)\n")
+        self.run_("accounts", "update", "alice", "--smtp-port", "587")
+        after = self.successResultOf(self.store.getAccount("alice"))
+        self.assertEqual(after.smtp, Upstream("smtp.example.com", 587, "starttls"))
+        self.assertEqual(
+            (after.oauth2, after.upstream, after.email, after.state, after.stateReason),
+            (before.oauth2, before.upstream, before.email, "disabled", "by hand"),
+        )
+        _, err = self.run_("accounts", "update", "alice", "--no-smtp")
+        self.assertEqual(err, "account alice: SMTP server none\n")
+        self.assertIsNone(self.smtp())
+        self.assertEqual(self.successResultOf(self.store.getAccount("alice")).oauth2, before.oauth2)
+
+    def test_updateRefusals(self):
+        """update needs something to change, an SMTP host for a first server, a known account."""
+        self.run_(*self.ADD)
+        self.assertIn("nothing to change", self.refused("accounts", "update", "alice"))
+        message = self.refused(
+            "accounts", "update", "alice", "--no-smtp", "--smtp-host", "smtp.example.com"
+        )
+        self.assertIn("--no-smtp removes the SMTP server", message)
+        message = self.refused("accounts", "update", "alice", "--smtp-tls", "starttls")
+        self.assertEqual(message, "smtp.host is required")
+        message = self.refused("accounts", "update", "bob", "--smtp-host", "smtp.example.com")
+        self.assertEqual(message, "no account bob")
+        self.assertIsNone(self.smtp())
+
+    def test_authorizeCarriesSMTP(self):
+        """accounts authorize hands its --smtp-* flags to the consent, kept until the callback."""
+        self.successResultOf(
+            Deferred.fromCoroutine(
+                self.admin.createApp(
+                    {
+                        "app": "corp",
+                        "clientId": "c",
+                        "clientSecret": "cs-cli-unit-app",
+                        "tokenUrl": "https://idp.example.com/token",
+                        "authorizationUrl": "https://idp.example.com/authorize",
+                        "redirectUrl": "https://proxy.example.com/oauth2/callback",
+                    }
+                )
+            )
+        )
+        out, _ = self.run_(
+            "accounts",
+            "authorize",
+            "alice",
+            "--app",
+            "corp",
+            "--imap-host",
+            "imap.example.com",
+            "--smtp-host",
+            "smtp.example.com",
+            "--smtp-port",
+            "587",
+        )
+        self.assertTrue(out.startswith("https://idp.example.com/authorize?"), out)
+        [pending] = self.store.data.pending.values()
+        self.assertEqual(
+            json.loads(pending["smtp"]),
+            {"host": "smtp.example.com", "port": 587, "tls": "starttls"},
+        )
+
+    def test_listAndShowTheSMTPServer(self):
+        """list shows the SMTP server (or -) after the state; show has the smtp object."""
+        self.run_(*self.ADD)
+        self.run_(*self.ADD[:2], "bob", *self.ADD[3:], "--smtp-host", "smtp.example.com")
+        out, _ = self.run_("accounts", "list")
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "alice\talice@example.com\timap.example.com:993\tok\t-",
+                "bob\talice@example.com\timap.example.com:993\tok\tsmtp.example.com:465",
+            ],
+        )
+        shown = json.loads(self.run_("accounts", "show", "bob")[0])
+        self.assertEqual(
+            shown["smtp"],
+            {"host": "smtp.example.com", "port": 465, "tls": "implicit", "caFile": None},
+        )
+        self.assertIsNone(json.loads(self.run_("accounts", "show", "alice")[0])["smtp"])
 
 
 class TokenRequestTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ provider refresh, and refreshes with the copied grant when it must.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -43,6 +44,19 @@ def test_store_copy_moves_everything_with_usable_secrets(pki, workdir, provider,
     old.start()
     try:
         boxes = [register(old, provider, dovecot, pki) for _ in range(3)]
+        # One account can send: its SMTP server must come along too. (Set
+        # before the logins: a changed account drops its saved access token.)
+        old.cli(
+            "accounts",
+            "update",
+            boxes[0].account,
+            "--smtp-host",
+            "localhost",
+            "--smtp-port",
+            "2465",
+            "--smtp-ca-file",
+            pki.ca_cert,
+        )
         for mb in boxes[:2]:
             assert _login(old.port, mb.account, mb.token) == "OK"
         root = old.cli("tokens", "issue", "--scope", "api", "--description", "root").stdout
@@ -70,6 +84,14 @@ def test_store_copy_moves_everything_with_usable_secrets(pki, workdir, provider,
 
     listed = new.cli("accounts", "list").stdout
     assert all(mb.account in listed for mb in boxes)
+    shown = [json.loads(new.cli("accounts", "show", mb.account).stdout) for mb in boxes[:2]]
+    assert shown[0]["smtp"] == {
+        "host": "localhost",
+        "port": 2465,
+        "tls": "implicit",
+        "caFile": pki.ca_cert,
+    }
+    assert shown[1]["smtp"] is None
     new.start()
     try:
         provider.reset_stats()

@@ -32,9 +32,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from proxy.admin import Admin, InvalidInput, buildAccount
+from proxy.admin import Admin, InvalidInput, buildAccount, buildApp
 from proxy.encryption import Secrets, newKey
-from proxy.model import Account, OAuth2App
+from proxy.model import Account, OAuth2App, Upstream
 from proxy.oauth import _onboardhttp, onboarding
 from proxy.oauth.onboarding import (
     DevicePending,
@@ -267,12 +267,32 @@ class StartTests(FlowTestCase):
             {"app": "corp", "account": "al ice", "imap": IMAP},
             {"app": "corp", "account": "alice", "email": "nope", "imap": IMAP},
             {"app": "corp", "account": "alice", "imap": {"host": 5}},
+            {"app": "corp", "account": "alice", "imap": IMAP, "smtp": "smtp.example.com"},
+            {"app": "corp", "account": "alice", "imap": IMAP, "smtp": None},
+            {"app": "corp", "account": "alice", "imap": IMAP, "smtp": {"host": "h", "port": 0}},
+            {"app": "corp", "account": "alice", "imap": IMAP, "smtp": {"host": "h", "x": 1}},
+            {"app": "corp", "account": "alice", "imap": IMAP, "smtp": {"port": 465}},
             {"app": "corp", "account": "alice"},  # a new account of a generic app needs imap
         ]
         for data in cases:
             d = Deferred.fromCoroutine(self.onboarding.start(data))
             self.failureResultOf(d, InvalidInput)
         self.assertEqual(self.store.pending, {})
+
+    def test_outlookAsksForSending(self):
+        """An outlook app's consent asks for IMAP and SMTP in one grant."""
+        self.store.apps["ms"] = buildApp(
+            {
+                "app": "ms",
+                "provider": "outlook",
+                "clientId": "c",
+                "clientSecret": CLIENT_SECRET,
+                "redirectUrl": "https://proxy.example.com/oauth2/callback",
+            }
+        )
+        scopes = self.start(app="ms")["scope"].split()
+        self.assertIn("https://outlook.office.com/IMAP.AccessAsUser.All", scopes)
+        self.assertIn("https://outlook.office.com/SMTP.Send", scopes)
 
     def test_existingAccountNeedsNoImap(self):
         """Re-authorizing an existing account of a generic app needs no imap settings."""
@@ -295,6 +315,31 @@ class FinishTests(FlowTestCase):
         self.assertEqual(account.oauth2.refreshToken, "rt-1")
         self.assertEqual(account.upstream.host, "imap.example.com")
         self.assertSafe(" ".join(self.log.lines))
+
+    def test_consentWithSMTP(self):
+        """SMTP settings given at the start are kept with the consent and end in the account."""
+        smtp = {"host": "smtp.example.com", "tls": "starttls"}
+        query = self.start(email="alice@example.com", imap=IMAP, smtp=smtp)
+        stateId = query["state"].partition(".")[0]
+        self.assertEqual(json.loads(self.store.pending[stateId].smtp), smtp)
+        d = self.finish({"state": query["state"], "code": CODE})
+        self.run.calls[0][2].callback(grantFor("alice@example.com"))
+        account = self.successResultOf(d)
+        self.assertEqual(account.smtp, Upstream(host="smtp.example.com", port=587, tls="starttls"))
+
+    def test_presetAppGivesSMTP(self):
+        """A new account of a gmail app gets Gmail's SMTP server; a generic app's gets none."""
+        self.store.apps["g"] = makeApp(id="g", provider="gmail")
+        query = self.start(app="g", account="gmailer", email="g@gmail.com")
+        d = self.finish({"state": query["state"], "code": CODE})
+        self.run.calls[0][2].callback(grantFor("g@gmail.com"))
+        self.assertEqual(
+            self.successResultOf(d).smtp, Upstream(host="smtp.gmail.com", port=465, tls="implicit")
+        )
+        query = self.start(email="alice@example.com", imap=IMAP)
+        d = self.finish({"state": query["state"], "code": CODE})
+        self.run.calls[1][2].callback(grantFor("alice@example.com"))
+        self.assertIsNone(self.successResultOf(d).smtp)
 
     def test_forged(self):
         """A state not signed with the store's keys is refused, before the store is asked."""
@@ -399,6 +444,20 @@ class CompleteTests(FlowTestCase):
     def test_newGenericNeedsImap(self):
         error = self.refused(self.complete(grantFor("alice@example.com")))
         self.assertIn("needs imap settings", error.message)
+
+    def test_reauthorizingKeepsOrChangesSMTP(self):
+        """Re-authorizing keeps the SMTP server unless new settings are given."""
+        smtp = Upstream(host="smtp.example.com", port=465)
+        self.addAccount(smtp=smtp)
+        app = self.store.apps["corp"]
+        account = self.successResultOf(self.complete(grantFor("alice@example.com")))
+        self.assertEqual(account.smtp, smtp)
+        d = Deferred.fromCoroutine(
+            self.onboarding.complete(
+                "alice", app, grantFor("alice@example.com"), None, None, {"port": 2465}
+            )
+        )
+        self.assertEqual(self.successResultOf(d).smtp, attrs.evolve(smtp, port=2465))
 
     def test_reauthorizes(self):
         """A new grant clears reauth-required, but a disabled account stays disabled."""

@@ -299,6 +299,21 @@ class StoreContractMixin:
         self.assertEqual(len((yield store.listAccounts())), 1)
 
     @inlineCallbacks
+    def test_smtpServerRoundTrips(self):
+        """An account's SMTP server comes back as put; putting it without one removes it."""
+        store = yield self.openStore()
+        smtp = Upstream(host="smtp.example.com", port=587, tls="starttls", caFile="/ca/smtp.pem")
+        yield store.putAccount(account(smtp=smtp))
+        yield store.putAccount(account("bob", smtp=Upstream(host="smtp.example.org", port=465)))
+        self.assertEqual((yield store.getAccount("alice")).smtp, smtp)
+        listed = {a.id: a.smtp for a in (yield store.listAccounts())}
+        self.assertEqual(listed["bob"], Upstream(host="smtp.example.org", port=465))
+        yield store.putAccount(account())
+        got = yield store.getAccount("alice")
+        self.assertIsNone(got.smtp)
+        self.assertEqual(got.upstream, account().upstream)
+
+    @inlineCallbacks
     def test_listAccounts(self):
         """listAccounts gives every account, by id."""
         store = yield self.openStore()
@@ -603,6 +618,16 @@ class StoreContractMixin:
         self.assertIsNone((yield store.takePending("unknown")))
 
     @inlineCallbacks
+    def test_pendingKeepsSMTPSettings(self):
+        """A consent in progress keeps the SMTP settings it was given (none: None)."""
+        store = yield self.openStore()
+        p = pending(smtp=json.dumps({"host": "smtp.example.com", "port": 2465}))
+        yield store.addPending(p)
+        yield store.addPending(pending("state-2"))
+        self.assertEqual((yield store.takePending("state-1")), p)
+        self.assertIsNone((yield store.takePending("state-2")).smtp)
+
+    @inlineCallbacks
     def test_pendingTakenOnceUnderConcurrency(self):
         """Of two takes of the same authorization at once, exactly one gets it."""
         store = yield self.openStore()
@@ -807,6 +832,31 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         self.assertEqual((yield again.getToken("t1")), token("t1"))
 
     @inlineCallbacks
+    def test_storeFromBeforeSMTPOpens(self):
+        """
+        A store file written before accounts had SMTP servers (no smtp_*
+        columns, no smtp in consents) opens: its accounts read back without
+        one, and can be given one.
+        """
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.addPending(pending())
+        yield store.close()
+        with sqlite3.connect(self.path) as db:
+            for column in ("smtp_host", "smtp_port", "smtp_tls", "smtp_ca_file"):
+                db.execute(f"ALTER TABLE accounts DROP COLUMN {column}")
+            db.execute("ALTER TABLE oauth2_pending DROP COLUMN smtp")
+        db.close()
+        again = self.newStore()
+        yield again.open()
+        got = yield again.getAccount("alice")
+        self.assertEqual((got.oauth2.refreshToken, got.smtp), (REFRESH, None))
+        self.assertEqual((yield again.takePending("state-1")).smtp, None)
+        smtp = Upstream(host="smtp.example.com", port=465)
+        yield again.putAccount(account(smtp=smtp))
+        self.assertEqual((yield again.getAccount("alice")).smtp, smtp)
+
+    @inlineCallbacks
     def test_rotatedKeys(self):
         """A store reopened with keys [new, old] opens and reads old secrets."""
         store = yield self.openStore()
@@ -857,6 +907,32 @@ class MissingKeyTests(SynchronousTestCase):
             makeStore(url, None)
         self.assertIn("key file", str(e.exception))
         self.assertFalse(os.path.exists(os.path.join(d, "secret.key")))
+
+
+class StoreCopyTests(TestCase):
+    """``store copy`` (``proxy.store.copy``) between an SQLite and a memory store."""
+
+    @inlineCallbacks
+    def test_copiesSMTPServers(self):
+        """Accounts arrive with their SMTP servers, and those without one without."""
+        from twisted.internet.defer import Deferred
+
+        from proxy.store.copy import copyStore
+
+        directory = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        source = SQLiteStore(os.path.join(directory, "s.sqlite3"), Secrets([Fernet.generate_key()]))
+        yield source.open()
+        self.addCleanup(source.close)
+        target = MemoryStore()
+        target.openBlocking()
+        smtp = Upstream(host="smtp.example.com", port=587, tls="starttls", caFile="/ca.pem")
+        yield source.putAccount(account("alice", smtp=smtp))
+        yield source.putAccount(account("bob"))
+        report = yield Deferred.fromCoroutine(copyStore(source, target))
+        self.assertEqual(report.accounts, 2)
+        self.assertEqual((yield target.getAccount("alice")).smtp, smtp)
+        self.assertIsNone((yield target.getAccount("bob")).smtp)
 
 
 # --- Regression tests (each docstring says what was wrong; every test

@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy.encryption import ENV_VAR
+from proxy.settings import DEFAULT_PORT, DEFAULT_SMTP_PORT, SETTINGS
 from proxy.store import SQLiteStore
-from proxy.tap import DEFAULT_PORT, SETTINGS, Options, makeService
+from proxy.tap import Options, makeService
 from tests.upstream.certs import make_pki
 
 
@@ -64,6 +65,8 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         """Without options every setting has its default and one loopback port."""
         o = self.parse()
         self.assertEqual(o["port"], [DEFAULT_PORT])
+        self.assertEqual(o["smtp-port"], [DEFAULT_SMTP_PORT])
+        self.assertEqual(DEFAULT_SMTP_PORT, "tcp:2587:interface=127.0.0.1")
         for name, (default, _conv, _help) in SETTINGS.items():
             if name != "store":
                 self.assertEqual(o[name], default, name)
@@ -127,6 +130,39 @@ class OptionsTests(OptionsMixin, SynchronousTestCase):
         """--port (and -p) may be given several times, in order."""
         o = self.parse("--port", "tcp:1143", "-p", "tcp:1144", "--port=tcp:1145")
         self.assertEqual(o["port"], ["tcp:1143", "tcp:1144", "tcp:1145"])
+
+    def test_smtpPorts(self):
+        """--smtp-port is repeatable like --port; "none" turns SMTP off."""
+        o = self.parse("--smtp-port", "tcp:1587", "--smtp-port=tcp6:1587")
+        self.assertEqual(o["smtp-port"], ["tcp:1587", "tcp6:1587"])
+        self.assertEqual(self.parse("--smtp-port", "none")["smtp-port"], [])
+
+    def test_smtpPortsFromConfig(self):
+        """smtp-port lines in the config file, unless the command line gives one."""
+        path = self.config("smtp-port =\n  tcp:1587:interface=127.0.0.1\n  tcp:1588\n")
+        o = self.parse("--config", path)
+        self.assertEqual(o["smtp-port"], ["tcp:1587:interface=127.0.0.1", "tcp:1588"])
+        o = self.parse("--config", path, "--smtp-port", "tcp:1599")
+        self.assertEqual(o["smtp-port"], ["tcp:1599"])
+        self.assertEqual(self.parse("--config", self.config("smtp-port = none\n"))["smtp-port"], [])
+
+    def test_smtpPortHelp(self):
+        """--help describes --smtp-port in even text, with its default."""
+        text = str(Options()).split("--smtp-port=")[1].split("--store=")[0]
+        words = " ".join(line.strip() for line in text.splitlines())
+        self.assertNotIn("  ", words)
+        self.assertIn("[default: tcp:2587:interface=127.0.0.1]", words)
+
+    def test_badSmtpEndpoint(self):
+        """An --smtp-port that does not parse is a usage error naming it."""
+        self.assertIn("bogus:2587", self.usageError("--smtp-port", "bogus:2587"))
+        self.assertIn("tls-certificate", self.usageError("--smtp-port", "ssl:2465"))
+
+    def test_smtpHostname(self):
+        """--smtp-hostname is a host name: no spaces or line breaks to forge a reply with."""
+        self.assertEqual(self.parse("--smtp-hostname", "mx.example")["smtp-hostname"], "mx.example")
+        for bad in ("mx example", "mx\r\n250 ok", "-mx", ""):
+            self.assertIn("smtp-hostname", self.usageError("--smtp-hostname", bad))
 
     def usageError(self, *args: str) -> str:
         """A start-up error: one line, ``imapproxy: …``, no usage text."""
@@ -287,7 +323,7 @@ class MakeServiceTests(OptionsMixin, TestCase):
         return o, reactor, makeService(o, reactor)
 
     def test_service(self):
-        """makeService listens on every IMAP and API port and closes the store when stopped."""
+        """Listens on every IMAP, API and SMTP port and closes the store when stopped."""
         o, reactor, service = self.service(
             "--port",
             "tcp:1143:interface=127.0.0.1",
@@ -295,6 +331,10 @@ class MakeServiceTests(OptionsMixin, TestCase):
             "tcp:1144",
             "--api-port",
             "tcp:18080:interface=127.0.0.1",
+            "--smtp-port",
+            "tcp:1587:interface=127.0.0.1",
+            "--smtp-hostname",
+            "mx.example",
         )
         self.assertIsInstance(service, MultiService)
         self.assertIn(o["_store"], list(service))
@@ -302,7 +342,7 @@ class MakeServiceTests(OptionsMixin, TestCase):
         # Listening before the reactor runs (and before twistd drops root).
         self.assertEqual(
             [(port, interface) for port, _f, _b, interface in reactor.tcpServers],
-            [(1143, "127.0.0.1"), (1144, ""), (18080, "127.0.0.1")],
+            [(1143, "127.0.0.1"), (1144, ""), (18080, "127.0.0.1"), (1587, "127.0.0.1")],
         )
         service.startService()
 
@@ -312,6 +352,81 @@ class MakeServiceTests(OptionsMixin, TestCase):
             self.assertEqual(reactor.getDelayedCalls(), [])
 
         return service.stopService().addCallback(stopped)
+
+    def test_smtpDoor(self):
+        """The SMTP listener: its own limiter and refusals, the shared sessions, the smtp scope."""
+        from proxy.cred import ITokenCredentials
+        from proxy.imap import ProxyFactory
+        from proxy.limits import SMTP, LimitedFactory
+        from proxy.smtp import ExtensionsPrimer, SubmissionFactory
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        o, reactor, service = self.service(
+            "--smtp-port", "tcp:1587:interface=127.0.0.1", "--smtp-hostname", "mx.example"
+        )
+        service.privilegedStartService()
+        factories = {port: f for port, f, _b, _i in reactor.tcpServers}
+        imap, smtp = factories[2143], factories[1587]
+        self.assertIsInstance(smtp, LimitedFactory)
+        self.assertIs(smtp.refusals, SMTP)
+        self.assertEqual(smtp.limiter.name, "SMTP")
+        self.assertIsNot(smtp.limiter, imap.limiter)
+        door = smtp.wrappedFactory
+        self.assertIsInstance(door, SubmissionFactory)
+        self.assertIsInstance(imap.wrappedFactory, ProxyFactory)
+        # Revocation, account removal and shutdown reach SMTP sessions too.
+        self.assertIs(door.sessions, imap.wrappedFactory.sessions)
+        self.assertIs(door.policy, imap.wrappedFactory.policy)
+        self.assertEqual(door.hostname, b"mx.example")
+        [checker] = door.portal.checkers.values()
+        self.assertEqual(checker._scope, "smtp")
+        self.assertIn(ITokenCredentials, door.portal.checkers)
+        self.assertEqual(
+            [type(s) for s in service if isinstance(s, ExtensionsPrimer)], [ExtensionsPrimer]
+        )
+        text = "\n".join(formatEvent(e) for e in events)
+        # (A memory reactor reports every port on 0.0.0.0.)
+        self.assertRegex(text, r"SMTP listening on \S+:1587 \(tcp\)")
+        for p in service:
+            if isinstance(p, StreamServerEndpointService):
+                p.stopService()
+
+    def test_smtpOff(self):
+        """--smtp-port none: no SMTP listener, nothing probed."""
+        from proxy.smtp import ExtensionsPrimer
+
+        o, reactor, service = self.service("--smtp-port", "none", "--api-port", "none")
+        service.privilegedStartService()
+        self.assertEqual([port for port, *_ in reactor.tcpServers], [2143])
+        self.assertFalse([s for s in service if isinstance(s, ExtensionsPrimer)])
+        for p in service:
+            if isinstance(p, StreamServerEndpointService):
+                p.stopService()
+
+    def test_sslSmtpPortUsesConfiguredCertificate(self):
+        """--smtp-port ssl:PORT is implicit TLS with the configured certificate."""
+        pki = make_pki(os.path.join(self.dir, "pki"))
+        o, reactor, service = self.service(
+            "--smtp-port",
+            "ssl:1465:interface=127.0.0.1",
+            "--tls-certificate",
+            pki.cert,
+            "--tls-key",
+            pki.key,
+            "--api-port",
+            "none",
+        )
+        service.privilegedStartService()
+        [(port, factory, contextFactory, _backlog, interface)] = reactor.sslServers
+        self.assertEqual((port, interface), (1465, "127.0.0.1"))
+        self.assertIs(contextFactory, o["certificate"])
+        # STARTTLS on plain SMTP listeners offers the same certificate.
+        self.assertIs(factory.wrappedFactory.contextFactory, o["certificate"])
+        for p in service:
+            if isinstance(p, StreamServerEndpointService):
+                p.stopService()
 
     def test_sslPortUsesConfiguredCertificate(self):
         """ssl:PORT without a key listens with the configured certificate, as STARTTLS does."""

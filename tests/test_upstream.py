@@ -40,6 +40,7 @@ from proxy.upstream import (
     hasCapability,
     responseCode,
 )
+from proxy.upstream import tls as upstreamTLS
 from proxy.upstream.login import ILoginIO, UpstreamLogin
 from tests.upstream.certs import PKI, make_pki
 
@@ -177,7 +178,7 @@ class UpstreamProtocolTests(_Driver):
             def remember(self, transport):
                 raise AttributeError("SSL_session_reused")
 
-        self.patch(UpstreamProtocol, "_rememberFailed", False)
+        self.patch(upstreamTLS, "_keepFailed", False)
         for _ in range(2):
             self.connect(tlsOptions=Options())
             self.receive(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready")

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from ..admin import (
     IMAP_FIELDS,
     PRESETS,
+    SMTP_FIELDS,
     Admin,
     AdminError,
     InvalidInput,
@@ -114,11 +115,13 @@ class Onboarding:
 
     async def start(self, data: Any) -> dict[str, Any]:
         """
-        Begin a consent: ``{"app", "account", "email"?, "imap"?}`` →
-        ``{"url", "expires"}``, the URL to open in the mailbox owner's
-        browser. ``imap`` is needed for a new account of a generic app.
+        Begin a consent: ``{"app", "account", "email"?, "imap"?, "smtp"?}``
+        → ``{"url", "expires"}``, the URL to open in the mailbox owner's
+        browser. ``imap`` is needed for a new account of a generic app;
+        ``smtp`` gives (or changes) the account's SMTP server, which a new
+        account of a preset app otherwise takes from the preset.
         """
-        data = _object(data, "authorization", {"app", "account", "email", "imap"})
+        data = _object(data, "authorization", {"app", "account", "email", "imap", "smtp"})
         if not isinstance(data.get("app"), str):
             raise InvalidInput("app is required (the OAuth2 app's id)")
         app = await self.admin.getApp(data["app"])
@@ -130,20 +133,24 @@ class Onboarding:
         imap = data.get("imap")
         if imap is not None:
             _object(imap, "imap", IMAP_FIELDS)
+        smtp = data.get("smtp")
+        if "smtp" in data:
+            _object(smtp, "smtp", SMTP_FIELDS)
         email = data.get("email")
         if email is not None and (not isinstance(email, str) or "@" not in email):
             raise InvalidInput("email is not a mail address")
-        if imap is not None:
+        if imap is not None or smtp is not None:
             # Check the settings now, as the account will be built after
             # consent: a mistake must not waste the owner's consent.
             try:
                 current = await self.admin.getAccount(accountId)
             except AdminError:
                 current = None
+            servers = {k: v for k, v in (("imap", imap), ("smtp", smtp)) if v is not None}
             buildAccount(
                 {
                     "email": email or (current.email if current else "check@invalid"),
-                    "imap": imap,
+                    **servers,
                     "oauth2": {"app": app.id, "refreshToken": "check"},
                 },
                 current,
@@ -170,6 +177,7 @@ class Onboarding:
                 email=email,
                 expires=expires,
                 imap=json.dumps(imap) if imap is not None else None,
+                smtp=json.dumps(smtp) if smtp is not None else None,
             )
         )
         query = {
@@ -235,7 +243,8 @@ class Onboarding:
             )
             raise OnboardingError("the code exchange with the provider failed") from None
         imap = json.loads(pending.imap) if pending.imap else None
-        return await self.complete(pending.account, app, token, pending.email, imap)
+        smtp = json.loads(pending.smtp) if pending.smtp else None
+        return await self.complete(pending.account, app, token, pending.email, imap, smtp)
 
     async def authorizeDevice(
         self,
@@ -244,6 +253,7 @@ class Onboarding:
         email: str | None,
         imap: dict | None,
         show: Callable[[str, str], object],
+        smtp: dict | None = None,
     ) -> Account:
         """
         The device grant (RFC 8628) from start to saved account: ask for a
@@ -270,12 +280,25 @@ class Onboarding:
             except DevicePending:
                 pass
             else:
-                return await self.complete(accountId, app, token, email, imap)
+                return await self.complete(accountId, app, token, email, imap, smtp)
 
     async def complete(
-        self, accountId: str, app: OAuth2App, token: dict, email: str | None, imap: dict | None
+        self,
+        accountId: str,
+        app: OAuth2App,
+        token: dict,
+        email: str | None,
+        imap: dict | None,
+        smtp: dict | None = None,
     ) -> Account:
-        """Create or update the account with a newly granted refresh token."""
+        """
+        Create or update the account with a newly granted refresh token.
+
+        :param imap: its IMAP settings, if given (needed for a new account
+            of a generic app).
+        :param smtp: its SMTP settings, if given; a new account of a preset
+            app otherwise gets the preset's, one of a generic app none.
+        """
         refresh = token.get("refresh_token")
         if not isinstance(refresh, str) or not refresh:
             raise OnboardingError("the provider granted no refresh token (offline access)")
@@ -311,6 +334,8 @@ class Onboarding:
         }
         if imap is not None:
             data["imap"] = imap
+        if smtp is not None:
+            data["smtp"] = smtp
         if existing is None:
             if imap is None and PRESETS.get(app.provider, {}).get("imap") is None:
                 raise OnboardingError("a new account of a generic app needs imap settings")

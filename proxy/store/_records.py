@@ -40,6 +40,10 @@ ACCOUNT_COLUMNS = (
     "created",
     "updated",
     "oauth2_app",
+    "smtp_host",
+    "smtp_port",
+    "smtp_tls",
+    "smtp_ca_file",
 )
 ACCESS_COLUMNS = ("access_token_enc", "access_token_expires", "access_token_lifetime")
 APP_COLUMNS = (
@@ -67,7 +71,7 @@ TOKEN_COLUMNS = (
     "last_use_time",
     "last_use_address",
 )
-PENDING_COLUMNS = ("state", "account", "app", "verifier_enc", "email", "expires", "imap")
+PENDING_COLUMNS = ("state", "account", "app", "verifier_enc", "email", "expires", "imap", "smtp")
 
 # The encrypted columns of each kind of record (key rotation walks these).
 ENCRYPTED = {
@@ -98,6 +102,7 @@ def accountRecord(account: Account, secrets: Secrets, now: float) -> Record:
     """
     grant = account.oauth2
     shared = grant.app is not None
+    smtp = account.smtp
     return {
         "id": account.id,
         "email": account.email,
@@ -115,6 +120,11 @@ def accountRecord(account: Account, secrets: Secrets, now: float) -> Record:
         "created": account.created or now,
         "updated": now,
         "oauth2_app": grant.app,
+        # An account without SMTP settings has none of these (all NULL).
+        "smtp_host": None if smtp is None else smtp.host,
+        "smtp_port": None if smtp is None else int(smtp.port),
+        "smtp_tls": None if smtp is None else smtp.tls,
+        "smtp_ca_file": None if smtp is None else smtp.caFile,
     }
 
 
@@ -158,6 +168,20 @@ def accountFrom(record: Mapping[str, Any], app: OAuth2App | None, secrets: Secre
         stateReason=record.get("state_reason"),
         created=float(record["created"]),
         updated=float(record["updated"]),
+        smtp=_smtpFrom(record),
+    )
+
+
+def _smtpFrom(record: Mapping[str, Any]) -> Upstream | None:
+    """The SMTP server of an account record; None when it has none (or predates them)."""
+    host = record.get("smtp_host")
+    if host is None:
+        return None
+    return Upstream(
+        host=host,
+        port=int(record["smtp_port"]),
+        tls=record["smtp_tls"],
+        caFile=record.get("smtp_ca_file"),
     )
 
 
@@ -292,6 +316,7 @@ def pendingRecord(pending: PendingAuthorization, secrets: Secrets) -> Record:
         "email": pending.email,
         "expires": pending.expires,
         "imap": pending.imap,
+        "smtp": pending.smtp,
     }
 
 
@@ -304,6 +329,7 @@ def pendingFrom(record: Mapping[str, Any], secrets: Secrets) -> PendingAuthoriza
         email=record.get("email"),
         expires=float(record["expires"]),
         imap=record.get("imap"),
+        smtp=record.get("smtp"),
     )
 
 

@@ -81,6 +81,12 @@ MIGRATIONS = [
     ("accounts", "access_token_enc", "TEXT"),
     ("accounts", "access_token_expires", "REAL"),
     ("accounts", "access_token_lifetime", "REAL"),
+    # An account's SMTP server: all NULL for an account without one.
+    ("accounts", "smtp_host", "TEXT"),
+    ("accounts", "smtp_port", "INTEGER"),
+    ("accounts", "smtp_tls", "TEXT"),
+    ("accounts", "smtp_ca_file", "TEXT"),
+    ("oauth2_pending", "smtp", "TEXT"),
 ]
 
 # Every encrypted column: (table, key column, encrypted column).

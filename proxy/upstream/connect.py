@@ -1,15 +1,20 @@
 """
-Connecting to a provider's IMAP server within a time bound: the address it
-last answered on (no name lookup per login), implicit TLS or STARTTLS with
-the account's TLS options, and the login.
+Connecting to a provider's IMAP or SMTP server within a time bound: the
+address it last answered on (no name lookup per login), implicit TLS or
+STARTTLS with the account's TLS options (a refused certificate reported as
+such), and the login. ``connectWith`` is that, for any login protocol;
+``connectUpstream`` (IMAP), ``connectSMTP`` and ``probeSMTP`` name the
+protocol, and ``UpstreamConnector`` binds them to one reactor, time bound,
+address cache and TLS cache for the realm.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +23,8 @@ from ..errors import CertificateRejected, ProxyError, Unavailable
 from ..model import Upstream
 from .auth import XOAUTH2Authenticator
 from .imap import UpstreamProtocol
+from .smtp import SMTPUpstreamProtocol
+from .smtpreplies import DEFAULT_EHLO_NAME
 from .tls import TLSOptionsCache
 from .verify import ReportingTLSOptions
 
@@ -55,6 +62,12 @@ class AddressCache:
         self._entries.pop((host, port), None)
 
 
+# Makes the login protocol of one attempt from its TLS options (None
+# without TLS) and its server's ``host:port``. It has ``ready`` (fires with
+# itself once logged in, or with a ``ProxyError``) and ``transport``.
+ProtocolMaker = Callable[[Any, str], Any]
+
+
 async def connectUpstream(
     reactor: Any,
     upstream: Upstream,
@@ -64,9 +77,85 @@ async def connectUpstream(
     tlsCache: TLSOptionsCache | None = None,
     addresses: AddressCache | None = None,
 ) -> UpstreamProtocol:
+    """Connect to an IMAP server and log in: ``connectWith`` an ``UpstreamProtocol``."""
+
+    def imap(tls: Any, server: str) -> UpstreamProtocol:
+        return UpstreamProtocol(
+            XOAUTH2Authenticator(user.encode("utf-8")),
+            accessToken.encode("utf-8"),
+            upstream.tls,
+            tls,
+            server=server,
+        )
+
+    return await connectWith(reactor, upstream, timeout, imap, tlsCache, addresses)  # type: ignore[no-any-return]
+
+
+async def connectSMTP(
+    reactor: Any,
+    upstream: Upstream,
+    user: str,
+    accessToken: str,
+    timeout: float,
+    ehloName: str = DEFAULT_EHLO_NAME,
+    tlsCache: TLSOptionsCache | None = None,
+    addresses: AddressCache | None = None,
+) -> SMTPUpstreamProtocol:
+    """Connect to an SMTP submission server and log in (an ``SMTPUpstreamProtocol``)."""
+
+    def smtp(tls: Any, server: str) -> SMTPUpstreamProtocol:
+        return SMTPUpstreamProtocol(
+            XOAUTH2Authenticator(user.encode("utf-8")),
+            accessToken.encode("utf-8"),
+            upstream.tls,
+            tls,
+            server=server,
+            ehloName=ehloName,
+        )
+
+    return await connectWith(reactor, upstream, timeout, smtp, tlsCache, addresses)  # type: ignore[no-any-return]
+
+
+async def probeSMTP(
+    reactor: Any,
+    upstream: Upstream,
+    timeout: float,
+    tlsCache: TLSOptionsCache | None = None,
+    addresses: AddressCache | None = None,
+) -> list[bytes]:
+    """
+    What an SMTP submission server offers, without logging in: greeting,
+    EHLO (and STARTTLS, EHLO again), QUIT.
+
+    :return: its EHLO keywords with their parameters (``b"SIZE 35882577"``),
+        as offered over TLS when there is TLS.
+    :raises ProxyError: as ``connectWith``.
+    """
+
+    def probe(tls: Any, server: str) -> SMTPUpstreamProtocol:
+        return SMTPUpstreamProtocol(None, b"", upstream.tls, tls, server=server)
+
+    proto = await connectWith(reactor, upstream, timeout, probe, tlsCache, addresses)
+    extensions = list(proto.extensions)
+    proto.quit()
+    # The server closes after its reply to QUIT; one that does not is cut.
+    cut = reactor.callLater(timeout, proto.transport.abortConnection)
+    proto.notifyClosed().addCallback(lambda _: cut.cancel() if cut.active() else None)
+    return extensions
+
+
+async def connectWith(
+    reactor: Any,
+    upstream: Upstream,
+    timeout: float,
+    makeProtocol: ProtocolMaker,
+    tlsCache: TLSOptionsCache | None = None,
+    addresses: AddressCache | None = None,
+) -> Any:
     """
     Connect and log in within ``timeout`` seconds.
 
+    :param makeProtocol: the login protocol, made afresh for each attempt.
     :raises ProxyError: ``Unavailable`` for anything that is not a refusal of
         the token, ``UpstreamRejectedToken`` when the provider refused it,
         ``CertificateRejected`` when its certificate failed verification
@@ -92,17 +181,11 @@ async def connectUpstream(
     if upstream.tls == "implicit":
         assert tls is not None
         endpoint = endpoints.wrapClientTLS(tls, endpoint)
-    proto = UpstreamProtocol(
-        XOAUTH2Authenticator(user.encode("utf-8")),
-        accessToken.encode("utf-8"),
-        upstream.tls,
-        tls,
-        server=f"{upstream.host}:{upstream.port}",
-    )
+    proto = makeProtocol(tls, f"{upstream.host}:{upstream.port}")
     factory = Factory.forProtocol(lambda: proto)
     factory.noisy = False
     connecting = endpoint.connect(factory)
-    finished: Deferred[UpstreamProtocol] = Deferred()
+    finished: Deferred[Any] = Deferred()
 
     def timedOut() -> None:
         # Decided first: cancelling the attempt must not read as "unreachable".
@@ -138,7 +221,7 @@ async def connectUpstream(
             return
         if isinstance(result, Failure) and result.check(CertificateRejected):
             tlsCache.forget(upstream)
-        if isinstance(result, UpstreamProtocol):
+        if result is proto:
             if addresses is not None:
                 peer = getattr(proto.transport.getPeer(), "host", None)
                 if peer:
@@ -155,4 +238,65 @@ async def connectUpstream(
         if known is None or e.reason != "upstream-unreachable":
             raise
     # The remembered address is gone (forgotten above): look the name up.
-    return await connectUpstream(reactor, upstream, user, accessToken, timeout, tlsCache, addresses)
+    return await connectWith(reactor, upstream, timeout, makeProtocol, tlsCache, addresses)
+
+
+class UpstreamConnector:
+    """
+    The realm's way to the providers, IMAP and SMTP alike, sharing one time
+    bound, one address cache and one TLS options cache (and so the TLS
+    sessions they resume): called, it logs in to an IMAP server.
+
+    :param reactor: connects and tells time.
+    :param timeout: seconds a connection and its login may take.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float,
+        tlsCache: TLSOptionsCache | None = None,
+        addresses: AddressCache | None = None,
+    ):
+        self._reactor = reactor
+        self.timeout = timeout
+        self.tlsCache = tlsCache if tlsCache is not None else TLSOptionsCache(reactor)
+        self.addresses = addresses if addresses is not None else AddressCache(reactor)
+
+    def __call__(
+        self, upstream: Upstream, user: str, accessToken: str
+    ) -> Deferred[UpstreamProtocol]:
+        return ensureDeferred(
+            connectUpstream(
+                self._reactor,
+                upstream,
+                user,
+                accessToken,
+                self.timeout,
+                self.tlsCache,
+                self.addresses,
+            )
+        )
+
+    def smtp(
+        self, upstream: Upstream, user: str, accessToken: str, ehloName: str = DEFAULT_EHLO_NAME
+    ) -> Deferred[SMTPUpstreamProtocol]:
+        """A logged-in SMTP connection (``connectSMTP``)."""
+        return ensureDeferred(
+            connectSMTP(
+                self._reactor,
+                upstream,
+                user,
+                accessToken,
+                self.timeout,
+                ehloName,
+                self.tlsCache,
+                self.addresses,
+            )
+        )
+
+    def probeSMTP(self, upstream: Upstream) -> Deferred[list[bytes]]:
+        """What an SMTP server offers (``probeSMTP``)."""
+        return ensureDeferred(
+            probeSMTP(self._reactor, upstream, self.timeout, self.tlsCache, self.addresses)
+        )

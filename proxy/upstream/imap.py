@@ -22,6 +22,7 @@ from zope.interface import implementer
 from ..errors import ProxyError
 from ..relay import tuneSocket
 from .login import ILoginIO, UpstreamLogin
+from .tls import keepSession
 
 log = Logger(namespace="proxy.upstream")
 
@@ -44,8 +45,6 @@ class UpstreamProtocol(LineReceiver):
     delimiter = b"\r\n"
     transport: Any
     _machine = MethodicalMachine()
-    # Whether keeping a TLS session failed once already (said once).
-    _rememberFailed = False
 
     def __init__(
         self,
@@ -197,19 +196,7 @@ class UpstreamProtocol(LineReceiver):
 
     @_machine.output()
     def _fireReady(self) -> None:
-        # Logged in: the server's session tickets (sent after the handshake)
-        # have arrived; the next connection to this server resumes.
-        # Only an optimisation: its failure must not keep the login from
-        # ending (it would hang until the upstream timeout).
-        remember = getattr(self.tlsOptions, "remember", None)
-        if remember is not None:
-            try:
-                remember(self.transport)
-            except Exception:
-                if not UpstreamProtocol._rememberFailed:
-                    # Once: it would fail the same way at every login.
-                    UpstreamProtocol._rememberFailed = True
-                    log.failure("keeping a TLS session for resumption failed")
+        keepSession(self.tlsOptions, self.transport)
         # Stop parsing: what follows belongs to the client's session.
         self._lines = self._ignore
         self.pauseProducing()

@@ -14,6 +14,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -23,6 +24,11 @@ from ..pem import splitCertificates
 from ..relay import sessionReused
 
 MAX_CA_FILE = 1024 * 1024
+
+log = Logger(namespace="proxy.upstream")
+
+# Whether keeping a TLS session failed once already (said once).
+_keepFailed = False
 
 
 def tlsOptionsFor(host: str, caFile: str | None) -> Any:
@@ -91,6 +97,27 @@ class ResumingTLSOptions:
         # the fast paths that is unknown: keep the newest, which resumes too.
         if not sessionReused(connection):
             self.session = connection.get_session()
+
+
+def keepSession(options: Any, transport: Any) -> None:
+    """
+    At the end of a login, keep ``transport``'s TLS session in ``options``
+    (when they resume): the server's session tickets, sent after the
+    handshake, have arrived by then, and the next connection to the server
+    resumes. Only an optimisation: its failure must not keep a login from
+    ending (it would hang until the upstream timeout).
+    """
+    global _keepFailed
+    remember = getattr(options, "remember", None)
+    if remember is None:
+        return
+    try:
+        remember(transport)
+    except Exception:
+        if not _keepFailed:
+            # Once: it would fail the same way at every login.
+            _keepFailed = True
+            log.failure("keeping a TLS session for resumption failed")
 
 
 class TLSOptionsCache:

@@ -372,8 +372,8 @@ class TokenAPI:
             # Re-authorizing its own, existing account only, as it is, through
             # the app it already uses (the client is the operator's choice).
             own = await self.admin.getAccount(caller.account)
-            if isinstance(data, dict) and "imap" in data:
-                raise ApiError(403, "an account token may not set imap")
+            if isinstance(data, dict) and ("imap" in data or "smtp" in data):
+                raise ApiError(403, "an account token may not set imap or smtp")
             if not isinstance(data, dict) or data.get("app") != own.oauth2.app:
                 raise ApiError(403, "an account token may only re-authorize through its app")
         if self.onboarding is None:

@@ -20,6 +20,7 @@ START_TIMEOUT = 20.0
 
 _LISTENING = re.compile(r"IMAP listening on (\S+):(\d+) \(([\w+]+)\)")
 _API_LISTENING = re.compile(r"API listening on (\S+):(\d+) \((\w+)\)")
+_SMTP_LISTENING = re.compile(r"SMTP listening on (\S+):(\d+) \(([\w+]+)\)")
 
 
 class ProxyError(RuntimeError):
@@ -31,6 +32,13 @@ def _script(name: str) -> str:
     if not os.path.exists(path):
         raise ProxyError(f"{path} is missing: install the package (pip install .) first")
     return path
+
+
+def _smtpPorts(extra: tuple[str, ...]) -> list[str]:
+    """The ``--smtp-port`` values among ``extra``."""
+    args = list(extra)
+    given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--smtp-port"]
+    return given + [a.split("=", 1)[1] for a in args if a.startswith("--smtp-port=")]
 
 
 class ProxyProcess:
@@ -61,6 +69,9 @@ class ProxyProcess:
         self.port: int | None = None
         self.ports: dict[str, int] = {}
         self.api_port: int | None = None
+        # The SMTP listeners, by kind (tcp, ssl, ...); smtp_port is the tcp one.
+        self.smtp_port: int | None = None
+        self.smtp_ports: dict[str, int] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._logOffset = 0
 
@@ -94,7 +105,9 @@ class ProxyProcess:
     def start(self, *extra: str) -> None:
         """
         :param extra: more ``twistd imapproxy`` options; each ``--port`` in
-            them adds a listener to wait for. Login penalties are off unless
+            them adds a listener to wait for, and so does each ``--smtp-port``
+            (without one, an SMTP listener on a free loopback port is
+            added; ``--smtp-port none`` has none). Login penalties are off unless
             ``extra`` sets ``--login-penalty``: the suite's own refused logins
             from 127.0.0.1 must not slow the tests that follow them (a test
             that depends on another's leftovers depends on run order);
@@ -104,6 +117,9 @@ class ProxyProcess:
             raise ProxyError("already started")
         if os.path.exists(self.log_path):
             self._logOffset = os.path.getsize(self.log_path)
+        smtpGiven = _smtpPorts(extra)
+        # SMTP listeners to wait for: the one added here, or those given.
+        smtpWanted = 0 if smtpGiven == ["none"] else max(len(smtpGiven), 1)
         cmd = [
             *self.server_prefix,
             _script("twistd"),
@@ -118,6 +134,7 @@ class ProxyProcess:
             "--api-port",
             "tcp:0:interface=127.0.0.1",
             *([] if "--login-penalty" in extra else ["--login-penalty", "0"]),
+            *([] if smtpGiven else ["--smtp-port", "tcp:0:interface=127.0.0.1"]),
             *extra,
         ]
         self._proc = subprocess.Popen(
@@ -128,10 +145,13 @@ class ProxyProcess:
             log = self.log()
             found = _LISTENING.findall(log)
             api = _API_LISTENING.search(log)
-            if len(found) >= 1 + list(extra).count("--port") and api:
+            smtp = _SMTP_LISTENING.findall(log)
+            if len(found) >= 1 + list(extra).count("--port") and api and len(smtp) >= smtpWanted:
                 self.ports = {kind: int(port) for _host, port, kind in found}
                 self.port = self.ports["tcp"]
                 self.api_port = int(api.group(2))
+                self.smtp_ports = {kind: int(port) for _host, port, kind in smtp}
+                self.smtp_port = self.smtp_ports.get("tcp")
                 return
             if self._proc.poll() is not None:
                 out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""

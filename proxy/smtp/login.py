@@ -1,0 +1,231 @@
+"""
+The AUTH half of ``SubmissionServer``: AUTH PLAIN and AUTH LOGIN (RFC 4954,
+4616 and the LOGIN draft), the login through the portal, and from the
+provider's ``235`` the splice, with whatever the client pipelined behind
+its AUTH passed on first, unparsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.logger import Logger
+
+from .. import limits
+from ..cred import ISubmissionSession, TokenCredentials, loggableAccount
+from ..errors import AccessDenied, ProxyError, Unavailable
+from ..imap import SASLError, parsePlain
+from ..relay import Splice
+from ..store import StoreUnavailable
+from . import syntax as S
+
+log = Logger(namespace="proxy.smtp")
+
+
+class LoginMixin:
+    """
+    Provided by the server: ``policy``, ``portal``, ``_sessions``,
+    ``extensions``, ``address``, ``transport``, ``_phase``, ``_ehlo``,
+    ``_esmtp``, ``continuation``, ``sendLine``, ``bad``, ``bye``,
+    ``plaintextAllowed``, ``pauseProducing``, ``resumeProducing``,
+    ``setTimeout``, ``callLater`` and ``takeHeld``.
+    """
+
+    policy: Any
+    portal: Any
+    _sessions: Any
+    extensions: Any
+    address: str
+    transport: Any
+    _phase: str
+    _ehlo: str | None
+    _esmtp: bool
+    continuation: Callable[[bytes], None] | None
+    sendLine: Callable[[bytes], None]
+    bad: Callable[[bytes], None]
+    bye: Callable[[bytes, bytes], None]
+    plaintextAllowed: Callable[[], bool]
+    pauseProducing: Callable[[], None]
+    resumeProducing: Callable[[], None]
+    setTimeout: Any
+    callLater: Any
+    takeHeld: Callable[[], bytes]
+    splice: Splice | None
+
+    def __init__(self) -> None:
+        self._account = ""
+        self._failedLogins = 0
+        self._session: Any = None
+
+    def smtp_AUTH(self, argument: bytes) -> None:
+        if not self._esmtp:
+            self.bad(S.EHLO_FIRST)
+            return
+        parts = argument.split()
+        if not 1 <= len(parts) <= 2:
+            self.bad(S.SYNTAX)
+            return
+        mechanism = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism not in (b"PLAIN", b"LOGIN"):
+            self.bad(S.MECHANISM)
+            return
+        if not self.plaintextAllowed():
+            # A refused login like any other: it counts toward maxFailedLogins.
+            self._refused(S.STARTTLS_FIRST)
+            return
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._challenge(S.EMPTY_CHALLENGE, self._plain)
+            else:
+                self._plain(initial)
+        elif initial is None:
+            self._challenge(S.USERNAME, self._loginUser)
+        else:
+            self._loginUser(initial)
+
+    def _challenge(self, line: bytes, respond: Callable[[bytes], None]) -> None:
+        """Ask; the client's next line goes to ``respond``."""
+        self.sendLine(line)
+        self.continuation = respond
+
+    def _plain(self, response: bytes) -> None:
+        try:
+            plain = parsePlain(response)
+        except SASLError as e:
+            self.bad(S.saslReply(e))
+            return
+        if not plain.sameIdentity:
+            self._refused(AccessDenied("username").smtpResponse())
+            return
+        self._login(plain.authcid, plain.password)
+
+    def _loginUser(self, response: bytes) -> None:
+        try:
+            user = S.decodeResponse(response)
+        except SASLError as e:
+            self.bad(S.saslReply(e))
+            return
+        self._challenge(S.PASSWORD, lambda line: self._loginPassword(user, line))
+
+    def _loginPassword(self, user: bytes, response: bytes) -> None:
+        try:
+            password = S.decodeResponse(response)
+        except SASLError as e:
+            self.bad(S.saslReply(e))
+            return
+        self._login(user, password)
+
+    # -- the login ----------------------------------------------------------
+
+    def _login(self, user: bytes, passwd: bytes) -> None:
+        try:
+            account = user.decode("utf-8")
+            token = passwd.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refused(AccessDenied("username").smtpResponse())
+            return
+        # Hold whatever the client pipelined behind its AUTH, unparsed and
+        # unanswered, and stop reading until the login is decided.
+        self._phase = "login"
+        self.pauseProducing()
+        self._account = loggableAccount(account)
+        creds = TokenCredentials(
+            account=account, token=token, address=self.address, protocol="smtp"
+        )
+        ticket = self._sessions.loginStarted()
+        try:
+            d = self.portal.login(creds, self._ehlo, ISubmissionSession)
+        except Exception:
+            self._sessions.loginEnded(ticket, None, None)
+            raise
+        d.addCallbacks(self._loggedIn, self._loginFailed, (ticket,), None, (ticket,), None)
+        d.addErrback(lambda f: log.failure("smtp login completion failed", f))
+
+    def _loggedIn(self, result: Any, ticket: int) -> None:
+        _iface, session, logout = result
+        revoked = self._sessions.loginEnded(ticket, session.account, session.tokenId)
+        if self._phase != "login":
+            # The client left (or timed out) while we logged in upstream.
+            logout()
+            return
+        if revoked:
+            # Its token was revoked with disconnect, or its account deleted,
+            # after the check passed: as if the check had come later.
+            logout()
+            log.info(
+                "smtp login of {account} from {address} refused: closed while logging in",
+                account=self._account,
+                address=self.address,
+            )
+            self._retry(AccessDenied("unknown-token").smtpResponse())
+            return
+        self._phase = "spliced"
+        self.setTimeout(None)
+        # No longer a pre-auth connection for the connection limits.
+        limits.loggedIn(self.transport)
+        self.extensions.learn(session.server, session.extensions)
+        self.sendLine(S.AUTH_OK)
+        label = f"{session.account}@{self.address}/smtp"
+        self.splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        self._sessions.add(session, self.splice)
+        self._session = session
+        held = self.takeHeld()
+        log.info("session {label} spliced", label=label)
+        self.splice.start(held)
+
+    def _spliceEnded(self, splice: Splice) -> None:
+        self._sessions.discard(self._session, splice)
+
+    def _loginFailed(self, failure: Any, ticket: int) -> None:
+        self._sessions.loginEnded(ticket, None, None)
+        if self._phase != "login":
+            return
+        error = failure.value
+        if isinstance(error, (AccessDenied, ProxyError)):
+            response = error.smtpResponse()
+            if isinstance(error, ProxyError):
+                log.warn(
+                    "smtp login of {account} from {address} failed upstream: {reason}",
+                    account=self._account,
+                    address=self.address,
+                    reason=error.reason,
+                )
+        elif isinstance(error, UnauthorizedLogin):
+            response = AccessDenied("unknown-token").smtpResponse()
+        elif isinstance(error, StoreUnavailable):
+            log.warn(
+                "smtp login of {account} from {address} failed: the store is unavailable",
+                account=self._account,
+                address=self.address,
+            )
+            response = Unavailable().smtpResponse()
+        else:
+            # A bug, not an input: one line, no traceback (which might carry
+            # the token), and a fixed answer.
+            frames = getattr(failure, "frames", None) or [("", "?", 0)]
+            _func, filename, line = frames[-1][:3]
+            log.error(
+                "smtp login of {account} from {address} failed: unexpected {error} at {where}",
+                account=self._account,
+                address=self.address,
+                error=failure.type.__name__,
+                where=f"{filename.rsplit('/', 1)[-1]}:{line}",
+            )
+            response = S.INTERNAL
+        self._retry(response)
+
+    def _retry(self, response: bytes) -> None:
+        """Refuse the login; commands (a new AUTH) are read again."""
+        self._phase = "preauth"
+        self._refused(response)
+        if self._phase == "preauth":
+            self.resumeProducing()
+
+    def _refused(self, response: bytes) -> None:
+        self.sendLine(response)
+        self._failedLogins += 1
+        if self._failedLogins >= self.policy.maxFailedLogins:
+            self.bye(b"4.7.0", b"Too many failed authentications")
