@@ -69,18 +69,23 @@ def _login(t: SMTPTarget, login: SMTPLogin) -> tuple[SMTPClient, float]:
         raise SMTPError(f"{t.name}: {e!r}") from e
 
 
-def login_latency(targets: Sequence[SMTPTarget], runs: int) -> dict[str, Sample]:
+def login_latency(
+    targets: Sequence[SMTPTarget], runs: int
+) -> tuple[dict[str, Sample], dict[str, str]]:
     """Connect + TLS + greeting + EHLO + AUTH until ``235``, again and again
-    for one account (its token cached), then QUIT (not timed)."""
+    for one account (its token cached), then QUIT (not timed); and the EHLO
+    keywords each target offered on its last login."""
     times: dict[str, list[float]] = {t.name: [] for t in targets}
+    offered: dict[str, str] = {}
     for t in targets:  # warm-up: caches, the proxy's access token, code paths
         _login(t, t.login)[0].quit()
     for _ in range(runs):
         for t in targets:
             c, elapsed = _login(t, t.login)
             times[t.name].append(elapsed)
+            offered[t.name] = " ".join(sorted(k.decode() for k in c.extensions))
             c.quit()
-    return {n: Sample(tuple(v), "ms", scale=1e3) for n, v in times.items()}
+    return {n: Sample(tuple(v), "ms", scale=1e3) for n, v in times.items()}, offered
 
 
 def _send(c: SMTPClient, t: SMTPTarget, message: bytes, stuffed: bytes) -> None:

@@ -51,7 +51,10 @@ def measure(smtp: SMTPRig, s: Any, table: Table, step: Callable[[str], None]) ->
     targets = list(smtp.targets.values())
     try:
         step(f"SMTP login time ({s.smtp_logins} logins)")
-        login = login_latency(targets, s.smtp_logins)
+        login, offered = login_latency(targets, s.smtp_logins)
+        table.notes.append(
+            "SMTP EHLO offered: " + "; ".join(f"{k}: {v}" for k, v in offered.items())
+        )
         _row(table, "SMTP login: connect+TLS+EHLO+AUTH until 235", login)
         size = 10_000
         step(f"SMTP {s.smtp_messages} x 10 KB messages in one session, {s.runs} runs")
