@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, help="duration of one logins/s run")
     ap.add_argument("--no-peer", action="store_true", help="leave out the peer (emailproxy)")
     ap.add_argument("--no-smtp", action="store_true", help="leave out SMTP submission")
+    ap.add_argument(
+        "--smtp-only",
+        action="store_true",
+        help="SMTP submission only (no IMAP or concurrency rows)",
+    )
     ap.add_argument("--smtp-logins", type=int, help="SMTP logins timed per target")
     ap.add_argument("--smtp-messages", type=int, help="10 KB SMTP messages per session run")
     ap.add_argument("--smtp-size-mb", type=float, help="large SMTP message size, MB (10^6)")
@@ -275,10 +280,13 @@ def main(argv: list[str] | None = None) -> int:
             table.notes.append(rig.add_haproxy())
             if smtp:
                 table.notes.append(smtp.add_haproxy())
-        measure_all(rig, s, table, lambda what: say(f"measuring {what}"))
+        if args.smtp_only:
+            table.notes.append("IMAP figures left out (--smtp-only)")
+        else:
+            measure_all(rig, s, table, lambda what: say(f"measuring {what}"))
         if smtp:
-            smtprun.measure(smtp, s, table, lambda what: say(f"measuring {what}"))
-        if args.no_concurrency:
+            table.notes.append("concurrency figures left out (--no-concurrency or --smtp-only)")
+        if args.no_concurrency or args.smtp_only:
             table.notes.append("concurrency figures left out (--no-concurrency)")
         else:
             say("bench.concurrency")
