@@ -184,11 +184,27 @@ class Peer:
     ``tests.upstream.Dovecot``) are the shared test upstream; *python* is
     :func:`ensure_installed`'s answer.  After :meth:`start`: ``host``,
     ``port`` (implicit TLS), ``cafile`` and ``pid``.
+
+    With *smtp* (Dovecot submission's implicit-TLS host and port) it also
+    serves SMTP, implicit TLS on both legs (``[SMTP-<port>]``, no
+    ``local_starttls``, ``server_starttls = False``), on ``smtp_port``:
+    ``AUTH PLAIN`` with the IMAP username and password becomes ``AUTH
+    XOAUTH2`` upstream, then it relays bytes.
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, workdir: str, pki: Any, provider: Any, dovecot: Any, python: str) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        pki: Any,
+        provider: Any,
+        dovecot: Any,
+        python: str,
+        smtp: tuple[str, int] | None = None,
+    ) -> None:
+        self.smtp_server: tuple[str, int] | None = smtp
+        self.smtp_port: int | None = None
         self.workdir = os.path.abspath(workdir)
         self.pki = pki
         self.provider = provider
@@ -234,13 +250,22 @@ class Peer:
 
     # -- config -------------------------------------------------------------------
 
-    def _write_config(self, port: int | None) -> None:
+    def _write_config(self, port: int | None, smtp_port: int | None = None) -> None:
         config = configparser.ConfigParser(interpolation=None)
         if port is not None:
             config[f"IMAP-{port}"] = {
                 "local_address": self.host,
                 "server_address": "localhost",
                 "server_port": str(self.dovecot.tls_port),
+                "local_certificate_path": self.pki.cert,
+                "local_key_path": self.pki.key,
+            }
+        if smtp_port is not None and self.smtp_server is not None:
+            config[f"SMTP-{smtp_port}"] = {
+                "local_address": self.host,
+                "server_address": self.smtp_server[0],
+                "server_port": str(self.smtp_server[1]),
+                "server_starttls": "False",
                 "local_certificate_path": self.pki.cert,
                 "local_key_path": self.pki.key,
             }
@@ -330,8 +355,9 @@ class Peer:
             last = ""
             for _ in range(START_ATTEMPTS):
                 port = free_port()
-                if self._start_once(port):
-                    self.port = port
+                smtp_port = free_port() if self.smtp_server is not None else None
+                if self._start_once(port, smtp_port):
+                    self.port, self.smtp_port = port, smtp_port
                     atexit.register(self.stop)
                     return
                 last = self._log_tail()
@@ -340,9 +366,9 @@ class Peer:
             self.stop()
             raise
 
-    def _start_once(self, port: int) -> bool:
-        """True once listening on *port*; False if the port was taken."""
-        self._write_config(port)
+    def _start_once(self, port: int, smtp_port: int | None = None) -> bool:
+        """True once listening on *port* (and *smtp_port*); False if a port was taken."""
+        self._write_config(port, smtp_port)
         offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         cmd = [
             self.python,

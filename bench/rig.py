@@ -37,7 +37,7 @@ frontend imaps
     bind 127.0.0.1:{port} ssl crt {pem}
     default_backend dovecot
 backend dovecot
-    server dovecot 127.0.0.1:{upstream} ssl verify required ca-file {ca} verifyhost localhost
+    server dovecot {host}:{upstream} ssl verify required ca-file {ca} verifyhost localhost
 """
 
 
@@ -84,14 +84,18 @@ class Rig:
     big_uid: int = 1
     big_message: bytes = b""
     targets: dict[str, Target] = attrs.field(factory=dict)
+    #: The peer's SMTP logins (email to user and password) and port.
+    peer_smtp: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    peer_smtp_port: int | None = None
 
     @property
     def ctx(self) -> ssl.SSLContext:
         assert self.pki is not None
         return ssl.create_default_context(cafile=self.pki.ca_cert)
 
-    def start(self) -> None:
-        """PKI, provider, Dovecot and imapproxy; each stopped by the stack."""
+    def start(self, smtp: bool = False) -> None:
+        """PKI, provider, Dovecot and imapproxy (with *smtp*, an implicit-TLS
+        SMTP listener too); each stopped by the stack."""
         self.pki = make_pki(os.path.join(self.work, "pki"))
         self.provider = Provider(self.pki, os.path.join(self.work, "provider"))
         self.stack.callback(self.provider.stop)
@@ -117,6 +121,15 @@ class Rig:
             # The default, which the tests' fixture turns off: measure what ships.
             "--login-penalty",
             "15",
+            *(
+                [
+                    "--smtp-port",
+                    "ssl:0:interface=127.0.0.1:backlog=1024:"
+                    f"privateKey={self.pki.key}:certKey={self.pki.cert}",
+                ]
+                if smtp
+                else []
+            ),
         )
 
     def register(self) -> Mailbox:
@@ -184,52 +197,38 @@ class Rig:
 
         :return: a note for the table.
         """
-        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not os.path.exists(binary):
-            return "reference relay left out: haproxy is not installed"
-        assert self.pki and self.dovecot and self.dovecot.tls_port
-        direct = self.targets["direct"]
-        work = os.path.join(self.work, "haproxy")
-        os.makedirs(work)
-        pem = os.path.join(work, "server.pem")
-        with open(pem, "w") as out:
-            for part in (self.pki.cert, self.pki.key):
-                with open(part) as f:
-                    out.write(f.read())
-        port = free_port()
-        conf = os.path.join(work, "haproxy.cfg")
-        with open(conf, "w") as f:
-            f.write(
-                HAPROXY_CONFIG.format(
-                    port=port, pem=pem, upstream=self.dovecot.tls_port, ca=self.pki.ca_cert
-                )
-            )
-        proc = subprocess.Popen(
-            [binary, "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        assert self.dovecot and self.dovecot.tls_port
+        started = start_haproxy(
+            self, os.path.join(self.work, "haproxy"), "127.0.0.1", self.dovecot.tls_port
         )
-        self.stack.callback(stop_process, proc)
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                return f"reference relay left out: haproxy exited: {err[-300:]}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    return "reference relay left out: haproxy did not listen"
-                time.sleep(0.05)
-        self.targets["haproxy"] = attrs.evolve(direct, name="haproxy", port=port, pid=proc.pid)
+        if isinstance(started, str):
+            return started
+        port, pid = started
+        direct = self.targets["direct"]
+        self.targets["haproxy"] = attrs.evolve(direct, name="haproxy", port=port, pid=pid)
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         version = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout
         return "reference relay: " + (version.splitlines() or ["HAProxy"])[0]
 
-    def add_peer(self, python: str, cold_runs: int) -> None:
-        """Start the peer (:class:`bench.peer.Peer`) on the same mailboxes."""
+    def add_peer(
+        self, python: str, cold_runs: int, smtp: tuple[tuple[str, int], list[Mailbox]] | None = None
+    ) -> None:
+        """Start the peer (:class:`bench.peer.Peer`) on the same mailboxes.
+
+        :param smtp: Dovecot submission's implicit-TLS (host, port) and the SMTP
+            accounts: the peer serves SMTP too (``peer_smtp``, ``peer_smtp_port``).
+        """
         from bench.peer import Peer
 
         assert self.big is not None
-        peer = Peer(os.path.join(self.work, "peer"), self.pki, self.provider, self.dovecot, python)
+        peer = Peer(
+            os.path.join(self.work, "peer"),
+            self.pki,
+            self.provider,
+            self.dovecot,
+            python,
+            smtp=smtp[0] if smtp else None,
+        )
         self.stack.callback(peer.stop)
 
         def add(mb: Mailbox) -> Login:
@@ -239,7 +238,12 @@ class Rig:
         small = [add(mb) for mb in self.small]
         big = add(self.big)
         cold = [add(self.register()) for _ in range(cold_runs)]
+        for mb in smtp[1] if smtp else ():
+            self.peer_smtp[mb.email] = peer.add_account(
+                mb.email, mb.refresh_token, CLIENT_ID, CLIENT_SECRET
+            )
         peer.start()
+        self.peer_smtp_port = peer.smtp_port
         assert peer.port is not None
         self.targets["peer"] = Target(
             "peer",
@@ -250,3 +254,42 @@ class Rig:
             cold=[(lambda login: lambda: login)(c) for c in cold],
             pid=peer.pid,
         )
+
+
+def start_haproxy(rig: Rig, work: str, host: str, upstream: int) -> tuple[int, int] | str:
+    """HAProxy terminating TLS in front of *host*:*upstream* (TLS verified
+    against the test CA): its (port, pid), or a note saying why not."""
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.path.exists(binary):
+        return "reference relay left out: haproxy is not installed"
+    assert rig.pki is not None
+    os.makedirs(work)
+    pem = os.path.join(work, "server.pem")
+    with open(pem, "w") as out:
+        for part in (rig.pki.cert, rig.pki.key):
+            with open(part) as f:
+                out.write(f.read())
+    port = free_port()
+    conf = os.path.join(work, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(
+            HAPROXY_CONFIG.format(
+                port=port, pem=pem, host=host, upstream=upstream, ca=rig.pki.ca_cert
+            )
+        )
+    proc = subprocess.Popen(
+        [binary, "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    rig.stack.callback(stop_process, proc)
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            return f"reference relay left out: haproxy exited: {err[-300:]}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port, proc.pid
+        except OSError:
+            if time.monotonic() > deadline:
+                return "reference relay left out: haproxy did not listen"
+            time.sleep(0.05)

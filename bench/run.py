@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import shutil
@@ -41,10 +42,22 @@ class Settings:
     seconds: float = 10.0
     lps_runs: int = 3
     cold_runs: int = 10
+    smtp_logins: int = 20
+    smtp_messages: int = 100
+    smtp_size: int = 30_000_000
 
 
 QUICK = Settings(
-    runs=3, iterations=200, size=10_000_000, clients=4, seconds=3.0, lps_runs=1, cold_runs=3
+    runs=3,
+    iterations=200,
+    size=10_000_000,
+    clients=4,
+    seconds=3.0,
+    lps_runs=1,
+    cold_runs=3,
+    smtp_logins=6,
+    smtp_messages=30,
+    smtp_size=10_000_000,
 )
 
 
@@ -57,6 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, help="concurrent clients for logins/s")
     ap.add_argument("--seconds", type=float, help="duration of one logins/s run")
     ap.add_argument("--no-peer", action="store_true", help="leave out the peer (emailproxy)")
+    ap.add_argument("--no-smtp", action="store_true", help="leave out SMTP submission")
+    ap.add_argument(
+        "--smtp-only",
+        action="store_true",
+        help="SMTP submission only (no IMAP or concurrency rows)",
+    )
+    ap.add_argument("--smtp-logins", type=int, help="SMTP logins timed per target")
+    ap.add_argument("--smtp-messages", type=int, help="10 KB SMTP messages per session run")
+    ap.add_argument("--smtp-size-mb", type=float, help="large SMTP message size, MB (10^6)")
     ap.add_argument(
         "--no-concurrency", action="store_true", help="leave out bench.concurrency (idle sessions)"
     )
@@ -83,6 +105,12 @@ def settings(args: argparse.Namespace) -> Settings:
         changes["clients"] = args.clients
     if args.seconds:
         changes["seconds"] = args.seconds
+    if args.smtp_logins:
+        changes["smtp_logins"] = args.smtp_logins
+    if args.smtp_messages:
+        changes["smtp_messages"] = args.smtp_messages
+    if args.smtp_size_mb:
+        changes["smtp_size"] = int(args.smtp_size_mb * 1e6)
     return attrs.evolve(s, **changes)
 
 
@@ -104,8 +132,9 @@ def _row(table: Table, figure: str, cells: dict[str, Any]) -> None:
     )
 
 
-def start_peer(rig: Rig, args: argparse.Namespace, cold_runs: int) -> str:
-    """Install and start the peer; a note on what happened instead if it failed."""
+def start_peer(rig: Rig, args: argparse.Namespace, cold_runs: int, smtp: Any = None) -> str:
+    """Install and start the peer (serving SMTP too with *smtp*, a
+    :class:`bench.smtprig.SMTPRig`); a note on what happened instead if it failed."""
     try:
         from bench import peer
     except Exception as e:  # a missing peer must not cost the table
@@ -114,7 +143,7 @@ def start_peer(rig: Rig, args: argparse.Namespace, cold_runs: int) -> str:
         say(f"installing {peer.PEER_PACKAGE} {peer.PEER_VERSION} in {args.peer_venv}")
         python = peer.ensure_installed(args.peer_venv)
         say("starting the peer (its key derivation takes a while per account)")
-        rig.add_peer(python, cold_runs)
+        rig.add_peer(python, cold_runs, (smtp.upstream, smtp.accounts) if smtp else None)
     except Exception:
         traceback.print_exc()
         return "peer left out: it failed to install or start (traceback above)"
@@ -151,6 +180,11 @@ def concurrency_rows(rig: Rig, quick: bool) -> tuple[list[tuple[str, Cell, Cell,
         else:
             rows.append((str(item[0]), None, None, None))
     return rows, notes
+
+
+def smtp_supported() -> bool:
+    """Whether this imapproxy has the SMTP front door (``--smtp-port``)."""
+    return importlib.util.find_spec("proxy.smtp") is not None
 
 
 def _cell(value: Any) -> Cell:
@@ -214,27 +248,46 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, work, True)
         rig = Rig(work, stack)
         say("starting PKI, provider, Dovecot and imapproxy")
-        rig.start()
+        smtp_proxy = not args.no_smtp and smtp_supported()
+        rig.start(smtp=smtp_proxy)
         say(f"registering {s.clients + 1} accounts, seeding a {s.size / 1e6:g} MB message")
-        big = message(s.size, "large")
+        big = message(1000 if args.smtp_only else s.size, "large")
         rig.populate(s.clients, big)
         rig.make_targets(s.cold_runs)
+        smtp = None
+        if args.no_smtp:
+            table.notes.append("SMTP left out (--no-smtp)")
+        else:
+            from bench import smtprun
+
+            say("starting the SMTP sink and Dovecot submission")
+            smtp, notes = smtprun.start(rig, smtp_proxy)
+            table.notes.extend(notes)
         if args.no_peer:
             table.notes.append("peer left out (--no-peer)")
         else:
-            note = start_peer(rig, args, s.cold_runs)
+            note = start_peer(rig, args, s.cold_runs, smtp)
             table.notes.append(note)
             if "left out" not in note:
                 from bench.peer import PEER_PACKAGE, PEER_VERSION
 
                 extra["peer"] = f"{PEER_PACKAGE} {PEER_VERSION}"
+            if smtp:
+                table.notes.extend(smtprun.add_peer(smtp, rig))
         if args.no_haproxy:
             table.notes.append("reference relay left out (--no-haproxy)")
         else:
             table.notes.append(rig.add_haproxy())
-        measure_all(rig, s, table, lambda what: say(f"measuring {what}"))
-        if args.no_concurrency:
-            table.notes.append("concurrency figures left out (--no-concurrency)")
+            if smtp:
+                table.notes.append(smtp.add_haproxy())
+        if args.smtp_only:
+            table.notes.append("IMAP figures left out (--smtp-only)")
+        else:
+            measure_all(rig, s, table, lambda what: say(f"measuring {what}"))
+        if smtp:
+            smtprun.measure(smtp, s, table, lambda what: say(f"measuring {what}"))
+        if args.no_concurrency or args.smtp_only:
+            table.notes.append("concurrency figures left out (--no-concurrency or --smtp-only)")
         else:
             say("bench.concurrency")
             rows, notes = concurrency_rows(rig, args.quick)
