@@ -20,6 +20,7 @@ from ..imap import SASLError, parsePlain
 from ..relay import Splice
 from ..store import StoreUnavailable
 from . import syntax as S
+from .extensions import Features
 
 log = Logger(namespace="proxy.smtp")
 
@@ -29,7 +30,7 @@ class LoginMixin:
     Provided by the server: ``policy``, ``portal``, ``_sessions``,
     ``extensions``, ``address``, ``transport``, ``_phase``, ``_ehlo``,
     ``_esmtp``, ``continuation``, ``sendLine``, ``bad``, ``bye``,
-    ``plaintextAllowed``, ``pauseProducing``, ``resumeProducing``,
+    ``plaintextAllowed``, ``offered``, ``pauseProducing``, ``resumeProducing``,
     ``setTimeout``, ``callLater`` and ``takeHeld``.
     """
 
@@ -53,6 +54,7 @@ class LoginMixin:
     callLater: Any
     takeHeld: Callable[[], bytes]
     splice: Splice | None
+    offered: list[bytes]
 
     def __init__(self) -> None:
         self._account = ""
@@ -162,11 +164,17 @@ class LoginMixin:
             )
             self._retry(AccessDenied("unknown-token").smtpResponse())
             return
+        if not self._offerKept(session):
+            logout()
+            # Not a failed login: the client did nothing wrong.
+            self._phase = "preauth"
+            self.sendLine(S.OFFER_CHANGED)
+            self.resumeProducing()
+            return
         self._phase = "spliced"
         self.setTimeout(None)
         # No longer a pre-auth connection for the connection limits.
         limits.loggedIn(self.transport)
-        self.extensions.learn(session.server, session.extensions)
         self.sendLine(S.AUTH_OK)
         label = f"{session.account}@{self.address}/smtp"
         self.splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
@@ -175,6 +183,27 @@ class LoginMixin:
         held = self.takeHeld()
         log.info("session {label} spliced", label=label)
         self.splice.start(held)
+
+    def _offerKept(self, session: Any) -> bool:
+        """
+        Learn the provider's EHLO; :return: whether the EHLO this client
+        was given promised nothing that provider lacks. It can have: a
+        server added while the proxy runs is unknown until its account's
+        first login or the primer's next round, and the client would send
+        its MAIL with extensions the provider refuses (or mis-handles).
+        """
+        self.extensions.learn(session.server, session.extensions)
+        if Features.parse(self.offered).within(Features.parse(session.extensions)):
+            return True
+        log.info(
+            "smtp login of {account} from {address}: {server} lacks what its EHLO "
+            "offered ({offered}); asked to EHLO again",
+            account=self._account,
+            address=self.address,
+            server=session.server,
+            offered=b" ".join(self.offered).decode("ascii", "replace"),
+        )
+        return False
 
     def _spliceEnded(self, splice: Splice) -> None:
         self._sessions.discard(self._session, splice)

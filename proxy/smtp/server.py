@@ -69,6 +69,8 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         self._skipBytes = 0
         self._ehlo: str | None = None
         self._esmtp = False
+        # The extensions the last EHLO offered (what the client may use).
+        self.offered: list[bytes] = []
         self.startedTLS = False
         self.canStartTLS = False
         self._commands = 0
@@ -177,7 +179,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             return True
         end = self._buffer.find(b"\n")
         if end < 0:
-            if len(self._buffer) > self.policy.maxLineLength + 1:
+            if len(self._buffer) > self._lineLimit(self._buffer) + 1:
                 # No end in sight: say so now, and drop the line as it comes.
                 self._buffer = b""
                 if not self._skipLine:
@@ -190,7 +192,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
-        if len(line) > self.policy.maxLineLength:
+        if len(line) > self._lineLimit(line):
             self._lineTooLong()
             return True
         try:
@@ -198,6 +200,15 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         except Exception as e:
             self._internalError(e)
         return True
+
+    def _lineLimit(self, line: bytes) -> int:
+        """
+        The longest ``line`` may be: the policy's, but RFC 4954 section 4
+        lets an AUTH command and a SASL response be 12288 octets with CRLF.
+        """
+        if self.continuation is not None or line[:5].upper() == b"AUTH ":
+            return max(self.policy.maxLineLength, S.MAX_AUTH_LINE - 2)
+        return self.policy.maxLineLength  # type: ignore[no-any-return]
 
     def _lineTooLong(self) -> None:
         # An AUTH response cut short ends its exchange.
@@ -267,7 +278,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
 
     def ehloLines(self) -> list[bytes]:
         """The keywords after the greeting line of the EHLO reply."""
-        lines = self.extensions.offered()
+        lines = list(self.offered)
         if not self.secure() and self.canStartTLS:
             lines.append(b"STARTTLS")
         if self.plaintextAllowed():
@@ -282,6 +293,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self.bad(S.EHLO_SYNTAX)
             return
         self._ehlo, self._esmtp = name, True
+        self.offered = self.extensions.offered()
         lines = [self._hello(), *self.ehloLines()]
         reply = b"".join(b"250-" + line + b"\r\n" for line in lines[:-1])
         self.transport.write(reply + b"250 " + lines[-1] + b"\r\n")
@@ -292,7 +304,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self.bad(S.HELO_SYNTAX)
             return
         # Plain SMTP: no extensions, so no AUTH until an EHLO.
-        self._ehlo, self._esmtp = name, False
+        self._ehlo, self._esmtp, self.offered = name, False, []
         self.sendLine(b"250 " + self._hello())
 
     def _hello(self) -> bytes:
@@ -335,7 +347,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self._buffer = b""
             self._skipLine = False
             self._skipBytes = 0
-            self._ehlo, self._esmtp = None, False
+            self._ehlo, self._esmtp, self.offered = None, False, []
             limits.handshakeStarting(self.transport)
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
