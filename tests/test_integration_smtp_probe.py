@@ -1,0 +1,140 @@
+"""
+Adversarial probes of the SMTP front door of the real ``twistd imapproxy``,
+on raw sockets: odd bytes in every pre-auth state, AUTH LOGIN with the token
+pasted as the user name, cancels, bad base64, a large BDAT chunk before
+AUTH, and an AUTH line of RFC 4954's 12288 octets. Each connection gets its
+fixed replies and the log stays free of tracebacks, internal errors and the
+secrets the client sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+from tests.conftest import ISSUED_SECRETS
+from tests.imaputil import TIMEOUT
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class Raw:
+    """A raw SMTP client: send bytes, read whole replies."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rb")
+        assert self.reply()[0].startswith(b"220 ")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> list[bytes]:
+        """One reply, every line of it (without CRLF)."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            assert line.endswith(b"\r\n"), line
+            lines.append(line[:-2])
+            if line[3:4] != b"-":
+                return lines
+
+    def ask(self, data: bytes) -> bytes:
+        """Send and return the last line of the one reply."""
+        self.send(data)
+        return self.reply()[-1]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def smtp_token(proxy, account: str) -> str:
+    token = proxy.cli(
+        "tokens", "issue", "--account", account, "--scope", "smtp", "--description", "probe"
+    ).stdout.strip()
+    ISSUED_SECRETS.append(token)
+    return token
+
+
+def test_adversarial_preauth_bytes(proxy, mailbox):
+    """Odd input in every pre-auth state: fixed replies, and no traceback in the log."""
+    c = Raw(proxy.smtp_port)
+    try:
+        assert c.ask(b"EHLO \xff\xfe\x00\r\n").startswith(b"501 ")
+        assert c.ask(b"EHLO client.example\r\n").startswith(b"250 ")
+        assert c.ask(b"\x00\x01\x02\r\n").startswith(b"500 ")
+        assert c.ask(b"AUTH PLAIN *\r\n").startswith(b"501 ")
+        assert c.ask(b"AUTH PLAIN !!!notbase64\r\n").startswith(b"501 ")
+        assert c.ask(b"AUTH PLAIN " + b64(b"\0\xff\xfe\0\xff") + b"\r\n").startswith(b"535 ")
+        assert c.ask(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6"
+        assert c.ask(b"*\r\n").startswith(b"501 ")
+        # A chunk streamed before AUTH is read past, not parsed nor kept.
+        c.send(b"BDAT 1048576 LAST\r\n")
+        c.send(b"RSET\r\n" * (1048576 // 6) + b"x" * (1048576 % 6))
+        assert c.reply() == [b"530 5.7.0 Authentication required"]
+        assert c.ask(b"NOOP\r\n") == b"250 2.0.0 Ok"
+    finally:
+        c.close()
+    c = Raw(proxy.smtp_port)
+    try:
+        # A line without end, far past every bound: refused once, the rest dropped.
+        c.send(b"A" * 200_000)
+        assert c.reply() == [b"500 5.5.6 Line too long"]
+        assert c.ask(b"\r\nNOOP\r\n") == b"250 2.0.0 Ok"
+    finally:
+        c.close()
+    log = proxy.full_log()
+    for bad in ("Traceback", "Unhandled", "internal error"):
+        assert bad not in log, bad
+
+
+def test_token_as_login_user_name_not_logged(proxy, mailbox):
+    """AUTH LOGIN with the token in the user name step: refused, and never logged."""
+    token = smtp_token(proxy, mailbox.account)
+    c = Raw(proxy.smtp_port)
+    try:
+        assert c.ask(b"EHLO client.example\r\n").startswith(b"250 ")
+        assert c.ask(b"AUTH LOGIN " + b64(token.encode()) + b"\r\n") == b"334 UGFzc3dvcmQ6"
+        assert c.ask(b64(token.encode()) + b"\r\n").startswith(b"535 5.7.8 ")
+    finally:
+        c.close()
+    proxy.wait_for_log("smtp login refused for - from 127.0.0.1")
+    log = proxy.full_log()
+    assert token not in log
+    assert b64(token.encode()).decode() not in log
+
+
+def test_account_without_smtp_server(proxy, mailbox):
+    """A good smtp token for an account with no SMTP server: its fixed 5xx; AUTH again works."""
+    token = smtp_token(proxy, mailbox.account)
+    c = Raw(proxy.smtp_port)
+    try:
+        assert c.ask(b"EHLO client.example\r\n").startswith(b"250 ")
+        response = b64(b"\0" + mailbox.account.encode() + b"\0" + token.encode())
+        reply = c.ask(b"AUTH PLAIN " + response + b"\r\nNOOP\r\n")
+        assert reply.startswith(b"535 5.7.8 "), reply
+        # The NOOP held behind the AUTH is answered after the refusal.
+        assert c.reply() == [b"250 2.0.0 Ok"]
+        assert c.ask(b"QUIT\r\n") == b"221 2.0.0 Bye"
+    finally:
+        c.close()
+    log = proxy.full_log()
+    assert token not in log
+    assert response.decode() not in log
+
+
+def test_auth_line_of_12288_octets(proxy, mailbox):
+    """RFC 4954's 12288-octet AUTH line is read (past the 8192 of --max-line-length)."""
+    c = Raw(proxy.smtp_port)
+    try:
+        assert c.ask(b"EHLO client.example\r\n").startswith(b"250 ")
+        raw = b"\0" + mailbox.account.encode() + b"\0" + b"t" * 9000
+        line = b"AUTH PLAIN " + b64(raw)
+        assert 8192 < len(line) + 2 <= 12288
+        # A token of the wrong shape: refused as a login, not as a line.
+        assert c.ask(line + b"\r\n").startswith(b"535 5.7.8 ")
+    finally:
+        c.close()
