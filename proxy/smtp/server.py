@@ -16,15 +16,14 @@ import socket
 import traceback
 from typing import Any
 
-from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from .. import limits
-from ..imap import ServerPolicy, SessionRegistry, isLoopback
-from ..relay import Splice, transportChain, tuneSocket
+from ..imap import SecureMixin, ServerPolicy, SessionRegistry
+from ..relay import Splice, tuneSocket
 from . import syntax as S
 from .extensions import ProviderExtensions
 from .login import LoginMixin
@@ -35,7 +34,7 @@ log = Logger(namespace="proxy.smtp")
 NEEDS_AUTH = frozenset({b"MAIL", b"RCPT", b"DATA", b"VRFY", b"EXPN", b"BURL", b"ETRN"})
 
 
-class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
+class SubmissionServer(SecureMixin, LoginMixin, TimeoutMixin, Protocol):
     """
     :ivar sink: after the splice starts, where client bytes go.
     :ivar paused: reading stopped while a login runs (the splice resumes it).
@@ -260,21 +259,6 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         self.bye(b"4.3.0", b"Internal error")
 
     # -- TLS and what is offered ---------------------------------------------
-
-    def secure(self) -> bool:
-        """Whether this connection runs over TLS (implicit or STARTTLS)."""
-        if self.startedTLS:
-            return True
-        for t in transportChain(self.transport):
-            if INegotiated.providedBy(t) or getattr(t, "TLS", False):
-                return True
-        return False
-
-    def plaintextAllowed(self) -> bool:
-        """The IMAP side's policy: AUTH without TLS only where it allows a login."""
-        if self.secure() or self.policy.plaintextLogin == "allow":
-            return True
-        return self.policy.plaintextLogin == "loopback" and isLoopback(self.address)
 
     def ehloLines(self) -> list[bytes]:
         """The keywords after the greeting line of the EHLO reply."""
