@@ -7,10 +7,19 @@ of RFC 4954's 12288 octets is read.
 
 from __future__ import annotations
 
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy.cred import ISubmissionSession
 from proxy.imap import ServerPolicy
-from proxy.smtp import Features, ProviderExtensions
-from tests.test_imap import TOKEN, FakeUpstream
-from tests.test_smtp import SMTPTestCase, b64
+from proxy.limits import SMTP, ConnectionLimiter, LimitedFactory, Limits
+from proxy.smtp import Features, ProviderExtensions, SubmissionFactory
+from tests.test_imap import TOKEN, FakePortal, FakeUpstream
+from tests.test_smtp import FakeSubmission, SMTPTestCase, b64
 
 KNOWN = [b"SIZE 35882577", b"8BITMIME", b"PIPELINING", b"CHUNKING", b"SMTPUTF8"]
 # A server added while the proxy runs, not probed yet: fewer extensions, a smaller SIZE.
@@ -115,3 +124,41 @@ class AuthLineLengthTests(SMTPTestCase):
         self.send(b64(b"t" * 9000) + b"\r\n")
         self.assertEqual(self.output(), b"")
         self.assertEqual(len(self.portal.logins), 1)
+
+
+class LimiterCountTests(SynchronousTestCase):
+    def test_preauthUntil235(self):
+        """
+        The limiter counts the connection as pre-auth through the login and
+        a 454 for a changed offer, and no longer once the 235 is sent.
+        """
+        clock = task.Clock()
+        extensions = ProviderExtensions()
+        extensions.learn("smtp.known:465", KNOWN)
+        factory = SubmissionFactory(
+            FakePortal(), ServerPolicy(), extensions=extensions, hostname="mx.test", clock=clock
+        )
+        limiter = ConnectionLimiter(Limits(), clock, "SMTP")
+        front = LimitedFactory(factory, limiter, SMTP)
+        addr = IPv4Address("TCP", "127.0.0.1", 1)
+        wrapper = front.buildProtocol(addr)
+        transport = StringTransport(peerAddress=addr)
+        wrapper.makeConnection(transport)
+        server = wrapper.wrappedProtocol
+        login = b"AUTH PLAIN " + b64(b"\0alice\0" + TOKEN.encode()) + b"\r\n"
+        wrapper.dataReceived(b"EHLO client.example\r\n" + login)
+        self.assertEqual(limiter.preauth, 1)
+        first = FakeSubmission(FakeUpstream(), server="smtp.new:587", extensions=list(NEW))
+        factory.portal.logins[-1][3].callback((ISubmissionSession, first, first.logout))
+        self.assertEqual(limiter.preauth, 1)
+        wrapper.dataReceived(b"EHLO client.example\r\n" + login)
+        second = FakeSubmission(FakeUpstream(), server="smtp.new:587", extensions=list(NEW))
+        factory.portal.logins[-1][3].callback((ISubmissionSession, second, second.logout))
+        self.assertTrue(transport.value().endswith(b"235 2.7.0 Authentication successful\r\n"))
+        self.assertEqual(limiter.preauth, 0)
+        self.assertEqual(limiter.open, 1)
+        server.connectionLost(Failure(ConnectionDone()))
+        wrapper.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(limiter.open, 0)
+        for call in clock.getDelayedCalls():
+            call.cancel()
