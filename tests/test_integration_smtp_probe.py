@@ -138,3 +138,33 @@ def test_auth_line_of_12288_octets(proxy, mailbox):
         assert c.ask(line + b"\r\n").startswith(b"535 5.7.8 ")
     finally:
         c.close()
+
+
+def test_starttls_then_garbage_or_gone(proxy, mailbox):
+    """A STARTTLS answered with bytes that are no TLS, or a client gone: no traceback."""
+    for after in (b"EHLO x\r\n" * 50, b"\x16\x03\x01\x00\x05hello", b""):
+        c = Raw(proxy.smtp_port)
+        try:
+            assert c.ask(b"STARTTLS\r\n") == b"220 2.0.0 Ready to start TLS"
+            if after:
+                c.send(after)
+                # The handshake fails: a TLS alert at most, then EOF; never a reply in clear.
+                rest = c.file.read()
+                assert rest == b"" or rest.startswith(b"\x15\x03"), rest
+        finally:
+            c.close()
+    # A client gone in the middle of its AUTH LOGIN, and one gone right after AUTH.
+    token = smtp_token(proxy, mailbox.account)
+    response = b64(b"\0" + mailbox.account.encode() + b"\0" + token.encode())
+    for data in (b"AUTH LOGIN\r\n", b"AUTH PLAIN " + response + b"\r\nMAIL FROM:<>\r\n"):
+        c = Raw(proxy.smtp_port)
+        c.ask(b"EHLO client.example\r\n")
+        c.send(data)
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+    c = Raw(proxy.smtp_port)
+    assert c.ask(b"NOOP\r\n") == b"250 2.0.0 Ok"
+    c.close()
+    log = proxy.full_log()
+    for bad in ("Traceback", "Unhandled", "internal error"):
+        assert bad not in log, bad
