@@ -10,10 +10,16 @@ secrets the client sent.
 from __future__ import annotations
 
 import base64
+import secrets
 import socket
+import ssl
+import threading
 
-from tests.conftest import ISSUED_SECRETS
+import pytest
+
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, ISSUED_SECRETS, add_account
 from tests.imaputil import TIMEOUT
+from tests.upstream.proxyproc import ProxyProcess
 
 
 def b64(data: bytes) -> bytes:
@@ -168,3 +174,140 @@ def test_starttls_then_garbage_or_gone(proxy, mailbox):
     log = proxy.full_log()
     for bad in ("Traceback", "Unhandled", "internal error"):
         assert bad not in log, bad
+
+
+# -- a provider new to a running proxy -------------------------------------
+
+
+class ScriptedSubmission:
+    """
+    A scripted XOAUTH2 submission server on loopback (implicit TLS with the
+    test PKI's certificate), offering ``extensions``; it takes any XOAUTH2
+    string and keeps what each logged-in connection sends. Only the
+    proxy's logins reach it: no Dovecot submission instance is needed to
+    see which EHLO a client was offered and whether it was spliced.
+    """
+
+    def __init__(self, pki, extensions: list[bytes]):
+        self.extensions = extensions
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(pki.cert, pki.key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.logins = 0
+        self.received: list[bytes] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                f = tls.makefile("rb")
+                tls.sendall(b"220 scripted ESMTP\r\n")
+                for line in iter(f.readline, b""):
+                    verb = line.split()[0].upper() if line.split() else b""
+                    if verb == b"EHLO":
+                        lines = [b"scripted", *self.extensions, b"AUTH XOAUTH2"]
+                        tls.sendall(
+                            b"".join(b"250-" + x + b"\r\n" for x in lines[:-1])
+                            + b"250 "
+                            + lines[-1]
+                            + b"\r\n"
+                        )
+                    elif verb == b"AUTH":
+                        self.logins += 1
+                        tls.sendall(b"235 2.7.0 Accepted\r\n")
+                    elif verb == b"QUIT":
+                        tls.sendall(b"221 2.0.0 Bye\r\n")
+                        return
+                    else:
+                        self.received.append(line)
+                        tls.sendall(b"250 2.0.0 Ok\r\n")
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            self.closed.set()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def own_proxy(pki, tmp_path):
+    p = ProxyProcess(str(tmp_path / "proxy"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert})
+    yield p
+    p.stop()
+
+
+def new_account(proxy, provider, dovecot, pki, server: ScriptedSubmission) -> tuple[str, str]:
+    """An account whose SMTP server is ``server``; :return: its id and an smtp token."""
+    account = "acct-smtp-" + secrets.token_hex(3)
+    refresh_token = "rt-" + secrets.token_urlsafe(24)
+    email = account + "@example.com"
+    provider.add_grant(refresh_token, email, CLIENT_ID, CLIENT_SECRET, expires_in=3600)
+    ISSUED_SECRETS.append(refresh_token)
+    add_account(
+        proxy,
+        provider,
+        account=account,
+        email=email,
+        refresh_token=refresh_token,
+        port=dovecot.tls_port,
+        ca_file=pki.ca_cert,
+        smtp_host="localhost",
+        smtp_port=server.port,
+        smtp_tls="implicit",
+        smtp_ca_file=pki.ca_cert,
+    )
+    return account, smtp_token(proxy, account)
+
+
+def test_provider_added_while_running(own_proxy, provider, dovecot, pki):
+    """
+    A stored account's server is probed at start-up and offered; an account
+    added later on a server with less gets, on its first AUTH, a 454 (not a
+    splice under promises its server cannot keep), and after EHLO again
+    the narrower offer and its 235.
+    """
+    rich = ScriptedSubmission(pki, [b"SIZE 35882577", b"8BITMIME", b"CHUNKING", b"SMTPUTF8"])
+    poor = ScriptedSubmission(pki, [b"SIZE 1000", b"8BITMIME"])
+    try:
+        own_proxy.start()
+        new_account(own_proxy, provider, dovecot, pki, rich)
+        own_proxy.stop()
+        own_proxy.start()
+        own_proxy.wait_for_log(f"SMTP server localhost:{rich.port} offers")
+        account, token = new_account(own_proxy, provider, dovecot, pki, poor)
+        response = b64(b"\0" + account.encode() + b"\0" + token.encode())
+        c = Raw(own_proxy.smtp_port)
+        try:
+            c.send(b"EHLO client.example\r\n")
+            assert b"250-SMTPUTF8" in c.reply()
+            reply = c.ask(b"AUTH PLAIN " + response + b"\r\n")
+            assert reply.startswith(b"454 4.7.0 "), reply
+            c.send(b"EHLO client.example\r\n")
+            offer = c.reply()
+            assert offer[1:3] == [b"250-SIZE 1000", b"250-8BITMIME"], offer
+            assert b"250-SMTPUTF8" not in offer
+            assert c.ask(b"AUTH PLAIN " + response + b"\r\n") == (
+                b"235 2.7.0 Authentication successful"
+            )
+            assert c.ask(b"MAIL FROM:<a@example.com>\r\n") == b"250 2.0.0 Ok"
+        finally:
+            c.close()
+        assert poor.logins == 2
+        assert poor.received == [b"MAIL FROM:<a@example.com>\r\n"]
+        log = own_proxy.full_log()
+        assert token not in log and response.decode() not in log
+    finally:
+        rich.stop()
+        poor.stop()
