@@ -197,6 +197,9 @@ class ScriptedSubmission:
         self.logins = 0
         self.received: list[bytes] = []
         self.closed = threading.Event()
+        # When set: AUTH is seen, and answered only once ``release`` is set.
+        self.hold: threading.Event | None = None
+        self.authSeen = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -225,6 +228,9 @@ class ScriptedSubmission:
                         )
                     elif verb == b"AUTH":
                         self.logins += 1
+                        self.authSeen.set()
+                        if self.hold is not None:
+                            self.hold.wait(TIMEOUT)
                         tls.sendall(b"235 2.7.0 Accepted\r\n")
                     elif verb == b"QUIT":
                         tls.sendall(b"221 2.0.0 Bye\r\n")
@@ -311,3 +317,32 @@ def test_provider_added_while_running(own_proxy, provider, dovecot, pki):
     finally:
         rich.stop()
         poor.stop()
+
+
+def test_client_gone_during_upstream_login(own_proxy, provider, dovecot, pki):
+    """
+    A client that leaves while its provider login runs: once the provider
+    says 235, the proxy closes that connection; nothing is spliced or sent.
+    """
+    server = ScriptedSubmission(pki, [b"8BITMIME"])
+    server.hold = threading.Event()
+    try:
+        own_proxy.start()
+        account, token = new_account(own_proxy, provider, dovecot, pki, server)
+        response = b64(b"\0" + account.encode() + b"\0" + token.encode())
+        c = Raw(own_proxy.smtp_port)
+        c.ask(b"EHLO client.example\r\n")
+        c.send(b"AUTH PLAIN " + response + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        assert server.authSeen.wait(TIMEOUT)
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+        server.hold.set()
+        assert server.closed.wait(TIMEOUT), "the provider connection was left open"
+        assert server.received == []
+        own_proxy.wait_for_log("SMTP listening")
+        log = own_proxy.full_log()
+        assert "spliced" not in log
+        for bad in ("Traceback", "Unhandled", "internal error"):
+            assert bad not in log, bad
+    finally:
+        server.stop()

@@ -15,9 +15,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.cred import ISubmissionSession
+from proxy.errors import AccessDenied
 from proxy.imap import ServerPolicy
 from proxy.limits import SMTP, ConnectionLimiter, LimitedFactory, Limits
-from proxy.smtp import Features, ProviderExtensions, SubmissionFactory
+from proxy.smtp import Features, ProviderExtensions, SubmissionFactory, SubmissionServer
 from tests.test_imap import TOKEN, FakePortal, FakeUpstream
 from tests.test_smtp import FakeSubmission, SMTPTestCase, b64
 
@@ -162,3 +163,45 @@ class LimiterCountTests(SynchronousTestCase):
         self.assertEqual(limiter.open, 0)
         for call in clock.getDelayedCalls():
             call.cancel()
+
+
+class ReadingDuringLoginTests(SMTPTestCase):
+    def test_readsOnWhileLoggingIn(self):
+        """
+        Reading goes on during the provider login (so a client that leaves
+        is seen, and its held bytes never reach the provider), held unparsed.
+        """
+        self.greeted()
+        d = self.authPlain(b"MAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(b"RCPT TO:<b@example.com>\r\n")
+        self.assertEqual(self.output(), b"")
+        self.server.connectionLost(Failure(ConnectionDone()))
+        upstream = FakeUpstream()
+        session = self.succeed(d, upstream)
+        self.assertEqual(session.loggedOut, 1)
+        self.assertEqual(upstream.transport.value(), b"")
+
+    def test_pausedPastTheHoldLimit(self):
+        """Past ``MAX_HELD`` octets behind the AUTH reading stops; all of it goes upstream."""
+        self.greeted()
+        d = self.authPlain()
+        chunk = b"x" * 4096
+        sent = b""
+        while self.transport.producerState == "producing":
+            self.send(chunk)
+            sent += chunk
+            self.assertLessEqual(len(sent), SubmissionServer.MAX_HELD + len(chunk))
+        self.assertGreater(len(sent), SubmissionServer.MAX_HELD)
+        upstream = FakeUpstream()
+        self.succeed(d, upstream)
+        self.assertEqual(upstream.transport.value(), sent)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_refusedThenParsed(self):
+        """After a refusal what was held is read as commands, reading on."""
+        self.greeted()
+        d = self.authPlain(b"NOOP\r\n")
+        d.errback(AccessDenied("scope"))
+        self.assertEqual(self.lines()[1:], [b"250 2.0.0 Ok"])
+        self.assertEqual(self.transport.producerState, "producing")

@@ -30,7 +30,7 @@ class LoginMixin:
     Provided by the server: ``policy``, ``portal``, ``_sessions``,
     ``extensions``, ``address``, ``transport``, ``_phase``, ``_ehlo``,
     ``_esmtp``, ``continuation``, ``sendLine``, ``bad``, ``bye``,
-    ``plaintextAllowed``, ``offered``, ``pauseProducing``, ``resumeProducing``,
+    ``plaintextAllowed``, ``offered``, ``resumeProducing``,
     ``setTimeout``, ``callLater`` and ``takeHeld``.
     """
 
@@ -48,7 +48,6 @@ class LoginMixin:
     bad: Callable[[bytes], None]
     bye: Callable[[bytes, bytes], None]
     plaintextAllowed: Callable[[], bool]
-    pauseProducing: Callable[[], None]
     resumeProducing: Callable[[], None]
     setTimeout: Any
     callLater: Any
@@ -130,9 +129,10 @@ class LoginMixin:
             self._refused(AccessDenied("username").smtpResponse())
             return
         # Hold whatever the client pipelined behind its AUTH, unparsed and
-        # unanswered, and stop reading until the login is decided.
+        # unanswered, until the login is decided. Reading goes on (up to the
+        # server's MAX_HELD): a paused connection would not see a client
+        # leave, and its held commands would reach the provider after all.
         self._phase = "login"
-        self.pauseProducing()
         self._account = loggableAccount(account)
         creds = TokenCredentials(
             account=account, token=token, address=self.address, protocol="smtp"

@@ -37,11 +37,15 @@ NEEDS_AUTH = frozenset({b"MAIL", b"RCPT", b"DATA", b"VRFY", b"EXPN", b"BURL", b"
 class SubmissionServer(SecureMixin, LoginMixin, TimeoutMixin, Protocol):
     """
     :ivar sink: after the splice starts, where client bytes go.
-    :ivar paused: reading stopped while a login runs (the splice resumes it).
+    :ivar paused: reading stopped: past ``MAX_HELD`` during a login (the
+        splice or a refusal resumes it), or by the splice's flow control.
     """
 
     # After a 421 or 221, how long a peer has to let the connection close.
     BYE_GRACE = 5.0
+    # Octets held behind an AUTH while its login runs before reading stops
+    # (reading goes on below it, so that a client that leaves is seen).
+    MAX_HELD = 65536
     _cut: Any = None
     transport: Any
 
@@ -150,6 +154,10 @@ class SubmissionServer(SecureMixin, LoginMixin, TimeoutMixin, Protocol):
             self.sink(data)
             return
         self._buffer += data
+        if self._phase == "login":
+            if len(self._buffer) > self.MAX_HELD and not self.paused:
+                self.pauseProducing()
+            return
         self._drain()
 
     def takeHeld(self) -> bytes:
