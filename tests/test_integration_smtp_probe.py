@@ -195,6 +195,8 @@ class ScriptedSubmission:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.logins = 0
+        # The XOAUTH2 strings (base64) the proxy logged in with.
+        self.auth: list[str] = []
         self.received: list[bytes] = []
         self.closed = threading.Event()
         # When set: AUTH is seen, and answered only once ``release`` is set.
@@ -228,6 +230,7 @@ class ScriptedSubmission:
                         )
                     elif verb == b"AUTH":
                         self.logins += 1
+                        self.auth.append(line.split()[-1].decode())
                         self.authSeen.set()
                         if self.hold is not None:
                             self.hold.wait(TIMEOUT)
@@ -314,6 +317,11 @@ def test_provider_added_while_running(own_proxy, provider, dovecot, pki):
         assert poor.received == [b"MAIL FROM:<a@example.com>\r\n"]
         log = own_proxy.full_log()
         assert token not in log and response.decode() not in log
+        assert len(poor.auth) == 2
+        for xoauth2 in poor.auth:
+            assert xoauth2 not in log
+            bearer = base64.b64decode(xoauth2).split(b"auth=Bearer ")[1].split(b"\x01")[0]
+            assert bearer.decode() not in log
     finally:
         rich.stop()
         poor.stop()
@@ -334,7 +342,10 @@ def test_client_gone_during_upstream_login(own_proxy, provider, dovecot, pki):
         c.ask(b"EHLO client.example\r\n")
         c.send(b"AUTH PLAIN " + response + b"\r\nMAIL FROM:<a@example.com>\r\n")
         assert server.authSeen.wait(TIMEOUT)
-        c.sock.shutdown(socket.SHUT_RDWR)
+        # The client leaves; the proxy closing its end shows it saw that,
+        # before the provider's 235 is let through.
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.file.read() == b""
         c.close()
         server.hold.set()
         assert server.closed.wait(TIMEOUT), "the provider connection was left open"
