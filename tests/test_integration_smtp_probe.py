@@ -10,14 +10,13 @@ secrets the client sent.
 from __future__ import annotations
 
 import base64
-import secrets
 import socket
 import ssl
 import threading
 
 import pytest
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, ISSUED_SECRETS, add_account
+from tests.conftest import ISSUED_SECRETS, register
 from tests.imaputil import TIMEOUT
 from tests.upstream.proxyproc import ProxyProcess
 
@@ -259,23 +258,13 @@ def own_proxy(pki, tmp_path):
 
 def new_account(proxy, provider, dovecot, pki, server: ScriptedSubmission) -> tuple[str, str]:
     """An account whose SMTP server is ``server``; :return: its id and an smtp token."""
-    account = "acct-smtp-" + secrets.token_hex(3)
-    refresh_token = "rt-" + secrets.token_urlsafe(24)
-    email = account + "@example.com"
-    provider.add_grant(refresh_token, email, CLIENT_ID, CLIENT_SECRET, expires_in=3600)
-    ISSUED_SECRETS.append(refresh_token)
-    add_account(
-        proxy,
-        provider,
-        account=account,
-        email=email,
-        refresh_token=refresh_token,
-        port=dovecot.tls_port,
-        ca_file=pki.ca_cert,
-        smtp_host="localhost",
-        smtp_port=server.port,
-        smtp_tls="implicit",
-        smtp_ca_file=pki.ca_cert,
+    account = register(proxy, provider, dovecot, pki).account
+    proxy.cli(
+        "accounts",
+        "update",
+        account,
+        *("--smtp-host", "localhost", "--smtp-port", str(server.port)),
+        *("--smtp-tls", "implicit", "--smtp-ca-file", pki.ca_cert),
     )
     return account, smtp_token(proxy, account)
 
