@@ -11,6 +11,7 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -205,3 +206,33 @@ class ReadingDuringLoginTests(SMTPTestCase):
         d.errback(AccessDenied("scope"))
         self.assertEqual(self.lines()[1:], [b"250 2.0.0 Ok"])
         self.assertEqual(self.transport.producerState, "producing")
+
+
+class CompletionErrorTests(SMTPTestCase):
+    def test_bugAfterLoginClosesAndLogsOut(self):
+        """
+        A bug while completing a login (here learning the provider's EHLO):
+        421 at once rather than a client left waiting for the login timeout,
+        the provider session logged out, one log line without a traceback.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.greeted()
+
+        def broken(server: str, extensions: object) -> None:
+            raise RuntimeError("broken " + TOKEN)
+
+        self.extensions.learn = broken  # type: ignore[method-assign]
+        session = self.succeed(self.authPlain())
+        self.assertEqual(self.lines(), [b"421 4.3.0 mx.test Internal error"])
+        self.assertEqual(session.loggedOut, 1)
+        self.assertEqual(len(self.sessions), 0)
+        errors = [
+            e
+            for e in events
+            if e.get("log_level") is not None and e["log_level"].name in ("error", "critical")
+        ]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertNotIn("log_failure", errors[0])
+        self.assertNotIn(TOKEN, repr(events))

@@ -144,10 +144,39 @@ class LoginMixin:
             self._sessions.loginEnded(ticket, None, None)
             raise
         d.addCallbacks(self._loggedIn, self._loginFailed, (ticket,), None, (ticket,), None)
-        d.addErrback(lambda f: log.failure("smtp login completion failed", f))
+        d.addErrback(self._completionFailed)
+
+    def _completionFailed(self, failure: Any) -> None:
+        """
+        A bug while completing a login: one log line (no traceback, which
+        might carry the token) and a 421, not a client left waiting.
+        """
+        self._logBug(failure)
+        self.continuation = None
+        self.bye(b"4.3.0", b"Internal error")
+
+    def _logBug(self, failure: Any) -> None:
+        """One line naming the error's type and where it came from."""
+        frames = getattr(failure, "frames", None) or [("", "?", 0)]
+        _func, filename, line = frames[-1][:3]
+        log.error(
+            "smtp login of {account} from {address} failed: unexpected {error} at {where}",
+            account=self._account,
+            address=self.address,
+            error=failure.type.__name__,
+            where=f"{filename.rsplit('/', 1)[-1]}:{line}",
+        )
 
     def _loggedIn(self, result: Any, ticket: int) -> None:
         _iface, session, logout = result
+        try:
+            self._complete(session, logout, ticket)
+        except Exception:
+            if self.splice is None:
+                logout()  # never spliced: nobody else will end it
+            raise
+
+    def _complete(self, session: Any, logout: Callable[[], None], ticket: int) -> None:
         revoked = self._sessions.loginEnded(ticket, session.account, session.tokenId)
         if self._phase != "login":
             # The client left (or timed out) while we logged in upstream.
@@ -234,15 +263,7 @@ class LoginMixin:
         else:
             # A bug, not an input: one line, no traceback (which might carry
             # the token), and a fixed answer.
-            frames = getattr(failure, "frames", None) or [("", "?", 0)]
-            _func, filename, line = frames[-1][:3]
-            log.error(
-                "smtp login of {account} from {address} failed: unexpected {error} at {where}",
-                account=self._account,
-                address=self.address,
-                error=failure.type.__name__,
-                where=f"{filename.rsplit('/', 1)[-1]}:{line}",
-            )
+            self._logBug(failure)
             response = S.INTERNAL
         self._retry(response)
 
