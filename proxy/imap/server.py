@@ -17,7 +17,6 @@ from typing import Any
 
 import attrs
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.mail.imap4 import IMAP4Server
@@ -26,11 +25,11 @@ from twisted.python.failure import Failure
 from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied, ProxyError, Unavailable
-from ..relay import Splice, transportChain, tuneSocket
+from ..relay import Splice, tuneSocket
 from ..store import StoreUnavailable
-from ..tokens import clientAddress
 from .reader import CommandReader
 from .sasl import SASLError, parsePlain
+from .secure import SecureMixin
 from .sessions import SessionRegistry
 
 log = Logger(namespace="proxy.imap")
@@ -69,12 +68,7 @@ class ServerPolicy:
         return self.maxLineLength + 2 * self.maxLiteral
 
 
-def isLoopback(address: str) -> bool:
-    ip = clientAddress(address)
-    return ip is not None and ip.is_loopback
-
-
-class ProxyServer(CommandReader, IMAP4Server):
+class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
     """
     :ivar sink: after the splice starts, where client bytes go (the upstream
         transport's ``write``).
@@ -180,20 +174,6 @@ class ProxyServer(CommandReader, IMAP4Server):
             self.bye(b"Too many invalid commands")
 
     # -- capabilities -------------------------------------------------------
-
-    def secure(self) -> bool:
-        """Whether this connection runs over TLS (implicit or STARTTLS)."""
-        if self.startedTLS:
-            return True
-        for t in transportChain(self.transport):
-            if INegotiated.providedBy(t) or getattr(t, "TLS", False):
-                return True
-        return False
-
-    def plaintextAllowed(self) -> bool:
-        if self.secure() or self.policy.plaintextLogin == "allow":
-            return True
-        return self.policy.plaintextLogin == "loopback" and isLoopback(self.address)
 
     def listCapabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"SASL-IR", b"ID"]

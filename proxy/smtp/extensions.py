@@ -88,6 +88,17 @@ class Features:
         limits = [n for n in (self.size, other.size) if n > 0]
         return Features(keywords, min(limits, default=0))
 
+    def within(self, other: Features) -> bool:
+        """
+        Whether an EHLO offering these promises nothing ``other`` lacks:
+        no keyword it has not, and no SIZE above its stated limit.
+        """
+        if not self.keywords <= other.keywords:
+            return False
+        if b"SIZE" not in self.keywords or other.size == 0:
+            return True
+        return 0 < self.size <= other.size
+
     def lines(self) -> list[bytes]:
         """The EHLO lines, without ``250-``, in ``ALLOWED`` order."""
         out = []

@@ -20,6 +20,7 @@ from ..imap import SASLError, parsePlain
 from ..relay import Splice
 from ..store import StoreUnavailable
 from . import syntax as S
+from .extensions import Features
 
 log = Logger(namespace="proxy.smtp")
 
@@ -29,7 +30,7 @@ class LoginMixin:
     Provided by the server: ``policy``, ``portal``, ``_sessions``,
     ``extensions``, ``address``, ``transport``, ``_phase``, ``_ehlo``,
     ``_esmtp``, ``continuation``, ``sendLine``, ``bad``, ``bye``,
-    ``plaintextAllowed``, ``pauseProducing``, ``resumeProducing``,
+    ``plaintextAllowed``, ``offered``, ``resumeProducing``,
     ``setTimeout``, ``callLater`` and ``takeHeld``.
     """
 
@@ -47,12 +48,12 @@ class LoginMixin:
     bad: Callable[[bytes], None]
     bye: Callable[[bytes, bytes], None]
     plaintextAllowed: Callable[[], bool]
-    pauseProducing: Callable[[], None]
     resumeProducing: Callable[[], None]
     setTimeout: Any
     callLater: Any
     takeHeld: Callable[[], bytes]
     splice: Splice | None
+    offered: list[bytes]
 
     def __init__(self) -> None:
         self._account = ""
@@ -128,9 +129,10 @@ class LoginMixin:
             self._refused(AccessDenied("username").smtpResponse())
             return
         # Hold whatever the client pipelined behind its AUTH, unparsed and
-        # unanswered, and stop reading until the login is decided.
+        # unanswered, until the login is decided. Reading goes on (up to the
+        # server's MAX_HELD): a paused connection would not see a client
+        # leave, and its held commands would reach the provider after all.
         self._phase = "login"
-        self.pauseProducing()
         self._account = loggableAccount(account)
         creds = TokenCredentials(
             account=account, token=token, address=self.address, protocol="smtp"
@@ -142,10 +144,39 @@ class LoginMixin:
             self._sessions.loginEnded(ticket, None, None)
             raise
         d.addCallbacks(self._loggedIn, self._loginFailed, (ticket,), None, (ticket,), None)
-        d.addErrback(lambda f: log.failure("smtp login completion failed", f))
+        d.addErrback(self._completionFailed)
+
+    def _completionFailed(self, failure: Any) -> None:
+        """
+        A bug while completing a login: one log line (no traceback, which
+        might carry the token) and a 421, not a client left waiting.
+        """
+        self._logBug(failure)
+        self.continuation = None
+        self.bye(b"4.3.0", b"Internal error")
+
+    def _logBug(self, failure: Any) -> None:
+        """One line naming the error's type and where it came from."""
+        frames = getattr(failure, "frames", None) or [("", "?", 0)]
+        _func, filename, line = frames[-1][:3]
+        log.error(
+            "smtp login of {account} from {address} failed: unexpected {error} at {where}",
+            account=self._account,
+            address=self.address,
+            error=failure.type.__name__,
+            where=f"{filename.rsplit('/', 1)[-1]}:{line}",
+        )
 
     def _loggedIn(self, result: Any, ticket: int) -> None:
         _iface, session, logout = result
+        try:
+            self._complete(session, logout, ticket)
+        except Exception:
+            if self.splice is None:
+                logout()  # never spliced: nobody else will end it
+            raise
+
+    def _complete(self, session: Any, logout: Callable[[], None], ticket: int) -> None:
         revoked = self._sessions.loginEnded(ticket, session.account, session.tokenId)
         if self._phase != "login":
             # The client left (or timed out) while we logged in upstream.
@@ -162,11 +193,17 @@ class LoginMixin:
             )
             self._retry(AccessDenied("unknown-token").smtpResponse())
             return
+        if not self._offerKept(session):
+            logout()
+            # Not a failed login: the client did nothing wrong.
+            self._phase = "preauth"
+            self.sendLine(S.OFFER_CHANGED)
+            self.resumeProducing()
+            return
         self._phase = "spliced"
         self.setTimeout(None)
         # No longer a pre-auth connection for the connection limits.
         limits.loggedIn(self.transport)
-        self.extensions.learn(session.server, session.extensions)
         self.sendLine(S.AUTH_OK)
         label = f"{session.account}@{self.address}/smtp"
         self.splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
@@ -175,6 +212,27 @@ class LoginMixin:
         held = self.takeHeld()
         log.info("session {label} spliced", label=label)
         self.splice.start(held)
+
+    def _offerKept(self, session: Any) -> bool:
+        """
+        Learn the provider's EHLO; :return: whether the EHLO this client
+        was given promised nothing that provider lacks. It can have: a
+        server added while the proxy runs is unknown until its account's
+        first login or the primer's next round, and the client would send
+        its MAIL with extensions the provider refuses (or mis-handles).
+        """
+        self.extensions.learn(session.server, session.extensions)
+        if Features.parse(self.offered).within(Features.parse(session.extensions)):
+            return True
+        log.info(
+            "smtp login of {account} from {address}: {server} lacks what its EHLO "
+            "offered ({offered}); asked to EHLO again",
+            account=self._account,
+            address=self.address,
+            server=session.server,
+            offered=b" ".join(self.offered).decode("ascii", "replace"),
+        )
+        return False
 
     def _spliceEnded(self, splice: Splice) -> None:
         self._sessions.discard(self._session, splice)
@@ -205,15 +263,7 @@ class LoginMixin:
         else:
             # A bug, not an input: one line, no traceback (which might carry
             # the token), and a fixed answer.
-            frames = getattr(failure, "frames", None) or [("", "?", 0)]
-            _func, filename, line = frames[-1][:3]
-            log.error(
-                "smtp login of {account} from {address} failed: unexpected {error} at {where}",
-                account=self._account,
-                address=self.address,
-                error=failure.type.__name__,
-                where=f"{filename.rsplit('/', 1)[-1]}:{line}",
-            )
+            self._logBug(failure)
             response = S.INTERNAL
         self._retry(response)
 

@@ -16,15 +16,14 @@ import socket
 import traceback
 from typing import Any
 
-from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from .. import limits
-from ..imap import ServerPolicy, SessionRegistry, isLoopback
-from ..relay import Splice, transportChain, tuneSocket
+from ..imap import SecureMixin, ServerPolicy, SessionRegistry
+from ..relay import Splice, tuneSocket
 from . import syntax as S
 from .extensions import ProviderExtensions
 from .login import LoginMixin
@@ -35,14 +34,18 @@ log = Logger(namespace="proxy.smtp")
 NEEDS_AUTH = frozenset({b"MAIL", b"RCPT", b"DATA", b"VRFY", b"EXPN", b"BURL", b"ETRN"})
 
 
-class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
+class SubmissionServer(SecureMixin, LoginMixin, TimeoutMixin, Protocol):
     """
     :ivar sink: after the splice starts, where client bytes go.
-    :ivar paused: reading stopped while a login runs (the splice resumes it).
+    :ivar paused: reading stopped: past ``MAX_HELD`` during a login (the
+        splice or a refusal resumes it), or by the splice's flow control.
     """
 
     # After a 421 or 221, how long a peer has to let the connection close.
     BYE_GRACE = 5.0
+    # Octets held behind an AUTH while its login runs before reading stops
+    # (reading goes on below it, so that a client that leaves is seen).
+    MAX_HELD = 65536
     _cut: Any = None
     transport: Any
 
@@ -69,6 +72,8 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         self._skipBytes = 0
         self._ehlo: str | None = None
         self._esmtp = False
+        # The extensions the last EHLO offered (what the client may use).
+        self.offered: list[bytes] = []
         self.startedTLS = False
         self.canStartTLS = False
         self._commands = 0
@@ -149,6 +154,10 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self.sink(data)
             return
         self._buffer += data
+        if self._phase == "login":
+            if len(self._buffer) > self.MAX_HELD and not self.paused:
+                self.pauseProducing()
+            return
         self._drain()
 
     def takeHeld(self) -> bytes:
@@ -177,7 +186,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             return True
         end = self._buffer.find(b"\n")
         if end < 0:
-            if len(self._buffer) > self.policy.maxLineLength + 1:
+            if len(self._buffer) > self._lineLimit(self._buffer) + 1:
                 # No end in sight: say so now, and drop the line as it comes.
                 self._buffer = b""
                 if not self._skipLine:
@@ -190,7 +199,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
-        if len(line) > self.policy.maxLineLength:
+        if len(line) > self._lineLimit(line):
             self._lineTooLong()
             return True
         try:
@@ -198,6 +207,15 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
         except Exception as e:
             self._internalError(e)
         return True
+
+    def _lineLimit(self, line: bytes) -> int:
+        """
+        The longest ``line`` may be: the policy's, but RFC 4954 section 4
+        lets an AUTH command and a SASL response be 12288 octets with CRLF.
+        """
+        if self.continuation is not None or line[:5].upper() == b"AUTH ":
+            return max(self.policy.maxLineLength, S.MAX_AUTH_LINE - 2)
+        return self.policy.maxLineLength  # type: ignore[no-any-return]
 
     def _lineTooLong(self) -> None:
         # An AUTH response cut short ends its exchange.
@@ -250,24 +268,9 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
 
     # -- TLS and what is offered ---------------------------------------------
 
-    def secure(self) -> bool:
-        """Whether this connection runs over TLS (implicit or STARTTLS)."""
-        if self.startedTLS:
-            return True
-        for t in transportChain(self.transport):
-            if INegotiated.providedBy(t) or getattr(t, "TLS", False):
-                return True
-        return False
-
-    def plaintextAllowed(self) -> bool:
-        """The IMAP side's policy: AUTH without TLS only where it allows a login."""
-        if self.secure() or self.policy.plaintextLogin == "allow":
-            return True
-        return self.policy.plaintextLogin == "loopback" and isLoopback(self.address)
-
     def ehloLines(self) -> list[bytes]:
         """The keywords after the greeting line of the EHLO reply."""
-        lines = self.extensions.offered()
+        lines = list(self.offered)
         if not self.secure() and self.canStartTLS:
             lines.append(b"STARTTLS")
         if self.plaintextAllowed():
@@ -282,6 +285,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self.bad(S.EHLO_SYNTAX)
             return
         self._ehlo, self._esmtp = name, True
+        self.offered = self.extensions.offered()
         lines = [self._hello(), *self.ehloLines()]
         reply = b"".join(b"250-" + line + b"\r\n" for line in lines[:-1])
         self.transport.write(reply + b"250 " + lines[-1] + b"\r\n")
@@ -292,7 +296,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self.bad(S.HELO_SYNTAX)
             return
         # Plain SMTP: no extensions, so no AUTH until an EHLO.
-        self._ehlo, self._esmtp = name, False
+        self._ehlo, self._esmtp, self.offered = name, False, []
         self.sendLine(b"250 " + self._hello())
 
     def _hello(self) -> bytes:
@@ -335,7 +339,7 @@ class SubmissionServer(LoginMixin, TimeoutMixin, Protocol):
             self._buffer = b""
             self._skipLine = False
             self._skipBytes = 0
-            self._ehlo, self._esmtp = None, False
+            self._ehlo, self._esmtp, self.offered = None, False, []
             limits.handshakeStarting(self.transport)
             self.transport.startTLS(self.ctx)
             self.startedTLS = True

@@ -34,6 +34,9 @@ ABORTED = b"501 5.7.0 Authentication aborted"
 BAD_BASE64 = b"501 5.5.2 Invalid base64 data"
 BAD_PLAIN = b"501 5.5.2 Malformed SASL PLAIN response"
 INTERNAL = b"454 4.7.0 Internal error, try again later"
+# The EHLO this client was given offered more than its provider has (a
+# server new to the proxy, learned now): EHLO again, and AUTH again.
+OFFER_CHANGED = b"454 4.7.0 The offered extensions changed, send EHLO and AUTH again"
 # AUTH LOGIN's challenges: "Username:" and "Password:" in base64.
 USERNAME = b"334 VXNlcm5hbWU6"
 PASSWORD = b"334 UGFzc3dvcmQ6"
@@ -43,6 +46,8 @@ EMPTY_CHALLENGE = b"334 "
 # least something that looks like one (RFC 5321 4.1.4 lets a server accept a
 # name it cannot check). Printable ASCII or UTF-8, no spaces, bounded.
 MAX_NAME = 255
+# RFC 4954 section 4: the longest AUTH command line, CRLF included.
+MAX_AUTH_LINE = 12288
 _NAME = re.compile(rb"\A[\x21-\x7e\x80-\xff]{1,255}\Z")
 _CHUNK_SIZE = re.compile(rb"\A[0-9]{1,18}\Z")
 
