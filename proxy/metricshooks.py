@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from .errors import AccessDenied, ProxyError
 from .metrics import Metrics, providerOf
+from .oauth import AccessTokens
 from .store import StoreUnavailable
 
 __all__ = [
@@ -94,6 +95,10 @@ class MeteredPortal:
         finally:
             _protocol.reset(token)
 
+    def __getattr__(self, name: str) -> Any:
+        # realm, checkers, listCredentialsInterfaces: the portal's own.
+        return getattr(self._portal, name)
+
     def _loginDone(self, protocol: str, error: BaseException | None, seconds: float) -> None:
         if isinstance(error, StoreUnavailable):
             self._metrics.storeFailed("login")
@@ -117,6 +122,9 @@ class MeteredChecker:
             lambda: self._checker.requestAvatarId(credentials),
             lambda e, s: histogram.observe(s),
         )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._checker, name)
 
 
 class MeteredAccessTokens:
@@ -183,8 +191,12 @@ def meterPortal(portal: Any, metrics: Metrics) -> MeteredPortal:
     return MeteredPortal(portal, metrics)
 
 
+def accessTokens(tokens: AccessTokens, metrics: Metrics) -> AccessTokens:
+    """``tokens`` with ``get`` timed, typed as what the realm takes (it duck-types)."""
+    return cast(AccessTokens, MeteredAccessTokens(tokens, metrics))
+
+
 # Short names for where the service is put together (proxy.tap).
-accessTokens = MeteredAccessTokens
 connector = MeteredConnector
 refresh = meteredRefresh
 portal = meterPortal
