@@ -7,8 +7,8 @@ the pieces themselves know nothing of metrics.
 
 The protocol of a login (``imap``, ``smtp``) is known where the portal is
 called; the access-token step, shared by both, learns it from a context
-variable the portal wrapper sets (Twisted runs each coroutine in a copy of
-the context it was started in).
+variable set around the realm's ``requestAvatar``: the realm's coroutine
+runs in a copy of the context it was started in, every step of it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -26,6 +27,7 @@ from zope.interface import implementer
 from .errors import AccessDenied, ProxyError
 from .metrics import Metrics, providerOf
 from .oauth import AccessTokens
+from .realm import ISubmissionSession
 from .store import StoreUnavailable
 
 __all__ = [
@@ -85,15 +87,11 @@ class MeteredPortal:
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
         protocol = str(getattr(credentials, "protocol", "imap"))
-        token = _protocol.set(protocol)
-        try:
-            return _timed(
-                self._metrics.clock,
-                lambda: self._portal.login(credentials, mind, *interfaces),
-                lambda e, s: self._loginDone(protocol, e, s),
-            )
-        finally:
-            _protocol.reset(token)
+        return _timed(
+            self._metrics.clock,
+            lambda: self._portal.login(credentials, mind, *interfaces),
+            lambda e, s: self._loginDone(protocol, e, s),
+        )
 
     def __getattr__(self, name: str) -> Any:
         # realm, checkers, listCredentialsInterfaces: the portal's own.
@@ -103,6 +101,25 @@ class MeteredPortal:
         if isinstance(error, StoreUnavailable):
             self._metrics.storeFailed("login")
         self._metrics.login(protocol, resultOf(error), seconds)
+
+
+@implementer(IRealm)
+class ProtocolRealm:
+    """A realm whose avatars are made knowing their protocol (``_protocol``)."""
+
+    def __init__(self, realm: Any):
+        self._realm = realm
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        smtp = any(i is ISubmissionSession for i in interfaces)
+        token = _protocol.set("smtp" if smtp else "imap")
+        try:
+            return self._realm.requestAvatar(avatarId, mind, *interfaces)
+        finally:
+            _protocol.reset(token)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._realm, name)
 
 
 @implementer(ICredentialsChecker)
@@ -188,6 +205,7 @@ def meterPortal(portal: Any, metrics: Metrics) -> MeteredPortal:
     """``portal`` with its logins and its checkers' checks measured."""
     for iface, checker in list(portal.checkers.items()):
         portal.checkers[iface] = MeteredChecker(checker, metrics)
+    portal.realm = ProtocolRealm(portal.realm)
     return MeteredPortal(portal, metrics)
 
 

@@ -1604,7 +1604,7 @@ class OpenAPITests(SynchronousTestCase):
         self.assertEqual(described - routes, set(), "described operations with no route")
 
     def test_securityDescribed(self):
-        """Every /v1 operation needs the bearer token, /metrics may; /health and /openapi.json not."""
+        """/v1 operations need the bearer token, /metrics may; /health, /openapi.json not."""
         self.assertEqual(SPEC["security"], [{"bearerAuth": []}])
         scheme = SPEC["components"]["securitySchemes"]["bearerAuth"]
         self.assertEqual((scheme["type"], scheme["scheme"]), ("http", "bearer"))
