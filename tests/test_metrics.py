@@ -7,6 +7,8 @@ that answers, and from one that does not.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import attrs
@@ -410,3 +412,38 @@ class ProcessTests(SynchronousTestCase):
         """The process collector is on the service's own registry, prefixed."""
         s = scrape(Metrics(Clock()))
         self.assertIsNotNone(value(s, "imapproxy_process_cpu_seconds_total"))
+
+
+RULES = os.path.join(os.path.dirname(__file__), "..", "docs", "prometheus", "imapproxy-rules.yml")
+
+
+class RulesFileTests(SynchronousTestCase):
+    def test_rulesUseMetricsThatExist(self):
+        """
+        The example alert rules parse (as YAML when PyYAML is there) and
+        every metric they name is in a scrape of a fully wired registry.
+        """
+        with open(RULES, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - PyYAML comes with the test extras
+            exprs = re.findall(r"expr:(.*?)(?:\n\s+for:)", text, re.S)
+        else:
+            rules = [r for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+            self.assertTrue(
+                all({"alert", "expr", "labels", "annotations"} <= set(r) for r in rules)
+            )
+            exprs = [r["expr"] for r in rules]
+        self.assertGreaterEqual(len(exprs), 4)
+        clock = Clock()
+        metrics = Metrics(clock, perAccount=True)
+        metrics.watch(Registry(), WarmUpstreams(lambda a: Deferred(), clock), [], Store([]))
+        self.successResultOf(ensureDeferred(metrics.refresh()))
+        metrics.login("imap", "ok", 0.1)
+        metrics.refreshed("generic", "ok", 0.1)
+        metrics.storeFailed("login")
+        names = {name for name, _labels in scrape(metrics)}
+        used = set(re.findall(r"\bimapproxy_[a-z_]+", " ".join(exprs)))
+        self.assertTrue(used)
+        self.assertEqual(used - names, set())
