@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
 from .model import ACCOUNT_STATES
@@ -39,8 +40,10 @@ PROTOCOLS = ("imap", "smtp")
 # Seconds: a login takes milliseconds on a spare connection, seconds with
 # a refresh and a slow provider.
 LOGIN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Seconds the accounts read from the store is reused for.
+# Seconds the accounts read from the store is reused for, and the most a
+# scrape waits for that read (Prometheus' own scrape timeout is 10 s).
 ACCOUNTS_CACHE = 15.0
+STORE_DEADLINE = 5.0
 # Distinct reason codes kept at most; past it, "other" (they are constants
 # of the code, never input, but a bound is a bound).
 MAX_REASONS = 64
@@ -176,8 +179,9 @@ class Metrics:
     async def refresh(self) -> None:
         """
         Read what the collectors need from the store, at most every
-        ``ACCOUNTS_CACHE`` seconds. A store that does not answer is reported
-        (``store_up`` 0, no accounts series), never raised.
+        ``ACCOUNTS_CACHE`` seconds. A store that does not answer (within
+        ``STORE_DEADLINE``) is reported (``store_up`` 0, no accounts series),
+        never raised.
         """
         if self._store is None:
             return
@@ -185,7 +189,8 @@ class Metrics:
         if now - self._accountsRead < ACCOUNTS_CACHE:
             return
         try:
-            accounts = await self._store.listAccounts()
+            read = maybeDeferred(self._store.listAccounts)
+            accounts = await read.addTimeout(STORE_DEADLINE, self.clock)
         except Exception as e:
             log.warn("metrics: the store does not answer: {error}", error=type(e).__name__)
             self.storeUp.set(0)

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from proxy.cred import ISubmissionSession, IUpstreamSession, TokenCredentials
 from proxy.errors import AccessDenied, GrantInvalid
-from proxy.metrics import ACCOUNTS_CACHE, MAX_REASONS, Metrics, providerOf
+from proxy.metrics import ACCOUNTS_CACHE, MAX_REASONS, STORE_DEADLINE, Metrics, providerOf
 from proxy.metricshooks import (
     MeteredAccessTokens,
     MeteredConnector,
@@ -252,6 +252,15 @@ class AccountsTests(SynchronousTestCase):
         self.assertEqual(value(s, "imapproxy_store_errors_total", operation="metrics"), 1)
         self.assertIsNone(value(s, "imapproxy_accounts", state="ok"))
         self.flushLoggedErrors()
+
+    def test_storeSilent(self):
+        """A store that never answers: the scrape goes on after STORE_DEADLINE, store_up 0."""
+        self.store.listAccounts = lambda: Deferred()  # type: ignore[method-assign]
+        d = ensureDeferred(self.metrics.refresh())
+        self.assertNoResult(d)
+        self.clock.advance(STORE_DEADLINE)
+        self.successResultOf(d)
+        self.assertEqual(value(scrape(self.metrics), "imapproxy_store_up"), 0)
 
     def test_perAccountState(self):
         """With perAccount, each account's state is a series of its own."""
