@@ -69,10 +69,16 @@ class AccessTests(APITestCase):
             self.api.metricsPage.metrics, TokenChecker(self.store, self.clock, METRICS_SCOPE)
         )
         stub = StubTreq(MetricsSite(page, self.clock).app.resource())
-        for path, status in (("/metrics", 200), ("/v1/accounts", 404), ("/", 404)):
-            d = stub.get("http://metrics.example" + path)
+        for method, path, status in (
+            ("GET", "/metrics", 200),
+            ("GET", "/v1/accounts", 404),
+            ("GET", "/", 404),
+            ("POST", "/metrics", 405),
+        ):
+            d = stub.request(method, "http://metrics.example" + path)
             stub.flush()
             self.assertEqual(self.successResultOf(d).code, status, path)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class DecisionTests(APITestCase):

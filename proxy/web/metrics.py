@@ -15,6 +15,7 @@ from typing import Any
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger
+from werkzeug.exceptions import HTTPException
 
 from ..cred import TokenChecker, TokenCredentials
 from ..errors import AccessDenied
@@ -116,9 +117,14 @@ class MetricsSite:
     async def metrics(self, request: Any) -> bytes:
         return await self.page.render(request)
 
-    @app.route("/", branch=True)
+    @app.route("/", branch=True, methods=["GET", "HEAD"])
     def elsewhere(self, request: Any) -> bytes:
         return _json(request, 404, "not found (this listener serves /metrics only)")
+
+    @app.handle_errors(HTTPException)
+    def _httpError(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return _json(request, e.code or 500, e.name)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: Any, failure: Any) -> bytes:
