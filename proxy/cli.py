@@ -196,7 +196,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--account", help="the account (none: a root token)")
     issue.add_argument(
-        "--scope", action="append", required=True, help="imap-proxy, smtp, api or * (repeatable)"
+        "--scope",
+        action="append",
+        required=True,
+        help="imap-proxy, smtp, api, metrics or * (repeatable)",
     )
     issue.add_argument("--description", required=True)
     issue.add_argument(

@@ -10,7 +10,7 @@ import re
 import attrs
 
 TLS_MODES = ("implicit", "starttls", "plain")
-SCOPES = ("imap-proxy", "smtp", "api", "*")
+SCOPES = ("imap-proxy", "smtp", "api", "metrics", "*")
 ACCOUNT_STATES = ("ok", "reauth-required", "disabled")
 # An SMTP server's port when none is given, by its TLS mode: submissions
 # (RFC 8314) for implicit TLS, submission (RFC 6409) otherwise.

@@ -11,6 +11,17 @@ DEFAULT_PORT = "tcp:2143:interface=127.0.0.1"
 DEFAULT_API_PORT = "tcp:8080:interface=127.0.0.1"
 DEFAULT_SMTP_PORT = "tcp:2587:interface=127.0.0.1"
 
+
+def yesNo(value: str) -> bool:
+    """A yes/no setting: yes, true, on, 1 or no, false, off, 0."""
+    v = value.strip().lower()
+    if v in ("yes", "true", "on", "1"):
+        return True
+    if v in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(value)
+
+
 # name -> (default, converter, help). One table for the options, the config
 # file and tap.example.conf.
 SETTINGS: dict[str, tuple[Any, Any, str]] = {
@@ -114,6 +125,12 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "How sessions are relayed: fast (Twisted's public path plus fast paths, "
         "when their start-up probes pass) or plain (Twisted's public path only)",
     ),
+    "metrics-per-account": (
+        False,
+        yesNo,
+        "yes: /metrics also has series per account (sessions open, state); "
+        "one series each, so leave it off with thousands of accounts [default: no]",
+    ),
 }
 
 
@@ -122,5 +139,10 @@ ZERO_ALLOWED = {"warm-upstream", "login-penalty"}
 
 # Settings that may be given several times (one a line in the config file),
 # with their defaults; "none" turns the API and SMTP listeners off.
-LIST_DEFAULTS = {"port": DEFAULT_PORT, "api-port": DEFAULT_API_PORT, "smtp-port": DEFAULT_SMTP_PORT}
+LIST_DEFAULTS = {
+    "port": DEFAULT_PORT,
+    "api-port": DEFAULT_API_PORT,
+    "smtp-port": DEFAULT_SMTP_PORT,
+    "metrics-port": "none",
+}
 LIST_SETTINGS = set(LIST_DEFAULTS)

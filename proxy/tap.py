@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import __version__, selfcheck
+from . import metricshooks as metered
 from .admin import Admin
 from .certs import (
     CertificateError,
@@ -74,7 +75,7 @@ from .store import (
     makeStore,
 )
 from .upstream import WarmUpstreams, probeSMTP
-from .web import TokenAPI
+from .web import METRICS_SCOPE, MetricsPage, MetricsSite, TokenAPI
 
 log = Logger()
 
@@ -103,9 +104,8 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self["port"] = []
-        self["api-port"] = []
-        self["smtp-port"] = []
+        for name in LIST_DEFAULTS:
+            self[name] = []
 
     def parseOptions(self, options: Any = None) -> None:
         """
@@ -151,6 +151,10 @@ class Options(usage.Options):
         "with --tls-certificate) or tcp:2587 (STARTTLS when a certificate is set) "
         '(repeatable; "none" for no SMTP) [default: tcp:2587:interface=127.0.0.1]'
     )
+
+    def opt_metrics_port(self, description: str) -> None:
+        """Endpoint serving /metrics only, e.g. tcp:9143 (repeatable) [default: none]"""
+        self["metrics-port"].append(description)
 
     def postOptions(self) -> None:
         reason = selfcheck.check()
@@ -211,7 +215,7 @@ class Options(usage.Options):
         self["starttls"] = self["certificate"]
         from twisted.internet import reactor
 
-        for description in self["port"] + self["api-port"] + self["smtp-port"]:
+        for description in sum((self[name] for name in LIST_DEFAULTS), []):
             self.endpoint(reactor, description)
         self._openStore(reactor)
 
@@ -284,8 +288,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     refresher = ThreadedRefresher(reactor, options["oauth2-threads"], options["oauth2-timeout"])
     shared = isinstance(store, RedisStore)
+    metrics = metered.Metrics(reactor, perAccount=options["metrics-per-account"])
     accessTokens = AccessTokens(
-        refresher.refresh,
+        metered.refresh(refresher.refresh, metrics),
         store.setRefreshToken,
         reactor,
         cache=TokenCache(reactor, load=store.getAccessToken, persist=store.saveAccessToken),
@@ -298,15 +303,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         if shared
         else None,
     )
-    realm = UpstreamRealm(
-        store, accessTokens, upstreamConnector(reactor, options["upstream-timeout"]), reactor
-    )
+    connect = metered.connector(upstreamConnector(reactor, options["upstream-timeout"]), metrics)
+    realm = UpstreamRealm(store, metered.accessTokens(accessTokens, metrics), connect, reactor)
     warm = WarmUpstreams(
         realm.connectFor, reactor, keep=options["warm-upstream"], maxSpares=options["max-warm"]
     )
     realm.warm = warm
+    penaltyBackend = RedisPenalties(store) if shared else MemoryPenalties(reactor)
     penalties = LoginPenalties(
-        RedisPenalties(store) if shared else MemoryPenalties(reactor),
+        penaltyBackend,
         reactor,
         PenaltyPolicy(
             maximum=options["login-penalty"],
@@ -314,7 +319,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             refuseAfter=options["api-refuse-after"],
         ),
     )
-    portal = Portal(realm, [TokenChecker(store, reactor, penalties=penalties)])
+    checker = TokenChecker(store, reactor, penalties=penalties)
+    portal = metered.portal(Portal(realm, [checker]), metrics)
     policy = ServerPolicy(
         loginTimeout=options["login-timeout"],
         maxBadCommands=options["max-bad-commands"],
@@ -325,6 +331,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         plaintextLogin=options["plaintext-login"],
     )
     sessions = SessionRegistry(spares=warm)
+    metrics.watch(sessions, warm, None if shared else penaltyBackend, store)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
     smtpFactory, primer = submissionDoor(
         realm,
@@ -339,6 +346,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # None: looked up, once, when there is an SMTP listener.
         options["smtp-hostname"] if options["smtp-port"] else "localhost",
     )
+    smtpFactory.portal = metered.portal(smtpFactory.portal, metrics)
     bus = None
     if shared:
         # Close requests (revoke with disconnect, account deletion) made on
@@ -394,8 +402,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
     )
     apiChecker = TokenChecker(store, reactor, API_SCOPE, penalties, refuse=True)
-    api = TokenAPI(admin, reactor, onboarding, apiChecker)
+    metricsChecker = TokenChecker(store, reactor, METRICS_SCOPE, penalties, refuse=True)
+    metricsPage = MetricsPage(metrics, metricsChecker)
+    api = TokenAPI(admin, reactor, onboarding, apiChecker, metricsPage)
     site = api.site(options["api-request-timeout"])
+    metricsSite = MetricsSite(metricsPage, reactor).site(options["api-request-timeout"])
     apiLimits = _limits(options, options["max-api-connections"], None)
     apiLimiter = ConnectionLimiter(apiLimits, reactor, "API", trim)
     apiFront = LimitedFactory(site, apiLimiter, HTTP)
@@ -403,6 +414,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ("IMAP", options["port"], front),
         ("API", options["api-port"], apiFront),
         ("SMTP", options["smtp-port"], smtpFront),
+        ("metrics", options["metrics-port"], LimitedFactory(metricsSite, apiLimiter, HTTP)),
     ):
         for description in descriptions:
             endpoint = options.endpoint(reactor, description)

@@ -144,9 +144,9 @@ def checkToken(
     return token
 
 
-# What the api scope may hand out besides itself: issuing mail tokens is
-# what it is for. Only * grants *.
-_GRANTED_BY_API = {"api", "imap-proxy", "smtp"}
+# What the api scope may hand out besides itself: issuing mail tokens (and
+# tokens that read /metrics) is what it is for. Only * grants *.
+_GRANTED_BY_API = {"api", "imap-proxy", "smtp", "metrics"}
 
 
 def grantableScopes(minter: Token) -> set[str]:

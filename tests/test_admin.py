@@ -361,7 +361,7 @@ class ValidationTests(AdminTestCase):
         ({"scopes": [], "description": "x"}, "scopes: at least one is required"),
         (
             {"scopes": ["root"], "description": "x"},
-            "scopes must be one of imap-proxy, smtp, api, *",
+            "scopes must be one of imap-proxy, smtp, api, metrics, *",
         ),
         ({"scopes": "api", "description": "x"}, "scopes must be a list of scope strings"),
         (

@@ -1604,7 +1604,7 @@ class OpenAPITests(SynchronousTestCase):
         self.assertEqual(described - routes, set(), "described operations with no route")
 
     def test_securityDescribed(self):
-        """Every /v1 operation needs the bearer token; /health and /openapi.json need none."""
+        """/v1 operations need the bearer token, /metrics may; /health, /openapi.json not."""
         self.assertEqual(SPEC["security"], [{"bearerAuth": []}])
         scheme = SPEC["components"]["securitySchemes"]["bearerAuth"]
         self.assertEqual((scheme["type"], scheme["scheme"]), ("http", "bearer"))
@@ -1616,6 +1616,9 @@ class OpenAPITests(SynchronousTestCase):
                     self.assertNotIn("security", op, f"{method} {path}")
                     self.assertIn("401", op["responses"], f"{method} {path}")
                     self.assertIn("403", op["responses"], f"{method} {path}")
+                elif path == "/metrics":
+                    # A token (scope metrics), or none from loopback.
+                    self.assertEqual(op["security"], [{}, {"bearerAuth": []}])
                 else:
                     self.assertEqual(op["security"], [], f"{method} {path}")
 

@@ -30,12 +30,19 @@ class SessionRegistry:
         self._requests = 0
         # Logins under way, by the number of close requests seen when each began.
         self._pending: Counter[int] = Counter()
+        # Called with (session, splice) when a session ends (metrics).
+        self.ended: Any = None
 
     def add(self, session: Any, splice: Splice) -> None:
         self._splices[splice] = session
 
     def discard(self, session: Any, splice: Splice) -> None:
-        self._splices.pop(splice, None)
+        if self._splices.pop(splice, None) is not None and self.ended is not None:
+            self.ended(session, splice)
+
+    def __iter__(self) -> Any:
+        """The live sessions, as ``(session, splice)`` pairs (a snapshot)."""
+        return iter([(s, sp) for sp, s in self._splices.items()])
 
     def __len__(self) -> int:
         return len(self._splices)

@@ -65,6 +65,9 @@ class WarmUpstreams:
         self._unwanted: set[str] = set()
         self._logins: dict[str, deque[float]] = {}
         self._stopped = False
+        # Spares handed to a login, and logged out unused (for metrics).
+        self.handedOut = 0
+        self.discarded = 0
 
     def __len__(self) -> int:
         return len(self._spares)
@@ -81,6 +84,7 @@ class WarmUpstreams:
             return None
         if not spare.protocol.claim():
             return None
+        self.handedOut += 1
         return spare.protocol
 
     def loggedIn(self, account: Account) -> None:
@@ -149,6 +153,7 @@ class WarmUpstreams:
                 spare.expiry.cancel()
 
     def _drop(self, spare: _Spare) -> None:
+        self.discarded += 1
         if spare.expiry.active():
             spare.expiry.cancel()
         spare.protocol.discard()

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from ..admin import Admin, AdminError, NotFound, accountView, appView, tokenView
 from ..cred import API_SCOPE, TokenChecker, TokenCredentials
 from ..errors import AccessDenied
+from ..metrics import Metrics
 from ..model import Token
 from ..oauth.onboarding import Onboarding
 from ..penalties import PenaltyInForce
@@ -31,6 +32,7 @@ from ._http import (
     LimitedRequest,
     redactingLogFormatter,
 )
+from .metrics import METRICS_SCOPE, MetricsPage
 
 log = Logger(namespace="proxy.api")
 
@@ -112,12 +114,17 @@ class TokenAPI:
         clock: Any,
         onboarding: Onboarding | None = None,
         checker: TokenChecker | None = None,
+        metricsPage: MetricsPage | None = None,
     ):
         self.admin = admin
         self.store = admin.store
         self.onboarding = onboarding
         self._clock = clock
         self.checker = checker or TokenChecker(self.store, clock, scope=API_SCOPE, refuse=True)
+        self.metricsPage = metricsPage or MetricsPage(
+            Metrics(clock, process=False),
+            TokenChecker(self.store, clock, scope=METRICS_SCOPE, refuse=True),
+        )
         with open(OPENAPI_PATH, "rb") as f:
             self._openapi = f.read()
 
@@ -194,6 +201,7 @@ class TokenAPI:
     @app.handle_errors(StoreUnavailable)
     def _storeDown(self, request: Any, failure: Any) -> bytes:
         log.warn("API request failed: the store is unavailable")
+        self.metricsPage.metrics.storeFailed("api")
         return _error(request, 503, "the store is unavailable, try again later")
 
     @app.handle_errors(HTTPException)
@@ -411,6 +419,11 @@ class TokenAPI:
     def openapi(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         return self._openapi
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request: Any) -> bytes:
+        """Prometheus' text format: ``proxy.web.metrics``."""
+        return await self.metricsPage.render(request)
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: Any) -> bytes:
