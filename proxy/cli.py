@@ -415,7 +415,7 @@ def _react(run: Any) -> None:
 
 
 def _serverSettings() -> set[str]:
-    from .tap import LIST_SETTINGS, SETTINGS
+    from .settings import LIST_SETTINGS, SETTINGS
 
     return set(SETTINGS) | LIST_SETTINGS
 

@@ -469,7 +469,7 @@ class ExampleConfigTests(SynchronousTestCase):
     def test_exampleDocumentsEverySetting(self):
         """tap.example.conf loads as is and names every setting the server has."""
         from proxy.config import readConfig
-        from proxy.tap import LIST_SETTINGS, SETTINGS
+        from proxy.settings import LIST_SETTINGS, SETTINGS
 
         path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tap.example.conf")
         readConfig(path, set(SETTINGS) | LIST_SETTINGS)
