@@ -96,7 +96,9 @@ class Rig:
     def start(self, smtp: bool = False) -> None:
         """PKI, provider, Dovecot and imapproxy (with *smtp*, an implicit-TLS
         SMTP listener too); each stopped by the stack."""
-        self.pki = make_pki(os.path.join(self.work, "pki"))
+        # 127.0.0.2 too: Dovecot submission listens there (bench.smtprig),
+        # and the proxy verifies its certificate for that address.
+        self.pki = make_pki(os.path.join(self.work, "pki"), extra_ips=("127.0.0.2",))
         self.provider = Provider(self.pki, os.path.join(self.work, "provider"))
         self.stack.callback(self.provider.stop)
         self.provider.start()
