@@ -11,8 +11,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from proxy.cred import IUpstreamSession
 from proxy.imap import ProxyServer
-from tests.test_imap import TOKEN, FakeUpstream, ProxyServerTestCase
+from tests.test_imap import TOKEN, FakeSession, FakeUpstream, ProxyServerTestCase
 
 
 class HeldWhileLoggingInTests(ProxyServerTestCase):
@@ -88,3 +89,28 @@ class HeldWhileLoggingInTests(ProxyServerTestCase):
         self.assertNotIn("log_failure", errors[0])
         self.assertEqual(errors[0]["error"], "RuntimeError")
         self.assertNotIn(TOKEN, repr(events))
+
+    def test_bugWhileCompletingOneLine(self):
+        """A bug after the provider's answer: one log line, BYE, the session logged out."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.greeted()
+        self.send(b"a LOGIN alice " + TOKEN.encode() + b"\r\n")
+        _, d = self.lastLogin()
+        session = BrokenSession(FakeUpstream())
+        d.callback((IUpstreamSession, session, session.logout))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.lines(), [b"* BYE Internal error"])
+        self.assertEqual(session.loggedOut, 1)
+        self.assertIsNone(self.server.splice)
+        errors = [e for e in events if e["log_level"].name in ("error", "critical")]
+        self.assertEqual([e["error"] for e in errors], ["RuntimeError"])
+        self.assertNotIn("log_failure", errors[0])
+        self.clock.advance(ProxyServer.BYE_GRACE)
+
+
+class BrokenSession(FakeSession):
+    @property
+    def capabilities(self) -> list[bytes]:
+        raise RuntimeError("a bug")

@@ -299,7 +299,10 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         """
         logBug(failure, log, "login", self._account, self.address)
         self.continuation = None
-        self.bye(b"Internal error")
+        if self.splice is None and self._phase != "closed":
+            # Never spliced (even if marked so before the bug): still ours.
+            self.sendLine(b"* BYE Internal error")
+            self._close()
 
     def _loggedIn(self, result: Any, tag: bytes, ticket: int) -> None:
         _iface, session, logout = result
