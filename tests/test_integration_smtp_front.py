@@ -1,15 +1,13 @@
 """
 The SMTP front door of the real ``twistd imapproxy`` (the session's proxy),
 before any provider is involved: Python's ``smtplib`` over STARTTLS with the
-configured certificate, the token checks with the ``smtp`` scope, and the
-STARTTLS command injection refused on a raw socket.
+configured certificate and the token checks with the ``smtp`` scope (the
+STARTTLS command injection is in ``test_integration_smtp.py``).
 """
 
 from __future__ import annotations
 
-import base64
 import smtplib
-import socket
 import ssl
 
 import pytest
@@ -73,20 +71,3 @@ def test_auth_login_unknown_token(proxy, mailbox, pki):
         assert e.value.smtp_code == 535
         assert e.value.smtp_error == b"5.7.8 Access denied, failed to authenticate user"
         assert smtp.noop() == (250, b"2.0.0 Ok")
-
-
-def test_starttls_injection_discarded(proxy, pki):
-    """Commands sent in the clear behind STARTTLS are not run inside TLS."""
-    with socket.create_connection(("127.0.0.1", proxy.smtp_port), timeout=TIMEOUT) as raw:
-        f = raw.makefile("rb")
-        assert f.readline().startswith(b"220 ")
-        injected = b"AUTH PLAIN " + base64.b64encode(b"\0x\0y") + b"\r\nMAIL FROM:<a@b>\r\n"
-        raw.sendall(b"STARTTLS\r\n" + injected)
-        assert f.readline() == b"220 2.0.0 Ready to start TLS\r\n"
-        with tls_context(pki).wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"NOOP\r\n")
-            g = tls.makefile("rb")
-            # The first answer inside TLS is the NOOP's: nothing injected ran.
-            assert g.readline() == b"250 2.0.0 Ok\r\n"
-            tls.sendall(b"AUTH PLAIN\r\n")
-            assert g.readline() == b"503 5.5.1 Send EHLO first\r\n"

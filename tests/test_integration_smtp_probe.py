@@ -10,15 +10,19 @@ secrets the client sent.
 from __future__ import annotations
 
 import base64
+import os
 import socket
-import ssl
-import threading
+import uuid
 
 import pytest
 
 from tests.conftest import ISSUED_SECRETS, register
 from tests.imaputil import TIMEOUT
+from tests.upstream.certs import make_pki
+from tests.upstream.osutil import wait_until
 from tests.upstream.proxyproc import ProxyProcess
+from tests.upstream.smtpsink import SMTPSink
+from tests.upstream.submission import Submission, strip_received
 
 
 def b64(data: bytes) -> bytes:
@@ -175,78 +179,7 @@ def test_starttls_then_garbage_or_gone(proxy, mailbox):
         assert bad not in log, bad
 
 
-# -- a provider new to a running proxy -------------------------------------
-
-
-class ScriptedSubmission:
-    """
-    A scripted XOAUTH2 submission server on loopback (implicit TLS with the
-    test PKI's certificate), offering ``extensions``; it takes any XOAUTH2
-    string and keeps what each logged-in connection sends. Only the
-    proxy's logins reach it: no Dovecot submission instance is needed to
-    see which EHLO a client was offered and whether it was spliced.
-    """
-
-    def __init__(self, pki, extensions: list[bytes]):
-        self.extensions = extensions
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(pki.cert, pki.key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.logins = 0
-        # The XOAUTH2 strings (base64) the proxy logged in with.
-        self.auth: list[str] = []
-        self.received: list[bytes] = []
-        self.closed = threading.Event()
-        # When set: AUTH is seen, and answered only once ``release`` is set.
-        self.hold: threading.Event | None = None
-        self.authSeen = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        try:
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                f = tls.makefile("rb")
-                tls.sendall(b"220 scripted ESMTP\r\n")
-                for line in iter(f.readline, b""):
-                    verb = line.split()[0].upper() if line.split() else b""
-                    if verb == b"EHLO":
-                        lines = [b"scripted", *self.extensions, b"AUTH XOAUTH2"]
-                        tls.sendall(
-                            b"".join(b"250-" + x + b"\r\n" for x in lines[:-1])
-                            + b"250 "
-                            + lines[-1]
-                            + b"\r\n"
-                        )
-                    elif verb == b"AUTH":
-                        self.logins += 1
-                        self.auth.append(line.split()[-1].decode())
-                        self.authSeen.set()
-                        if self.hold is not None:
-                            self.hold.wait(TIMEOUT)
-                        tls.sendall(b"235 2.7.0 Accepted\r\n")
-                    elif verb == b"QUIT":
-                        tls.sendall(b"221 2.0.0 Bye\r\n")
-                        return
-                    else:
-                        self.received.append(line)
-                        tls.sendall(b"250 2.0.0 Ok\r\n")
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            self.closed.set()
-
-    def stop(self) -> None:
-        self.listener.close()
+# -- a provider new to a running proxy, a client gone mid-login ----------
 
 
 @pytest.fixture
@@ -256,93 +189,147 @@ def own_proxy(pki, tmp_path):
     p.stop()
 
 
-def new_account(proxy, provider, dovecot, pki, server: ScriptedSubmission) -> tuple[str, str]:
-    """An account whose SMTP server is ``server``; :return: its id and an smtp token."""
-    account = register(proxy, provider, dovecot, pki).account
+def new_account(proxy, provider, dovecot, pki, server: Submission) -> tuple[str, str, str]:
+    """An account whose SMTP server is ``server``; :return: its id, e-mail and an smtp token."""
+    box = register(proxy, provider, dovecot, pki)
     proxy.cli(
         "accounts",
         "update",
-        account,
-        *("--smtp-host", "localhost", "--smtp-port", str(server.port)),
-        *("--smtp-tls", "implicit", "--smtp-ca-file", pki.ca_cert),
+        box.account,
+        *("--smtp-host", server.host, "--smtp-port", str(server.tls_port)),
+        *("--smtp-tls", "implicit", "--smtp-ca-file", server.ca_cert),
     )
-    return account, smtp_token(proxy, account)
+    return box.account, box.email, smtp_token(proxy, box.account)
 
 
-def test_provider_added_while_running(own_proxy, provider, dovecot, pki):
-    """
-    A stored account's server is probed at start-up and offered; an account
-    added later on a server with less gets, on its first AUTH, a 454 (not a
-    splice under promises its server cannot keep), and after EHLO again
-    the narrower offer and its 235.
-    """
-    rich = ScriptedSubmission(pki, [b"SIZE 35882577", b"8BITMIME", b"CHUNKING", b"SMTPUTF8"])
-    poor = ScriptedSubmission(pki, [b"SIZE 1000", b"8BITMIME"])
+def plain_response(account: str, token: str) -> bytes:
+    return b64(b"\0" + account.encode() + b"\0" + token.encode())
+
+
+def sample(tag: str) -> bytes:
+    return f"From: a@example.com\r\nTo: b@example.net\r\nSubject: {tag}\r\n\r\nhello\r\n".encode()
+
+
+def send_message(c: Raw, data: bytes) -> None:
+    """One transaction, each command's reply awaited (Dovecot's pipelining gotcha)."""
+    assert c.ask(b"MAIL FROM:<a@example.com>\r\n").startswith(b"250 ")
+    assert c.ask(b"RCPT TO:<b@example.net>\r\n").startswith(b"250 ")
+    assert c.ask(b"DATA\r\n").startswith(b"354 ")
+    assert c.ask(data + b".\r\n").startswith(b"250 ")
+
+
+@pytest.fixture
+def small_submission(workdir, provider):
+    """A second Dovecot submission server, with its own sink, offering a smaller SIZE."""
+    sink = SMTPSink()
+    sink.start()
+    own = make_pki(
+        os.path.join(workdir, f"pki-smtp-{uuid.uuid4().hex[:8]}"), extra_ips=(Submission.host,)
+    )
+    server = Submission(own, provider.introspection_url, sink, max_mail_size=100_000)
     try:
-        own_proxy.start()
-        new_account(own_proxy, provider, dovecot, pki, rich)
-        own_proxy.stop()
-        own_proxy.start()
-        own_proxy.wait_for_log(f"SMTP server localhost:{rich.port} offers")
-        account, token = new_account(own_proxy, provider, dovecot, pki, poor)
-        response = b64(b"\0" + account.encode() + b"\0" + token.encode())
-        c = Raw(own_proxy.smtp_port)
-        try:
-            c.send(b"EHLO client.example\r\n")
-            assert b"250-SMTPUTF8" in c.reply()
-            reply = c.ask(b"AUTH PLAIN " + response + b"\r\n")
-            assert reply.startswith(b"454 4.7.0 "), reply
-            c.send(b"EHLO client.example\r\n")
-            offer = c.reply()
-            assert offer[1:3] == [b"250-SIZE 1000", b"250-8BITMIME"], offer
-            assert b"250-SMTPUTF8" not in offer
-            assert c.ask(b"AUTH PLAIN " + response + b"\r\n") == (
-                b"235 2.7.0 Authentication successful"
-            )
-            assert c.ask(b"MAIL FROM:<a@example.com>\r\n") == b"250 2.0.0 Ok"
-        finally:
-            c.close()
-        assert poor.logins == 2
-        assert poor.received == [b"MAIL FROM:<a@example.com>\r\n"]
-        log = own_proxy.full_log()
-        assert token not in log and response.decode() not in log
-        assert len(poor.auth) == 2
-        for xoauth2 in poor.auth:
-            assert xoauth2 not in log
-            bearer = base64.b64decode(xoauth2).split(b"auth=Bearer ")[1].split(b"\x01")[0]
-            assert bearer.decode() not in log
+        server.start()
+        yield server
     finally:
-        rich.stop()
-        poor.stop()
+        server.close()
+        sink.stop()
 
 
-def test_client_gone_during_upstream_login(own_proxy, provider, dovecot, pki):
+def test_provider_added_while_running(
+    own_proxy, provider, dovecot, pki, submission, smtp_sink, small_submission
+):
     """
-    A client that leaves while its provider login runs: once the provider
-    says 235, the proxy closes that connection; nothing is spliced or sent.
+    A server learned from a login is offered; an account added later, with
+    the admin command while the proxy runs, on a server with a smaller SIZE
+    gets, on its first AUTH, a 454 (not a splice under promises its server
+    cannot keep), and after EHLO again the narrower offer and its 235.
     """
-    server = ScriptedSubmission(pki, [b"8BITMIME"])
-    server.hold = threading.Event()
+    own_proxy.start()
+    big, _, big_token = new_account(own_proxy, provider, dovecot, pki, submission)
+    c = Raw(own_proxy.smtp_port)
     try:
-        own_proxy.start()
-        account, token = new_account(own_proxy, provider, dovecot, pki, server)
-        response = b64(b"\0" + account.encode() + b"\0" + token.encode())
-        c = Raw(own_proxy.smtp_port)
         c.ask(b"EHLO client.example\r\n")
-        c.send(b"AUTH PLAIN " + response + b"\r\nMAIL FROM:<a@example.com>\r\n")
-        assert server.authSeen.wait(TIMEOUT)
+        assert c.ask(b"AUTH PLAIN " + plain_response(big, big_token) + b"\r\n").startswith(b"235 ")
+    finally:
+        c.close()
+    account, email, token = new_account(own_proxy, provider, dovecot, pki, small_submission)
+    response = plain_response(account, token)
+    c = Raw(own_proxy.smtp_port)
+    try:
+        c.send(b"EHLO client.example\r\n")
+        assert b"250-SIZE 35882577" in c.reply()
+        reply = c.ask(b"AUTH PLAIN " + response + b"\r\n")
+        assert reply.startswith(b"454 4.7.0 "), reply
+        c.send(b"EHLO client.example\r\n")
+        offer = c.reply()
+        assert b"250-SIZE 100000" in offer, offer
+        assert not [line for line in offer if b"35882577" in line], offer
+        assert c.ask(b"AUTH PLAIN " + response + b"\r\n") == (
+            b"235 2.7.0 Authentication successful"
+        )
+        tag = uuid.uuid4().hex
+        send_message(c, sample(tag))
+        assert c.ask(b"QUIT\r\n").startswith(b"221 ")
+    finally:
+        c.close()
+    [got] = small_submission.sink.wait_for(1, TIMEOUT)
+    assert strip_received(got.data) == sample(tag)
+    assert not [m for m in smtp_sink.messages if tag.encode() in m.data]
+    log = own_proxy.full_log()
+    assert token not in log and response.decode() not in log
+    # Two logins at the new server: the one refused with 454 was logged out.
+    wait_until(
+        lambda: small_submission.log().count(f"Login: user=<{email}>, method=XOAUTH2") >= 2,
+        TIMEOUT,
+        "two logins at the new server",
+    )
+
+
+def test_client_gone_during_upstream_login(
+    own_proxy, provider, dovecot, pki, submission, smtp_sink
+):
+    """
+    A client that leaves while its provider login runs (held in Dovecot's
+    introspection): the proxy sees it at once, and once the provider says
+    235 closes that connection; nothing pipelined behind AUTH is sent.
+    """
+    own_proxy.start()
+    account, email, token = new_account(own_proxy, provider, dovecot, pki, submission)
+    tag = uuid.uuid4().hex
+    c = Raw(own_proxy.smtp_port)
+    c.ask(b"EHLO client.example\r\n")
+    before = provider.stats()["introspect_calls"]
+    provider.hold_introspection(True)
+    try:
+        c.send(
+            b"AUTH PLAIN " + plain_response(account, token) + b"\r\n"
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+            + sample(tag)
+            + b".\r\n"
+        )
+        wait_until(
+            lambda: provider.stats()["introspect_calls"] > before,
+            TIMEOUT,
+            "the proxy's AUTH at the provider",
+        )
         # The client leaves; the proxy closing its end shows it saw that,
         # before the provider's 235 is let through.
         c.sock.shutdown(socket.SHUT_WR)
         assert c.file.read() == b""
         c.close()
-        server.hold.set()
-        assert server.closed.wait(TIMEOUT), "the provider connection was left open"
-        assert server.received == []
-        own_proxy.wait_for_log("SMTP listening")
-        log = own_proxy.full_log()
-        assert "spliced" not in log
-        for bad in ("Traceback", "Unhandled", "internal error"):
-            assert bad not in log, bad
     finally:
-        server.stop()
+        provider.hold_introspection(False)
+
+    # The provider session ends: logged in, then disconnected.
+    def ended() -> bool:
+        lines = [line for line in submission.log().splitlines() if email in line]
+        return any("Login: " in line for line in lines) and any(
+            "Disconnect" in line for line in lines if "Login: " not in line
+        )
+
+    wait_until(ended, TIMEOUT, "the provider session to end")
+    assert not [m for m in smtp_sink.messages if tag.encode() in m.data]
+    log = own_proxy.full_log()
+    assert "spliced" not in log
+    for bad in ("Traceback", "Unhandled", "internal error"):
+        assert bad not in log, bad

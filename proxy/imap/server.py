@@ -16,7 +16,6 @@ import functools
 from typing import Any
 
 import attrs
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.mail.imap4 import IMAP4Server
@@ -24,9 +23,9 @@ from twisted.python.failure import Failure
 
 from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
-from ..errors import AccessDenied, ProxyError, Unavailable
+from ..errors import AccessDenied
+from ..loginresult import logBug, refusal
 from ..relay import Splice, tuneSocket
-from ..store import StoreUnavailable
 from .reader import CommandReader
 from .sasl import SASLError, parsePlain
 from .secure import SecureMixin
@@ -35,6 +34,7 @@ from .sessions import SessionRegistry
 log = Logger(namespace="proxy.imap")
 
 PLAINTEXT_POLICIES = ("allow", "loopback", "deny")
+INTERNAL = b"NO [UNAVAILABLE] Internal error, try again later"
 
 
 @attrs.frozen
@@ -77,7 +77,13 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
     IDENT = b"imapproxy"
     # After * BYE, how long a peer has to let the connection close.
     BYE_GRACE = 5.0
+    # Octets held behind a LOGIN while it runs before reading stops
+    # (reading goes on below it, so that a client that leaves is seen).
+    MAX_HELD = 65536
     _cut: Any = None
+    _held = 0
+    # The transport paused past MAX_HELD (the splice or a refusal resumes it).
+    _readingPaused = False
     transport: Any
     portal: Any
 
@@ -132,8 +138,17 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         if self.sink is not None:
             self.bytesReceived += len(data)
             self.sink(data)
-        else:
-            IMAP4Server.dataReceived(self, data)
+            return
+        IMAP4Server.dataReceived(self, data)
+        if self._phase == "login":
+            self._held += len(data)
+            if self._held > self.MAX_HELD and not self._readingPaused:
+                self._readingPaused = True
+                self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._readingPaused = False
+        IMAP4Server.resumeProducing(self)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.bye(b"Command line too long")
@@ -159,6 +174,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
     def _close(self) -> None:
         """Close for good: resume reading and cut a peer that does not go."""
         self._phase = "closed"
+        self.clearLineBuffer()  # what a login held is dropped
         # Reading may be paused (a login was pending): a TLS close needs to
         # read the peer's close_notify, and a peer that never closes is cut.
         # The cut is armed first: a transport may report the loss at once.
@@ -262,18 +278,42 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             self._refused(tag, AccessDenied("username").imapResponse())
             return
         # Hold whatever the client pipelined behind its login, unparsed and
-        # unanswered, and stop reading until the login is decided.
+        # unanswered, until the login is decided. Reading goes on (up to
+        # MAX_HELD): a paused connection would not see a client leave, and
+        # its held commands would reach the provider after all.
         self._phase = "login"
-        self.pauseProducing()
+        self._held = 0
+        self._readingPaused = False
+        self.paused = True  # LineReceiver: no more lines parsed
         self._account = loggableAccount(account)
         creds = TokenCredentials(account=account, token=token, address=self.address)
         ticket = self._sessions.loginStarted() if self._sessions is not None else 0
         d = self.portal.login(creds, None, IUpstreamSession)
         d.addCallbacks(self._loggedIn, self._loginFailed, (tag, ticket), None, (tag, ticket), None)
-        d.addErrback(lambda f: log.failure("login completion failed", f))
+        d.addErrback(self._completionFailed)
+
+    def _completionFailed(self, failure: Any) -> None:
+        """
+        A bug while completing a login: one log line (no traceback, which
+        might carry the token) and a BYE, not a client left waiting.
+        """
+        logBug(failure, log, "login", self._account, self.address)
+        self.continuation = None
+        if self.splice is None and self._phase != "closed":
+            # Never spliced (even if marked so before the bug): still ours.
+            self.sendLine(b"* BYE Internal error")
+            self._close()
 
     def _loggedIn(self, result: Any, tag: bytes, ticket: int) -> None:
         _iface, session, logout = result
+        try:
+            self._complete(session, logout, tag, ticket)
+        except Exception:
+            if self.splice is None:
+                logout()  # never spliced: nobody else will end it
+            raise
+
+    def _complete(self, session: Any, logout: Any, tag: bytes, ticket: int) -> None:
         revoked = self._sessions is not None and self._sessions.loginEnded(
             ticket, session.account, session.tokenId
         )
@@ -326,28 +366,8 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             self._sessions.loginEnded(ticket, None, None)
         if self._phase != "login":
             return
-        error = failure.value
-        if isinstance(error, (AccessDenied, ProxyError)):
-            response = error.imapResponse()
-            if isinstance(error, ProxyError):
-                log.warn(
-                    "login of {account} from {address} failed upstream: {reason}",
-                    account=self._account,
-                    address=self.address,
-                    reason=error.reason,
-                )
-        elif isinstance(error, UnauthorizedLogin):
-            response = AccessDenied("unknown-token").imapResponse()
-        elif isinstance(error, StoreUnavailable):
-            log.warn(
-                "login of {account} from {address} failed: the store is unavailable",
-                account=self._account,
-                address=self.address,
-            )
-            response = Unavailable().imapResponse()
-        else:
-            log.failure("unexpected error during login", failure)
-            response = b"NO [UNAVAILABLE] Internal error, try again later"
+        error = refusal(failure, log, "login", self._account, self.address)
+        response = INTERNAL if error is None else error.imapResponse()
         self._phase = "preauth"
         self._refused(tag, response)
         if self._phase == "preauth":

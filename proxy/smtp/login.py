@@ -10,15 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import Logger
 
 from .. import limits
 from ..cred import ISubmissionSession, TokenCredentials, loggableAccount
-from ..errors import AccessDenied, ProxyError, Unavailable
+from ..errors import AccessDenied
 from ..imap import SASLError, parsePlain
+from ..loginresult import logBug, refusal
 from ..relay import Splice
-from ..store import StoreUnavailable
 from . import syntax as S
 from .extensions import Features
 
@@ -156,16 +155,7 @@ class LoginMixin:
         self.bye(b"4.3.0", b"Internal error")
 
     def _logBug(self, failure: Any) -> None:
-        """One line naming the error's type and where it came from."""
-        frames = getattr(failure, "frames", None) or [("", "?", 0)]
-        _func, filename, line = frames[-1][:3]
-        log.error(
-            "smtp login of {account} from {address} failed: unexpected {error} at {where}",
-            account=self._account,
-            address=self.address,
-            error=failure.type.__name__,
-            where=f"{filename.rsplit('/', 1)[-1]}:{line}",
-        )
+        logBug(failure, log, "smtp login", self._account, self.address)
 
     def _loggedIn(self, result: Any, ticket: int) -> None:
         _iface, session, logout = result
@@ -241,30 +231,8 @@ class LoginMixin:
         self._sessions.loginEnded(ticket, None, None)
         if self._phase != "login":
             return
-        error = failure.value
-        if isinstance(error, (AccessDenied, ProxyError)):
-            response = error.smtpResponse()
-            if isinstance(error, ProxyError):
-                log.warn(
-                    "smtp login of {account} from {address} failed upstream: {reason}",
-                    account=self._account,
-                    address=self.address,
-                    reason=error.reason,
-                )
-        elif isinstance(error, UnauthorizedLogin):
-            response = AccessDenied("unknown-token").smtpResponse()
-        elif isinstance(error, StoreUnavailable):
-            log.warn(
-                "smtp login of {account} from {address} failed: the store is unavailable",
-                account=self._account,
-                address=self.address,
-            )
-            response = Unavailable().smtpResponse()
-        else:
-            # A bug, not an input: one line, no traceback (which might carry
-            # the token), and a fixed answer.
-            self._logBug(failure)
-            response = S.INTERNAL
+        error = refusal(failure, log, "smtp login", self._account, self.address)
+        response = S.INTERNAL if error is None else error.smtpResponse()
         self._retry(response)
 
     def _retry(self, response: bytes) -> None:

@@ -220,6 +220,10 @@ class Provider:
         """Delay every token-endpoint answer by *seconds* (0: off)."""
         self._control("delay", {"seconds": seconds})
 
+    def hold_introspection(self, hold: bool) -> None:
+        """Hold every introspection answer (Dovecot's logins wait) until called with False."""
+        self._control("introspection-hold", {"hold": hold})
+
     def register_client(
         self, client_id: str, client_secret: str, redirect_uris: Sequence[str] = ()
     ) -> None:

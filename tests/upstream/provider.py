@@ -52,7 +52,7 @@ from urllib.parse import unquote_plus, urlencode, urlsplit, urlunsplit
 
 import attrs
 from klein import Klein
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request, Site
 
@@ -205,6 +205,9 @@ class ProviderState:
         self.fail_status = 503
         self.fail_count = 0  # >0: that many more failures; -1: forever
         self.delay = 0.0
+        # While set, introspection answers wait for it (tests hold a login
+        # in Dovecot's passdb at a known point); None: answered at once.
+        self.introspection_held: list[defer.Deferred[None]] | None = None
         self.reset_stats()
 
     # -- statistics ---------------------------------------------------------
@@ -734,6 +737,8 @@ class ControlApp:
     ``POST /control/expire-access`` ``{"username"?}``;
     ``POST /control/fail`` ``{"status", "count"}`` (count -1: forever, 0: off);
     ``POST /control/delay`` ``{"seconds"}``;
+    ``POST /control/introspection-hold`` ``{"hold"}`` (true: introspection
+    answers wait, false: they go out);
     ``POST /control/client`` ``{"client_id", "client_secret",
     "redirect_uris"?}`` (adds redirect URIs; 409 for another secret);
     ``POST /control/consent`` ``{"username", "deny"?}``;
@@ -750,7 +755,7 @@ class ControlApp:
         self.state = state
 
     @app.route("/introspect", methods=["POST"])
-    def introspect(self, request: Request) -> bytes:
+    def introspect(self, request: Request) -> Any:
         form = _form(request)
         client_id, client_secret = _basic_auth(request) or (
             form.get("client_id", ""),
@@ -761,7 +766,13 @@ class ControlApp:
             INTROSPECTION_CLIENT_SECRET,
         ):
             return _json(request, 401, {"error": "invalid_client"})
-        return _json(request, 200, self.state.introspect(form.get("token", "")))
+        # Counted and decided on arrival; only the answer waits for a hold.
+        body = self.state.introspect(form.get("token", ""))
+        if self.state.introspection_held is not None:
+            waiting: defer.Deferred[None] = defer.Deferred()
+            self.state.introspection_held.append(waiting)
+            return waiting.addCallback(lambda _: _json(request, 200, body))
+        return _json(request, 200, body)
 
     @app.handle_errors(KeyError, ValueError, TypeError)
     def bad_control_request(self, request: Request, failure: Any) -> bytes:
@@ -811,6 +822,17 @@ class ControlApp:
         if seconds < 0:
             raise ValueError("negative delay")
         self.state.delay = seconds
+        return _json(request, 200, {"ok": True})
+
+    @app.route("/control/introspection-hold", methods=["POST"])
+    def introspection_hold(self, request: Request) -> bytes:
+        if _json_body(request)["hold"]:
+            if self.state.introspection_held is None:
+                self.state.introspection_held = []
+        else:
+            held, self.state.introspection_held = self.state.introspection_held or [], None
+            for waiting in held:
+                waiting.callback(None)
         return _json(request, 200, {"ok": True})
 
     @app.route("/control/client", methods=["POST"])

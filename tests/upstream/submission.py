@@ -140,12 +140,21 @@ class Submission:
     :param pki: its certificate, which must name 127.0.0.2; clients (and
         the proxy's ``--smtp-ca-file``) trust :attr:`ca_cert`.
     :param sink: the relay host; start it first.
+    :param max_mail_size: ``submission_max_mail_size``, advertised as
+        ``SIZE``: a smaller one makes a server that offers less.
     """
 
     host = "127.0.0.2"
 
-    def __init__(self, pki: PKI, introspection_url: str, sink: SMTPSink) -> None:
+    def __init__(
+        self,
+        pki: PKI,
+        introspection_url: str,
+        sink: SMTPSink,
+        max_mail_size: int = MAX_MAIL_SIZE,
+    ) -> None:
         self.pki = pki
+        self.max_mail_size = max_mail_size
         self.introspection_url = introspection_url
         self.sink = sink
         self.dir: str | None = None
@@ -217,7 +226,7 @@ class Submission:
                     key=self.pki.key,
                     sink_host=self.sink.host,
                     sink_port=self.sink.port,
-                    max_size=MAX_MAIL_SIZE,
+                    max_size=self.max_mail_size,
                     plain_port=self.port,
                     tls_port=self.tls_port,
                 )
