@@ -236,3 +236,21 @@ class CompletionErrorTests(SMTPTestCase):
         self.assertEqual(len(errors), 1, errors)
         self.assertNotIn("log_failure", errors[0])
         self.assertNotIn(TOKEN, repr(events))
+
+    def test_bugAfterMarkedSplicedClosesAndLogsOut(self):
+        """
+        A bug after the connection was marked spliced but before the splice
+        exists (here the registry refusing it): still a 421 and a close, not
+        a client left with no answer and no login timer.
+        """
+        self.greeted()
+
+        def broken(session: object, splice: object) -> None:
+            raise RuntimeError("broken")
+
+        self.sessions.add = broken  # type: ignore[method-assign]
+        session = self.succeed(self.authPlain())
+        lines = self.lines()
+        self.assertEqual(lines[-1], b"421 4.3.0 mx.test Internal error")
+        self.assertEqual(session.loggedOut, 1)
+        self.assertTrue(self.transport.disconnecting)

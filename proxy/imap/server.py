@@ -349,13 +349,15 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             + b" authenticated"
         )
         label = f"{session.account}@{self.address}"
-        self.splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
         if self._sessions is not None:
-            self._sessions.add(session, self.splice)
+            self._sessions.add(session, splice)
         self._session = session
         held = self.clearLineBuffer()
+        # Set last: until then a bug here leaves the connection ours to close.
+        self.splice = splice
         log.info("session {label} spliced", label=label)
-        self.splice.start(held)
+        splice.start(held)
 
     def _spliceEnded(self, splice: Splice) -> None:
         if self._sessions is not None:

@@ -152,7 +152,10 @@ class LoginMixin:
         """
         self._logBug(failure)
         self.continuation = None
-        self.bye(b"4.3.0", b"Internal error")
+        if self.splice is None and self._phase != "closed":
+            # Never spliced (even if marked so before the bug): still ours.
+            self._phase = "login"
+            self.bye(b"4.3.0", b"Internal error")
 
     def _logBug(self, failure: Any) -> None:
         logBug(failure, log, "smtp login", self._account, self.address)
@@ -196,12 +199,14 @@ class LoginMixin:
         limits.loggedIn(self.transport)
         self.sendLine(S.AUTH_OK)
         label = f"{session.account}@{self.address}/smtp"
-        self.splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
-        self._sessions.add(session, self.splice)
+        splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        self._sessions.add(session, splice)
         self._session = session
         held = self.takeHeld()
+        # Set last: until then a bug here leaves the connection ours to close.
+        self.splice = splice
         log.info("session {label} spliced", label=label)
-        self.splice.start(held)
+        splice.start(held)
 
     def _offerKept(self, session: Any) -> bool:
         """
