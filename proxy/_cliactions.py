@@ -22,6 +22,14 @@ from .store import SQLiteStore, StoreError, makeStore, sqlitePath
 CREATING = {("accounts", "add"), ("accounts", "authorize"), ("apps", "add"), ("tokens", "issue")}
 
 
+# Live sessions are in the memory of the running service, which the admin
+# command (it opens the store, not the service) cannot reach: one honest line.
+SESSIONS_ELSEWHERE = (
+    "imapproxy: live sessions are held by the running service, not the store: "
+    "list them with GET /v1/sessions and end one with DELETE /v1/session/ID on its API"
+)
+
+
 def requireStore(url: str) -> None:
     """Exit with one line when ``url`` names an SQLite store that does not exist."""
     try:

@@ -226,6 +226,41 @@ class Admin:
                 )
         return closed
 
+    def listSessions(
+        self, account: str | None = None, token: str | None = None, protocol: str | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        This process's live sessions matching every filter given.
+
+        :param token: a token id or the token itself.
+        """
+        if protocol is not None and protocol not in ("imap", "smtp"):
+            raise InvalidInput("protocol must be imap or smtp")
+        if self.sessions is None:
+            return []
+        found = self.sessions.sessions(account=account, protocol=protocol)
+        if token is not None:
+            value = token.strip().lower()
+            ids = {value, tokenId(value)}
+            found = [s for s in found if s.tokenId in ids]
+        return [s.view() for s in found]
+
+    def endSession(self, sessionId: str, account: str | None = None) -> None:
+        """
+        End one live session of this process (the client reads ``* BYE`` or
+        ``421``); :param account: the caller's account, for an account token:
+        another account's session is as unknown as a missing one.
+        """
+        live = self.sessions.get(sessionId) if self.sessions is not None else None
+        if live is None or (account is not None and live.account != account):
+            raise NotFound("no such session")
+        self.sessions.end(sessionId)
+        log.info(
+            "session {id} of {account} ended by the operator",
+            id=sessionId,
+            account=live.account,
+        )
+
     async def getAccount(self, accountId: str) -> Account:
         account = await self.store.getAccount(accountId)
         if account is None:

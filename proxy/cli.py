@@ -18,6 +18,7 @@ from twisted.internet.task import react
 from . import __version__, selfcheck
 from ._cliactions import (
     CREATING,
+    SESSIONS_ELSEWHERE,
     addAccount,
     authorize,
     describeServer,
@@ -217,6 +218,12 @@ def _parser() -> argparse.ArgumentParser:
         "on SQLite use the API of the running service)",
     )
 
+    ses = top.add_parser("sessions", help="live sessions (use the API)")
+    sesCmd = ses.add_subparsers(dest="command", required=True)
+    sesList = sesCmd.add_parser("list", parents=[common], help="list live sessions")
+    sesList.add_argument("--account")
+    sesList.add_argument("--protocol", choices=["imap", "smtp"])
+    sesCmd.add_parser("end", parents=[common], help="end one session").add_argument("id")
     st = top.add_parser("store", help="the store as a whole").add_subparsers(
         dest="command", required=True
     )
@@ -334,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"imapproxy: {reason}", file=sys.stderr)
         sys.exit(2)
     args = _parser().parse_args(argv)
+    if args.group == "sessions":
+        print(SESSIONS_ELSEWHERE, file=sys.stderr)
+        sys.exit(2)
     settings: dict[str, str] = {}
     if getattr(args, "config", None):
         try:

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet.defer import ensureDeferred
@@ -23,6 +24,7 @@ from .certs import (
 from .cred import API_SCOPE, TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import ENV_VAR
 from .imap import ProxyFactory, ServerPolicy, SessionRegistry
+from .imap.sessions import SAMPLE_INTERVAL
 from .limits import (
     HTTP,
     IMAP,
@@ -140,7 +142,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         maxLiteral=options["max-literal"],
         plaintextLogin=options["plaintext-login"],
     )
-    sessions = SessionRegistry(spares=warm)
+    sessions = SessionRegistry(spares=warm, clock=reactor)
+    # Which sessions moved bytes lately (their last activity), off the relay path.
+    TimerService(SAMPLE_INTERVAL, sessions.sample).setServiceParent(top)
     metrics.watch(sessions, warm, None if shared else penaltyBackend, store)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
     smtpFactory, primer = submissionDoor(
