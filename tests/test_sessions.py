@@ -247,3 +247,31 @@ def test_tokenNotInIds():
     token, tid = newToken()
     live = registry.add(imap("alice", tid), splice(Clock()))
     assert live.id not in tid and live.id not in token
+
+
+class CommandTests(SynchronousTestCase):
+    """``imapproxy sessions list|end``: one honest line and status 2 (see docs)."""
+
+    def test_pointsToTheAPI(self):
+        import io
+        from unittest import mock
+
+        from proxy import cli
+
+        for argv in (["sessions", "list", "--account", "alice"], ["sessions", "end", "ab" * 12]):
+            err = io.StringIO()
+            with mock.patch("sys.stderr", err):
+                e = self.assertRaises(SystemExit, cli.main, argv)
+            self.assertEqual(e.code, 2)
+            self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+            self.assertIn("GET /v1/sessions", err.getvalue())
+
+
+class CloseWithTests(SynchronousTestCase):
+    def test_clientAlreadyLost(self):
+        """A client already gone is not written to."""
+        clock = Clock()
+        sp = splice(clock)
+        sp.clientLost()
+        sp.closeWith(b"* BYE x")
+        self.assertEqual(sp.client.transport.value(), b"")
