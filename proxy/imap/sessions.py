@@ -233,3 +233,14 @@ def _upstream(session: Any, splice: Splice) -> str:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def liveRound(sessions: SessionRegistry, board: Any = None) -> None:
+    """
+    Every ``SAMPLE_INTERVAL``: note which sessions moved bytes and, with a
+    shared store, publish this instance's sessions (``SessionBoard``) for
+    the other instances' lists; a failed publication is logged, not raised.
+    """
+    sessions.sample()
+    if board is not None:
+        board.publish([s.view() for s in sessions.sessions()])

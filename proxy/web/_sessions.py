@@ -39,7 +39,7 @@ async def listSessions(self: Any, request: Any) -> bytes:
         if account is not None and account != caller.account:
             raise Forbidden("this token may not act on that account")
         account = caller.account
-    sessions = self.admin.listSessions(
+    sessions = await self.admin.listSessions(
         account=account, token=_arg(request, b"token"), protocol=_arg(request, b"protocol")
     )
     return _json(request, 200, {"sessions": sessions})
@@ -47,7 +47,7 @@ async def listSessions(self: Any, request: Any) -> bytes:
 
 async def endSession(self: Any, request: Any, sessionId: str) -> bytes:
     caller = await self._caller(request)
-    self.admin.endSession(sessionId, account=caller.account)
+    await self.admin.endSession(sessionId, account=caller.account)
     log.info("session {id} ended by token {caller}", id=sessionId, caller=caller.id[:12])
     return _json(request, 200, {"ended": True})
 
