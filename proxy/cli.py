@@ -26,6 +26,7 @@ from ._cliactions import (
     openStore,
     requireStore,
     secrets,
+    sessionsCommand,
     smtpArguments,
     updateAccount,
 )
@@ -33,7 +34,7 @@ from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .model import TLS_MODES
 from .startup import KEY_RELOAD_INTERVAL
-from .store import RedisStore, SessionBus, defaultStoreURL
+from .store import RedisStore, SessionBoard, SessionBus, defaultStoreURL
 from .store.copy import copyStore
 
 
@@ -218,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         "on SQLite use the API of the running service)",
     )
 
-    ses = top.add_parser("sessions", help="live sessions (use the API)")
+    ses = top.add_parser("sessions", help="live sessions (a Redis store)")
     sesCmd = ses.add_subparsers(dest="command", required=True)
     sesList = sesCmd.add_parser("list", parents=[common], help="list live sessions")
     sesList.add_argument("--account")
@@ -246,7 +247,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     asJSON = getattr(args, "json", False)
     group, command = args.group, args.command
-    if group == "accounts" and command == "add":
+    if group == "sessions":
+        await sessionsCommand(args, admin, out)
+    elif group == "accounts" and command == "add":
         await addAccount(args, admin)
     elif group == "accounts" and command == "list":
         accounts = await admin.listAccounts()
@@ -341,9 +344,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"imapproxy: {reason}", file=sys.stderr)
         sys.exit(2)
     args = _parser().parse_args(argv)
-    if args.group == "sessions":
-        print(SESSIONS_ELSEWHERE, file=sys.stderr)
-        sys.exit(2)
     settings: dict[str, str] = {}
     if getattr(args, "config", None):
         try:
@@ -356,12 +356,17 @@ def main(argv: list[str] | None = None) -> None:
         source, target = _openBoth(args, url, secretFile)
         _react(lambda: _copy(source, target, args.overwrite))
     store = _open(url, secretFile, create=(args.group, args.command) in CREATING)
+    if args.group == "sessions" and not isinstance(store, RedisStore):
+        print(SESSIONS_ELSEWHERE, file=sys.stderr)
+        sys.exit(2)
 
     async def run() -> None:
         # On a shared store, sessions closed here are closed on every instance.
         bus = SessionBus(store, lambda a, t: 0, None) if isinstance(store, RedisStore) else None
+        # What the instances publish of their live sessions (a Redis store).
+        board = SessionBoard(store, "admin-command", 5.0) if bus is not None else None
         try:
-            await _run(args, Admin(store, bus=bus), sys.stdout)
+            await _run(args, Admin(store, bus=bus, board=board), sys.stdout)
         finally:
             await store.close()
 

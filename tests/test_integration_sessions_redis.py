@@ -38,3 +38,31 @@ def test_listed_and_ended_across_instances(pair, provider, dovecot, pki):
         assert r.status_code == 404
     finally:
         onB.close()
+
+
+def test_admin_command_lists_and_ends(pair, provider, dovecot, pki):
+    """On a Redis store, ``imapproxy sessions list|end`` work from the published sessions."""
+    import json
+
+    mailbox = register(pair.a, provider, dovecot, pki)
+    token = _imap_token(pair.a, pair.root, mailbox.account)
+    onB = _spliced(pair.b, mailbox.account, token)
+    try:
+
+        def listed():
+            out = pair.a.cli("sessions", "list", "--account", mailbox.account, "--json").stdout
+            return json.loads(out)["sessions"]
+
+        [session] = wait_until(listed, what="B's session listed by the admin command")
+        assert session["account"] == mailbox.account and session["protocol"] == "imap"
+        text = pair.a.cli("sessions", "list", "--account", mailbox.account).stdout
+        assert text.startswith(session["id"] + "\timap\t" + mailbox.account + "\t")
+        pair.a.cli("sessions", "end", session["id"])
+        assert onB.line() == b"* BYE Session ended by the operator"
+        assert onB.closed()
+        wait_until(lambda: listed() == [], what="gone")
+        gone = pair.a.cli("sessions", "end", session["id"], check=False)
+        assert gone.returncode == 1 and gone.stderr.count("\n") == 1, gone.stderr
+        assert "no such session" in gone.stderr
+    finally:
+        onB.close()

@@ -250,18 +250,37 @@ def test_tokenNotInIds():
 
 
 class CommandTests(SynchronousTestCase):
-    """``imapproxy sessions list|end``: one honest line and status 2 (see docs)."""
+    """``imapproxy sessions list|end`` on SQLite: one honest line and status 2."""
 
-    def test_pointsToTheAPI(self):
+    def test_sqlitePointsToTheAPI(self):
         import io
+        import os
+        import shutil
+        import tempfile
         from unittest import mock
 
         from proxy import cli
 
+        d = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, d, True)
+        url = f"sqlite://{d}/s.sqlite3"
+        keyFile = os.path.join(d, "key")
+        from cryptography.fernet import Fernet
+
+        with open(os.open(keyFile, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(Fernet.generate_key() + b"\n")
+        made = ["tokens", "issue", "--scope", "api", "--description", "x"]
+        with mock.patch("sys.stdout", io.StringIO()), mock.patch("sys.stderr", io.StringIO()):
+            e = self.assertRaises(
+                SystemExit, cli.main, [*made, "--store", url, "--secret-file", keyFile]
+            )
+        self.assertIn(e.code, (0, None))
         for argv in (["sessions", "list", "--account", "alice"], ["sessions", "end", "ab" * 12]):
             err = io.StringIO()
             with mock.patch("sys.stderr", err):
-                e = self.assertRaises(SystemExit, cli.main, argv)
+                e = self.assertRaises(
+                    SystemExit, cli.main, [*argv, "--store", url, "--secret-file", keyFile]
+                )
             self.assertEqual(e.code, 2)
             self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
             self.assertIn("GET /v1/sessions", err.getvalue())
