@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
@@ -34,7 +35,7 @@ from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .model import TLS_MODES
 from .startup import KEY_RELOAD_INTERVAL
-from .store import RedisStore, SessionBoard, SessionBus, defaultStoreURL
+from .store import REDIS_SCHEMES, RedisStore, SessionBoard, SessionBus, defaultStoreURL
 from .store.copy import copyStore
 
 
@@ -355,10 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.group == "store":
         source, target = _openBoth(args, url, secretFile)
         _react(lambda: _copy(source, target, args.overwrite))
-    store = _open(url, secretFile, create=(args.group, args.command) in CREATING)
-    if args.group == "sessions" and not isinstance(store, RedisStore):
+    if args.group == "sessions" and urlsplit(url).scheme not in REDIS_SCHEMES:
         print(SESSIONS_ELSEWHERE, file=sys.stderr)
         sys.exit(2)
+    store = _open(url, secretFile, create=(args.group, args.command) in CREATING)
 
     async def run() -> None:
         # On a shared store, sessions closed here are closed on every instance.
