@@ -6,6 +6,7 @@ and how its failures become one line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,6 +21,34 @@ from .store import SQLiteStore, StoreError, makeStore, sqlitePath
 # Commands that may create the store (and its key) when there is none yet;
 # every other command fails with one line instead of creating an empty store.
 CREATING = {("accounts", "add"), ("accounts", "authorize"), ("apps", "add"), ("tokens", "issue")}
+
+
+# With SQLite, live sessions are only in the memory of the running service,
+# which the admin command (it opens the store) cannot reach: one honest line.
+# With Redis, the instances publish them there, and a close request reaches them.
+SESSIONS_ELSEWHERE = (
+    "imapproxy: with a SQLite store the live sessions are only in the running service: "
+    "list them with GET /v1/sessions and end one with DELETE /v1/session/ID on its API"
+)
+
+
+async def sessionsCommand(args: argparse.Namespace, admin: Admin, out: Any) -> None:
+    """``sessions list|end`` on a Redis store: what the instances published."""
+    if args.command == "end":
+        await admin.endSession(args.id)
+        print(f"asked the instance holding session {args.id} to end it", file=sys.stderr)
+        return
+    found = await admin.listSessions(account=args.account, protocol=args.protocol)
+    if getattr(args, "json", False):
+        json.dump({"sessions": found}, out, indent=2)
+        out.write("\n")
+        return
+    for s in found:
+        out.write(
+            f"{s['id']}\t{s['protocol']}\t{s['account']}\t{s['address']}\t{s['upstream']}\t"
+            f"{s['started']}\t{s['bytesToProvider']}\t{s['bytesToClient']}\t"
+            f"{s['lastActivity']}\n"
+        )
 
 
 def requireStore(url: str) -> None:

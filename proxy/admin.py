@@ -140,12 +140,22 @@ class Admin:
     :param clock: ``IReactorTime`` or anything with ``seconds()``.
     :param bus: with a shared store, what carries close requests to the
         other instances (``publish(account, tokenId)``); None otherwise.
+    :param board: with a shared store, the ``SessionBoard`` where every
+        instance publishes its live sessions; None otherwise.
     """
 
-    def __init__(self, store: IStore, sessions: Any = None, clock: Any = None, bus: Any = None):
+    def __init__(
+        self,
+        store: IStore,
+        sessions: Any = None,
+        clock: Any = None,
+        bus: Any = None,
+        board: Any = None,
+    ):
         self.store = store
         self.sessions = sessions
         self.bus = bus
+        self.board = board
         self._now = clock.seconds if clock is not None else time.time
 
     async def issueToken(self, data: Any, caller: Token | None = None) -> tuple[str, Token]:
@@ -225,6 +235,50 @@ class Admin:
                     why=str(e)[:200],
                 )
         return closed
+
+    async def listSessions(
+        self, account: str | None = None, token: str | None = None, protocol: str | None = None
+    ) -> list[dict[str, Any]]:
+        """
+        The live sessions matching every filter given: this process's, and
+        with a shared store those the other instances last published.
+
+        :param token: a token id or the token itself.
+        """
+        if protocol is not None and protocol not in ("imap", "smtp"):
+            raise InvalidInput("protocol must be imap or smtp")
+        views = [s.view() for s in self.sessions.sessions()] if self.sessions is not None else []
+        if self.board is not None:
+            views = [{**v, "instance": self.board.instance} for v in views]
+            views += await self.board.others()
+        tokens = None if token is None else {token.strip().lower(), tokenId(token.strip().lower())}
+        return [
+            v
+            for v in views
+            if (account is None or v.get("account") == account)
+            and (protocol is None or v.get("protocol") == protocol)
+            and (tokens is None or v.get("tokenId") in tokens)
+        ]
+
+    async def endSession(self, sessionId: str, account: str | None = None) -> None:
+        """
+        End one live session (its client reads ``* BYE`` or ``421``): here,
+        or through the bus on the instance that published it.
+
+        :param account: the caller's account, for an account token: another
+            account's session is as unknown as a missing one.
+        """
+        live = self.sessions.get(sessionId) if self.sessions is not None else None
+        if live is not None and account in (None, live.account):
+            self.sessions.end(sessionId)
+        elif live is None and self.board is not None and self.bus is not None:
+            views = [v for v in await self.board.others() if v.get("id") == sessionId]
+            if not views or account not in (None, views[0].get("account")):
+                raise NotFound("no such session")
+            await self.bus.publish(session=sessionId)
+        else:
+            raise NotFound("no such session")
+        log.info("session {id} ended by the operator", id=sessionId)
 
     async def getAccount(self, accountId: str) -> Account:
         account = await self.store.getAccount(accountId)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
@@ -18,6 +19,7 @@ from twisted.internet.task import react
 from . import __version__, selfcheck
 from ._cliactions import (
     CREATING,
+    SESSIONS_ELSEWHERE,
     addAccount,
     authorize,
     describeServer,
@@ -25,6 +27,7 @@ from ._cliactions import (
     openStore,
     requireStore,
     secrets,
+    sessionsCommand,
     smtpArguments,
     updateAccount,
 )
@@ -32,7 +35,7 @@ from .admin import Admin, AdminError, accountView, appView, tokenView
 from .config import ConfigError, readConfig
 from .model import TLS_MODES
 from .startup import KEY_RELOAD_INTERVAL
-from .store import RedisStore, SessionBus, defaultStoreURL
+from .store import REDIS_SCHEMES, RedisStore, SessionBoard, SessionBus, defaultStoreURL
 from .store.copy import copyStore
 
 
@@ -217,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         "on SQLite use the API of the running service)",
     )
 
+    ses = top.add_parser("sessions", help="live sessions (a Redis store)")
+    sesCmd = ses.add_subparsers(dest="command", required=True)
+    sesList = sesCmd.add_parser("list", parents=[common], help="list live sessions")
+    sesList.add_argument("--account")
+    sesList.add_argument("--protocol", choices=["imap", "smtp"])
+    sesCmd.add_parser("end", parents=[common], help="end one session").add_argument("id")
     st = top.add_parser("store", help="the store as a whole").add_subparsers(
         dest="command", required=True
     )
@@ -239,7 +248,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
     asJSON = getattr(args, "json", False)
     group, command = args.group, args.command
-    if group == "accounts" and command == "add":
+    if group == "sessions":
+        await sessionsCommand(args, admin, out)
+    elif group == "accounts" and command == "add":
         await addAccount(args, admin)
     elif group == "accounts" and command == "list":
         accounts = await admin.listAccounts()
@@ -345,13 +356,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.group == "store":
         source, target = _openBoth(args, url, secretFile)
         _react(lambda: _copy(source, target, args.overwrite))
+    if args.group == "sessions" and urlsplit(url).scheme not in REDIS_SCHEMES:
+        print(SESSIONS_ELSEWHERE, file=sys.stderr)
+        sys.exit(2)
     store = _open(url, secretFile, create=(args.group, args.command) in CREATING)
 
     async def run() -> None:
         # On a shared store, sessions closed here are closed on every instance.
         bus = SessionBus(store, lambda a, t: 0, None) if isinstance(store, RedisStore) else None
+        # What the instances publish of their live sessions (a Redis store).
+        board = SessionBoard(store, "admin-command", 5.0) if bus is not None else None
         try:
-            await _run(args, Admin(store, bus=bus), sys.stdout)
+            await _run(args, Admin(store, bus=bus, board=board), sys.stdout)
         finally:
             await store.close()
 

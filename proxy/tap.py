@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet.defer import ensureDeferred
@@ -23,6 +24,7 @@ from .certs import (
 from .cred import API_SCOPE, TokenChecker, UpstreamRealm, upstreamConnector
 from .encryption import ENV_VAR
 from .imap import ProxyFactory, ServerPolicy, SessionRegistry
+from .imap.sessions import SAMPLE_INTERVAL, liveRound
 from .limits import (
     HTTP,
     IMAP,
@@ -59,6 +61,7 @@ from .store import (
     RedisPenalties,
     RedisStore,
     RefreshLock,
+    SessionBoard,
     SessionBus,
 )
 from .upstream import WarmUpstreams, probeSMTP
@@ -140,7 +143,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         maxLiteral=options["max-literal"],
         plaintextLogin=options["plaintext-login"],
     )
-    sessions = SessionRegistry(spares=warm)
+    sessions = SessionRegistry(spares=warm, clock=reactor)
     metrics.watch(sessions, warm, None if shared else penaltyBackend, store)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
     smtpFactory, primer = submissionDoor(
@@ -157,12 +160,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["smtp-hostname"] if options["smtp-port"] else "localhost",
     )
     smtpFactory.portal = metered.portal(smtpFactory.portal, metrics)
-    bus = None
+    bus = board = None
     if shared:
         # Close requests (revoke with disconnect, account deletion) made on
         # any instance reach this one's sessions.
-        bus = SessionBus(store, sessions.close, reactor)
+        bus = SessionBus(store, sessions.close, reactor, end=sessions.end)
         bus.setServiceParent(top)
+        board = SessionBoard(store, bus.instance, SAMPLE_INTERVAL)
+    # Which sessions moved bytes lately (their last activity), off the relay
+    # path; with a shared store, this instance's sessions for the others' lists.
+    TimerService(SAMPLE_INTERVAL, liveRound, sessions, board).setServiceParent(top)
 
     def shutdown() -> None:
         closed = sessions.close()
@@ -207,7 +214,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if options["smtp-port"]:
         # What the first clients' EHLO offers: the stored accounts' servers, asked.
         primer.setServiceParent(top)
-    admin = Admin(store, sessions, reactor, bus)
+    admin = Admin(store, sessions, reactor, bus, board)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
     )

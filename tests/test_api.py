@@ -38,6 +38,7 @@ from zope.interface.verify import verifyObject
 
 from proxy.admin import Admin, buildAccount, buildApp
 from proxy.cred import API_SCOPE, TokenChecker
+from proxy.imap import SessionRegistry
 from proxy.model import Account, OAuth2App, Token, Upstream
 from proxy.penalties import LoginPenalties, MemoryPenalties, PenaltyPolicy
 from proxy.store import IAccountStore, ITokenStore, StoreError
@@ -1829,6 +1830,14 @@ def accessTable() -> dict[str, dict[str, str]]:
     return table
 
 
+def liveSessions(admin: Admin, clock: Clock) -> dict[str, str]:
+    """A real registry holding one live session of alice and one of bob: their ids."""
+    from tests.test_sessions import imap, splice
+
+    admin.sessions = SessionRegistry(clock=clock)
+    return {a: admin.sessions.add(imap(a), splice(clock)).id for a in ("alice", "bob")}
+
+
 @attrs.frozen
 class FakeOnboarding:
     def start(self, data: Any) -> Any:
@@ -1849,6 +1858,7 @@ class AccessTableTests(APITestCase):
             alice, oauth2=attrs.evolve(alice.oauth2, app="corp")
         )
         self.addAccount("bob")
+        self.liveIds = liveSessions(self.api.admin, self.clock)
         tokens = {
             "root *": (None, ("*",)),
             "root api": (None, ("api",)),
@@ -1888,6 +1898,8 @@ class AccessTableTests(APITestCase):
             "`DELETE /v1/oauth2/{app}`": ("DELETE", "/v1/oauth2/spare", NOBODY),
             "`POST /v1/oauth2/authorize`": (
                 "POST", "/v1/oauth2/authorize", {"app": "corp", "account": acct}),
+            "`GET /v1/sessions?account=`": ("GET", f"/v1/sessions?account={acct}", NOBODY),
+            "`DELETE /v1/session/{id}`": ("DELETE", f"/v1/session/{self.liveIds[acct]}", NOBODY),
         }  # fmt: skip
         self.assertIn(operation, requests, "a row of docs/api.md the walk does not know")
         method, path, body = requests[operation]
@@ -1896,7 +1908,12 @@ class AccessTableTests(APITestCase):
     def test_tableCoversEveryRoute(self):
         """Every /v1 route of the API description has a row (aliases aside)."""
         aliases = {"POST /v1/tokens", "DELETE /v1/tokens/{token}", "POST /v1/accounts"}
-        names = {"{appId}": "{app}", "{token}": "{token-or-id}", "/v1/account/{account}": ""}
+        names = {
+            "{appId}": "{app}",
+            "{token}": "{token-or-id}",
+            "{sessionId}": "{id}",
+            "/v1/account/{account}": "",
+        }
         routes = set()
         for path, ops in SPEC["paths"].items():
             for method in set(ops) & {"get", "post", "put", "delete"}:
@@ -1913,7 +1930,7 @@ class AccessTableTests(APITestCase):
     def test_walkTheTable(self):
         """Each kind of token gets exactly what the table says, route by route."""
         table = accessTable()
-        self.assertEqual(len(table), 19)
+        self.assertEqual(len(table), 21)
         seen = []
         for operation, cells in table.items():
             for kind, cell in cells.items():

@@ -1,15 +1,75 @@
 """
-The registry of live spliced sessions, and of the close requests (revoke
-with disconnect, account deletion) that logins still under way must not slip
-past.
+The registry of live spliced sessions (each with an id an operator can list
+and end), and of the close requests (revoke with disconnect, account
+deletion) that logins still under way must not slip past.
 """
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections import Counter, deque
 from typing import Any
 
+import attrs
+
+from ..realm import ISubmissionSession
 from ..relay import Splice
+
+BYE = b"* BYE Session ended by the operator"
+# Seconds between looks at the byte counters: ``lastActivity``'s precision.
+SAMPLE_INTERVAL = 5.0
+
+
+@attrs.define(eq=False)
+class LiveSession:
+    """
+    What an operator sees of one spliced session. ``lastActivity`` costs the
+    relay nothing: it is the last time the registry saw the session's byte
+    counters move, checked whenever the sessions are listed (``sample``, also
+    run every few seconds by the service), so it is exact to that interval.
+    """
+
+    id: str
+    protocol: str
+    account: str
+    tokenId: str
+    address: str
+    upstream: str
+    started: float
+    splice: Splice
+    lastActivity: float
+    seen: int = 0
+
+    @property
+    def toProvider(self) -> int:
+        return int(getattr(self.splice.client, "bytesReceived", 0))
+
+    @property
+    def toClient(self) -> int:
+        return int(getattr(self.splice.upstream, "bytesReceived", 0))
+
+    def view(self) -> dict[str, Any]:
+        """The JSON form (the API's ``Session`` object)."""
+        return {
+            "id": self.id,
+            "protocol": self.protocol,
+            "account": self.account,
+            "tokenId": self.tokenId,
+            "address": self.address,
+            "upstream": self.upstream,
+            "started": _iso(self.started),
+            "bytesToProvider": self.toProvider,
+            "bytesToClient": self.toClient,
+            "lastActivity": _iso(self.lastActivity),
+        }
+
+    def lastLine(self) -> bytes:
+        """What the client reads before the operator's close."""
+        if self.protocol == "smtp":
+            host = getattr(self.splice.client, "hostname", b"imapproxy")
+            return b"421 4.7.0 " + host + b" Session ended by the operator"
+        return BYE
 
 
 class SessionRegistry:
@@ -20,9 +80,16 @@ class SessionRegistry:
     bus, on another instance) is refused when it completes, not spliced.
     """
 
-    def __init__(self, spares: Any = None) -> None:
-        """:param spares: ``WarmUpstreams``: a closed account's spare goes too."""
+    def __init__(self, spares: Any = None, clock: Any = None) -> None:
+        """
+        :param spares: ``WarmUpstreams``: a closed account's spare goes too.
+        :param clock: ``IReactorTime`` (``seconds()``), for the start and
+            last-activity times; the wall clock by default.
+        """
         self._splices: dict[Splice, Any] = {}
+        self._live: dict[str, LiveSession] = {}
+        self._ids: dict[Splice, str] = {}
+        self._now = clock.seconds if clock is not None else time.time
         self._spares = spares
         # Close requests as (number, account, token id), oldest first, kept
         # while a login that began before them is still under way.
@@ -33,12 +100,67 @@ class SessionRegistry:
         # Called with (session, splice) when a session ends (metrics).
         self.ended: Any = None
 
-    def add(self, session: Any, splice: Splice) -> None:
+    def add(self, session: Any, splice: Splice) -> LiveSession:
+        """
+        A session spliced: its id is random, never derived from its token.
+        The client address is the front door's (the one a PROXY header gave).
+        """
         self._splices[splice] = session
+        now = self._now()
+        live = LiveSession(
+            id=secrets.token_hex(12),
+            protocol="smtp" if ISubmissionSession.providedBy(session) else "imap",
+            account=str(session.account),
+            tokenId=str(session.tokenId),
+            address=str(getattr(splice.client, "address", "unknown")),
+            upstream=_upstream(session, splice),
+            started=now,
+            splice=splice,
+            lastActivity=now,
+        )
+        self._live[live.id] = live
+        self._ids[splice] = live.id
+        return live
 
     def discard(self, session: Any, splice: Splice) -> None:
+        self._live.pop(self._ids.pop(splice, ""), None)
         if self._splices.pop(splice, None) is not None and self.ended is not None:
             self.ended(session, splice)
+
+    def sample(self) -> None:
+        """Note which sessions moved bytes since the last look (``lastActivity``)."""
+        now = self._now()
+        for live in self._live.values():
+            total = live.toProvider + live.toClient
+            if total != live.seen:
+                live.seen = total
+                live.lastActivity = now
+
+    def sessions(
+        self, account: str | None = None, tokenId: str | None = None, protocol: str | None = None
+    ) -> list[LiveSession]:
+        """The live sessions matching every filter given, oldest first."""
+        self.sample()
+        return [
+            s
+            for s in self._live.values()
+            if _matches(s.account, s.tokenId, account, tokenId)
+            and (protocol is None or s.protocol == protocol)
+        ]
+
+    def get(self, sessionId: str) -> LiveSession | None:
+        return self._live.get(sessionId)
+
+    def end(self, sessionId: str) -> bool:
+        """
+        End one session: its client reads ``* BYE`` (IMAP) or ``421``
+        (SMTP), then the connection closes. :return: whether it was here.
+        """
+        live = self._live.get(sessionId)
+        if live is None:
+            return False
+        live.splice.closeWith(live.lastLine())
+        return True
 
     def __iter__(self) -> Any:
         """The live sessions, as ``(session, splice)`` pairs (a snapshot)."""
@@ -95,3 +217,30 @@ def _matches(
     return (wantAccount is None or account == wantAccount) and (
         wantToken is None or tokenId == wantToken
     )
+
+
+def _upstream(session: Any, splice: Splice) -> str:
+    """``host:port`` of the provider: the SMTP server as configured, else the peer."""
+    server = getattr(session, "server", None)
+    if isinstance(server, str) and server:
+        return server
+    try:
+        peer = splice.upstream.transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "unknown"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def liveRound(sessions: SessionRegistry, board: Any = None) -> None:
+    """
+    Every ``SAMPLE_INTERVAL``: note which sessions moved bytes and, with a
+    shared store, publish this instance's sessions (``SessionBoard``) for
+    the other instances' lists; a failed publication is logged, not raised.
+    """
+    sessions.sample()
+    if board is not None:
+        board.publish([s.view() for s in sessions.sessions()])

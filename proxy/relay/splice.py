@@ -145,6 +145,19 @@ class Splice:
             self.upstream.transport.abortConnection()
         self._closeSoon("client", 5.0)
 
+    def closeWith(self, line: bytes) -> None:
+        """
+        End the session from outside with a last line to the client (an
+        operator's ``* BYE`` or ``421``): the provider's side is cut first,
+        so nothing it sends lands after that line.
+        """
+        self._release()
+        if "upstream" not in self._lost:
+            self.upstream.transport.abortConnection()
+        if "client" not in self._lost:
+            self.client.transport.write(line + b"\r\n")
+        self._closeSoon("client", 5.0)
+
     def clientLost(self) -> None:
         self._sideLost("client")
         self._release()

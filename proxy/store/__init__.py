@@ -24,6 +24,7 @@ from ._interfaces import (
 )
 from ._rediscoord import RefreshLock, SessionBus
 from ._redispenalty import RedisPenalties
+from ._redissessions import SessionBoard
 from .memory import MemoryData, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
@@ -44,6 +45,7 @@ __all__ = [
     "RedisPenalties",
     "RedisStore",
     "RefreshLock",
+    "SessionBoard",
     "SessionBus",
     "SQLiteStore",
     "StoreDataLost",

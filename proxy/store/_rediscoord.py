@@ -103,6 +103,8 @@ class SessionBus(Service):
         matching sessions (``SessionRegistry.close``).
     :param ping: seconds between PINGs on the subscription, which find a
         connection that died quietly; it is dropped and made again.
+    :param end: ``(sessionId) -> bool``: ends one session of this instance
+        (``SessionRegistry.end``), for ``publish(session=)``.
     """
 
     retryInitialDelay = 0.2
@@ -114,9 +116,11 @@ class SessionBus(Service):
         close: Callable[[str | None, str | None], int],
         reactor: Any,
         ping: float = 5.0,
+        end: Callable[[str], bool] | None = None,
     ):
         self._store = store
         self._close = close
+        self._end = end
         self._reactor = reactor
         self._ping = ping
         self.instance = secrets.token_hex(8)
@@ -132,13 +136,19 @@ class SessionBus(Service):
 
     # -- sending --------------------------------------------------------------
 
-    def publish(self, account: str | None = None, tokenId: str | None = None) -> Deferred[int]:
+    def publish(
+        self, account: str | None = None, tokenId: str | None = None, session: str | None = None
+    ) -> Deferred[int]:
         """
-        Ask every other instance to close the matching sessions.
+        Ask every other instance to close the matching sessions, or to end
+        the one session ``session`` (its owner does, the others ignore it).
 
         :return: Deferred firing with how many instances were listening.
         """
-        body = json.dumps({"from": self.instance, "account": account, "token": tokenId})
+        request = {"from": self.instance, "account": account, "token": tokenId}
+        if session is not None:
+            request["session"] = session
+        body = json.dumps(request)
         d = self._store.script(_PUBLISH, [self.stream], [str(STREAM_LENGTH), body, self.channel])
         return d.addCallback(lambda reply: max(int(reply[1]) - 1, 0))
 
@@ -212,14 +222,21 @@ class SessionBus(Service):
         try:
             request = json.loads(body[:MAX_MESSAGE])
             origin, account, token = request["from"], request["account"], request["token"]
-            if not all(v is None or isinstance(v, str) for v in (account, token)):
+            session = request.get("session")
+            if not all(v is None or isinstance(v, str) for v in (account, token, session)):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             # Not ours: it does not move the catch-up position either.
             log.warn("ignored a malformed session close request")
             return
         self._last = entry
-        if origin == self.instance or (account is None and token is None):
+        if origin == self.instance:
+            return
+        if session is not None:
+            if self._end is not None and self._end(session):
+                log.info("ended session {id} at the request of instance {o}", id=session, o=origin)
+            return
+        if account is None and token is None:
             return
         n = self._close(account, token)
         if n:

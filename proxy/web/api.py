@@ -32,6 +32,7 @@ from ._http import (
     LimitedRequest,
     redactingLogFormatter,
 )
+from ._sessions import addRoutes
 from .metrics import METRICS_SCOPE, MetricsPage
 
 log = Logger(namespace="proxy.api")
@@ -442,3 +443,6 @@ class TokenAPI:
             log.warn("health check: the store does not answer: {error}", error=type(e).__name__)
             return _send(request, 503, {"status": "unavailable", "statusCode": 503})
         return _send(request, 200, {"status": "ok"})
+
+
+addRoutes(TokenAPI.app)
