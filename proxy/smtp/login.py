@@ -16,7 +16,7 @@ from .. import limits
 from ..cred import ISubmissionSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
 from ..imap import SASLError, parsePlain
-from ..loginresult import logBug, refusal
+from ..loginresult import auditLogin, logBug, outcome, refusal, seconds
 from ..relay import Splice
 from . import syntax as S
 from .extensions import Features
@@ -74,6 +74,7 @@ class LoginMixin:
             return
         if not self.plaintextAllowed():
             # A refused login like any other: it counts toward maxFailedLogins.
+            auditLogin(self, "smtp", "refused", "privacy-required", early=True)
             self._refused(S.STARTTLS_FIRST)
             return
         if mechanism == b"PLAIN":
@@ -98,6 +99,7 @@ class LoginMixin:
             self.bad(S.saslReply(e))
             return
         if not plain.sameIdentity:
+            auditLogin(self, "smtp", "refused", "username", early=True)
             self._refused(AccessDenied("username").smtpResponse())
             return
         self._login(plain.authcid, plain.password)
@@ -125,6 +127,7 @@ class LoginMixin:
             account = user.decode("utf-8")
             token = passwd.decode("utf-8")
         except UnicodeDecodeError:
+            auditLogin(self, "smtp", "refused", "username", early=True)
             self._refused(AccessDenied("username").smtpResponse())
             return
         # Hold whatever the client pipelined behind its AUTH, unparsed and
@@ -133,6 +136,7 @@ class LoginMixin:
         # leave, and its held commands would reach the provider after all.
         self._phase = "login"
         self._account = loggableAccount(account)
+        self._loginStarted = seconds(self)
         creds = TokenCredentials(
             account=account, token=token, address=self.address, protocol="smtp"
         )
@@ -173,6 +177,7 @@ class LoginMixin:
         revoked = self._sessions.loginEnded(ticket, session.account, session.tokenId)
         if self._phase != "login":
             # The client left (or timed out) while we logged in upstream.
+            auditLogin(self, "smtp", "failed", "client-gone", session.tokenId)
             logout()
             return
         if revoked:
@@ -184,10 +189,12 @@ class LoginMixin:
                 account=self._account,
                 address=self.address,
             )
+            auditLogin(self, "smtp", "refused", "revoked", session.tokenId)
             self._retry(AccessDenied("unknown-token").smtpResponse())
             return
         if not self._offerKept(session):
             logout()
+            auditLogin(self, "smtp", "failed", "offer-changed", session.tokenId)
             # Not a failed login: the client did nothing wrong.
             self._phase = "preauth"
             self.sendLine(S.OFFER_CHANGED)
@@ -206,6 +213,7 @@ class LoginMixin:
         # Set last: until then a bug here leaves the connection ours to close.
         self.splice = splice
         log.info("session {label} spliced", label=label)
+        auditLogin(self, "smtp", "ok", "-", session.tokenId)
         splice.start(held)
 
     def _offerKept(self, session: Any) -> bool:
@@ -234,6 +242,7 @@ class LoginMixin:
 
     def _loginFailed(self, failure: Any, ticket: int) -> None:
         self._sessions.loginEnded(ticket, None, None)
+        auditLogin(self, "smtp", *outcome(failure))
         if self._phase != "login":
             return
         error = refusal(failure, log, "smtp login", self._account, self.address)
