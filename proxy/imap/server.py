@@ -355,7 +355,21 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             + b" authenticated"
         )
         label = f"{session.account}@{self.address}"
-        splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        audit = {
+            "protocol": "imap",
+            "account": session.account,
+            "token_id": session.tokenId,
+            "client": self.address,
+        }
+        splice = Splice(
+            self,
+            session.protocol,
+            label,
+            self._spliceEnded,
+            self.callLater,
+            audit,
+            functools.partial(seconds, self),
+        )
         if self._sessions is not None:
             self._sessions.add(session, splice)
         self._session = session

@@ -8,6 +8,7 @@ its AUTH passed on first, unparsed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -206,7 +207,21 @@ class LoginMixin:
         limits.loggedIn(self.transport)
         self.sendLine(S.AUTH_OK)
         label = f"{session.account}@{self.address}/smtp"
-        splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        audit = {
+            "protocol": "smtp",
+            "account": session.account,
+            "token_id": session.tokenId,
+            "client": self.address,
+        }
+        splice = Splice(
+            self,
+            session.protocol,
+            label,
+            self._spliceEnded,
+            self.callLater,
+            audit,
+            partial(seconds, self),
+        )
         self._sessions.add(session, splice)
         self._session = session
         held = self.takeHeld()
