@@ -109,7 +109,7 @@ def login(
     """
     log.emit(
         LogLevel.info,
-        None,
+        "",
         event="login",
         protocol=protocol,
         result=result,
@@ -131,7 +131,7 @@ def sessionEnd(info: dict[str, Any], up: int, down: int, duration: float, closed
     """
     log.emit(
         LogLevel.info,
-        None,
+        "",
         event="session-end",
         protocol=info.get("protocol", "-"),
         account=_account(info.get("account")),
@@ -152,14 +152,14 @@ def change(operation: str, target: str, actor: str) -> None:
     :param target: the id of what changed (a token's id, never the token).
     :param actor: the acting token's id, or ``cli`` for the admin command.
     """
-    log.emit(LogLevel.info, None, event="change", operation=operation, target=target, actor=actor)
+    log.emit(LogLevel.info, "", event="change", operation=operation, target=target, actor=actor)
 
 
 def accountState(account: str, old: str | None, new: str, reason: str) -> None:
     """An account's state changed (``old`` is ``-`` when not known)."""
     log.emit(
         LogLevel.info,
-        None,
+        "",
         event="account-state",
         account=account,
         old_state=old or "-",
