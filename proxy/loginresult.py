@@ -115,6 +115,8 @@ def auditLogin(
         no account, no duration.
     """
     now = seconds(server)
-    started = now if early else getattr(server, "_loginStarted", None) or now
+    started = getattr(server, "_loginStarted", None)
+    if early or started is None:
+        started = now
     account = None if early or not validAccountId(server._account) else server._account
     auditlog.login(protocol, result, reason, account, tokenId, server.address, now - started)
