@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import sys
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 
@@ -109,7 +112,9 @@ class JSONObserverTests(SynchronousTestCase):
             observer = auditlog.twistdObserver(name, True)
             Logger(namespace="proxy.test", observer=observer).info("hi {who}", who="me")
             self.assertEqual(json.loads(out.getvalue())["who"], "me")
-        path = self.mktemp()
+        where = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, where)
+        path = os.path.join(where, "twistd.log")
         observer = auditlog.twistdObserver(path, False)
         Logger(namespace="proxy.test", observer=observer).info("hello {who}", who="you")
         with open(path, encoding="utf-8") as f:
