@@ -819,7 +819,8 @@ class FuzzTests(SynchronousTestCase):
         @given(corpus(), st.sampled_from([1, 7, 100000]))
         def check(data: bytes, chunk: int) -> None:
             out, events = self.feed(data, chunk)
-            self.assertEqual(events, [])
+            # No text line: a refused login's audit event (no text) aside.
+            self.assertEqual([e for e in events if e.get("event") != "login"], [])
             lines = out.split(b"\r\n")
             self.assertEqual(lines[-1], b"")
             for line in lines[:-1]:
