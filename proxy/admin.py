@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
+from . import auditlog
 from .model import Account, OAuth2App, Token, Upstream
 from .presets import APP_PRESETS, PRESETS
 from .store import IStore, StoreError, StoreUnavailable
@@ -164,6 +165,9 @@ class Admin:
             may mint (``withinLimits``); None for the operator at the admin
             command, who has the store itself.
         :return: the token (shown once) and its stored record.
+
+        Each change here logs a ``change`` audit event naming its actor: the
+        API caller's token id, or ``cli`` (the default) for the admin command.
         """
         record = buildToken(data, self._now())
         if caller is not None:
@@ -176,6 +180,7 @@ class Admin:
         token, tid = newToken()
         record = attrs.evolve(record, id=tid)
         await self.store.addToken(record)
+        auditlog.change("token.issue", tid, caller.id if caller is not None else "cli")
         return token, record
 
     async def listTokens(self, account: str | None = None) -> list[Token]:
@@ -195,7 +200,9 @@ class Admin:
             raise NotFound("no such token")
         return record
 
-    async def revokeToken(self, tokenOrId: str, disconnect: bool = False) -> int:
+    async def revokeToken(
+        self, tokenOrId: str, disconnect: bool = False, actor: str = "cli"
+    ) -> int:
         """
         :param disconnect: also close the live sessions opened with it.
         :return: how many sessions were closed.
@@ -204,6 +211,7 @@ class Admin:
         if disconnect:
             await self._announce(tokenId=record.id)
         await self.store.removeToken(record.id)
+        auditlog.change("token.revoke", record.id, actor)
         if disconnect:
             return await self._close(tokenId=record.id)
         return 0
@@ -303,7 +311,7 @@ class Admin:
     async def listApps(self) -> list[OAuth2App]:
         return list(await self.store.listApps())
 
-    async def createApp(self, data: Any, replace: bool = False) -> OAuth2App:
+    async def createApp(self, data: Any, replace: bool = False, actor: str = "cli") -> OAuth2App:
         app = buildApp(data)
         existing = await self.store.getApp(app.id)
         if existing is not None and not replace:
@@ -311,9 +319,10 @@ class Admin:
         if existing is not None:
             app = attrs.evolve(app, created=existing.created)
         await self.store.putApp(app)
+        auditlog.change("app.replace" if existing else "app.create", app.id, actor)
         return await self.getApp(app.id)
 
-    async def removeApp(self, appId: str) -> None:
+    async def removeApp(self, appId: str, actor: str = "cli") -> None:
         await self.getApp(appId)
         try:
             await self.store.removeApp(appId)
@@ -321,8 +330,9 @@ class Admin:
             raise
         except StoreError as e:
             raise Conflict(f"OAuth2 app {appId} is in use: {e}") from None
+        auditlog.change("app.delete", appId, actor)
 
-    async def createAccount(self, data: Any, replace: bool = False) -> Account:
+    async def createAccount(self, data: Any, replace: bool = False, actor: str = "cli") -> Account:
         data = validate("AccountFields", data, "account")
         account = buildAccount(data, app=await self._appFor(data))
         existing = await self.store.getAccount(account.id)
@@ -331,9 +341,10 @@ class Admin:
         if existing is not None:
             account = attrs.evolve(account, created=existing.created)
         await self.store.putAccount(account)
+        auditlog.change("account.replace" if existing else "account.create", account.id, actor)
         return await self.getAccount(account.id)
 
-    async def updateAccount(self, accountId: str, data: Any) -> Account:
+    async def updateAccount(self, accountId: str, data: Any, actor: str = "cli") -> Account:
         data = validate("AccountUpdate", data, "account")
         existing = await self.getAccount(accountId)
         oauth = data.get("oauth2")
@@ -355,15 +366,19 @@ class Admin:
             app = await self.getApp(existing.oauth2.app)
         account = buildAccount(data, existing, accountId, app=app)
         await self.store.putAccount(account)
+        auditlog.change("account.update", accountId, actor)
+        if account.state != existing.state:
+            auditlog.accountState(accountId, existing.state, account.state, "operator")
         return await self.getAccount(accountId)
 
-    async def removeAccount(self, accountId: str) -> int:
+    async def removeAccount(self, accountId: str, actor: str = "cli") -> int:
         """Remove the account and its tokens; :return: sessions closed."""
         if await self.store.getAccount(accountId) is None:
             raise NotFound(f"no account {accountId}")
         await self._announce(account=accountId)
         if not await self.store.removeAccount(accountId):
             raise NotFound(f"no account {accountId}")
+        auditlog.change("account.delete", accountId, actor)
         return await self._close(account=accountId)
 
 

@@ -11,7 +11,9 @@ from typing import Any
 from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import Logger
 
+from . import auditlog
 from .errors import AccessDenied, ProxyError, Unavailable
+from .model import validAccountId
 from .store import StoreUnavailable
 
 
@@ -67,3 +69,54 @@ def logBug(failure: Any, log: Logger, what: str, account: str, address: str) -> 
         error=failure.type.__name__,
         where=f"{filename.rsplit('/', 1)[-1]}:{line}",
     )
+
+
+def outcome(failure: Any) -> tuple[str, str]:
+    """
+    A failed login as its ``login`` audit event says it: ``refused`` (the
+    client's token, scope, address…) or ``failed`` (provider, store or a
+    bug), and the fixed reason code, never the error's text.
+    """
+    error = failure.value
+    if isinstance(error, AccessDenied):
+        return "refused", error.reason
+    if isinstance(error, UnauthorizedLogin):
+        return "refused", "unknown-token"
+    if isinstance(error, ProxyError):
+        return "failed", error.reason
+    if isinstance(error, StoreUnavailable):
+        return "failed", "unavailable"
+    return "failed", "internal"
+
+
+def seconds(server: Any) -> float:
+    """The time by the server's factory's clock (the reactor's by default)."""
+    clock: Any = getattr(getattr(server, "factory", None), "clock", None)
+    if clock is None:
+        from twisted.internet import reactor
+
+        clock = reactor
+    return float(clock.seconds())
+
+
+def auditLogin(
+    server: Any,
+    protocol: str,
+    result: str,
+    reason: str,
+    tokenId: str | None = None,
+    early: bool = False,
+) -> None:
+    """
+    The ``login`` audit event of a front door's login attempt, from what
+    the server noted when it began (``_account``, ``_loginStarted``).
+
+    :param early: refused before it began (no TLS, an unreadable name):
+        no account, no duration.
+    """
+    now = seconds(server)
+    started = getattr(server, "_loginStarted", None)
+    if early or started is None:
+        started = now
+    account = None if early or not validAccountId(server._account) else server._account
+    auditlog.login(protocol, result, reason, account, tokenId, server.address, now - started)

@@ -22,6 +22,13 @@ def yesNo(value: str) -> bool:
     raise ValueError(value)
 
 
+def logFormat(value: str) -> str:
+    """The log's format: text (twistd's lines) or json (one JSON object a line)."""
+    if value not in ("text", "json"):
+        raise ValueError(value)
+    return value
+
+
 # name -> (default, converter, help). One table for the options, the config
 # file and tap.example.conf.
 SETTINGS: dict[str, tuple[Any, Any, str]] = {
@@ -124,6 +131,12 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         str,
         "How sessions are relayed: fast (Twisted's public path plus fast paths, "
         "when their start-up probes pass) or plain (Twisted's public path only)",
+    ),
+    "log-format": (
+        "text",
+        logFormat,
+        "The log's format: text (twistd's lines) or json (one JSON object a line, "
+        "with the audit events; see docs/operations.md)",
     ),
     "metrics-per-account": (
         False,

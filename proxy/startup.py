@@ -17,7 +17,8 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
 from .encryption import SecretKeyError, writeLoadedMarker
 
@@ -120,6 +121,16 @@ class ProxyService(MultiService):
     def __init__(self) -> None:
         super().__init__()
         self.listeners: list[ListeningEndpoint] = []
+        # --log-format json: the observer twistd starts logging to.
+        self.logObserver: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd puts the service in its Application, then starts logging to
+        # the Application's ILogObserver component if it has one (the way a
+        # .tac file picks its log observer).
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
 
     def addListener(self, endpoint: ListeningEndpoint, factory: Any) -> None:
         self.listeners.append(endpoint)

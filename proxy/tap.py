@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from . import __version__
 from . import metricshooks as metered
 from .admin import Admin
+from .auditlog import twistdObserver
 from .certs import (
     certificateWatch,
 )
@@ -94,6 +95,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     top = ProxyService()
+    parent = getattr(options, "parent", None) or {}
+    if options["log-format"] == "json" and not parent.get("syslog"):
+        top.logObserver = twistdObserver(parent.get("logfile"), bool(parent.get("nodaemon")))
     # Once for the whole process, before any connection: logs which path.
     configureRelay(options["relay"])
     store = options["_store"]

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
-from ..loginresult import logBug, refusal
+from ..loginresult import auditLogin, logBug, outcome, refusal, seconds
 from ..relay import Splice, tuneSocket
 from .reader import CommandReader
 from .sasl import SASLError, parsePlain
@@ -257,12 +257,14 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             self.sendBadResponse(tag, e.text)
             return
         if not plain.sameIdentity:
+            auditLogin(self, "imap", "refused", "username", early=True)
             self._refused(tag, AccessDenied("username").imapResponse())
             return
         self._login(tag, plain.authcid, plain.password)
 
     def _privacyRequired(self, tag: bytes) -> None:
         # A refused login like any other: it counts toward maxFailedLogins.
+        auditLogin(self, "imap", "refused", "privacy-required", early=True)
         self._refused(tag, b"NO [PRIVACYREQUIRED] Login without TLS is not allowed")
 
     # -- the login ----------------------------------------------------------
@@ -275,6 +277,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             account = user.decode("utf-8")
             token = passwd.decode("utf-8")
         except UnicodeDecodeError:
+            auditLogin(self, "imap", "refused", "username", early=True)
             self._refused(tag, AccessDenied("username").imapResponse())
             return
         # Hold whatever the client pipelined behind its login, unparsed and
@@ -286,6 +289,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         self._readingPaused = False
         self.paused = True  # LineReceiver: no more lines parsed
         self._account = loggableAccount(account)
+        self._loginStarted = seconds(self)
         creds = TokenCredentials(account=account, token=token, address=self.address)
         ticket = self._sessions.loginStarted() if self._sessions is not None else 0
         d = self.portal.login(creds, None, IUpstreamSession)
@@ -319,6 +323,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         )
         if self._phase != "login":
             # The client left (or timed out) while we logged in upstream.
+            auditLogin(self, "imap", "failed", "client-gone", session.tokenId)
             logout()
             return
         if revoked:
@@ -330,6 +335,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
                 account=self._account,
                 address=self.address,
             )
+            auditLogin(self, "imap", "refused", "revoked", session.tokenId)
             self._phase = "preauth"
             self._refused(tag, AccessDenied("unknown-token").imapResponse())
             if self._phase == "preauth":
@@ -349,7 +355,21 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             + b" authenticated"
         )
         label = f"{session.account}@{self.address}"
-        splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        audit = {
+            "protocol": "imap",
+            "account": session.account,
+            "token_id": session.tokenId,
+            "client": self.address,
+        }
+        splice = Splice(
+            self,
+            session.protocol,
+            label,
+            self._spliceEnded,
+            self.callLater,
+            audit,
+            functools.partial(seconds, self),
+        )
         if self._sessions is not None:
             self._sessions.add(session, splice)
         self._session = session
@@ -357,6 +377,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         # Set last: until then a bug here leaves the connection ours to close.
         self.splice = splice
         log.info("session {label} spliced", label=label)
+        auditLogin(self, "imap", "ok", "-", session.tokenId)
         splice.start(held)
 
     def _spliceEnded(self, splice: Splice) -> None:
@@ -366,6 +387,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
     def _loginFailed(self, failure: Any, tag: bytes, ticket: int) -> None:
         if self._sessions is not None:
             self._sessions.loginEnded(ticket, None, None)
+        auditLogin(self, "imap", *outcome(failure))
         if self._phase != "login":
             return
         error = refusal(failure, log, "login", self._account, self.address)

@@ -126,7 +126,7 @@ class AccessTokens:
         self._cache.forget(account.id)
         if isinstance(error, GrantInvalid):
             self._rotation.drop(account.id)
-            await self._reauthRequired(account.id, error)
+            await self._reauthRequired(account.id, error, account.state)
 
     async def accept(
         self, account: Account, grant: Grant, started: float, stored: str | None
@@ -156,12 +156,17 @@ class AccessTokens:
         )
         return AccessToken(grant.accessToken, entry[1], fresh=True)
 
-    async def _reauthRequired(self, accountId: str, error: GrantInvalid) -> None:
+    async def _reauthRequired(self, accountId: str, error: GrantInvalid, old: str = "-") -> None:
         reason = "invalid_grant" + (f": {error.detail}" if error.detail else "")
+        # Also the account-state audit event (its fields after the text's).
         log.warn(
-            "account {account} needs re-authorization: the provider answered {reason}",
+            "account {account} needs re-authorization: the provider answered {answer}",
             account=accountId,
-            reason=reason,
+            answer=reason,
+            event="account-state",
+            old_state=old,
+            new_state="reauth-required",
+            reason="invalid-grant",
         )
         if self._markReauth is not None:
             try:

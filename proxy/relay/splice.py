@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from .. import auditlog
 from . import _fast
 
 log = Logger(namespace="proxy.relay")
@@ -43,6 +44,9 @@ class Splice:
 
     :param onEnd: called once, with this splice, when both sides are done.
     :param callLater: ``IReactorTime.callLater``, for the close deadlines.
+    :param audit: protocol, account, token_id and client, for the
+        ``session-end`` audit event; None: no event.
+    :param seconds: ``IReactorTime.seconds``, for the session's duration.
     """
 
     # A side being closed gets this long to take its last bytes (a BYE, the
@@ -50,7 +54,14 @@ class Splice:
     CLOSE_GRACE = 30.0
 
     def __init__(
-        self, client: Any, upstream: Any, label: str, onEnd: Any = None, callLater: Any = None
+        self,
+        client: Any,
+        upstream: Any,
+        label: str,
+        onEnd: Any = None,
+        callLater: Any = None,
+        audit: dict[str, Any] | None = None,
+        seconds: Any = None,
     ):
         self.client = client
         self.upstream = upstream
@@ -61,7 +72,13 @@ class Splice:
             from twisted.internet import reactor
 
             callLater = reactor.callLater  # type: ignore[attr-defined]
+            seconds = seconds or reactor.seconds  # type: ignore[attr-defined]
         self._callLater = callLater
+        self._audit = audit
+        self._seconds = seconds
+        self._started = seconds() if seconds is not None else 0.0
+        # Who ended it: client, provider, operator or shutdown; the first wins.
+        self.closedBy: str | None = None
         self._released = False
         self._cuts: dict[str, Any] = {}
         self._lost: set[str] = set()
@@ -138,8 +155,14 @@ class Splice:
         if cut is not None and cut.active():
             cut.cancel()
 
-    def close(self) -> None:
-        """End the session from outside (shutdown, revocation): both sides."""
+    def close(self, by: str = "operator") -> None:
+        """
+        End the session from outside: both sides.
+
+        :param by: ``operator`` (a revocation, an account deleted, a session
+            ended through the API) or ``shutdown``, for the audit event.
+        """
+        self.closedBy = self.closedBy or by
         self._release()
         if "upstream" not in self._lost:
             self.upstream.transport.abortConnection()
@@ -159,12 +182,14 @@ class Splice:
         self._closeSoon("client", 5.0)
 
     def clientLost(self) -> None:
+        self.closedBy = self.closedBy or "client"
         self._sideLost("client")
         self._release()
         self._closeSoon("upstream", self.CLOSE_GRACE)
         self._end()
 
     def _upstreamLost(self, reason: Any) -> None:
+        self.closedBy = self.closedBy or "provider"
         self._sideLost("upstream")
         self._release()
         self._closeSoon("client", self.CLOSE_GRACE)
@@ -180,5 +205,14 @@ class Splice:
             up=self.client.bytesReceived,
             down=self.upstream.bytesReceived,
         )
+        if self._audit is not None:
+            elapsed = self._seconds() - self._started if self._seconds is not None else 0.0
+            auditlog.sessionEnd(
+                self._audit,
+                self.client.bytesReceived,
+                self.upstream.bytesReceived,
+                elapsed,
+                self.closedBy or "-",
+            )
         if self._onEnd is not None:
             self._onEnd(self)

@@ -8,6 +8,7 @@ its AUTH passed on first, unparsed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -16,7 +17,7 @@ from .. import limits
 from ..cred import ISubmissionSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
 from ..imap import SASLError, parsePlain
-from ..loginresult import logBug, refusal
+from ..loginresult import auditLogin, logBug, outcome, refusal, seconds
 from ..relay import Splice
 from . import syntax as S
 from .extensions import Features
@@ -74,6 +75,7 @@ class LoginMixin:
             return
         if not self.plaintextAllowed():
             # A refused login like any other: it counts toward maxFailedLogins.
+            auditLogin(self, "smtp", "refused", "privacy-required", early=True)
             self._refused(S.STARTTLS_FIRST)
             return
         if mechanism == b"PLAIN":
@@ -98,6 +100,7 @@ class LoginMixin:
             self.bad(S.saslReply(e))
             return
         if not plain.sameIdentity:
+            auditLogin(self, "smtp", "refused", "username", early=True)
             self._refused(AccessDenied("username").smtpResponse())
             return
         self._login(plain.authcid, plain.password)
@@ -125,6 +128,7 @@ class LoginMixin:
             account = user.decode("utf-8")
             token = passwd.decode("utf-8")
         except UnicodeDecodeError:
+            auditLogin(self, "smtp", "refused", "username", early=True)
             self._refused(AccessDenied("username").smtpResponse())
             return
         # Hold whatever the client pipelined behind its AUTH, unparsed and
@@ -133,6 +137,7 @@ class LoginMixin:
         # leave, and its held commands would reach the provider after all.
         self._phase = "login"
         self._account = loggableAccount(account)
+        self._loginStarted = seconds(self)
         creds = TokenCredentials(
             account=account, token=token, address=self.address, protocol="smtp"
         )
@@ -173,6 +178,7 @@ class LoginMixin:
         revoked = self._sessions.loginEnded(ticket, session.account, session.tokenId)
         if self._phase != "login":
             # The client left (or timed out) while we logged in upstream.
+            auditLogin(self, "smtp", "failed", "client-gone", session.tokenId)
             logout()
             return
         if revoked:
@@ -184,10 +190,12 @@ class LoginMixin:
                 account=self._account,
                 address=self.address,
             )
+            auditLogin(self, "smtp", "refused", "revoked", session.tokenId)
             self._retry(AccessDenied("unknown-token").smtpResponse())
             return
         if not self._offerKept(session):
             logout()
+            auditLogin(self, "smtp", "failed", "offer-changed", session.tokenId)
             # Not a failed login: the client did nothing wrong.
             self._phase = "preauth"
             self.sendLine(S.OFFER_CHANGED)
@@ -199,13 +207,28 @@ class LoginMixin:
         limits.loggedIn(self.transport)
         self.sendLine(S.AUTH_OK)
         label = f"{session.account}@{self.address}/smtp"
-        splice = Splice(self, session.protocol, label, self._spliceEnded, self.callLater)
+        audit = {
+            "protocol": "smtp",
+            "account": session.account,
+            "token_id": session.tokenId,
+            "client": self.address,
+        }
+        splice = Splice(
+            self,
+            session.protocol,
+            label,
+            self._spliceEnded,
+            self.callLater,
+            audit,
+            partial(seconds, self),
+        )
         self._sessions.add(session, splice)
         self._session = session
         held = self.takeHeld()
         # Set last: until then a bug here leaves the connection ours to close.
         self.splice = splice
         log.info("session {label} spliced", label=label)
+        auditLogin(self, "smtp", "ok", "-", session.tokenId)
         splice.start(held)
 
     def _offerKept(self, session: Any) -> bool:
@@ -234,6 +257,7 @@ class LoginMixin:
 
     def _loginFailed(self, failure: Any, ticket: int) -> None:
         self._sessions.loginEnded(ticket, None, None)
+        auditLogin(self, "smtp", *outcome(failure))
         if self._phase != "login":
             return
         error = refusal(failure, log, "smtp login", self._account, self.address)

@@ -261,7 +261,7 @@ class TokenAPI:
             # Least privilege: a leaked narrow token must not lock out the
             # operator by revoking the wider tokens above it.
             raise ApiError(403, "this token cannot revoke a token with more power than its own")
-        closed = await self.admin.revokeToken(record.id, disconnect=disconnect)
+        closed = await self.admin.revokeToken(record.id, disconnect=disconnect, actor=caller.id)
         log.info(
             "token {id} revoked by token {caller}, {n} sessions closed",
             id=record.id[:12],
@@ -280,7 +280,7 @@ class TokenAPI:
     async def createAccount(self, request: Any) -> bytes:
         caller = await self._caller(request)
         self._mayUse(caller, None)
-        account = await self.admin.createAccount(self._body(request))
+        account = await self.admin.createAccount(self._body(request), actor=caller.id)
         log.info(
             "account {account} created by token {caller}", account=account.id, caller=caller.id[:12]
         )
@@ -318,7 +318,7 @@ class TokenAPI:
                 and set(oauth) <= {"refreshToken"}
             ):
                 raise ApiError(403, "an account token may only change oauth2.refreshToken")
-        updated = await self.admin.updateAccount(account, data)
+        updated = await self.admin.updateAccount(account, data, actor=caller.id)
         log.info(
             "account {account} updated by token {caller}", account=account, caller=caller.id[:12]
         )
@@ -330,7 +330,7 @@ class TokenAPI:
         if caller.account is not None:
             # What an account holds is the operator's to end, not its own token's.
             raise ApiError(403, "an account token may not delete its account")
-        closed = await self.admin.removeAccount(account)
+        closed = await self.admin.removeAccount(account, actor=caller.id)
         log.info(
             "account {account} deleted by token {caller}, {n} sessions closed",
             account=account,
@@ -345,7 +345,7 @@ class TokenAPI:
     async def createApp(self, request: Any) -> bytes:
         caller = await self._caller(request)
         self._mayUse(caller, None)
-        created = await self.admin.createApp(self._body(request))
+        created = await self.admin.createApp(self._body(request), actor=caller.id)
         log.info(
             "OAuth2 app {app} created by token {caller}", app=created.id, caller=caller.id[:12]
         )
@@ -367,7 +367,7 @@ class TokenAPI:
     async def deleteApp(self, request: Any, appId: str) -> bytes:
         caller = await self._caller(request)
         self._mayUse(caller, None)
-        await self.admin.removeApp(appId)
+        await self.admin.removeApp(appId, actor=caller.id)
         log.info("OAuth2 app {app} deleted by token {caller}", app=appId, caller=caller.id[:12])
         return _send(request, 200, {"deleted": True})
 
