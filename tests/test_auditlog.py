@@ -336,3 +336,30 @@ class ReauthStateTests(SynchronousTestCase):
 
 # accountBody is imported for AdminTestCase's helpers.
 __all__ = ["accountBody"]
+
+
+class RegistryCloseTests(SynchronousTestCase):
+    def test_shutdownOrOperator(self):
+        """
+        Closing every session (only a shutdown does) is recorded as
+        ``shutdown``; closing an account's or a token's as ``operator``.
+        """
+        from proxy.imap.sessions import SessionRegistry
+
+        class FakeSplice:
+            def __init__(self) -> None:
+                self.by: list[str] = []
+                self.client = SimpleNamespace(address="127.0.0.1", bytesReceived=0)
+                self.upstream = SimpleNamespace(bytesReceived=0)
+
+            def close(self, by: str = "operator") -> None:
+                self.by.append(by)
+
+        registry = SessionRegistry()
+        splice = FakeSplice()
+        session = SimpleNamespace(account="a1", tokenId="t1", protocol="imap", server="h:993")
+        registry.add(session, splice)  # type: ignore[arg-type]
+        registry.close(account="a1")
+        registry.close(tokenId="t1")
+        registry.close()
+        self.assertEqual(splice.by, ["operator", "operator", "shutdown"])

@@ -206,8 +206,10 @@ class SessionRegistry:
             for sp, s in self._splices.items()
             if _matches(s.account, s.tokenId, account, tokenId)
         ]
+        # With neither: every session, which only a shutdown asks for.
+        by = "shutdown" if account is None and tokenId is None else "operator"
         for sp in matched:
-            sp.close()
+            sp.close(by)
         return len(matched)
 
 

@@ -174,6 +174,7 @@ class Splice:
         operator's ``* BYE`` or ``421``): the provider's side is cut first,
         so nothing it sends lands after that line.
         """
+        self.closedBy = self.closedBy or "operator"
         self._release()
         if "upstream" not in self._lost:
             self.upstream.transport.abortConnection()
