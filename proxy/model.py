@@ -39,6 +39,10 @@ class Upstream:
     port: int = 993
     tls: str = attrs.field(default="implicit", validator=attrs.validators.in_(TLS_MODES))
     caFile: str | None = None
+    # The most connections this proxy (every instance sharing its store,
+    # spares included) holds to this server for one account; None: the
+    # preset's or the global default.
+    maxConnections: int | None = None
 
 
 @attrs.frozen
@@ -115,6 +119,22 @@ class Account:
 
 
 @attrs.frozen
+class Restrictions:
+    """
+    What an IMAP session of a token may do, enforced by the proxy on the
+    wire: ``readOnly`` passes only commands that cannot change a mailbox;
+    ``mailboxes`` (empty: all) are the patterns (IMAP LIST wildcards ``*``
+    and ``%``, names as the client sees them) of the mailboxes it may see.
+    """
+
+    readOnly: bool = False
+    mailboxes: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.readOnly or bool(self.mailboxes)
+
+
+@attrs.frozen
 class Token:
     """
     A stored access token: never the token itself, only its SHA-256 (``id``).
@@ -130,3 +150,5 @@ class Token:
     expires: float | None = None
     lastUseTime: float | None = None
     lastUseAddress: str | None = None
+    # None or empty: unrestricted (today's byte splice).
+    restrictions: Restrictions | None = None
