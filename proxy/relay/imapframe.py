@@ -1,0 +1,132 @@
+"""
+Following an IMAP stream (a client's commands or a server's responses) as
+line segments and literal payloads, without ever holding a literal.
+
+In both directions IMAP is made of lines ending in CRLF; a line that ends in
+``{n}``, ``{n+}`` or ``~{n}`` (RFC 3501, 7888, 3516) announces ``n`` bytes
+of literal, after which the same command or response goes on with another
+line segment. A command or a response is whole when a line segment ends
+without announcing a literal: that is a *boundary*, the only place where
+another response (an untagged ``* BYE``, say) may be put into the stream
+without corrupting it, and where a command is known to be complete.
+
+``Scanner.skim`` keeps only the state (cheap enough for the byte relay: a
+``find`` a line and nothing a literal byte); ``Scanner.feed`` also hands out
+the pieces, for code that reads commands or responses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+#: A line segment, CRLF included.
+LINE = 0
+#: A piece of a literal's payload (a literal may come in several pieces).
+LITERAL = 1
+
+#: The longest line segment ``feed`` hands out whole (the pre-auth side's
+#: bound); ``skim`` has no bound, it keeps only a line's last bytes.
+MAX_LINE = 64 * 1024
+
+# "{" 20 digits "+}" CR LF: the longest announcement, and what skim keeps.
+_TAIL = 26
+_ANNOUNCED = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
+
+
+class LineTooLong(Exception):
+    """A line segment went past ``maxLine`` before its CRLF."""
+
+
+class Scanner:
+    """
+    The framing state of one direction of one IMAP connection.
+
+    :ivar atBoundary: the stream so far ends with a whole command or
+        response (true before anything is read).
+    :ivar literal: bytes of the current literal still to come (0: none).
+    :ivar announced: the size announced by the last line segment handed
+        out or skimmed, None when it announced none.
+    :ivar nonSynchronizing: that announcement was ``{n+}`` (a client need
+        not wait for a continuation request).
+    """
+
+    def __init__(self, maxLine: int = MAX_LINE) -> None:
+        self.maxLine = maxLine
+        self.atBoundary = True
+        self.literal = 0
+        self.announced: int | None = None
+        self.nonSynchronizing = False
+        self._partial = bytearray()
+
+    def _ended(self, segment: bytes) -> None:
+        """A line segment ended (``segment`` holds at least its last bytes)."""
+        m = _ANNOUNCED.search(segment, max(0, len(segment) - _TAIL))
+        if m is None:
+            self.announced = None
+            self.nonSynchronizing = False
+            self.atBoundary = True
+        else:
+            self.announced = self.literal = int(m.group(1))
+            self.nonSynchronizing = bool(m.group(2))
+            self.atBoundary = False
+
+    def skim(self, data: bytes) -> None:
+        """Follow ``data`` keeping only the state: no piece, no bound on a line."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.literal:
+                taken = min(self.literal, end - pos)
+                self.literal -= taken
+                pos += taken
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._partial += data[max(pos, end - _TAIL) : end]
+                del self._partial[:-_TAIL]
+                self.atBoundary = False
+                return
+            if self._partial:
+                self._partial += data[max(pos, newline + 1 - _TAIL) : newline + 1]
+                self._ended(bytes(self._partial))
+                self._partial.clear()
+            else:
+                self._ended(data[max(pos, newline + 1 - _TAIL) : newline + 1])
+            pos = newline + 1
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """
+        Follow ``data`` and yield its pieces: ``(LINE, segment)`` for each
+        whole line segment (CRLF included; ``announced`` tells whether a
+        literal follows) and ``(LITERAL, chunk)`` for literal payload as it
+        comes. A partial line is kept until its end arrives.
+
+        :raises LineTooLong: a line segment past ``maxLine``; the scanner
+            cannot follow this stream any further.
+        """
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.literal:
+                taken = min(self.literal, end - pos)
+                self.literal -= taken
+                yield LITERAL, data[pos : pos + taken]
+                pos += taken
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._partial += data[pos:]
+                self.atBoundary = False
+                if len(self._partial) > self.maxLine:
+                    raise LineTooLong()
+                return
+            if self._partial:
+                self._partial += data[pos : newline + 1]
+                segment = bytes(self._partial)
+                self._partial.clear()
+            else:
+                segment = data[pos : newline + 1]
+            pos = newline + 1
+            if len(segment) > self.maxLine:
+                raise LineTooLong()
+            self._ended(segment)
+            yield LINE, segment

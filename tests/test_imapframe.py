@@ -1,0 +1,115 @@
+"""
+Tests for ``proxy.relay.imapframe``: line segments and literals, in one read
+or cut anywhere, by ``feed`` and by ``skim`` alike.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.relay.imapframe import LINE, LITERAL, MAX_LINE, LineTooLong, Scanner
+
+FETCH = (
+    b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\n* BYE)\r\n"
+    b"* 2 FETCH (BODY[] ~{3}\r\nabc FLAGS (\\Seen))\r\n"
+    b"a1 OK FETCH completed\r\n"
+)
+
+
+def pieces(scanner: Scanner, chunks: list[bytes]) -> list[tuple[int, bytes]]:
+    """Every piece, literal pieces joined, as one read would give them."""
+    out: list[tuple[int, bytes]] = []
+    for chunk in chunks:
+        for kind, data in scanner.feed(chunk):
+            if kind == LITERAL and out and out[-1][0] == LITERAL:
+                out[-1] = (LITERAL, out[-1][1] + data)
+            else:
+                out.append((kind, data))
+    return out
+
+
+def test_lines_and_literals():
+    """A literal's payload is one piece, even when it holds CRLF and ``* BYE``."""
+    got = pieces(Scanner(), [FETCH])
+    assert got == [
+        (LINE, b"* 1 FETCH (UID 7 BODY[] {11}\r\n"),
+        (LITERAL, b"hello\r\n* BY"),
+        (LINE, b"E)\r\n"),
+        (LINE, b"* 2 FETCH (BODY[] ~{3}\r\n"),
+        (LITERAL, b"abc"),
+        (LINE, b" FLAGS (\\Seen))\r\n"),
+        (LINE, b"a1 OK FETCH completed\r\n"),
+    ]
+
+
+def test_announcements():
+    """``{n}``, ``{n+}`` and ``{0}`` are told apart; a brace inside a line is not one."""
+    s = Scanner()
+    list(s.feed(b"a APPEND INBOX {5+}\r\n"))
+    assert (s.announced, s.nonSynchronizing, s.literal, s.atBoundary) == (5, True, 5, False)
+    list(s.feed(b"hello\r\n"))
+    assert (s.announced, s.literal, s.atBoundary) == (None, 0, True)
+    list(s.feed(b"b LOGIN {0}\r\n"))
+    assert (s.announced, s.literal, s.atBoundary) == (0, 0, False)
+    list(s.feed(b' x\r\nc SEARCH SUBJECT "{3}" ALL\r\n'))
+    assert (s.announced, s.atBoundary) == (None, True)
+
+
+@pytest.mark.parametrize("method", ["feed", "skim"])
+def test_boundary(method):
+    """The boundary is after a whole response, never inside a literal or a line."""
+    s = Scanner()
+    seen = []
+    for i in range(len(FETCH)):
+        step = getattr(s, method)(FETCH[i : i + 1])
+        if method == "feed":
+            list(step)
+        seen.append(s.atBoundary)
+    ends = [i for i, b in enumerate(seen) if b]
+    firstEnd = FETCH.index(b"E)\r\n") + 3
+    secondEnd = FETCH.index(b"(\\Seen))\r\n") + 9
+    assert ends == [firstEnd, secondEnd, len(FETCH) - 1]
+
+
+def test_line_too_long():
+    """``feed`` refuses a line past its bound; ``skim`` follows it in bounded memory."""
+    s = Scanner(maxLine=100)
+    with pytest.raises(LineTooLong):
+        list(s.feed(b"x" * 101))
+    s = Scanner()
+    for _ in range(100):
+        s.skim(b"y" * MAX_LINE)
+    assert len(s._partial) <= 26
+    s.skim(b" {3}\r\nabc)\r\n")
+    assert s.atBoundary and s.literal == 0
+
+
+@st.composite
+def streams(draw):
+    """IMAP-ish streams (lines with and without literals) and ways to cut them."""
+    parts = []
+    for _ in range(draw(st.integers(1, 8))):
+        text = draw(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")))
+        if draw(st.booleans()):
+            payload = draw(st.binary(max_size=60))
+            plus = draw(st.sampled_from([b"", b"+"]))
+            parts.append(text + b"{%d%s}\r\n" % (len(payload), plus) + payload)
+        parts.append(text + b"\r\n")
+    stream = b"".join(parts)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    return stream, cuts
+
+
+@given(streams())
+def test_cut_anywhere(case):
+    """Cut anywhere, a stream gives the pieces and state of one read; skim agrees."""
+    stream, cuts = case
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole, cut, skimmed = Scanner(), Scanner(), Scanner()
+    assert pieces(cut, chunks) == pieces(whole, [stream])
+    for chunk in chunks:
+        skimmed.skim(chunk)
+    for s in (cut, skimmed):
+        assert (s.atBoundary, s.literal) == (whole.atBoundary, whole.literal)
