@@ -104,8 +104,8 @@ class Splice:
         ut = self.upstream.transport
         # The fast paths fall back to Twisted's public path rather than
         # raise: the client has been told OK already.
-        toClient = _fast.batchReads(ut, _fast.directWriter(ct))
-        toUpstream = _fast.batchReads(ct, _fast.directWriter(ut))
+        toClient = _fast.batchReads(ut, self.toClientSink(_fast.directWriter(ct)))
+        toUpstream = _fast.batchReads(ct, self.toUpstreamSink(_fast.directWriter(ut)))
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
         ct.registerProducer(ut, True)
@@ -119,6 +119,18 @@ class Splice:
         self.client.paused = False
         ct.resumeProducing()
         ut.resumeProducing()
+
+    def toClientSink(self, write: Any) -> Any:
+        """
+        What the provider's bytes go through on their way to the client's
+        ``write``: ``write`` itself here (bytes untouched); a relay that
+        reads the stream (a policy, the drain's boundary tracking) wraps it.
+        """
+        return write
+
+    def toUpstreamSink(self, write: Any) -> Any:
+        """What the client's bytes go through on their way to the provider's ``write``."""
+        return write
 
     def _release(self) -> None:
         """
