@@ -35,7 +35,7 @@ from bench.stats import cpu_seconds, machine, machine_markdown
 from tests.imaputil import message
 from tests.upstream.proxyproc import ProxyProcess
 
-OBSERVED = ("--log-format", "json", "--metrics-per-account")
+OBSERVED = ("--log-format", "json", "--metrics-per-account", "yes")
 SCRAPE_INTERVAL = 1.0
 
 

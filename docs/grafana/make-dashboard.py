@@ -85,7 +85,8 @@ def quantiles(metric: str, by: str = "") -> list[dict[str, Any]]:
     return refs(
         *(
             (
-                f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
+                f"histogram_quantile({q}, "
+                f"sum by ({group}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
                 f"{prefix}p{int(q * 100)}",
             )
             for q in (0.5, 0.95, 0.99)
@@ -140,7 +141,8 @@ def panels() -> list[dict[str, Any]]:
             refs(
                 *(
                     (
-                        f"histogram_quantile(0.95, sum by (le) (rate({m}_bucket{{{SEL}}}[{RATE}])))",
+                        f"histogram_quantile(0.95, "
+                        f"sum by (le) (rate({m}_bucket{{{SEL}}}[{RATE}])))",
                         legend,
                     )
                     for m, legend in (
