@@ -41,7 +41,7 @@ SCRAPE_INTERVAL = 1.0
 
 @attrs.frozen
 class Plan:
-    rounds: int = 10
+    rounds: int = 20
     logins: int = 30  # per target and round
     size: int = 50_000_000
 
