@@ -93,6 +93,7 @@ class Figures:
     """Per target, one value a round."""
 
     login: dict[str, list[float]] = attrs.field(factory=dict)
+    logincpu: dict[str, list[float]] = attrs.field(factory=dict)
     fetch: dict[str, list[float]] = attrs.field(factory=dict)
     append: dict[str, list[float]] = attrs.field(factory=dict)
     cpu: dict[str, list[float]] = attrs.field(factory=dict)
@@ -117,7 +118,10 @@ def measure(targets: Sequence[Target], plan: Plan, rig: Rig, say: Any) -> Figure
             say(f"round {r + 1} of {rounds}")
             order = list(targets) if r % 2 == 0 else list(reversed(targets))
             for t in order:
+                before = cpu_seconds(t.pid) if t.pid else 0.0
                 figures.add("login", t.name, login_block(t, plan.logins))
+                if t.pid:
+                    figures.add("logincpu", t.name, (cpu_seconds(t.pid) - before) / plan.logins)
             for t in order:
                 c = sessions[t.name]
                 before = cpu_seconds(t.pid) if t.pid else 0.0
@@ -155,6 +159,7 @@ def report(figures: Figures, scraper: Scraper, plan: Plan) -> str:
     """The markdown table: per figure, medians and the observed / plain ratios."""
     rows = [
         ("login again (spare upstream), median of a block", "login", "ms", 1e3, False),
+        ("proxy CPU per login", "logincpu", "ms", 1e3, False),
         (f"FETCH {plan.size / 1e6:g} MB", "fetch", "MB/s", 1.0, True),
         (f"APPEND {plan.size / 1e6:g} MB", "append", "MB/s", 1.0, True),
         ("relay CPU per GB relayed", "cpu", "CPU s/GB", 1.0, False),
@@ -177,6 +182,14 @@ def report(figures: Figures, scraper: Scraper, plan: Plan) -> str:
             f"| {cost * 100:+.1f}% |"
         )
     out.append("")
+    for label, kind in (("per login", "logincpu"), ("per GB relayed", "cpu")):
+        values = getattr(figures, kind)
+        obs, plain = sum(values.get("observed", [])), sum(values.get("plain", []))
+        if plain:
+            out.append(
+                f"- proxy CPU {label}, all rounds together (/proc counts 10 ms ticks): "
+                f"observed ÷ plain {obs / plain:.3f}"
+            )
     out.append(
         f"- {plan.rounds} rounds, {plan.logins} logins a target and round, "
         f"order alternating; cost: the median ratio as a slowdown (positive: observed is slower)"
