@@ -109,7 +109,12 @@ class Rig:
             os.path.join(self.work, "proxy"), env={"REQUESTS_CA_BUNDLE": self.pki.ca_cert}
         )
         self.stack.callback(self.proxy.stop)
-        self.proxy.start(
+        self.proxy.start(*self.proxy_args(smtp))
+
+    def proxy_args(self, smtp: bool = False) -> list[str]:
+        """The ``twistd imapproxy`` options of the measured proxy."""
+        assert self.pki is not None
+        return [
             "--port",
             # A backlog past Twisted's 50, for the concurrent clients.
             "ssl:0:interface=127.0.0.1:backlog=1024:"
@@ -132,7 +137,7 @@ class Rig:
                 if smtp
                 else []
             ),
-        )
+        ]
 
     def register(self) -> Mailbox:
         assert self.proxy and self.provider and self.dovecot

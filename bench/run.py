@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave out the reference relay (HAProxy terminating TLS on both legs)",
     )
     ap.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
+    ap.add_argument(
+        "--observability",
+        action="store_true",
+        help="only the cost of metrics and the JSON log: an observed and a plain imapproxy "
+        "side by side (bench.observability; --quick, --runs and --size-mb apply)",
+    )
     ap.add_argument("--peer-venv", default=".bench-peer-venv", help="venv the peer is installed in")
     return ap.parse_args(argv)
 
@@ -240,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = settings(args)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.observability:
+        from bench import observability
+
+        size = int(args.size_mb * 1e6) if args.size_mb else None
+        return observability.main(args.quick, args.runs, size, say)
     table = Table()
     extra = {"imapproxy": importlib.metadata.version("imapproxy")}
     started = time.monotonic()

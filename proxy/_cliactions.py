@@ -277,7 +277,9 @@ async def authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
             interval += 5
         except DevicePending:
             pass
-    account = await onboarding.complete(args.account, app, token, args.email, imap, smtp)
+    account = await onboarding.complete(
+        args.account, app, token, args.email, imap, smtp, flow="device"
+    )
     print(f"account {account.id} authorized for {account.email}", file=sys.stderr)
 
 

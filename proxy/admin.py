@@ -342,6 +342,7 @@ class Admin:
             account = attrs.evolve(account, created=existing.created)
         await self.store.putAccount(account)
         auditlog.change("account.replace" if existing else "account.create", account.id, actor)
+        auditlog.accountChanged(account.id, existing and existing.state, account.state, "replaced")
         return await self.getAccount(account.id)
 
     async def updateAccount(self, accountId: str, data: Any, actor: str = "cli") -> Account:
@@ -367,8 +368,8 @@ class Admin:
         account = buildAccount(data, existing, accountId, app=app)
         await self.store.putAccount(account)
         auditlog.change("account.update", accountId, actor)
-        if account.state != existing.state:
-            auditlog.accountState(accountId, existing.state, account.state, "operator")
+        why = "operator" if "state" in data else "reauthorized"  # a new grant, or a state set
+        auditlog.accountChanged(accountId, existing.state, account.state, why)
         return await self.getAccount(accountId)
 
     async def removeAccount(self, accountId: str, actor: str = "cli") -> int:

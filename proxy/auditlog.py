@@ -3,7 +3,8 @@ Logs for machines: ``--log-format json`` writes each log event as one JSON
 object a line (no record separator, unlike Twisted's ``jsonFileLogObserver``)
 so that Loki, Elasticsearch or journald take the lines as they are; and the
 stable audit events (``login``, ``session-end``, ``change``,
-``account-state``) that such a log is searched for.
+``account-state``, ``account-authorized``, ``api-login``) that such a log
+is searched for. docs/monitoring.md lists each with its fields.
 
 An audit event has a fixed ``event`` field and fixed fields of its own, and
 no format string: it shows in the JSON log only, so the text log (and the
@@ -165,4 +166,56 @@ def accountState(account: str, old: str | None, new: str, reason: str) -> None:
         old_state=old or "-",
         new_state=new,
         reason=reason,
+    )
+
+
+def accountChanged(account: str, old: str | None, new: str, reason: str) -> None:
+    """
+    ``account-state``, once, when an existing account's state changed (a
+    new account, ``old`` None, has no change of state to report).
+
+    :param reason: ``operator`` (set through the API or the admin command),
+        ``reauthorized`` (a new grant: ``reauth-required`` back to ``ok``),
+        ``replaced`` (the account was created anew over the old one).
+    """
+    if old is not None and old != new:
+        accountState(account, old, new, reason)
+
+
+def accountAuthorized(account: str, email: str, app: str, flow: str) -> None:
+    """
+    The mailbox's owner granted access through onboarding.
+
+    :param flow: ``consent`` (the browser redirect to ``/oauth2/callback``)
+        or ``device`` (the device grant, from the admin command).
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="account-authorized",
+        account=account,
+        email=email,
+        app=app,
+        flow=flow,
+    )
+
+
+def apiLogin(result: str, reason: str, address: str, endpoint: str) -> None:
+    """
+    A request to the HTTP API or ``/metrics`` refused for its Bearer token
+    (accepted ones are not logged: a scrape every 15 s is not news).
+
+    :param result: ``refused``.
+    :param reason: the token check's reason code (``unknown-token``,
+        ``expired``, ``scope``, ``address``) or ``penalty`` (429).
+    :param endpoint: ``api`` or ``metrics``.
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="api-login",
+        result=result,
+        reason=reason,
+        client=address,
+        endpoint=endpoint,
     )

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from . import __version__, selfcheck
+from . import __version__, adminaudit, selfcheck
 from ._cliactions import (
     CREATING,
     SESSIONS_ELSEWHERE,
@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         help="file with the key that encrypts provider secrets",
     )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    adminaudit.addArguments(common)
 
     p = _Parser(
         prog="imapproxy", parents=[common], description="Manage imapproxy accounts and tokens."
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             settings = readConfig(args.config, _serverSettings())
         except ConfigError as e:
             sys.exit(f"imapproxy: {e}")
+    adminaudit.startFor(args)
     url = getattr(args, "store", None) or settings.get("store") or defaultStoreURL()
     secretFile = getattr(args, "secret_file", None) or settings.get("secret-file")
     if args.group == "store":

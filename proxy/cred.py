@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from zope.interface import Attribute, implementer
 
+from . import auditlog
 from .errors import AccessDenied
 from .model import Token, validAccountId
 from .penalties import LoginPenalties, PenaltyInForce, PenaltyStatus
@@ -147,6 +148,7 @@ class TokenChecker:
         """
         status = await self._penaltyStatus(c.address)
         if self._refuse and self._penalties is not None and self._penalties.refuses(status):
+            auditlog.apiLogin("refused", "penalty", c.address, self._scope)
             raise PenaltyInForce(status.retryAfter)
         if status.remaining > 0 and self._penalties is not None:
             await self._penalties.wait(status)
@@ -173,6 +175,9 @@ class TokenChecker:
                 address=c.address,
                 reason=e.reason,
             )
+            if c.protocol == "api":
+                # The API's (and /metrics') refusals; IMAP and SMTP have ``login``.
+                auditlog.apiLogin("refused", e.reason, c.address, self._scope)
             await self._penalize(c.address)
             raise
         assert record is not None

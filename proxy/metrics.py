@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
 from .model import ACCOUNT_STATES
@@ -120,6 +120,8 @@ class Metrics:
         self._accounts: list[tuple[str, str]] | None = None
         self._accountsRead = -ACCOUNTS_CACHE
         self._refreshing: Any = None
+        self._penaltyCount: int | None = None
+        self._penaltiesRead = -ACCOUNTS_CACHE
         r.register(_Live(self))
         if process:
             ProcessCollector(namespace=p, registry=r)
@@ -133,7 +135,8 @@ class Metrics:
         :param sessions: the ``SessionRegistry`` (iterable of ``(session,
             splice)``); its ``ended`` is set to ``sessionEnded``.
         :param spares: ``WarmUpstreams``.
-        :param penalties: a penalty backend with ``len`` (``MemoryPenalties``).
+        :param penalties: ``LoginPenalties`` (its count read by ``refresh``,
+            shared on Redis), or anything with ``len``.
         :param store: the store, for accounts by state and its availability.
         """
         self._sessions = sessions
@@ -178,15 +181,19 @@ class Metrics:
 
     async def refresh(self) -> None:
         """
-        Read what the collectors need from the store, at most every
-        ``ACCOUNTS_CACHE`` seconds. A store that does not answer (within
-        ``STORE_DEADLINE``) is reported (``store_up`` 0, no accounts series),
-        never raised.
+        Read what the collectors need from the store (accounts by state)
+        and the penalty backend (addresses penalised, shared on Redis), each
+        at most every ``ACCOUNTS_CACHE`` seconds, at the same time. One that
+        does not answer (within ``STORE_DEADLINE``) is reported (``store_up``
+        0, no series), never raised.
         """
-        if self._store is None:
-            return
         now = self.clock.seconds()
-        if now - self._accountsRead < ACCOUNTS_CACHE:
+        await gatherResults(
+            [ensureDeferred(self._readAccounts(now)), ensureDeferred(self._readPenalties(now))]
+        )
+
+    async def _readAccounts(self, now: float) -> None:
+        if self._store is None or now - self._accountsRead < ACCOUNTS_CACHE:
             return
         try:
             read = maybeDeferred(self._store.listAccounts)
@@ -200,6 +207,19 @@ class Metrics:
         self.storeUp.set(1)
         self._accountsRead = now
         self._accounts = [(a.id, a.state) for a in accounts]
+
+    async def _readPenalties(self, now: float) -> None:
+        remembered = getattr(self._penalties, "remembered", None)
+        if remembered is None or now - self._penaltiesRead < ACCOUNTS_CACHE:
+            return
+        try:
+            count = await maybeDeferred(remembered).addTimeout(STORE_DEADLINE, self.clock)
+        except Exception as e:
+            log.warn("metrics: the penalties do not answer: {error}", error=type(e).__name__)
+            self._penaltyCount = None
+            return
+        self._penaltiesRead = now
+        self._penaltyCount = int(count)
 
     def collectLive(self) -> Iterator[Any]:
         """The metric families read from memory at scrape time."""
@@ -240,11 +260,14 @@ class Metrics:
                 accountFamily.add_metric([account], n)
             yield accountFamily
         yield from self._collectSpares()
-        if self._penalties is not None:
+        penalised = self._penaltyCount
+        if penalised is None and hasattr(self._penalties, "__len__"):
+            penalised = len(self._penalties)
+        if penalised is not None:
             yield GaugeMetricFamily(
                 f"{p}_login_penalty_addresses",
                 "Addresses whose failed logins are remembered (penalised on their next try)",
-                value=len(self._penalties),
+                value=penalised,
             )
         yield from self._collectAccounts()
 

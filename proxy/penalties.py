@@ -104,6 +104,9 @@ class IPenaltyBackend(Interface):
     def clear(key: str) -> Deferred[None]:
         """Forget the address (a login from it succeeded)."""
 
+    def count(since: float) -> Deferred[int]:
+        """Addresses remembered with a failure at ``since`` or later (for metrics)."""
+
 
 @implementer(IPenaltyBackend)
 class MemoryPenalties:
@@ -143,6 +146,9 @@ class MemoryPenalties:
     def clear(self, key: str) -> Deferred[None]:
         self._entries.pop(key, None)
         return succeed(None)
+
+    def count(self, since: float) -> Deferred[int]:
+        return succeed(sum(1 for entry in self._entries.values() if entry[1] >= since))
 
 
 def penaltyKey(address: str) -> str:
@@ -204,6 +210,13 @@ class LoginPenalties:
         return await self.backend.fail(
             penaltyKey(address), self._clock.seconds(), self.policy.forget
         )
+
+    def remembered(self) -> Deferred[int]:
+        """
+        How many addresses have a failure not yet forgotten: this process's,
+        or every instance's on a shared (Redis) store. For the metrics.
+        """
+        return self.backend.count(self._clock.seconds() - self.policy.forget)
 
     async def succeeded(self, address: str, status: PenaltyStatus) -> None:
         """A valid login clears its address's penalty (when it had one)."""

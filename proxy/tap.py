@@ -148,7 +148,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         plaintextLogin=options["plaintext-login"],
     )
     sessions = SessionRegistry(spares=warm, clock=reactor)
-    metrics.watch(sessions, warm, None if shared else penaltyBackend, store)
+    metrics.watch(sessions, warm, penalties, store)
     factory = ProxyFactory(portal, policy, options["starttls"], sessions)
     smtpFactory, primer = submissionDoor(
         realm,

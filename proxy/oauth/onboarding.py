@@ -21,6 +21,7 @@ import attrs
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from .. import auditlog
 from ..admin import (
     IMAP_FIELDS,
     PRESETS,
@@ -280,7 +281,7 @@ class Onboarding:
             except DevicePending:
                 pass
             else:
-                return await self.complete(accountId, app, token, email, imap, smtp)
+                return await self.complete(accountId, app, token, email, imap, smtp, "device")
 
     async def complete(
         self,
@@ -290,6 +291,7 @@ class Onboarding:
         email: str | None,
         imap: dict | None,
         smtp: dict | None = None,
+        flow: str = "consent",
     ) -> Account:
         """
         Create or update the account with a newly granted refresh token.
@@ -298,6 +300,7 @@ class Onboarding:
             of a generic app).
         :param smtp: its SMTP settings, if given; a new account of a preset
             app otherwise gets the preset's, one of a generic app none.
+        :param flow: ``consent`` or ``device``, for the audit event.
         """
         refresh = token.get("refresh_token")
         if not isinstance(refresh, str) or not refresh:
@@ -354,4 +357,7 @@ class Onboarding:
             email=address,
             app=app.id,
         )
+        auditlog.accountAuthorized(accountId, address, app.id, flow)
+        old = existing.state if existing is not None else None
+        auditlog.accountChanged(accountId, old, account.state, "reauthorized")
         return await self.admin.getAccount(accountId)

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from .. import auditlog
-from . import _fast
+from . import _fast, ending
 
 log = Logger(namespace="proxy.relay")
 
@@ -82,6 +82,8 @@ class Splice:
         self._released = False
         self._cuts: dict[str, Any] = {}
         self._lost: set[str] = set()
+        # The provider's last bytes, to tell a goodbye answered from its own close.
+        self._tail = b""
 
     def start(self, held: bytes) -> None:
         """
@@ -105,6 +107,8 @@ class Splice:
         # The fast paths fall back to Twisted's public path rather than
         # raise: the client has been told OK already.
         toClient = _fast.batchReads(ut, self.toClientSink(_fast.directWriter(ct)))
+        if self._audit is not None:
+            toClient = ending.keepTail(toClient, self._keepTail)
         toUpstream = _fast.batchReads(ct, self.toUpstreamSink(_fast.directWriter(ut)))
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
@@ -201,8 +205,12 @@ class Splice:
         self._closeSoon("upstream", self.CLOSE_GRACE)
         self._end()
 
+    def _keepTail(self, data: bytes) -> None:
+        self._tail = ending.joinTail(self._tail, data)
+
     def _upstreamLost(self, reason: Any) -> None:
-        self.closedBy = self.closedBy or "provider"
+        protocol = (self._audit or {}).get("protocol", "")
+        self.closedBy = self.closedBy or ending.endedBy(protocol, self._tail)
         self._sideLost("upstream")
         self._release()
         self._closeSoon("client", self.CLOSE_GRACE)

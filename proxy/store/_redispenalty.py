@@ -79,6 +79,12 @@ class RedisPenalties:
         d = self._store._eval(_CLEAR, self._keys, [key])
         return d.addCallback(lambda _: None)
 
+    def count(self, since: float) -> Deferred[int]:
+        # The sorted set holds each address by the time of its last failure;
+        # the quiet ones the next failure would sweep are not counted.
+        d = self._store._call("zcount", self._keys[1], repr(since), "+inf")
+        return d.addCallback(int)
+
 
 def _parse(reply: Any) -> tuple[int, float] | None:
     if isinstance(reply, bytes):
