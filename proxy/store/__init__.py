@@ -1,6 +1,7 @@
 """
 Stores for accounts and tokens. ``makeStore`` turns a ``--store`` URL into a
-store: ``sqlite://…`` (the default) or ``redis://…`` / ``unix://…`` (Redis).
+store: ``sqlite://…`` (the default) or ``redis://…`` / ``unix://…`` /
+``redis+sentinel://…`` (Redis).
 Every store provides ``IStore``; ``MemoryStore`` is the in-memory one, for
 tests.
 """
@@ -29,7 +30,7 @@ from .memory import MemoryData, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-REDIS_SCHEMES = ("redis", "unix")
+REDIS_SCHEMES = ("redis", "unix", "redis+sentinel")
 
 __all__ = [
     "IAccessTokenStore",
