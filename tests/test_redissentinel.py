@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.encryption import ENV_VAR
 from proxy.store import REDIS_SCHEMES, RedisStore, StoreError, makeStore
-from proxy.store._redissentinel import DEFAULT_REPLICAS, SentinelLink, isReadOnly
+from proxy.store._redissentinel import DEFAULT_REPLICAS, SentinelLink, isDemoted, sameServer
 from proxy.store.redis import RedisAddress, parseRedisURL
 
 
@@ -106,9 +106,18 @@ class LinkTests(SynchronousTestCase):
         link._found(("10.0.0.2", 6379))
         self.assertEqual((calls, link.master), ([1], ("10.0.0.2", 6379)))
 
+    def test_sameServer(self):
+        self.assertTrue(sameServer(("127.0.0.1", 6379), ("127.0.0.1", 6379)))
+        self.assertTrue(sameServer(("::1", 6379), ("0:0::1", 6379)))
+        self.assertFalse(sameServer(("127.0.0.1", 6379), ("127.0.0.1", 6380)))
+        self.assertFalse(sameServer(("10.0.0.1", 6379), ("10.0.0.2", 6379)))
+        # A host name the sentinels announce: the port alone.
+        self.assertTrue(sameServer(("redis-a", 6379), ("10.0.0.2", 6379)))
+
     def test_readOnly(self):
         import txredisapi
 
-        self.assertTrue(isReadOnly(txredisapi.ResponseError("READONLY You can't write")))
-        self.assertFalse(isReadOnly(txredisapi.ResponseError("ERR no")))
-        self.assertFalse(isReadOnly("READONLY"))
+        self.assertTrue(isDemoted(txredisapi.ResponseError("READONLY You can't write")))
+        self.assertTrue(isDemoted(txredisapi.ResponseError("NOREPLICAS Not enough")))
+        self.assertFalse(isDemoted(txredisapi.ResponseError("ERR no")))
+        self.assertFalse(isDemoted("READONLY"))

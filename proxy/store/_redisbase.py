@@ -31,7 +31,7 @@ from ._redisconn import (
     parseRedisURL,
 )
 from ._redislua import _OPEN
-from ._redissentinel import WAIT_MS, SentinelLink, discoverBlocking
+from ._redissentinel import WAIT_MS, SentinelLink, discoverBlocking, sameServer
 
 SCHEMA = "1"
 
@@ -288,11 +288,22 @@ class _RedisStoreBase(Service):
         if not (durable and replicas):
             return self._call("eval", script, keys, args)
         d = self._call("evalWait", script, keys, args, replicas, WAIT_MS)
-        return d.addCallback(self._waited, replicas)
+        return d.addCallback(lambda reply: ensureDeferred(self._waited(reply, replicas)))
 
-    def _waited(self, reply: tuple[Any, int], replicas: int) -> Any:
-        result, acknowledged = reply
+    async def _waited(self, reply: tuple[Any, int, tuple[str, int]], replicas: int) -> Any:
+        result, acknowledged, where = reply
         short = acknowledged < replicas
+        if short and self._link is not None:
+            # No replica has it: is that server still the master (a manual
+            # failover leaves the old one up, taking writes it will lose)?
+            try:
+                master = await self._link.discover()
+            except Exception:
+                master = where
+            if not sameServer(master, where):
+                raise StoreUnavailable(
+                    "the Redis master changed during a write: it may be lost, try again"
+                )
         if short and not self._replicasShort:
             self.log.warn(
                 "the Redis store {where}: {n} of {replicas} replicas acknowledged a write "

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from ._errors import StoreError, StoreUnavailable
 from ._redissentinel import SCHEME as SENTINEL_SCHEME
-from ._redissentinel import describeSentinels, isReadOnly, parseSentinelURL
+from ._redissentinel import describeSentinels, isDemoted, parseSentinelURL
 
 __all__ = ["DEFAULT_PREFIX", "RedisAddress", "StoreUnavailable", "parseRedisURL"]
 
@@ -131,7 +131,16 @@ _UNAVAILABLE = (
     error.ConnectionDone,
 )
 # Redis error replies that mean "not now" rather than "never".
-_TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "NOAUTH")
+_TRANSIENT = (
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "READONLY",
+    "NOREPLICAS",
+    "NOAUTH",
+)
 
 
 # -- the asynchronous client ---------------------------------------------------------
@@ -173,17 +182,20 @@ class _RedisProtocol(txredisapi.RedisProtocol):
 
     def evalWait(
         self, script: str, keys: list[str], args: list[str], replicas: int, ms: int
-    ) -> Deferred[tuple[Any, int]]:
+    ) -> Deferred[tuple[Any, int, tuple[str, int]]]:
         """
         A script, then ``WAIT replicas ms`` on this same connection (WAIT
         counts the replicas that have this connection's writes).
 
-        :return: Deferred with the script's reply and the replicas that acknowledged.
+        :return: Deferred with the script's reply, the replicas that
+            acknowledged, and the server's (host, port).
         """
+        peer = self.transport.getPeer()
+        where = (str(getattr(peer, "host", "")), int(getattr(peer, "port", 0)))
 
-        def wait(reply: Any) -> Deferred[tuple[Any, int]]:
+        def wait(reply: Any) -> Deferred[tuple[Any, int, tuple[str, int]]]:
             d = self.execute_command("WAIT", replicas, ms)
-            return d.addCallback(lambda n: (reply, int(n)))  # type: ignore[no-any-return]
+            return d.addCallback(lambda n: (reply, int(n), where))  # type: ignore[no-any-return]
 
         return self.eval(script, keys, args).addCallback(wait)  # type: ignore[no-any-return]
 
@@ -192,8 +204,9 @@ class _SentinelRedisProtocol(_RedisProtocol):
     """
     A connection to the master the sentinels named: used only once the
     server says (ROLE) that it is the master, and dropped when it answers a
-    write with READONLY (it has become a replica), so that the next
-    connection asks the sentinels again.
+    write with READONLY (it has become a replica) or NOREPLICAS (a master
+    cut off from its replicas, with ``min-replicas-to-write``), so that the
+    next connection asks the sentinels again.
     """
 
     @inlineCallbacks
@@ -221,7 +234,7 @@ class _SentinelRedisProtocol(_RedisProtocol):
 
     def replyReceived(self, reply: Any) -> None:
         super().replyReceived(reply)
-        if isReadOnly(reply):
+        if isDemoted(reply):
             self.transport.loseConnection()
 
 

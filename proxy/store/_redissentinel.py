@@ -10,6 +10,7 @@ failover, a partition that healed).
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -139,6 +140,8 @@ class SentinelLink:
         self.master: tuple[str, int] | None = None
         self._watch: LoopingCall | None = None
         self._moved: list[Any] = []
+        # Questions to the sentinels still out (cancelled by close).
+        self._asking: set[Deferred[Any]] = set()
 
     def _manager(self) -> Any:
         if self._sentinel is None:
@@ -151,14 +154,37 @@ class SentinelLink:
                 connectTimeout=self.timeout,
                 convertNumbers=False,
             )
-            self._sentinel.discovery_timeout = self.timeout
         return self._sentinel
 
     def discover(self) -> Deferred[tuple[str, int]]:
-        """The master's (host, port) as the first sentinel that knows says."""
-        d = self._manager().discover_master(self.address.service)
-        d.addCallbacks(self._found, self._notFound)
-        return d  # type: ignore[no-any-return]
+        """
+        The master's (host, port) as the first sentinel to answer says (one
+        that sees it down, or as a replica, does not count); ``StoreUnavailable``
+        when none has within ``timeout``.
+        """
+        manager = self._manager()
+        result: Deferred[tuple[str, int]] = Deferred()
+        asked = [c.sentinel_masters() for c in manager.sentinels]
+        left = len(asked)
+
+        def answered(masters: Any) -> None:
+            state = masters.get(self.address.service) if isinstance(masters, dict) else None
+            if not result.called and state and manager.check_master_state(state):
+                result.callback((state["ip"], state["port"]))
+
+        def done(_: Any) -> None:
+            nonlocal left
+            left -= 1
+            if not left and not result.called:
+                result.errback(txredisapi.MasterNotFoundError())
+
+        for d in asked:
+            self._asking.add(d)
+            d.addTimeout(self.timeout, self._reactor)
+            d.addCallback(answered).addErrback(lambda _: None)
+            d.addBoth(lambda _, d=d: self._asking.discard(d)).addCallback(done)
+        result.addCallbacks(self._found, self._notFound)
+        return result
 
     def _found(self, where: Any) -> tuple[str, int]:
         host, port = str(where[0]), int(where[1])
@@ -199,6 +225,8 @@ class SentinelLink:
         if self._watch is not None and self._watch.running:
             self._watch.stop()
         self._moved = []
+        for d in list(self._asking):
+            d.cancel()
         sentinel, self._sentinel = self._sentinel, None
         if sentinel is None:
             return succeed(None)
@@ -223,9 +251,34 @@ class _MasterEndpoint:
         return link.discover().addCallback(connect)
 
 
-def isReadOnly(reply: Any) -> bool:
-    """Whether ``reply`` is the error a replica gives for a write."""
-    return isinstance(reply, txredisapi.ResponseError) and str(reply).startswith("READONLY")
+def isDemoted(reply: Any) -> bool:
+    """
+    Whether ``reply`` is the error a replica gives for a write, or a master
+    that lost its replicas (``min-replicas-to-write``).
+    """
+    return isinstance(reply, txredisapi.ResponseError) and str(reply).startswith(
+        ("READONLY", "NOREPLICAS")
+    )
+
+
+def sameServer(named: tuple[str, int], connected: tuple[str, int]) -> bool:
+    """
+    Whether the sentinels' ``named`` master is the server a connection
+    reached (its peer address); a name that is not an address (Sentinel's
+    ``announce-hostnames``) is judged by the port alone.
+    """
+    try:
+        ipaddress.ip_address(named[0])
+    except ValueError:
+        return named[1] == connected[1]
+    return ipaddress.ip_address(named[0]) == _address(connected[0]) and named[1] == connected[1]
+
+
+def _address(host: str) -> Any:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 # -- before the reactor runs -------------------------------------------------------------

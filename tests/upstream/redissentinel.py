@@ -20,6 +20,8 @@ __all__ = ["SentinelSet"]
 SERVICE = "imapproxy"
 QUORUM = 2
 READY_TIMEOUT = 20.0
+# A replica's first sync at once, not after Redis's default 5 s pause.
+_FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 
 
 class Sentinel(RedisServer):
@@ -77,11 +79,13 @@ class SentinelSet:
 
     def start(self) -> None:
         try:
-            master = RedisServer()
+            master = RedisServer(extra_args=_FAST_SYNC)
             self.servers.append(master)
             master.start()
             assert master.port is not None
-            replica = RedisServer(extra_args=("--replicaof", self.host, str(master.port)))
+            replica = RedisServer(
+                extra_args=(*_FAST_SYNC, "--replicaof", self.host, str(master.port))
+            )
             self.servers.append(replica)
             replica.start()
             _wait(lambda: _field(replica, "master_link_status") == "up", "the replica in sync")
@@ -136,6 +140,25 @@ class SentinelSet:
             return new
 
         return _wait(promoted, "a replica promoted", seconds)
+
+    def revive(self, server: RedisServer) -> None:
+        """
+        Start a killed server again (the sentinels make it a replica of the
+        master), or make a demoted master that the sentinels have not
+        reconfigured yet a replica (what they would do within some seconds).
+        """
+        if not server.running:
+            server.start()
+        else:
+            master = self.master()
+            if master is not server:
+                server.command("REPLICAOF", self.host, str(master.port))
+        _wait(
+            lambda: (
+                _field(server, "role") == "slave" and _field(server, "master_link_status") == "up"
+            ),
+            "the revived server in sync as a replica",
+        )
 
     def cleanup(self) -> None:
         for server in [*self.sentinels, *self.servers]:

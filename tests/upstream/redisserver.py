@@ -83,6 +83,11 @@ class RedisServer:
         auth = f"&password={self.password}" if self.password else ""
         return f"unix://{self.socket_path}?db=0{auth}"
 
+    @property
+    def running(self) -> bool:
+        """Started, and not stopped or killed since."""
+        return self._proc is not None and self._proc.poll() is None
+
     def _port(self) -> int:
         if self.port is None:
             raise RedisServerError("redis-server not started")
