@@ -99,7 +99,7 @@ class LoginLoop:
 def _counts(d: Deployment) -> tuple[list[str], list[str]]:
     accounts = api(d.a, "GET", "/v1/accounts", d.root).json()["accounts"]
     tokens = api(d.a, "GET", "/v1/tokens", d.root).json()["tokens"]
-    return sorted(a["id"] for a in accounts), sorted(t["id"] for t in tokens)
+    return sorted(a["account"] for a in accounts), sorted(t["id"] for t in tokens)
 
 
 def test_the_master_killed_under_load(deployment, provider, dovecot, pki):
