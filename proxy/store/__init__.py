@@ -87,7 +87,8 @@ def sqlitePath(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
         raise StoreError(
-            f"unsupported store URL {url!r} (use sqlite:///PATH, redis://HOST or unix:///PATH)"
+            f"unsupported store URL {url!r} "
+            "(use sqlite:///PATH, redis://HOST, unix:///PATH or redis+sentinel://HOSTS/SERVICE)"
         )
     if parts.netloc:
         raise StoreError(
