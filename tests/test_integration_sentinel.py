@@ -174,7 +174,8 @@ def test_the_master_killed_under_load(deployment, provider, dovecot, pki):
         # Nothing lost: every account and token, the rotated refresh token.
         assert _counts(d) == before
         provider.expire_access(rotating.email)
-        assert _login(d.a.port, rotating.account, rotating.token) == "OK"
+        assert _login(d.a.port, rotating.account, rotating.token) == "OK"  # takes a lease too
+        assert provider.stats()["token_calls_by_username"][rotating.email] == calls + 2
         assert "needs re-authorization" not in d.a.log()
         assert _login(d.b.port, steady.account, token) == "OK"
 

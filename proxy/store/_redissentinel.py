@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import txredisapi
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
@@ -142,6 +142,7 @@ class SentinelLink:
         self._moved: list[Any] = []
         # Questions to the sentinels still out (cancelled by close).
         self._asking: set[Deferred[Any]] = set()
+        self._closed = False
 
     def _manager(self) -> Any:
         if self._sentinel is None:
@@ -162,6 +163,8 @@ class SentinelLink:
         that sees it down, or as a replica, does not count); ``StoreUnavailable``
         when none has within ``timeout``.
         """
+        if self._closed:
+            return fail(StoreUnavailable("the store is closed"))
         manager = self._manager()
         result: Deferred[tuple[str, int]] = Deferred()
         asked = [c.sentinel_masters() for c in manager.sentinels]
@@ -222,6 +225,7 @@ class SentinelLink:
         self.discover().addErrback(lambda _: None)
 
     def close(self) -> Deferred[Any]:
+        self._closed = True
         if self._watch is not None and self._watch.running:
             self._watch.stop()
         self._moved = []
