@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from proxy.encryption import Secrets
-from proxy.store import SessionBus, StoreError
+from proxy.store import SessionBus, StoreError, StoreUnavailable
 from proxy.store._redissentinel import WAIT_MS
 from proxy.store.redis import RedisStore
 from tests.test_rediscoord import until
@@ -158,3 +158,38 @@ class SentinelStoreTests(TestCase):
             self.assertLess(time.monotonic() - started, WAIT_MS / 1000)
         finally:
             replica.resume()
+
+
+class PasswordTests(TestCase):
+    """A set whose servers and sentinels each require their own password."""
+
+    def setUp(self):
+        self.set = SentinelSet(password="server-pw", sentinel_password="sentinel-pw")
+        self.set.start()
+        self.addCleanup(self.set.cleanup)
+        self.addCleanup(deferLater, reactor, 0.05, lambda: None)
+
+    def store(self, url: str) -> RedisStore:
+        store = RedisStore(url, Secrets([Fernet.generate_key()]))
+        self.addCleanup(store.close)
+        return store
+
+    @inlineCallbacks
+    def test_bothPasswords(self):
+        """The URL's password logs in to the servers, ``sentinel_password`` to the sentinels."""
+        store = self.store(self.set.url)
+        store.openBlocking()
+        yield store.addToken(token("t1", None))
+        self.assertEqual(self.set.master().command("EXISTS", "imapproxy:token:t1"), 1)
+
+    @inlineCallbacks
+    def test_noSentinelPassword(self):
+        """Sentinels that want a password and get none: unavailable, promptly, saying why."""
+        url = self.set.url.split("?")[0]
+        with self.assertRaises(StoreUnavailable) as caught:
+            self.store(url).openBlocking()
+        self.assertIn("NOAUTH", str(caught.exception))
+        started = time.monotonic()
+        with self.assertRaises(StoreUnavailable):
+            yield self.store(url).open()
+        self.assertLess(time.monotonic() - started, 5)

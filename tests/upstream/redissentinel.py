@@ -27,8 +27,16 @@ _FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 class Sentinel(RedisServer):
     """One ``redis-server --sentinel`` watching ``SERVICE``."""
 
-    def __init__(self, master_port: int, down_after_ms: int, failover_timeout_ms: int) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        master_port: int,
+        down_after_ms: int,
+        failover_timeout_ms: int,
+        password: str | None = None,
+        master_password: str | None = None,
+    ) -> None:
+        super().__init__(password=password)
+        self.master_password = master_password
         self.master_port = master_port
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
@@ -47,6 +55,11 @@ class Sentinel(RedisServer):
                 f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
+            if self.master_password:
+                f.write(f"sentinel auth-pass {SERVICE} {self.master_password}\n")
+            if self.password:
+                # Its own password, and the one it gives the other sentinels.
+                f.write(f"requirepass {self.password}\nsentinel sentinel-pass {self.password}\n")
         return ["redis-server", conf, "--sentinel"]
 
     def master_port_now(self) -> int | None:
@@ -66,12 +79,22 @@ class SentinelSet:
     """
     :param down_after_ms: how long the master must be silent to be down.
     :param failover_timeout_ms: Sentinel's ``failover-timeout``.
+    :param password: the Redis servers' ``requirepass`` (and ``masterauth``).
+    :param sentinel_password: the sentinels' own ``requirepass``.
     """
 
     host = RedisServer.host
     service = SERVICE
 
-    def __init__(self, down_after_ms: int = 500, failover_timeout_ms: int = 2000) -> None:
+    def __init__(
+        self,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        self.password = password
+        self.sentinel_password = sentinel_password
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.servers: list[RedisServer] = []
@@ -79,18 +102,26 @@ class SentinelSet:
 
     def start(self) -> None:
         try:
-            master = RedisServer(extra_args=_FAST_SYNC)
+            auth = ("--masterauth", self.password) if self.password else ()
+            master = RedisServer(self.password, extra_args=(*_FAST_SYNC, *auth))
             self.servers.append(master)
             master.start()
             assert master.port is not None
             replica = RedisServer(
-                extra_args=(*_FAST_SYNC, "--replicaof", self.host, str(master.port))
+                self.password,
+                extra_args=(*_FAST_SYNC, *auth, "--replicaof", self.host, str(master.port)),
             )
             self.servers.append(replica)
             replica.start()
             _wait(lambda: _field(replica, "master_link_status") == "up", "the replica in sync")
             for _ in range(3):
-                sentinel = Sentinel(master.port, self.down_after_ms, self.failover_timeout_ms)
+                sentinel = Sentinel(
+                    master.port,
+                    self.down_after_ms,
+                    self.failover_timeout_ms,
+                    self.sentinel_password,
+                    self.password,
+                )
                 self.sentinels.append(sentinel)
                 sentinel.start()
             # A failover needs every sentinel to know the others and the replica.
@@ -107,7 +138,9 @@ class SentinelSet:
     def url(self) -> str:
         """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/imapproxy/0``."""
         hosts = ",".join(f"{self.host}:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        auth = f":{self.password}@" if self.password else ""
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0{query}"
 
     def master_port(self) -> int:
         """Where the sentinels (the first that answers) say the master is."""
