@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         "--store",
         default=argparse.SUPPRESS,
         help="store URL: sqlite:///ABSOLUTE/PATH (three slashes), "
-        "redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH/redis.sock?db=N "
+        "redis://[:PASSWORD@]HOST[:PORT][/DB], unix:///PATH/redis.sock?db=N or "
+        "redis+sentinel://[:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB] "
         "[default: imapproxy.sqlite3 in the state directory]",
     )
     common.add_argument(

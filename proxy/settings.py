@@ -36,7 +36,8 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         None,
         str,
         "Where accounts and tokens live: sqlite:///ABSOLUTE/PATH (three slashes), "
-        "redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH/redis.sock?db=N (Redis) "
+        "redis://[:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH/redis.sock?db=N (Redis), "
+        "redis+sentinel://[:PASSWORD@]HOST:PORT,HOST:PORT/SERVICE[/DB] (Redis Sentinel) "
         "[default: an SQLite file in the state directory]",
     ),
     "secret-file": (

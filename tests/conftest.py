@@ -36,10 +36,11 @@ INTEGRATION_FILES = frozenset(
         "test_fixtures_smtp.py",
         "test_rediscoord.py",
         "test_store_redis.py",
+        "test_store_sentinel.py",
     }
 )
 # Integration files that need only a redis-server.
-REDIS_FILES = frozenset({"test_rediscoord.py", "test_store_redis.py"})
+REDIS_FILES = frozenset({"test_rediscoord.py", "test_store_redis.py", "test_store_sentinel.py"})
 
 
 def isIntegrationFile(name: str) -> bool:

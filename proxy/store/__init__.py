@@ -1,6 +1,7 @@
 """
 Stores for accounts and tokens. ``makeStore`` turns a ``--store`` URL into a
-store: ``sqlite://…`` (the default) or ``redis://…`` / ``unix://…`` (Redis).
+store: ``sqlite://…`` (the default) or ``redis://…`` / ``unix://…`` /
+``redis+sentinel://…`` (Redis).
 Every store provides ``IStore``; ``MemoryStore`` is the in-memory one, for
 tests.
 """
@@ -29,7 +30,7 @@ from .memory import MemoryData, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-REDIS_SCHEMES = ("redis", "unix")
+REDIS_SCHEMES = ("redis", "unix", "redis+sentinel")
 
 __all__ = [
     "IAccessTokenStore",
@@ -86,7 +87,8 @@ def sqlitePath(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
         raise StoreError(
-            f"unsupported store URL {url!r} (use sqlite:///PATH, redis://HOST or unix:///PATH)"
+            f"unsupported store URL {url!r} "
+            "(use sqlite:///PATH, redis://HOST, unix:///PATH or redis+sentinel://HOSTS/SERVICE)"
         )
     if parts.netloc:
         raise StoreError(

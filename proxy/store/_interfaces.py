@@ -261,6 +261,13 @@ class IRedisAccess(Interface):
     def key(*parts):
         """:return: the key named by ``parts`` under the store's prefix."""
 
+    def endpoint():
+        """
+        :return: a client endpoint for a new connection of one's own (the
+            session bus's subscription) to the store's Redis: its master,
+            behind Sentinel.
+        """
+
     def command(method, *args):
         """
         Run one txredisapi command with the store's deadline.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import attrs
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer, error
@@ -26,9 +27,11 @@ from ._redisconn import (
     _UNAVAILABLE,
     _blockingCommand,
     _RedisProtocol,
+    _SentinelRedisProtocol,
     parseRedisURL,
 )
 from ._redislua import _OPEN
+from ._redissentinel import WAIT_MS, SentinelLink, discoverBlocking, sameServer
 
 SCHEMA = "1"
 
@@ -63,6 +66,9 @@ class _RedisStoreBase(Service):
         self.timeout = timeout
         self.poolSize = poolSize
         self._redis: Any = None
+        # The sentinels, for a redis+sentinel:// store (made with the connections).
+        self._link: SentinelLink | None = None
+        self._replicasShort = False
         self._open = False
         self._closed = False
         self._available = True
@@ -121,7 +127,11 @@ class _RedisStoreBase(Service):
         if self._closed:
             raise StoreError("the store is closed")
         command = ["EVAL", _OPEN, "1", self._key("meta"), *self._openArgs()]
-        self._checkKey(_blockingCommand(self.address, self.timeout, command))
+        address = self.address
+        if address.sentinels:
+            host, port = discoverBlocking(address, self.timeout)
+            address = attrs.evolve(address, host=host, port=port, sentinels=())
+        self._checkKey(_blockingCommand(address, self.timeout, command))
         self._open = True
 
     def closeBlocking(self) -> None:
@@ -159,9 +169,13 @@ class _RedisStoreBase(Service):
         for d in list(self._pending):
             d.cancel()
         redis, self._redis = self._redis, None
-        if redis is None:
-            return succeed(None)
-        return gatherResults([redis.disconnect()], consumeErrors=True).addCallback(lambda _: None)
+        link, self._link = self._link, None
+        closing = []
+        if link is not None:
+            closing.append(link.close())
+        if redis is not None:
+            closing.append(redis.disconnect())
+        return gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def startService(self) -> None:
         super().startService()
@@ -206,14 +220,26 @@ class _RedisStoreBase(Service):
         # Fires only when a connection is refused for good (bad password or
         # database); txredisapi then stops trying, and says why here.
         factory.deferred.addErrback(self._connectFailed)
-        if a.path is not None:
-            endpoint: Any = UNIXClientEndpoint(self._reactor, a.path, timeout=self.timeout)
-        else:
-            endpoint = HostnameEndpoint(
-                self._reactor, a.host or "localhost", a.port, timeout=self.timeout
-            )
-        factory.startConnecting(endpoint)
+        if a.sentinels:
+            factory.protocol = _SentinelRedisProtocol
+            # A master that stays up but is one no more: reconnect (to the new one).
+            self._sentinels().watch(lambda: [c.transport.loseConnection() for c in factory.pool])
+        factory.startConnecting(self.endpoint())
         return factory.handler
+
+    def _sentinels(self) -> SentinelLink:
+        if self._link is None:
+            self._link = SentinelLink(self.address, self._reactor, self.timeout)
+        return self._link
+
+    def endpoint(self) -> Any:
+        """Where a new connection goes: the master the sentinels name now, if any."""
+        a = self.address
+        if a.sentinels:
+            return self._sentinels().endpoint()
+        if a.path is not None:
+            return UNIXClientEndpoint(self._reactor, a.path, timeout=self.timeout)
+        return HostnameEndpoint(self._reactor, a.host or "localhost", a.port, timeout=self.timeout)
 
     def _connectFailed(self, failure: Any) -> None:
         self._lastConnectError = failure.getErrorMessage()
@@ -249,9 +275,51 @@ class _RedisStoreBase(Service):
         d.addBoth(done)
         return d.addCallbacks(self._succeeded, self._failed)
 
-    def _eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
-        # txredisapi runs EVALSHA once a connection has seen the script.
-        return self._call("eval", script, keys, args)
+    def _eval(
+        self, script: str, keys: list[str], args: list[str], durable: bool = False
+    ) -> Deferred[Any]:
+        """
+        A script (txredisapi runs EVALSHA once a connection has seen it);
+        ``durable``: a write that must survive a failover, so it waits (up to
+        ``WAIT_MS``) for the URL's ``replicas`` to have it, and says when
+        fewer did (the write stands: it is on the master).
+        """
+        replicas = self.address.replicas
+        if not (durable and replicas):
+            return self._call("eval", script, keys, args)
+        d = self._call("evalWait", script, keys, args, replicas, WAIT_MS)
+        return d.addCallback(lambda reply: ensureDeferred(self._waited(reply, replicas)))
+
+    async def _waited(self, reply: tuple[Any, int, tuple[str, int]], replicas: int) -> Any:
+        result, acknowledged, where = reply
+        short = acknowledged < replicas
+        if short and self._link is not None:
+            # No replica has it: is that server still the master (a manual
+            # failover leaves the old one up, taking writes it will lose)?
+            try:
+                master = await self._link.discover()
+            except Exception:
+                master = where
+            if not sameServer(master, where):
+                raise StoreUnavailable(
+                    "the Redis master changed during a write: it may be lost, try again"
+                )
+        if short and not self._replicasShort:
+            self.log.warn(
+                "the Redis store {where}: {n} of {replicas} replicas acknowledged a write "
+                "within {ms}ms; it is on the master only until they catch up",
+                where=self.address.describe(),
+                n=acknowledged,
+                replicas=replicas,
+                ms=WAIT_MS,
+            )
+        elif not short and self._replicasShort:
+            self.log.info(
+                "the Redis store {where}: writes reach the replicas again",
+                where=self.address.describe(),
+            )
+        self._replicasShort = short
+        return result
 
     # What the refresh lock and the session bus use (``IRedisAccess``).
     command = _call

@@ -1,8 +1,9 @@
 """
 Reaching Redis, for the Redis store (``proxy.store.redis``): where it is
-(``RedisAddress``, ``parseRedisURL``), which failures mean "unavailable, retry"
-rather than "refused", txredisapi's protocol made to keep reconnecting, and a
-small blocking client for ``RedisStore.openBlocking``.
+(``RedisAddress``, ``parseRedisURL``; behind Sentinel, ``_redissentinel``),
+which failures mean "unavailable, retry" rather than "refused", txredisapi's
+protocol made to keep reconnecting, and a small blocking client for
+``RedisStore.openBlocking``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from ._errors import StoreError, StoreUnavailable
+from ._redissentinel import SCHEME as SENTINEL_SCHEME
+from ._redissentinel import describeSentinels, isDemoted, parseSentinelURL
 
 __all__ = ["DEFAULT_PREFIX", "RedisAddress", "StoreUnavailable", "parseRedisURL"]
 
@@ -29,7 +32,11 @@ DEFAULT_PREFIX = "imapproxy:"
 
 @attrs.frozen
 class RedisAddress:
-    """Where the store lives; ``path`` (a Unix socket) or ``host``/``port``."""
+    """
+    Where the store lives: ``path`` (a Unix socket), ``host``/``port``, or
+    the master of ``service`` as the ``sentinels`` say (``host`` None);
+    writes that matter then wait for ``replicas`` replicas.
+    """
 
     host: str | None = "localhost"
     port: int = 6379
@@ -38,9 +45,16 @@ class RedisAddress:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     prefix: str = DEFAULT_PREFIX
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    replicas: int = 0
+    sentinelUsername: str | None = None
+    sentinelPassword: str | None = attrs.field(default=None, repr=False)
 
     def describe(self) -> str:
         """The URL without its credentials: safe for messages and logs."""
+        if self.sentinels:
+            return describeSentinels(self)
         if self.path is not None:
             return f"unix://{self.path}?db={self.db}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
@@ -51,14 +65,18 @@ def parseRedisURL(url: str) -> RedisAddress:
     """
     ``redis://[[user]:password@]host[:port][/db]`` or
     ``unix:///path/to/socket[?db=N]``; both take ``?prefix=`` (the key
-    prefix), and a Unix socket ``?password=`` (and ``?username=``).
+    prefix), and a Unix socket ``?password=`` (and ``?username=``); or
+    ``redis+sentinel://…`` (``parseSentinelURL``).
 
     :raises StoreError: for anything else.
     """
+    if url.startswith(SENTINEL_SCHEME + ":"):
+        return RedisAddress(**parseSentinelURL(url))
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "unix"):
         raise StoreError(
-            f"not a Redis store URL: scheme {parts.scheme!r} (use redis:// or unix://)"
+            f"not a Redis store URL: scheme {parts.scheme!r} "
+            "(use redis://, unix:// or redis+sentinel://)"
         )
     query: dict[str, str] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -113,7 +131,16 @@ _UNAVAILABLE = (
     error.ConnectionDone,
 )
 # Redis error replies that mean "not now" rather than "never".
-_TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "NOAUTH")
+_TRANSIENT = (
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "READONLY",
+    "NOREPLICAS",
+    "NOAUTH",
+)
 
 
 # -- the asynchronous client ---------------------------------------------------------
@@ -152,6 +179,63 @@ class _RedisProtocol(txredisapi.RedisProtocol):
         waiting, self._waiting_for_connect = self._waiting_for_connect, []
         for d in waiting:
             d.callback(self)
+
+    def evalWait(
+        self, script: str, keys: list[str], args: list[str], replicas: int, ms: int
+    ) -> Deferred[tuple[Any, int, tuple[str, int]]]:
+        """
+        A script, then ``WAIT replicas ms`` on this same connection (WAIT
+        counts the replicas that have this connection's writes).
+
+        :return: Deferred with the script's reply, the replicas that
+            acknowledged, and the server's (host, port).
+        """
+        peer = self.transport.getPeer()
+        where = (str(getattr(peer, "host", "")), int(getattr(peer, "port", 0)))
+
+        def wait(reply: Any) -> Deferred[tuple[Any, int, tuple[str, int]]]:
+            d = self.execute_command("WAIT", replicas, ms)
+            return d.addCallback(lambda n: (reply, int(n), where))  # type: ignore[no-any-return]
+
+        return self.eval(script, keys, args).addCallback(wait)  # type: ignore[no-any-return]
+
+
+class _SentinelRedisProtocol(_RedisProtocol):
+    """
+    A connection to the master the sentinels named: used only once the
+    server says (ROLE) that it is the master, and dropped when it answers a
+    write with READONLY (it has become a replica) or NOREPLICAS (a master
+    cut off from its replicas, with ``min-replicas-to-write``), so that the
+    next connection asks the sentinels again.
+    """
+
+    @inlineCallbacks
+    def connectionMade(self) -> Generator[Deferred[Any], Any, None]:
+        try:
+            if self.password is not None:
+                yield self.auth(self.password, self.username)
+            role = yield self.role()
+        except txredisapi.ResponseError as e:
+            if str(e).split(" ", 1)[0] not in _TRANSIENT:
+                self.factory.stopTrying()
+                self.transport.loseConnection()
+                self.factory.connectionError(f"could not log in: {e}")
+                return
+            self.transport.abortConnection()
+            return
+        except Exception:
+            self.transport.abortConnection()
+            return
+        if not role or role[0] != "master":
+            self.transport.abortConnection()
+            return
+        # AUTH again is harmless: the base class does it, then SELECT.
+        yield super().connectionMade()
+
+    def replyReceived(self, reply: Any) -> None:
+        super().replyReceived(reply)
+        if isDemoted(reply):
+            self.transport.loseConnection()
 
 
 # -- a blocking client, for openBlocking only -------------------------------------------

@@ -22,7 +22,6 @@ import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -159,7 +158,7 @@ class SessionBus(Service):
         factory = Factory.forProtocol(lambda: _Subscriber(self))
         factory.noisy = False
         self._service = ClientService(
-            _endpoint(self._store.address, self._reactor, self._store.timeout),
+            self._store.endpoint(),
             factory,
             retryPolicy=backoffPolicy(self.retryInitialDelay, self.retryMaxDelay),
             clock=self._reactor,
@@ -256,12 +255,6 @@ def _streamId(value: Any) -> tuple[int, int]:
     if not (dash and ms.isdigit() and seq.isdigit()):
         raise ValueError(f"not a stream id: {str(value)[:40]!r}")
     return int(ms), int(seq)
-
-
-def _endpoint(address: Any, reactor: Any, timeout: float) -> Any:
-    if address.path is not None:
-        return UNIXClientEndpoint(reactor, address.path, timeout=timeout)
-    return HostnameEndpoint(reactor, address.host or "localhost", address.port, timeout=timeout)
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):

@@ -79,7 +79,9 @@ ROTATE_ATTEMPTS = 10
 @implementer(IStore, IRedisAccess)
 class RedisStore(_RedisStoreBase):
     """
-    :param url: ``redis://…`` or ``unix://…``, see ``parseRedisURL``.
+    :param url: ``redis://…``, ``unix://…`` or ``redis+sentinel://…``, see
+        ``parseRedisURL``; writes that must survive a failover (accounts,
+        refresh tokens, apps, tokens) wait for the Sentinel URL's replicas.
     :param secrets: encrypts provider secrets on the way in, decrypts on the
         way out, as in the SQLite store.
     :param timeout: seconds to connect, and to wait for a connection and for
@@ -114,23 +116,24 @@ class RedisStore(_RedisStoreBase):
         created = record.pop("created")
         keys = [self._key("account", account.id), self._key("accounts")]
         args = [self.address.prefix, account.id, _text(created), *_pairs(record)]
-        return self._eval(_PUT_ACCOUNT, keys, args).addCallback(lambda _: None)
+        return self._eval(_PUT_ACCOUNT, keys, args, durable=True).addCallback(lambda _: None)
 
     def removeAccount(self, accountId: str) -> Deferred[bool]:
         keys = [self._key("account", accountId), self._key("accounts")]
-        d = self._eval(_REMOVE_ACCOUNT, keys, [self.address.prefix, accountId])
+        d = self._eval(_REMOVE_ACCOUNT, keys, [self.address.prefix, accountId], durable=True)
         return d.addCallback(lambda n: int(n) > 0)
 
-    def _update(self, key: str, fields: dict[str, object]) -> Deferred[None]:
+    def _update(self, key: str, fields: dict[str, object], durable: bool = False) -> Deferred[None]:
         """Set (or, for None, drop) fields of a record that exists; else nothing."""
         values = _pairs(fields)
         drop = [name for name, value in fields.items() if value is None]
         args = [str(len(values) // 2), *values, *drop]
-        return self._eval(_UPDATE, [key], args).addCallback(lambda _: None)
+        return self._eval(_UPDATE, [key], args, durable).addCallback(lambda _: None)
 
     def setRefreshToken(self, accountId: str, refreshToken: str) -> Deferred[None]:
+        # The provider may have retired the old one: this one must outlive a failover.
         fields = R.refreshTokenUpdate(refreshToken, self._secrets, time.time())
-        return self._update(self._key("account", accountId), fields)
+        return self._update(self._key("account", accountId), fields, durable=True)
 
     def setAccountState(self, accountId: str, state: str, reason: str | None) -> Deferred[None]:
         fields = R.stateUpdate(state, reason, time.time())
@@ -161,7 +164,7 @@ class RedisStore(_RedisStoreBase):
             for i in range(0, len(found), 3):
                 key, field, value = found[i : i + 3]
                 args += [key, field, value, self._secrets.rotate(value)]
-            n = int(await self._eval(_ROTATE, [], args))
+            n = int(await self._eval(_ROTATE, [], args, durable=True))
             if n >= 0:
                 return n
         raise StoreError("the store kept changing while its secrets were rotated: try again")
@@ -200,12 +203,13 @@ class RedisStore(_RedisStoreBase):
     def putApp(self, app: OAuth2App) -> Deferred[None]:
         record = R.appRecord(app, self._secrets, time.time())
         keys = [self._key("app", app.id), self._key("apps")]
-        return self._eval(_PUT_APP, keys, [app.id, *_pairs(record)]).addCallback(lambda _: None)
+        d = self._eval(_PUT_APP, keys, [app.id, *_pairs(record)], durable=True)
+        return d.addCallback(lambda _: None)
 
     @_deferred
     async def removeApp(self, appId: str) -> bool:
         keys = [self._key("app", appId), self._key("apps"), self._key("app-accounts", appId)]
-        n = int(await self._eval(_REMOVE_APP, keys, [appId]))
+        n = int(await self._eval(_REMOVE_APP, keys, [appId], durable=True))
         if n < 0:
             raise R.appInUse(-n)
         return n > 0
@@ -238,7 +242,7 @@ class RedisStore(_RedisStoreBase):
             keys.append(self._key("tokens", "account", token.account))
         expireAt = "" if token.expires is None else _expireAt(token.expires)
         args = [token.id, _text(token.created), expireAt, *_pairs(record)]
-        if not int(await self._eval(_ADD_TOKEN, keys, args)):
+        if not int(await self._eval(_ADD_TOKEN, keys, args, durable=True)):
             raise R.tokenExists()
 
     @_deferred
@@ -260,7 +264,7 @@ class RedisStore(_RedisStoreBase):
 
     def removeToken(self, tokenId: str) -> Deferred[bool]:
         keys = [self._key("token", tokenId), self._key("tokens", "all")]
-        d = self._eval(_REMOVE_TOKEN, keys, [self.address.prefix, tokenId])
+        d = self._eval(_REMOVE_TOKEN, keys, [self.address.prefix, tokenId], durable=True)
         return d.addCallback(lambda n: int(n) > 0)
 
     def touchToken(self, tokenId: str, when: float, address: str) -> Deferred[None]:

@@ -47,11 +47,17 @@ class RedisServer:
     host = "127.0.0.1"
 
     def __init__(
-        self, password: str | None = None, persist: bool = False, load_delay_us: int = 0
+        self,
+        password: str | None = None,
+        persist: bool = False,
+        load_delay_us: int = 0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.password = password
         self.persist = persist
         self.load_delay_us = load_delay_us
+        # More redis-server arguments, e.g. ("--replicaof", HOST, PORT).
+        self.extra_args = extra_args
         self.port: int | None = None
         self.dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -76,6 +82,11 @@ class RedisServer:
         """``unix:///…/redis.sock?db=0`` (with ``&password=`` if there is one)."""
         auth = f"&password={self.password}" if self.password else ""
         return f"unix://{self.socket_path}?db=0{auth}"
+
+    @property
+    def running(self) -> bool:
+        """Started, and not stopped or killed since."""
+        return self._proc is not None and self._proc.poll() is None
 
     def _port(self) -> int:
         if self.port is None:
@@ -103,7 +114,8 @@ class RedisServer:
                 self.port = None
         raise RedisServerError(f"redis-server did not start in {START_ATTEMPTS} attempts: {last}")
 
-    def _start_once(self, port: int) -> None:
+    def _command_line(self, port: int) -> list[str]:
+        """The redis-server command that serves ``port``."""
         assert self.dir is not None
         cmd = [
             "redis-server",
@@ -130,6 +142,11 @@ class RedisServer:
             cmd += ["--requirepass", self.password]
         if self.load_delay_us:
             cmd += ["--key-load-delay", str(self.load_delay_us)]
+        return [*cmd, *self.extra_args]
+
+    def _start_once(self, port: int) -> None:
+        assert self.dir is not None
+        cmd = self._command_line(port)
         with open(os.path.join(self.dir, "redis.log"), "ab") as log:
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -180,6 +197,15 @@ class RedisServer:
         if proc.poll() is None and self._paused:
             proc.send_signal(signal.SIGCONT)
         stop_process(proc, STOP_TIMEOUT)
+        self._paused = False
+
+    def kill(self) -> None:
+        """SIGKILL and wait: a crash (no shutdown, connections reset)."""
+        proc, self._proc = self._proc, None
+        _running.discard(self)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         self._paused = False
 
     def pause(self) -> None:
