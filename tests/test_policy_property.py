@@ -106,7 +106,7 @@ def test_no_write_reaches_the_provider(data, mailboxes, refuseLiterals):
             s.send(pending[:cut])
             pending = pending[cut:]
 
-    for n, (parts, allowed, line) in enumerate(commands):
+    for n, (parts, allowed, _line) in enumerate(commands):
         tag = b"t%d" % n
         sent = tag + b" "
         for part in parts:

@@ -113,7 +113,7 @@ def test_select_becomes_examine_keeping_tag_and_arguments():
 
 
 def test_idle_and_done():
-    """IDLE passes; DONE is passed only as the end of IDLE; anything else in IDLE ends the session."""
+    """IDLE passes; DONE only as the end of IDLE; anything else in IDLE ends the session."""
     s = Session()
     s.send(b"a IDLE\r\nDONE\r\nb NOOP\r\n")
     assert s.provider.names == [b"IDLE", b"NOOP"]
@@ -171,7 +171,8 @@ def test_capabilities_filtered_in_answers_and_codes():
     s = Session(auto=False)
     s.send(b"a CAPABILITY\r\n")
     s.reply(
-        b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE NOTIFY\r\na OK [CAPABILITY IMAP4rev1 X-Y] ok\r\n"
+        b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE NOTIFY\r\n"
+        b"a OK [CAPABILITY IMAP4rev1 X-Y] ok\r\n"
     )
     assert s.toClient() == b"* CAPABILITY IMAP4rev1 IDLE\r\na OK [CAPABILITY IMAP4rev1] ok\r\n"
 
@@ -184,7 +185,7 @@ def test_unknown_command_names_are_one_label():
 
 
 def test_many_waiting_refusals_pause_the_client():
-    """The proxy's answers waiting for a boundary are bounded: the client is paused, then resumed."""
+    """The proxy's answers waiting for a boundary are bounded: the client is paused a while."""
     s = Session(auto=False)
     s.send(b"a FETCH 1 BODY[]\r\n")
     s.reply(b"* 1 FETCH (BODY[] {10}\r\n01234")

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.model import Restrictions
-from proxy.policy import filterCapabilities
 from proxy.policy import commands as c
+from proxy.policy import filterCapabilities
 from proxy.policy.mailboxes import NotAName, Patterns, decodeModifiedUTF7, decodeName
 from proxy.policy.readonly import judge
 
