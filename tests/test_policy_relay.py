@@ -258,3 +258,14 @@ def test_delimiter_is_learned_from_list_answers():
     s = Session(readOnly=True, mailboxes=("Archive.%",), auto=False)
     s.reply(b'* LIST () "." Archive.a.b\r\n* LIST () "." Archive.a\r\n')
     assert s.toClient() == b'* LIST () "." Archive.a\r\n'
+
+
+def test_gmail_labels_are_not_for_mailbox_restricted_tokens():
+    """X-GM-LABELS and X-GM-RAW name and reach other folders: refused, also after a literal."""
+    s = Session(readOnly=True, mailboxes=("INBOX",))
+    s.send(b"a FETCH 1 (X-GM-LABELS)\r\nb UID SEARCH X-GM-RAW in:Secrets\r\nc FETCH 1 FLAGS\r\n")
+    assert s.provider.names == [b"FETCH"]
+    assert s.refused == ["FETCH", "UID SEARCH"]
+    s.send(b"d SEARCH TEXT {1+}\r\nx X-GM-RAW in:Secrets\r\n")
+    assert s.toClient().endswith(b"* BYE This token may not use that command\r\n")
+    assert s.provider.names == [b"FETCH"]

@@ -71,6 +71,13 @@ def test_plain_lines_pass_the_check(line):
     c.checkLine(line)
 
 
+def test_character_classes_are_the_login_sides():
+    """The policy reads tags and atoms as the pre-auth parser does."""
+    from proxy.imap import syntax
+
+    assert c.TAG_CHARS == syntax.TAG_CHARS and c.ASTRING_CHARS == syntax.ASTRING_CHARS
+
+
 def test_tokenize_is_strict_on_quoted_and_bounded():
     """Quoted strings with their escapes; nesting past the bound is refused."""
     tokens, depth = c.tokenize(b' "a\\"b" (x (y)) z')
