@@ -137,3 +137,43 @@ def test_no_write_reaches_the_provider(data, mailboxes, refuseLiterals):
     for n in range(len(commands)):
         assert len(re.findall(rb"(?:^|\n)t%d (?:OK|NO|BAD)" % n, answers)) == 1
     assert b"* BYE" not in answers
+
+
+_PIECES = st.sampled_from(
+    [
+        b"* 1 FETCH (BODY[] {12}\r\n* LIST () x\r\n)\r\n",
+        b"* 2 EXISTS\r\n",
+        b"+ go on\r\n",
+        b"a1 OK done\r\n",
+        b"* SEARCH" + b" 7" * 40000 + b"\r\n",
+        b"* 3 FETCH (BODY[] ~{3}\r\nabc)\r\n",
+        b"* OK still here\r\n",
+        b"\xff\x00 junk without end",
+        b"{5}\r\n",
+    ]
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), st.lists(_PIECES, max_size=8))
+def test_responses_pass_untouched_whatever_the_cuts(data, pieces):
+    """For a read-only token, responses it need not judge reach the client byte for byte."""
+    s = Session(readOnly=True, auto=False)
+    stream = b"".join(pieces)
+    while stream:
+        cut = data.draw(st.integers(min_value=1, max_value=len(stream)))
+        s.reply(stream[:cut])
+        stream = stream[cut:]
+    s.reply(b"\r\n")  # ends a line left open
+    assert s.client.transport.value() == b"".join(pieces) + b"\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.booleans())
+def test_any_client_bytes_are_judged_without_error(blob, mailboxes):
+    """Arbitrary bytes from a client: refused or passed, never an exception (which would end it)."""
+    s = Session(readOnly=True, mailboxes=("INBOX",) if mailboxes else ())
+    s.send(blob + b"\r\n")
+    # A bug would end the session as "operator"; the policy's own ends are the client's.
+    assert s.splice.closedBy in (None, "client")
+    assert not [n for n in s.provider.names if n in WRITE]

@@ -211,6 +211,14 @@ def test_mailbox_commands_outside_the_patterns_are_refused():
         assert b"\r\n" + tag + b" " + NOT_THAT_MAILBOX in b"\r\n" + out
 
 
+def test_long_commands_without_mailboxes_are_not_taken_apart():
+    """A FETCH or SEARCH with many arguments passes as it is (only mailbox arguments are read)."""
+    s = Session(readOnly=True, mailboxes=("INBOX",))
+    line = b"a UID SEARCH " + b" ".join(b"OR FROM x%d" % i for i in range(100)) + b" ALL\r\n"
+    s.send(line)
+    assert s.provider.raw == [line]
+
+
 def test_mailbox_name_as_literal_is_read_then_judged():
     """``SELECT {n}``: the proxy asks for the name, judges it, passes it as ``{n+}``."""
     s = Session(readOnly=True, mailboxes=("Bücher",))

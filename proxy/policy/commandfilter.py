@@ -228,7 +228,9 @@ class CommandFilter:
             args = line
         try:
             commands.checkLine(line)
-            if self.patterns is not None or cmd.name == b"ENABLE":
+            if cmd.name == b"ENABLE" or (
+                self.patterns is not None and cmd.name in readonly.MAILBOX_ARGS
+            ):
                 more, cmd.depth = commands.tokenize(commands.withoutAnnouncement(args), cmd.depth)
                 cmd.tokens.extend(more)
         except CommandSyntaxError as e:
