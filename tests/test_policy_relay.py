@@ -277,3 +277,24 @@ def test_gmail_labels_are_not_for_mailbox_restricted_tokens():
     s.send(b"d SEARCH TEXT {1+}\r\nx X-GM-RAW in:Secrets\r\n")
     assert s.toClient().endswith(b"* BYE This token may not use that command\r\n")
     assert s.provider.names == [b"FETCH"]
+
+
+def test_mailbox_restricted_writes_inside_the_patterns_pass():
+    """A token only restricted to INBOX may APPEND there (literal streamed), not elsewhere."""
+    s = Session(readOnly=False, mailboxes=("INBOX",))
+    s.send(b"a APPEND INBOX (\\Seen) {5}\r\n")
+    assert s.toClient() == b"+ go on\r\n"
+    s.send(b"hello\r\nb APPEND Junk {5}\r\n")
+    assert sorted(s.toClient().splitlines(True)) == [b"a OK done\r\n", b"b " + NOT_THAT_MAILBOX]
+    s.send(b'c APPEND INBOX CATENATE (URL "/Junk;UID=1/;SECTION=1")\r\n')
+    assert s.toClient() == b"c NO [NOPERM] This token may not use that command\r\n"
+    assert s.provider.raw == [b"a APPEND INBOX (\\Seen) {5}\r\nhello\r\n"]
+
+
+def test_utf8_names_once_enabled():
+    """After ENABLE UTF8=ACCEPT names are UTF-8 on the wire, an "&" no longer modified UTF-7."""
+    s = Session(readOnly=True, mailboxes=("Tom & Jerry",))
+    s.send(b"a ENABLE UTF8=ACCEPT\r\n")
+    s.reply(b"* ENABLED UTF8=ACCEPT\r\n")
+    s.send(b'b SELECT "Tom & Jerry"\r\nc SELECT "Tom &- Jerry"\r\n')
+    assert s.provider.names == [b"ENABLE", b"EXAMINE"]
