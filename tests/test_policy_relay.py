@@ -184,6 +184,20 @@ def test_unknown_command_names_are_one_label():
     assert s.refused == ["OTHER", "OTHER", "COPY"]
 
 
+def test_bytes_held_for_the_provider_pause_the_client():
+    """Past the bound of what is held while waiting for "+", the client is paused, then resumed."""
+    s = Session(auto=False)
+    s.send(b"a SEARCH TEXT {5}\r\n")
+    s.send(b"x" * 70000)
+    assert s.client.transport.producerState == "paused"
+    s.client.transport.producerState = "producing"  # as the provider's side may do
+    s.send(b"y" * 100)
+    assert s.client.transport.producerState == "paused"
+    s.reply(b"+ go on\r\n")
+    assert s.client.transport.producerState == "producing"
+    assert s.toProvider() == b"a SEARCH TEXT {5}\r\nxxxxx"
+
+
 def test_many_waiting_refusals_pause_the_client():
     """The proxy's answers waiting for a boundary are bounded: the client is paused a while."""
     s = Session(auto=False)
