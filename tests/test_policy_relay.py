@@ -278,6 +278,9 @@ def test_list_lsub_status_answers_about_other_mailboxes_are_removed():
 def test_delimiter_is_learned_from_list_answers():
     """``%`` stops at the provider's own delimiter once a LIST answer has told it."""
     s = Session(readOnly=True, mailboxes=("Archive.%",), auto=False)
+    s.send(b'a LIST "" ""\r\n')
+    s.reply(b'* LIST (\\Noselect) "." ""\r\na OK\r\n')
+    assert s.toClient() == b'* LIST (\\Noselect) "." ""\r\na OK\r\n'  # the delimiter query
     s.reply(b'* LIST () "." Archive.a.b\r\n* LIST () "." Archive.a\r\n')
     assert s.toClient() == b'* LIST () "." Archive.a\r\n'
 

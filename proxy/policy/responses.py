@@ -217,6 +217,8 @@ class ResponseFilter:
                 if learned != self.patterns.delimiter:
                     self.patterns.delimiter = learned
             nameToken = tokens[close + 2]
+        if kind != b"STATUS" and nameToken.kind == STRING and nameToken.value == b"":
+            return True  # LIST "" "": the delimiter, no mailbox
         try:
             raw = commands.mailboxName(nameToken)
             name = decodeName(raw, self.patterns.utf8)
