@@ -166,3 +166,18 @@ def accountState(account: str, old: str | None, new: str, reason: str) -> None:
         new_state=new,
         reason=reason,
     )
+
+
+def connectionLimit(account: str, protocol: str, waited: float) -> None:
+    """
+    A login refused because its account was at its connection cap
+    (``NO [LIMIT]`` / ``421 4.7.0``), after waiting ``waited`` seconds.
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="connection-limit",
+        account=account,
+        protocol=protocol,
+        waited=round(waited, 3),
+    )

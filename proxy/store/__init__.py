@@ -25,6 +25,7 @@ from ._interfaces import (
 from ._rediscoord import RefreshLock, SessionBus
 from ._redispenalty import RedisPenalties
 from ._redissessions import SessionBoard
+from ._redisslots import RedisSlots
 from .memory import MemoryData, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
@@ -43,6 +44,7 @@ __all__ = [
     "MemoryData",
     "MemoryStore",
     "RedisPenalties",
+    "RedisSlots",
     "RedisStore",
     "RefreshLock",
     "SessionBoard",

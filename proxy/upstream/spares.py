@@ -125,6 +125,8 @@ class WarmUpstreams:
             return
         finally:
             self._warming.discard(account.id)
+        if protocol is None:
+            return  # the account is at its connection cap: no spare
         unwanted = account.id in self._unwanted
         self._unwanted.discard(account.id)
         if self._stopped or unwanted or account.id in self._spares:
