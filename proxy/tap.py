@@ -129,7 +129,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     realm.warm = warm
     # Per-account connection caps, counted across instances with Redis.
-    counter = RedisSlots(store) if shared else LocalSlots()
+    counter: Any = RedisSlots(store) if shared else LocalSlots()
     slots = SlotKeeper(
         counter,
         reactor,

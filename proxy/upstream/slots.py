@@ -242,8 +242,7 @@ class SlotKeeper:
         self.refused[protocol] = self.refused.get(protocol, 0) + 1
         account = key.rsplit("/", 1)[0]
         log.info(
-            "{protocol} login of {account} refused: at its connection cap "
-            "after {waited:.1f} s",
+            "{protocol} login of {account} refused: at its connection cap after {waited:.1f} s",
             protocol=protocol,
             account=account,
             waited=waited,
@@ -253,6 +252,8 @@ class SlotKeeper:
         raise TooManyConnections()
 
     def _timedOut(self, key: str, waiter: _Waiter) -> None:
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()  # stopping: refused before its time
         queue = self._waiting.get(key)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
@@ -311,9 +312,7 @@ class SlotKeeper:
 
     def _pumpFailed(self, failure: Any, key: str) -> None:
         self._busy.discard(key)
-        log.warn(
-            "connection slots unavailable: {error}", error=failure.type.__name__
-        )
+        log.warn("connection slots unavailable: {error}", error=failure.type.__name__)
         self._poll(key)
 
     def _poll(self, key: str) -> None:
