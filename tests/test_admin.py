@@ -439,8 +439,8 @@ class ValidationTests(AdminTestCase):
 
     def test_imapFieldsFromSchema(self):
         """The imap and smtp fields a consent may give are the schema's."""
-        self.assertEqual(IMAP_FIELDS, {"host", "port", "tls", "caFile"})
-        self.assertEqual(SMTP_FIELDS, {"host", "port", "tls", "caFile"})
+        self.assertEqual(IMAP_FIELDS, {"host", "port", "tls", "caFile", "maxConnections"})
+        self.assertEqual(SMTP_FIELDS, {"host", "port", "tls", "caFile", "maxConnections"})
 
 
 class PresetTests(SynchronousTestCase):

@@ -19,6 +19,7 @@ from ._interfaces import (
     IPendingStore,
     IRedisAccess,
     ISecretStore,
+    ISlotCounter,
     IStore,
     ITokenStore,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "IPendingStore",
     "IRedisAccess",
     "ISecretStore",
+    "ISlotCounter",
     "IStore",
     "ITokenStore",
     "MemoryData",

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from ..upstream.slots import ISlotCounter
+from ._interfaces import ISlotCounter
 
 # Seconds a slot lives without its instance's heartbeat; the heartbeat
 # (HEARTBEAT) renews well within it, so a slow round or two lose nothing.

@@ -29,11 +29,12 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from ..errors import TooManyConnections
 from ..model import Account, Upstream
 from ..presets import presetMaxConnections
+from ..store import ISlotCounter
 
 log = Logger(namespace="proxy.upstream")
 
@@ -41,24 +42,6 @@ log = Logger(namespace="proxy.upstream")
 # instance, an expiry): polled, from FIRST_POLL doubling to LAST_POLL.
 FIRST_POLL = 0.05
 LAST_POLL = 0.4
-
-
-class ISlotCounter(Interface):
-    """Where the slots of every account are counted."""
-
-    shared = Attribute("True when slots can be freed elsewhere (poll while waiting).")
-
-    def tryAcquire(key: str, cap: int, holder: str, now: float) -> Deferred[bool]:
-        """Take a slot of ``key`` for ``holder`` if fewer than ``cap`` are held."""
-
-    def release(key: str, holder: str) -> Deferred[None]:
-        """Give ``holder``'s slot of ``key`` back (none held: nothing)."""
-
-    def refresh(held: list[tuple[str, str]], now: float) -> Deferred[None]:
-        """Renew the slots this process holds (``(key, holder)`` pairs)."""
-
-    def count(key: str, now: float) -> Deferred[int]:
-        """The slots of ``key`` held now, by every instance."""
 
 
 @implementer(ISlotCounter)
