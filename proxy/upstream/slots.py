@@ -258,7 +258,8 @@ class SlotKeeper:
     def _release(self, slot: Slot) -> None:
         self._held.pop(slot.holder, None)
         d = self._counter.release(slot.key, slot.holder)
-        d.addErrback(lambda f: log.failure("giving a connection slot back failed", f))
+        # The store down: the slot expires there (Redis) instead.
+        d.addErrback(lambda f: log.warn("giving a slot back failed: {e}", e=f.type.__name__))
         d.addCallback(lambda _: self._pump(slot.key))
 
     # -- the queue -------------------------------------------------------------------
