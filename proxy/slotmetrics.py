@@ -54,6 +54,14 @@ class SlotCollector(Collector):
                 for (account, protocol), n in sorted(figures.items()):
                     family.add_metric([account, protocol], n)
                 yield family
+            byAccount = CounterMetricFamily(
+                f"{PREFIX}_refused_by_account",
+                "Logins refused at the connection cap, by account",
+                labels=["account", "protocol"],
+            )
+            for (account, protocol), n in sorted(keeper.refusedBy.items()):
+                byAccount.add_metric([account, protocol], n)
+            yield byAccount
 
 
 def _byProtocol(name: str, helpText: str, figures: dict[tuple[str, str], int]) -> Any:

@@ -13,8 +13,10 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.errors import TooManyConnections, Unavailable
+from proxy.metrics import Metrics
 from proxy.model import Upstream
 from proxy.upstream.slots import LAST_POLL, LocalSlots, SlotKeeper, withSlot
+from tests.test_metrics import scrape
 from tests.test_oauth import account
 
 CAPPED = Upstream(host="imap.example.com", maxConnections=2)
@@ -276,3 +278,40 @@ class WithSlotTests(SynchronousTestCase):
         spare = self.connectWith(lambda: called.append(1) or succeed(FakeConnection()), False)
         self.assertIsNone(self.successResultOf(spare))
         self.assertEqual(called, [])
+
+
+class SlotMetricsTests(SynchronousTestCase):
+    """/metrics shows slots in use, logins waiting and refused, per account only when asked."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.keeper = SlotKeeper(LocalSlots(), self.clock, wait=1.0)
+        self.account = account("alice")
+
+    def acquire(self, protocol="imap") -> Deferred:
+        return ensureDeferred(self.keeper.acquire(self.account, protocol, CAPPED))
+
+    def test_figures(self):
+        """Each figure by protocol; per account with metrics-per-account only."""
+        for _ in range(2):
+            self.successResultOf(self.acquire())
+        waiting = self.acquire()
+        self.successResultOf(self.acquire("smtp"))
+        metrics = Metrics(self.clock, process=False)
+        metrics.watchSlots(self.keeper)
+        s = scrape(metrics)
+        self.assertEqual(s[("imapproxy_account_connections", (("protocol", "imap"),))], 2)
+        self.assertEqual(s[("imapproxy_account_connections", (("protocol", "smtp"),))], 1)
+        self.assertEqual(s[("imapproxy_account_connections_waiting", (("protocol", "imap"),))], 1)
+        self.clock.advance(1.0)
+        self.failureResultOf(waiting, TooManyConnections)
+        s = scrape(metrics)
+        refused = ("imapproxy_account_connections_refused_total", (("protocol", "imap"),))
+        self.assertEqual(s[refused], 1)
+        self.assertFalse([k for k in s if "by_account" in k[0]])
+        perAccount = Metrics(self.clock, perAccount=True, process=False)
+        perAccount.watchSlots(self.keeper)
+        s = scrape(perAccount)
+        labels = (("account", "alice"), ("protocol", "imap"))
+        self.assertEqual(s[("imapproxy_account_connections_by_account", labels)], 2)
+        self.assertEqual(s[("imapproxy_account_connections_refused_by_account_total", labels)], 1)

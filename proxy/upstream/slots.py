@@ -142,8 +142,10 @@ class SlotKeeper:
         self._busy: set[str] = set()
         self._polls: dict[str, Any] = {}
         self._backoff: dict[str, float] = {}
-        # For metrics: logins refused at the cap, by protocol.
+        # For metrics: logins refused at the cap, by protocol, and by
+        # (account, protocol) (as many entries as accounts, at most two each).
         self.refused = {"imap": 0, "smtp": 0}
+        self.refusedBy: dict[tuple[str, str], int] = {}
 
     # -- caps ---------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class SlotKeeper:
     def _refuse(self, key: str, protocol: str, waited: float) -> None:
         self.refused[protocol] = self.refused.get(protocol, 0) + 1
         account = key.rsplit("/", 1)[0]
+        self.refusedBy[(account, protocol)] = self.refusedBy.get((account, protocol), 0) + 1
         log.info(
             "{protocol} login of {account} refused: at its connection cap after {waited:.1f} s",
             protocol=protocol,
