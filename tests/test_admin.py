@@ -405,6 +405,18 @@ class ValidationTests(AdminTestCase):
         ({"imap": {"host": "a/b"}}, "imap.host is not a host name"),
         ({"imap": {"user": "u"}}, "imap: unknown field(s): user"),
         ({"imap": {"caFile": "ca.pem"}}, "imap.caFile must be an absolute path"),
+        (
+            {"imap": {"maxConnections": -1}},
+            "imap.maxConnections must be an integer 0-10000 or null",
+        ),
+        (
+            {"imap": {"maxConnections": "3"}},
+            "imap.maxConnections must be an integer 0-10000 or null",
+        ),
+        (
+            {"smtp": {"host": "h", "maxConnections": 10001}},
+            "smtp.maxConnections must be an integer 0-10000 or null",
+        ),
         ({"smtp": "smtp.example.com"}, "smtp must be an object"),
         ({"smtp": {"port": 465}}, "smtp.host is required"),
         ({"smtp": {"host": "h", "port": 0}}, "smtp.port must be an integer 1-65535"),
