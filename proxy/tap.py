@@ -67,7 +67,7 @@ from .store import (
     SessionBus,
 )
 from .upstream import WarmUpstreams, probeSMTP
-from .upstream.slots import LocalSlots, SlotKeeper
+from .upstream.slots import SPARE_CHECK, LocalSlots, SlotKeeper
 from .web import METRICS_SCOPE, MetricsPage, MetricsSite, TokenAPI
 
 log = Logger()
@@ -137,11 +137,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         default=options["max-account-connections"],
     )
     slots.giveUpSpare = warm.discard
+    slots.spareAccounts = warm.accounts
     slots.onRefused = connectionLimit
     realm.slots = slots
     metrics.watchSlots(slots)
     if shared:
         TimerService(counter.heartbeat, slots.heartbeat).setServiceParent(top)
+        TimerService(SPARE_CHECK, slots.checkSpares).setServiceParent(top)
     penaltyBackend = RedisPenalties(store) if shared else MemoryPenalties(reactor)
     penalties = LoginPenalties(
         penaltyBackend,

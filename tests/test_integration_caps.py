@@ -73,7 +73,7 @@ def keyfile(workdir):
     return path
 
 
-def instance(pki, workdir, credis, keyfile, name: str) -> ProxyProcess:
+def instance(pki, workdir, credis, keyfile, name: str, spares: bool = False) -> ProxyProcess:
     p = ProxyProcess(
         os.path.join(workdir, f"proxy-caps-{name}"),
         store=credis.url,
@@ -84,7 +84,7 @@ def instance(pki, workdir, credis, keyfile, name: str) -> ProxyProcess:
         "--connection-wait",
         str(WAIT),
         "--warm-upstream",
-        "0",
+        "300" if spares else "0",
         "--oauth2-deadline",
         str(OAUTH2_DEADLINE),
     )
@@ -151,10 +151,11 @@ def upstream(dovecot: Dovecot, email: str) -> int:
     return sum(1 for line in out.splitlines() if line.split()[:1] == [email])
 
 
-def metric(proxy: ProxyProcess, name: str, protocol: str = "imap") -> float:
+def metric(proxy: ProxyProcess, name: str, protocol: str | None = "imap") -> float:
     text = requests.get(proxy.api_url + "/metrics", timeout=TIMEOUT).text
+    labels = f'{{protocol="{protocol}"}}' if protocol else ""
     for line in text.splitlines():
-        if line.startswith(f'{name}{{protocol="{protocol}"}} '):
+        if line.startswith(f"{name}{labels} "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -260,6 +261,30 @@ def test_killed_instance_slots_come_back(pair, pki, workdir, credis, keyfile, pr
             s.shutdown()
     finally:
         c.stop()
+    assert not dovecotRefused(capdovecot)
+
+
+def test_spare_elsewhere_given_up(pki, workdir, credis, keyfile, provider, capdovecot):
+    """A login waiting at the cap on one instance makes another give up its spare."""
+    a = instance(pki, workdir, credis, keyfile, "spare-a", spares=True)
+    b = instance(pki, workdir, credis, keyfile, "spare-b", spares=True)
+    try:
+        account, email, token = capped(a, provider, capdovecot, pki)
+        logout(login(a, account, token))
+        held = [login(a, account, token)]  # the second login: A makes a spare
+        wait_until(lambda: metric(a, "imapproxy_spare_connections", None) == 1, what="a spare")
+        held.append(login(b, account, token))
+        assert upstream(capdovecot, email) == CAP
+        result, seconds, session = attempt(b, account, token)
+        assert result == "OK" and seconds < WAIT, (result, seconds)
+        held.append(session)
+        assert metric(a, "imapproxy_spare_connections", None) == 0
+        assert upstream(capdovecot, email) == CAP
+        for s in held:
+            logout(s)
+    finally:
+        a.stop()
+        b.stop()
     assert not dovecotRefused(capdovecot)
 
 

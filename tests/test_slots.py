@@ -30,10 +30,18 @@ class SharedLocalSlots(LocalSlots):
     def __init__(self) -> None:
         super().__init__()
         self.refreshed: list[list[tuple[str, str]]] = []
+        self.wants: dict[str, float] = {}
 
     def refresh(self, held, now):
         self.refreshed.append(held)
         return succeed(None)
+
+    def want(self, key, seconds):
+        self.wants[key] = seconds
+        return succeed(None)
+
+    def wanted(self, keys):
+        return succeed([k for k in keys if k in self.wants])
 
 
 @attrs.define
@@ -224,6 +232,26 @@ class SharedKeeperTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.keeper.heartbeat()
         self.assertEqual(self.counter.refreshed, [[("alice/imap", slot.holder)]])
+
+    def test_spareElsewhereGivenUp(self):
+        """A login waiting here asks for spares; the instance holding one gives it up."""
+        given: list[str] = []
+        self.keeper.giveUpSpare = given.append
+        self.counter.tryAcquire("alice/imap", 2, "other:1", 0)
+        self.counter.tryAcquire("alice/imap", 2, "other:spare", 0)
+        waiting = self.acquire()
+        self.assertEqual(self.counter.wants, {"alice/imap": 5.0})
+        # The other instance, sharing the counter, holds spares of alice and bob.
+        other = SlotKeeper(self.counter, self.clock)
+        other.spareAccounts = lambda: ["bob", "alice"]
+        other.giveUpSpare = lambda a: (
+            given.append(a),
+            self.counter.release(f"{a}/imap", "other:spare"),
+        )
+        self.successResultOf(other.checkSpares())
+        self.assertEqual(given, ["alice", "alice"])
+        self.clock.advance(LAST_POLL)
+        self.successResultOf(waiting)
 
     def test_counterDownRefuses(self):
         """A counter that cannot answer (the store down) refuses the login as unavailable."""

@@ -730,3 +730,11 @@ class RedisSlotsTests(RedisHarness, TestCase):
         # Renewing never revives a slot swept meanwhile (that could pass the cap).
         yield self.slots.refresh([("alice/imap", "dead:1")], 1031.0)
         self.assertEqual((yield self.slots.count("alice/imap", 1031.0)), 2)
+
+    @inlineCallbacks
+    def test_wantedSpares(self):
+        """A want lasts its seconds and is seen by every instance for that key only."""
+        yield self.slots.want("alice/imap", 5.0)
+        self.assertEqual((yield self.slots.wanted(["bob/imap", "alice/imap"])), ["alice/imap"])
+        ttl = int(self.server.command("PTTL", "imapproxy:slots-want:alice/imap"))
+        self.assertTrue(0 < ttl <= 5000, ttl)

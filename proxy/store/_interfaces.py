@@ -298,3 +298,12 @@ class ISlotCounter(Interface):
 
     def count(key: str, now: float) -> Any:
         """The slots of ``key`` held now, by every instance (Deferred[int])."""
+
+    def want(key: str, seconds: float) -> Any:
+        """
+        Say, for ``seconds``, that a login waits for a slot of ``key``: an
+        instance holding a spare of it gives the spare up (a Deferred).
+        """
+
+    def wanted(keys: list[str]) -> Any:
+        """Those of ``keys`` a login waits for now, on any instance (Deferred[list[str]])."""

@@ -6,7 +6,9 @@ Connection slots shared by the instances of one Redis store
 heartbeat pushes that time on; a member past it is swept by the next
 acquire, so the slots of an instance killed without a word come back
 within ``expiry`` seconds. Each acquire is one atomic script: instances
-taking the last slot at once cannot both get it.
+taking the last slot at once cannot both get it. A login waiting at the
+cap sets ``PREFIXslots-want:ACCOUNT/PROTOCOL`` for its wait, so that the
+instance holding a spare of that account gives it up.
 """
 
 from __future__ import annotations
@@ -84,3 +86,15 @@ class RedisSlots:
 
     def count(self, key: str, now: float) -> Deferred[int]:
         return self._store._eval(_COUNT, [self._key(key)], [repr(now)]).addCallback(int)
+
+    def _wantKey(self, key: str) -> str:
+        return str(self._store._key("slots-want", key))
+
+    def want(self, key: str, seconds: float) -> Deferred[None]:
+        ms = max(1, int(seconds * 1000))
+        d = self._store._call("set", self._wantKey(key), "1", None, ms)
+        return d.addCallback(lambda _: None)
+
+    def wanted(self, keys: list[str]) -> Deferred[list[str]]:
+        d = self._store._call("mget", [self._wantKey(k) for k in keys])
+        return d.addCallback(lambda values: [k for k, v in zip(keys, values, strict=False) if v])

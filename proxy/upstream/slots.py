@@ -42,6 +42,8 @@ log = Logger(namespace="proxy.upstream")
 # instance, an expiry): polled, from FIRST_POLL doubling to LAST_POLL.
 FIRST_POLL = 0.05
 LAST_POLL = 0.4
+# Seconds between looks for spares a login on another instance waits for.
+SPARE_CHECK = 1.0
 
 
 @implementer(ISlotCounter)
@@ -73,6 +75,13 @@ class LocalSlots:
 
     def count(self, key: str, now: float) -> Deferred[int]:
         return succeed(len(self._held.get(key, ())))
+
+    def want(self, key: str, seconds: float) -> Deferred[None]:
+        # One process: its own spare was given up at once (``giveUpSpare``).
+        return succeed(None)
+
+    def wanted(self, keys: list[str]) -> Deferred[list[str]]:
+        return succeed([])
 
 
 @attrs.define(eq=False)
@@ -115,11 +124,14 @@ class SlotKeeper:
         that sets none; 0: no cap.
     :ivar giveUpSpare: ``account id -> None``: log out that account's spare
         (its slot comes back when it closes); None: there are no spares.
+    :ivar spareAccounts: ``() -> iterable of account ids``: the accounts
+        this instance holds a spare of (``checkSpares``).
     :ivar onRefused: ``(account id, protocol, waited seconds) -> None``,
         called for each login refused at the cap (metrics, audit).
     """
 
     giveUpSpare: Callable[[str], None] | None = None
+    spareAccounts: Callable[[], Any] | None = None
     onRefused: Callable[[str, str, float], None] | None = None
 
     def __init__(
@@ -204,6 +216,10 @@ class SlotKeeper:
             return None
         if protocol == "imap" and self.giveUpSpare is not None:
             self.giveUpSpare(account.id)
+            if self._counter.shared:
+                # A spare of another instance: that one gives it up (checkSpares).
+                d = self._counter.want(key, self.wait)
+                d.addErrback(lambda f: log.warn("asking for spares failed: {e}", e=f.type.__name__))
         queue = self._waiting.setdefault(key, deque())
         if len(queue) >= self.maxWaiting:
             self._refuse(key, protocol, 0.0)
@@ -331,6 +347,29 @@ class SlotKeeper:
             return succeed(None)
         d = self._counter.refresh(held, self._clock.seconds())
         d.addErrback(lambda f: log.warn("renewing connection slots failed: {e}", e=f.type.__name__))
+        return d
+
+    def checkSpares(self) -> Deferred[None]:
+        """
+        Give up this instance's spares that a login on another instance
+        waits for (``TimerService``, every second or so: well within the wait).
+        """
+        accounts = list(self.spareAccounts()) if self.spareAccounts is not None else []
+        if not accounts or not self._counter.shared or self.giveUpSpare is None:
+            return succeed(None)
+        giveUp = self.giveUpSpare
+
+        def given(keys: list[str]) -> None:
+            for key in keys:
+                account = key.rsplit("/", 1)[0]
+                log.info("a login elsewhere waits: the spare of {account} goes", account=account)
+                giveUp(account)
+
+        d = self._counter.wanted([f"{a}/imap" for a in accounts])
+        d.addCallback(given)
+        d.addErrback(
+            lambda f: log.warn("checking for wanted spares failed: {e}", e=f.type.__name__)
+        )
         return d
 
     def stop(self) -> None:

@@ -72,6 +72,10 @@ class WarmUpstreams:
     def __len__(self) -> int:
         return len(self._spares)
 
+    def accounts(self) -> list[str]:
+        """The accounts a spare waits for (connection caps: ``SlotKeeper.checkSpares``)."""
+        return list(self._spares)
+
     def take(self, account: Account) -> Any:
         """The account's spare, logged in and claimed, or None."""
         spare = self._spares.pop(account.id, None)
