@@ -123,6 +123,33 @@ def smtpArguments(parser: argparse.ArgumentParser, update: bool = False) -> None
         parser.add_argument(
             "--no-smtp", action="store_true", help="remove the SMTP server (no sending)"
         )
+    for protocol in ("imap", "smtp"):
+        parser.add_argument(
+            f"--{protocol}-max-connections",
+            type=_cap,
+            metavar="N",
+            help=f"connections to the {protocol.upper()} server at most, all instances "
+            "together ('default': the provider's or the server's setting; 0: no cap)",
+        )
+
+
+def _cap(value: str) -> int | str:
+    """A connection cap flag: a whole number 0-10000, or ``default`` (JSON null)."""
+    if value == "default":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 10000:
+        raise argparse.ArgumentTypeError("a whole number 0-10000, or 'default'")
+    return n
+
+
+def capSetting(body: dict[str, Any], name: str, value: int | str | None) -> None:
+    """Put a ``--*-max-connections`` flag's value into ``body[name]`` (if given)."""
+    if value is not None:
+        body.setdefault(name, {})["maxConnections"] = None if value == "default" else value
 
 
 def smtpSettings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -141,6 +168,8 @@ def smtpSettings(args: argparse.Namespace) -> dict[str, Any] | None:
         smtp["tls"] = tls
     if args.smtp_ca_file:
         smtp["caFile"] = os.path.abspath(args.smtp_ca_file)
+    if args.smtp_max_connections is not None:
+        capSetting({"smtp": smtp}, "smtp", args.smtp_max_connections)
     return smtp or None
 
 
@@ -154,6 +183,7 @@ async def addAccount(args: argparse.Namespace, admin: Admin) -> None:
     imap: dict[str, Any] = {"host": args.imap_host, "port": args.imap_port, "tls": args.imap_tls}
     if args.imap_ca_file:
         imap["caFile"] = os.path.abspath(args.imap_ca_file)
+    capSetting({"imap": imap}, "imap", args.imap_max_connections)
     oauth2: dict[str, Any] = {
         "tokenUrl": args.token_url,
         "clientId": args.client_id,
@@ -178,12 +208,16 @@ async def updateAccount(args: argparse.Namespace, admin: Admin) -> None:
     smtp = smtpSettings(args)
     if args.no_smtp and smtp is not None:
         raise AdminError("--no-smtp removes the SMTP server: give it without --smtp-* flags")
-    if not args.no_smtp and smtp is None:
+    body: dict[str, Any] = {}
+    capSetting(body, "imap", args.imap_max_connections)
+    if not args.no_smtp and smtp is None and not body:
         raise AdminError(
             "nothing to change: give --smtp-host, --smtp-port, --smtp-tls, "
-            "--smtp-ca-file or --no-smtp"
+            "--smtp-ca-file, --no-smtp or --*-max-connections"
         )
-    account = await admin.updateAccount(args.account, {"smtp": smtp})
+    if args.no_smtp or smtp is not None:
+        body["smtp"] = smtp
+    account = await admin.updateAccount(args.account, body)
     server = account.smtp
     said = "none" if server is None else f"{server.host}:{server.port} ({server.tls})"
     print(f"account {account.id}: SMTP server {said}", file=sys.stderr)
@@ -239,6 +273,7 @@ async def authorize(args: argparse.Namespace, admin: Admin, out: Any) -> None:
         imap = {"host": args.imap_host, "port": args.imap_port, "tls": args.imap_tls}
         if args.imap_ca_file:
             imap["caFile"] = os.path.abspath(args.imap_ca_file)
+        capSetting({"imap": imap}, "imap", args.imap_max_connections)
     smtp = smtpSettings(args)
     onboarding = Onboarding(admin, admin.store.secrets, deferToThread, reactor)
     if not args.device:

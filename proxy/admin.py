@@ -390,7 +390,8 @@ def _iso(t: float | None) -> str | None:
 
 
 def _serverView(u: Upstream) -> dict[str, Any]:
-    return {"host": u.host, "port": u.port, "tls": u.tls, "caFile": u.caFile}
+    view = {"host": u.host, "port": u.port, "tls": u.tls, "caFile": u.caFile}
+    return {**view, "maxConnections": u.maxConnections}
 
 
 def accountView(a: Account) -> dict[str, Any]:

@@ -219,3 +219,18 @@ def apiLogin(result: str, reason: str, address: str, endpoint: str) -> None:
         client=address,
         endpoint=endpoint,
     )
+
+
+def connectionLimit(account: str, protocol: str, waited: float) -> None:
+    """
+    A login refused because its account was at its connection cap
+    (``NO [LIMIT]`` / ``421 4.7.0``), after waiting ``waited`` seconds.
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="connection-limit",
+        account=account,
+        protocol=protocol,
+        waited=round(waited, 3),
+    )

@@ -57,6 +57,19 @@ class LimitReached(Unavailable):
     reason = "upstream-limit"
 
 
+class TooManyConnections(LimitReached):
+    """
+    The account is at its own connection cap (``Upstream.maxConnections``,
+    every instance and spare counted) and no slot came free within the
+    wait: refused here, before the provider sees one connection too many
+    and locks the account out. SMTP's 421 closes the connection.
+    """
+
+    smtpCode = b"421 4.7.0"
+    message = "Too many connections for this account, close another client"
+    reason = "account-connection-limit"
+
+
 class CertificateRejected(Unavailable):
     """
     A provider's server (IMAP, SMTP or token endpoint) showed a certificate

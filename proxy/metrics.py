@@ -177,6 +177,17 @@ class Metrics:
             key = (protocol, direction)
             self._ended[key] = self._ended.get(key, 0) + count
 
+    # -- per-account connection caps ---------------------------------------
+
+    def watchSlots(self, keeper: Any) -> None:
+        """
+        Slots in use, logins waiting and refused at the cap, by protocol
+        (and account with ``perAccount``): ``proxy.slotmetrics``.
+        """
+        from .slotmetrics import SlotCollector
+
+        self.registry.register(SlotCollector(keeper, self.perAccount))
+
     # -- scrape ----------------------------------------------------------
 
     async def refresh(self) -> None:

@@ -35,6 +35,10 @@ class Provider:
     tokenURL: str | None = None
     deviceURL: str | None = None
     scopes: tuple[str, ...] = ()
+    # Connections per account this proxy holds at most, by protocol, where
+    # the account's own ``maxConnections`` is None (docs/limits.md says
+    # where each number comes from).
+    maxConnections: dict[str, int] = attrs.field(factory=dict)
 
 
 _MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
@@ -53,6 +57,10 @@ PROVIDERS: dict[str, Provider] = {
         authorizationURL="https://accounts.google.com/o/oauth2/v2/auth",
         tokenURL="https://oauth2.googleapis.com/token",
         scopes=("https://mail.google.com/",),
+        # IMAP: Google's help ("Too many simultaneous connections"): 15.
+        # SMTP: Google documents no concurrent limit for submission; 10 is
+        # our choice, above any one user's clients and far from a flood.
+        maxConnections={"imap": 15, "smtp": 10},
     ),
     "outlook": Provider(
         imap={"host": "outlook.office365.com", "port": 993, "tls": "implicit"},
@@ -65,6 +73,10 @@ PROVIDERS: dict[str, Provider] = {
             "https://outlook.office.com/SMTP.Send",
             "offline_access",
         ),
+        # SMTP: Microsoft documents 3 concurrent submissions per mailbox
+        # ("432 4.3.2 ... sender thread limit exceeded"); IMAP: 20, as users
+        # report it (Microsoft publishes no figure).
+        maxConnections={"imap": 20, "smtp": 3},
     ),
     # No preset: everything is given.
     "generic": Provider(),
@@ -97,3 +109,18 @@ def _appPreset(p: Provider) -> dict[str, Any]:
 # besides its own address and grant, and what an app of each talks to.
 PRESETS: dict[str, dict[str, Any]] = {n: _accountPreset(p) for n, p in PROVIDERS.items()}
 APP_PRESETS: dict[str, dict[str, Any]] = {n: _appPreset(p) for n, p in PROVIDERS.items()}
+
+
+def presetMaxConnections(protocol: str, host: str) -> int | None:
+    """
+    The cap a provider preset sets for an account whose ``protocol``
+    (``imap`` or ``smtp``) server is ``host``, or None when ``host`` is no
+    preset's: found by the server, so that accounts made before caps
+    existed (or without ``provider``) get their provider's number too.
+    """
+    host = host.lower().rstrip(".")
+    for provider in PROVIDERS.values():
+        server = provider.imap if protocol == "imap" else provider.smtp
+        if server is not None and server.get("host") == host:
+            return provider.maxConnections.get(protocol)
+    return None

@@ -33,6 +33,7 @@ from .model import Account
 from .oauth import AccessTokens
 from .store import IAccountStore
 from .upstream import SMTPUpstreamProtocol, UpstreamConnector, UpstreamProtocol, ehloName
+from .upstream.slots import withSlot
 
 # The same namespace as before the realm left cred.py: operators match it.
 log = Logger(namespace="proxy.cred")
@@ -126,9 +127,11 @@ class UpstreamRealm:
         Deferred[SMTPUpstreamProtocol]``; default: ``connect.smtp``.
     :ivar warm: ``WarmUpstreams`` or None: spare logged-in IMAP connections
         for accounts that log in often.
+    :ivar slots: ``SlotKeeper`` or None: each account's connection cap.
     """
 
     warm: Any = None
+    slots: Any = None
 
     def __init__(
         self,
@@ -208,7 +211,9 @@ class UpstreamRealm:
             return connectSMTP(smtp, account.email, accessToken, ehlo)  # type: ignore[no-any-return]
 
         try:
-            proto = await self._withAccessToken(account, connect)
+            proto = await withSlot(
+                self.slots, account, "smtp", smtp, lambda: self._withAccessToken(account, connect)
+            )
         except CertificateRejected as e:
             await self._certificateRefused(account, e)
             raise
@@ -280,15 +285,25 @@ class UpstreamRealm:
         except Exception:
             log.failure("recording the state of {account} failed", account=account.id)
 
-    def connectFor(self, account: Account) -> Deferred[UpstreamProtocol]:
-        """A logged-in upstream connection for ``account`` (for spares)."""
-        return ensureDeferred(self._upstream(account))
+    def connectFor(self, account: Account) -> Deferred[UpstreamProtocol | None]:
+        """
+        A logged-in upstream connection for ``account`` (for spares); None
+        when the account is at its connection cap (a spare never waits).
+        """
+        return ensureDeferred(self._upstream(account, spare=True))
 
-    async def _upstream(self, account: Account) -> UpstreamProtocol:
+    async def _upstream(self, account: Account, spare: bool = False) -> UpstreamProtocol:
         def connect(accessToken: str) -> Awaitable[UpstreamProtocol]:
             return self._connect(account.upstream, account.email, accessToken)  # type: ignore[no-any-return]
 
-        return await self._withAccessToken(account, connect)
+        return await withSlot(  # type: ignore[no-any-return]
+            self.slots,
+            account,
+            "imap",
+            account.upstream,
+            lambda: self._withAccessToken(account, connect),
+            wait=not spare,
+        )
 
     async def _withAccessToken(
         self, account: Account, connect: Callable[[str], Awaitable[Any]]

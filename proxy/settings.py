@@ -145,11 +145,25 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "yes: /metrics also has series per account (sessions open, state); "
         "one series each, so leave it off with thousands of accounts [default: no]",
     ),
+    # Per-account connection caps (docs/limits.md).
+    "connection-wait": (
+        5.0,
+        float,
+        "Seconds a login waits for a slot when its account is at its connection cap; "
+        "then NO [LIMIT] (IMAP) or 421 4.7.0 (SMTP)",
+    ),
+    "max-account-connections": (
+        0,
+        int,
+        "Connections per account and protocol to a provider without a preset "
+        "(gmail and outlook have theirs), every instance and spare counted, where the "
+        "account sets no maxConnections (0: no cap)",
+    ),
 }
 
 
 # Numeric settings for which 0 means "none".
-ZERO_ALLOWED = {"warm-upstream", "login-penalty"}
+ZERO_ALLOWED = {"warm-upstream", "login-penalty", "max-account-connections"}
 
 # Settings that may be given several times (one a line in the config file),
 # with their defaults; "none" turns the API and SMTP listeners off.

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from . import __version__
 from . import metricshooks as metered
 from .admin import Admin
-from .auditlog import twistdObserver
+from .auditlog import connectionLimit, twistdObserver
 from .certs import (
     certificateWatch,
 )
@@ -60,12 +60,14 @@ from .startup import (
 )
 from .store import (
     RedisPenalties,
+    RedisSlots,
     RedisStore,
     RefreshLock,
     SessionBoard,
     SessionBus,
 )
 from .upstream import WarmUpstreams, probeSMTP
+from .upstream.slots import SPARE_CHECK, LocalSlots, SlotKeeper
 from .web import METRICS_SCOPE, MetricsPage, MetricsSite, TokenAPI
 
 log = Logger()
@@ -126,6 +128,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         realm.connectFor, reactor, keep=options["warm-upstream"], maxSpares=options["max-warm"]
     )
     realm.warm = warm
+    # Per-account connection caps, counted across instances with Redis.
+    counter: Any = RedisSlots(store) if shared else LocalSlots()
+    slots = SlotKeeper(
+        counter,
+        reactor,
+        wait=options["connection-wait"],
+        default=options["max-account-connections"],
+    )
+    slots.giveUpSpare = warm.discard
+    slots.spareAccounts = warm.accounts
+    slots.onRefused = connectionLimit
+    realm.slots = slots
+    metrics.watchSlots(slots)
+    if shared:
+        TimerService(counter.heartbeat, slots.heartbeat).setServiceParent(top)
+        TimerService(SPARE_CHECK, slots.checkSpares).setServiceParent(top)
     penaltyBackend = RedisPenalties(store) if shared else MemoryPenalties(reactor)
     penalties = LoginPenalties(
         penaltyBackend,
@@ -180,6 +198,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         if closed:
             log.info("closed {n} sessions at shutdown", n=closed)
         warm.stop()
+        slots.stop()
         refresher.stop()
         imapLimiter.stop()
         smtpLimiter.stop()

@@ -107,9 +107,11 @@ _SHAPES = {
     "imap.host": "imap.host is not a host name",
     "imap.port": "imap.port must be an integer 1-65535",
     "imap.caFile": "imap.caFile must be an absolute path",
+    "imap.maxConnections": "imap.maxConnections must be an integer 0-10000 or null",
     "smtp.host": "smtp.host is not a host name",
     "smtp.port": "smtp.port must be an integer 1-65535",
     "smtp.caFile": "smtp.caFile must be an absolute path",
+    "smtp.maxConnections": "smtp.maxConnections must be an integer 0-10000 or null",
     "redirectUrl": "redirectUrl must be https:// (or http:// on localhost)",
     "oauth2.scopes": "oauth2.scopes must be a list of scope strings",
     "restrictions.addresses": "restrictions.addresses: not an IP address or CIDR network",
@@ -384,7 +386,11 @@ def _upstream(
         else:
             port = ports[tls] if ports is not None else 993
     return Upstream(
-        host=host, port=port, tls=tls, caFile=given.get("caFile", old.caFile if old else None)
+        host=host,
+        port=port,
+        tls=tls,
+        caFile=given.get("caFile", old.caFile if old else None),
+        maxConnections=given.get("maxConnections", old.maxConnections if old else None),
     )
 
 

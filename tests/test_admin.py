@@ -405,6 +405,18 @@ class ValidationTests(AdminTestCase):
         ({"imap": {"host": "a/b"}}, "imap.host is not a host name"),
         ({"imap": {"user": "u"}}, "imap: unknown field(s): user"),
         ({"imap": {"caFile": "ca.pem"}}, "imap.caFile must be an absolute path"),
+        (
+            {"imap": {"maxConnections": -1}},
+            "imap.maxConnections must be an integer 0-10000 or null",
+        ),
+        (
+            {"imap": {"maxConnections": "3"}},
+            "imap.maxConnections must be an integer 0-10000 or null",
+        ),
+        (
+            {"smtp": {"host": "h", "maxConnections": 10001}},
+            "smtp.maxConnections must be an integer 0-10000 or null",
+        ),
         ({"smtp": "smtp.example.com"}, "smtp must be an object"),
         ({"smtp": {"port": 465}}, "smtp.host is required"),
         ({"smtp": {"host": "h", "port": 0}}, "smtp.port must be an integer 1-65535"),
@@ -439,8 +451,8 @@ class ValidationTests(AdminTestCase):
 
     def test_imapFieldsFromSchema(self):
         """The imap and smtp fields a consent may give are the schema's."""
-        self.assertEqual(IMAP_FIELDS, {"host", "port", "tls", "caFile"})
-        self.assertEqual(SMTP_FIELDS, {"host", "port", "tls", "caFile"})
+        self.assertEqual(IMAP_FIELDS, {"host", "port", "tls", "caFile", "maxConnections"})
+        self.assertEqual(SMTP_FIELDS, {"host", "port", "tls", "caFile", "maxConnections"})
 
 
 class PresetTests(SynchronousTestCase):

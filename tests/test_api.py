@@ -882,6 +882,7 @@ class AccountTests(APITestCase):
                     "port": 143,
                     "tls": "starttls",
                     "caFile": "/etc/ca.pem",
+                    "maxConnections": None,
                 },
                 "smtp": None,
                 "oauth2": {
@@ -926,13 +927,25 @@ class AccountTests(APITestCase):
         )
         self.assertEqual(
             body["imap"],
-            {"host": "imap.gmail.com", "port": 993, "tls": "implicit", "caFile": None},
+            {
+                "host": "imap.gmail.com",
+                "port": 993,
+                "tls": "implicit",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
         self.assertEqual(body["oauth2"]["tokenUrl"], "https://oauth2.googleapis.com/token")
         self.assertEqual(body["oauth2"]["scopes"], ["https://mail.google.com/"])
         self.assertEqual(
             body["smtp"],
-            {"host": "smtp.gmail.com", "port": 465, "tls": "implicit", "caFile": None},
+            {
+                "host": "smtp.gmail.com",
+                "port": 465,
+                "tls": "implicit",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
 
     def test_outlookPreset(self):
@@ -958,7 +971,13 @@ class AccountTests(APITestCase):
         self.assertIn("https://outlook.office.com/SMTP.Send", body["oauth2"]["scopes"])
         self.assertEqual(
             body["smtp"],
-            {"host": "smtp.office365.com", "port": 587, "tls": "starttls", "caFile": None},
+            {
+                "host": "smtp.office365.com",
+                "port": 587,
+                "tls": "starttls",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
 
     def test_outlookDefaultTenant(self):
@@ -992,17 +1011,34 @@ class AccountTests(APITestCase):
 
     def test_createWithSMTP(self):
         """An account's smtp object is stored; a port left out follows its TLS mode."""
-        smtp = {"host": "smtp.example.net", "tls": "starttls", "caFile": "/etc/smtp-ca.pem"}
+        smtp = {
+            "host": "smtp.example.net",
+            "tls": "starttls",
+            "caFile": "/etc/smtp-ca.pem",
+            "maxConnections": 3,
+        }
         body = self.create(accountBody("alice", smtp=smtp))
         self.assertEqual(body["smtp"], {**smtp, "port": 587})
         self.assertEqual(
             self.store.accounts["alice"].smtp,
-            Upstream(host="smtp.example.net", port=587, tls="starttls", caFile="/etc/smtp-ca.pem"),
+            Upstream(
+                host="smtp.example.net",
+                port=587,
+                tls="starttls",
+                caFile="/etc/smtp-ca.pem",
+                maxConnections=3,
+            ),
         )
         body = self.create(accountBody("bob", smtp={"host": "smtp.example.net"}))
         self.assertEqual(
             body["smtp"],
-            {"host": "smtp.example.net", "port": 465, "tls": "implicit", "caFile": None},
+            {
+                "host": "smtp.example.net",
+                "port": 465,
+                "tls": "implicit",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
         body = self.create(accountBody("carol", smtp={"host": "localhost", "port": 2525}))
         self.assertEqual((body["smtp"]["port"], body["smtp"]["tls"]), (2525, "implicit"))
@@ -1035,7 +1071,13 @@ class AccountTests(APITestCase):
         )
         self.assertEqual(
             body["smtp"],
-            {"host": "smtp.office365.com", "port": 25, "tls": "starttls", "caFile": None},
+            {
+                "host": "smtp.office365.com",
+                "port": 25,
+                "tls": "starttls",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
 
     def test_putSetsChangesAndRemovesSMTP(self):
@@ -1046,7 +1088,13 @@ class AccountTests(APITestCase):
         body = self.assertOK(self.call("PUT", put, {"smtp": {"host": "smtp.example.com"}}))
         self.assertEqual(
             body["smtp"],
-            {"host": "smtp.example.com", "port": 465, "tls": "implicit", "caFile": None},
+            {
+                "host": "smtp.example.com",
+                "port": 465,
+                "tls": "implicit",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
         stored = self.store.accounts["alice"]
         self.assertEqual(

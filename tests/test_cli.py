@@ -32,7 +32,7 @@ from proxy.encryption import (
     writeKeyFile,
     writeLoadedMarker,
 )
-from proxy.model import Upstream
+from proxy.model import Account, Upstream
 from proxy.store import MemoryStore, makeStore
 from proxy.tokens import newToken
 from tests.test_store import token as storedToken
@@ -329,6 +329,9 @@ class AccountCommandTests(SynchronousTestCase):
     def smtp(self, account: str = "alice") -> Upstream | None:
         return self.successResultOf(self.store.getAccount(account)).smtp
 
+    def account(self, account: str = "alice") -> Account:
+        return self.successResultOf(self.store.getAccount(account))
+
     def test_addWithSMTP(self):
         """--smtp-* flags give the new account its SMTP server, the CA file made absolute."""
         self.run_(*self.ADD, "--smtp-host", "smtp.example.com", "--smtp-ca-file", "ca.pem")
@@ -377,6 +380,24 @@ class AccountCommandTests(SynchronousTestCase):
         self.assertEqual(err, "account alice: SMTP server none\n")
         self.assertIsNone(self.smtp())
         self.assertEqual(self.successResultOf(self.store.getAccount("alice")).oauth2, before.oauth2)
+
+    def test_connectionCaps(self):
+        """--imap/--smtp-max-connections set a cap on add and update; 'default' clears it."""
+        self.run_(*self.ADD, "--imap-max-connections", "4")
+        self.assertEqual(self.account().upstream.maxConnections, 4)
+        self.run_("accounts", "update", "alice", "--imap-max-connections", "default")
+        self.assertIsNone(self.account().upstream.maxConnections)
+        self.run_(
+            "accounts", "update", "alice", "--smtp-host", "smtp.example.com",
+            "--smtp-max-connections", "3",
+        )  # fmt: skip
+        self.assertEqual(self.smtp().maxConnections, 3)
+        self.run_("accounts", "update", "alice", "--imap-max-connections", "0")
+        self.assertEqual(
+            (self.account().upstream.maxConnections, self.smtp().maxConnections), (0, 3)
+        )
+        shown = json.loads(self.run_("accounts", "show", "alice")[0])
+        self.assertEqual((shown["imap"]["maxConnections"], shown["smtp"]["maxConnections"]), (0, 3))
 
     def test_updateRefusals(self):
         """update needs something to change, an SMTP host for a first server, a known account."""
@@ -443,7 +464,13 @@ class AccountCommandTests(SynchronousTestCase):
         shown = json.loads(self.run_("accounts", "show", "bob")[0])
         self.assertEqual(
             shown["smtp"],
-            {"host": "smtp.example.com", "port": 465, "tls": "implicit", "caFile": None},
+            {
+                "host": "smtp.example.com",
+                "port": 465,
+                "tls": "implicit",
+                "caFile": None,
+                "maxConnections": None,
+            },
         )
         self.assertIsNone(json.loads(self.run_("accounts", "show", "alice")[0])["smtp"])
 

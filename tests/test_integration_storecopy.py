@@ -56,6 +56,10 @@ def test_store_copy_moves_everything_with_usable_secrets(pki, workdir, provider,
             "2465",
             "--smtp-ca-file",
             pki.ca_cert,
+            "--imap-max-connections",
+            "7",
+            "--smtp-max-connections",
+            "2",
         )
         for mb in boxes[:2]:
             assert _login(old.port, mb.account, mb.token) == "OK"
@@ -90,8 +94,10 @@ def test_store_copy_moves_everything_with_usable_secrets(pki, workdir, provider,
         "port": 2465,
         "tls": "implicit",
         "caFile": pki.ca_cert,
+        "maxConnections": 2,
     }
-    assert shown[1]["smtp"] is None
+    assert shown[0]["imap"]["maxConnections"] == 7
+    assert shown[1]["smtp"] is None and shown[1]["imap"]["maxConnections"] is None
     new.start()
     try:
         provider.reset_stats()

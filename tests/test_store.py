@@ -299,6 +299,19 @@ class StoreContractMixin:
         self.assertEqual(len((yield store.listAccounts())), 1)
 
     @inlineCallbacks
+    def test_connectionCapsRoundTrip(self):
+        """An account's connection caps (IMAP, SMTP; 0 and None alike) come back as put."""
+        store = yield self.openStore()
+        imap = Upstream(host="imap.example.com", maxConnections=15)
+        smtp = Upstream(host="smtp.example.com", port=587, tls="starttls", maxConnections=0)
+        yield store.putAccount(account(upstream=imap, smtp=smtp))
+        got = yield store.getAccount("alice")
+        self.assertEqual((got.upstream, got.smtp), (imap, smtp))
+        yield store.putAccount(account())
+        got = (yield store.listAccounts())[0]
+        self.assertIsNone(got.upstream.maxConnections)
+
+    @inlineCallbacks
     def test_smtpServerRoundTrips(self):
         """An account's SMTP server comes back as put; putting it without one removes it."""
         store = yield self.openStore()
@@ -855,6 +868,28 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         smtp = Upstream(host="smtp.example.com", port=465)
         yield again.putAccount(account(smtp=smtp))
         self.assertEqual((yield again.getAccount("alice")).smtp, smtp)
+
+    @inlineCallbacks
+    def test_storeFromBeforeCapsOpens(self):
+        """
+        A store file written before connection caps (no *_max_connections
+        columns) opens: its accounts read back with none (the default), and
+        can be given one.
+        """
+        store = yield self.openStore()
+        yield store.putAccount(account(smtp=Upstream(host="smtp.example.com", port=465)))
+        yield store.close()
+        with sqlite3.connect(self.path) as db:
+            for column in ("imap_max_connections", "smtp_max_connections"):
+                db.execute(f"ALTER TABLE accounts DROP COLUMN {column}")
+        db.close()
+        again = self.newStore()
+        yield again.open()
+        got = yield again.getAccount("alice")
+        self.assertEqual((got.upstream.maxConnections, got.smtp.maxConnections), (None, None))
+        capped = Upstream(host="imap.example.com", maxConnections=4)
+        yield again.putAccount(account(upstream=capped))
+        self.assertEqual((yield again.getAccount("alice")).upstream, capped)
 
     @inlineCallbacks
     def test_rotatedKeys(self):

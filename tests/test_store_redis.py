@@ -23,7 +23,15 @@ from zope.interface.verify import verifyObject
 
 import tests.test_store as contract
 from proxy.encryption import Secrets
-from proxy.store import IAccountStore, IRedisAccess, ITokenStore, StoreDataLost, StoreError
+from proxy.store import (
+    IAccountStore,
+    IRedisAccess,
+    ISlotCounter,
+    ITokenStore,
+    RedisSlots,
+    StoreDataLost,
+    StoreError,
+)
 from proxy.store._redisconn import (
     MAX_REPLY_BYTES,
     MAX_REPLY_DEPTH,
@@ -684,3 +692,49 @@ class BlockingReplyLimitTests(SynchronousTestCase):
         address = RedisAddress(host="127.0.0.1", port=listener.getsockname()[1])
         with self.assertRaisesRegex(StoreUnavailable, "too long"):
             _blockingCommand(address, 5.0, ["PING"])
+
+
+class RedisSlotsTests(RedisHarness, TestCase):
+    """Connection slots in Redis: a cap shared by instances, slots that expire unrenewed."""
+
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        self.store = yield self.openStore()
+        self.slots = RedisSlots(self.store, expiry=30.0)
+        self.assertTrue(verifyObject(ISlotCounter, self.slots))
+
+    @inlineCallbacks
+    def test_capAcrossHolders(self):
+        """Holders (of any instance) get slots up to the cap; a released one is free again."""
+        got = []
+        for holder in ("a:1", "b:1", "a:2"):
+            got.append((yield self.slots.tryAcquire("alice/imap", 2, holder, 1000.0)))
+        self.assertEqual(got, [True, True, False])
+        self.assertTrue((yield self.slots.tryAcquire("alice/smtp", 2, "a:3", 1000.0)))
+        self.assertEqual((yield self.slots.count("alice/imap", 1000.0)), 2)
+        yield self.slots.release("alice/imap", "b:1")
+        self.assertTrue((yield self.slots.tryAcquire("alice/imap", 2, "a:2", 1001.0)))
+        ttl = self.server.command("PTTL", "imapproxy:slots:alice/imap")
+        self.assertTrue(0 < int(ttl) <= 30000, ttl)
+
+    @inlineCallbacks
+    def test_unrenewedSlotsExpire(self):
+        """A slot its instance stopped renewing is free after the expiry; a renewed one is not."""
+        yield self.slots.tryAcquire("alice/imap", 2, "dead:1", 1000.0)
+        yield self.slots.tryAcquire("alice/imap", 2, "live:1", 1000.0)
+        yield self.slots.refresh([("alice/imap", "live:1")], 1020.0)
+        self.assertFalse((yield self.slots.tryAcquire("alice/imap", 2, "new:1", 1029.0)))
+        self.assertTrue((yield self.slots.tryAcquire("alice/imap", 2, "new:1", 1030.5)))
+        self.assertFalse((yield self.slots.tryAcquire("alice/imap", 2, "new:2", 1031.0)))
+        # Renewing never revives a slot swept meanwhile (that could pass the cap).
+        yield self.slots.refresh([("alice/imap", "dead:1")], 1031.0)
+        self.assertEqual((yield self.slots.count("alice/imap", 1031.0)), 2)
+
+    @inlineCallbacks
+    def test_wantedSpares(self):
+        """A want lasts its seconds and is seen by every instance for that key only."""
+        yield self.slots.want("alice/imap", 5.0)
+        self.assertEqual((yield self.slots.wanted(["bob/imap", "alice/imap"])), ["alice/imap"])
+        ttl = int(self.server.command("PTTL", "imapproxy:slots-want:alice/imap"))
+        self.assertTrue(0 < ttl <= 5000, ttl)

@@ -132,6 +132,18 @@ class WarmUpstreamsTests(SynchronousTestCase):
         self.assertEqual(len(self.made), 2)
         self.made[-1][1].errback(Failure(Unavailable("upstream-unreachable")))
 
+    def test_noSpareAtTheConnectionCap(self):
+        """An account at its connection cap gets no spare (None), and may get one later."""
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        self.made[-1][1].callback(None)
+        self.assertEqual(len(self.warm), 0)
+        self.assertIsNone(self.warm.take(account()))
+        self.warm.loggedIn(account())
+        self.assertEqual(len(self.made), 2)
+        self.made[-1][1].callback(FakeUpstream())
+        self.assertEqual(len(self.warm), 1)
+
     def test_oneSpareAtATimePerAccount(self):
         """Logins while a spare waits (or is being made) make no second one."""
         self.spare(account())

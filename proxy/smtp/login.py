@@ -29,7 +29,7 @@ class LoginMixin:
     """
     Provided by the server: ``policy``, ``portal``, ``_sessions``,
     ``extensions``, ``address``, ``transport``, ``_phase``, ``_ehlo``,
-    ``_esmtp``, ``continuation``, ``sendLine``, ``bad``, ``bye``,
+    ``_esmtp``, ``continuation``, ``sendLine``, ``bad``, ``bye``, ``_close``,
     ``plaintextAllowed``, ``offered``, ``resumeProducing``,
     ``setTimeout``, ``callLater`` and ``takeHeld``.
     """
@@ -47,6 +47,7 @@ class LoginMixin:
     sendLine: Callable[[bytes], None]
     bad: Callable[[bytes], None]
     bye: Callable[[bytes, bytes], None]
+    _close: Callable[[], None]
     plaintextAllowed: Callable[[], bool]
     resumeProducing: Callable[[], None]
     setTimeout: Any
@@ -262,6 +263,11 @@ class LoginMixin:
             return
         error = refusal(failure, log, "smtp login", self._account, self.address)
         response = S.INTERNAL if error is None else error.smtpResponse()
+        if response.startswith(b"421 "):
+            # A 421 (the account at its connection cap) closes the connection.
+            self.sendLine(response)
+            self._close()
+            return
         self._retry(response)
 
     def _retry(self, response: bytes) -> None:

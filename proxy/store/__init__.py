@@ -20,12 +20,14 @@ from ._interfaces import (
     IPendingStore,
     IRedisAccess,
     ISecretStore,
+    ISlotCounter,
     IStore,
     ITokenStore,
 )
 from ._rediscoord import RefreshLock, SessionBus
 from ._redispenalty import RedisPenalties
 from ._redissessions import SessionBoard
+from ._redisslots import RedisSlots
 from .memory import MemoryData, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
@@ -39,11 +41,13 @@ __all__ = [
     "IPendingStore",
     "IRedisAccess",
     "ISecretStore",
+    "ISlotCounter",
     "IStore",
     "ITokenStore",
     "MemoryData",
     "MemoryStore",
     "RedisPenalties",
+    "RedisSlots",
     "RedisStore",
     "RefreshLock",
     "SessionBoard",

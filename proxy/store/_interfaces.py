@@ -13,6 +13,8 @@ decrypt may also fail with ``SecretKeyError`` when no key decrypts a value.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import IService
 from zope.interface import Attribute, Interface
 
@@ -281,3 +283,34 @@ class IRedisAccess(Interface):
 
         :return: Deferred with its reply; ``StoreUnavailable`` or ``StoreError``.
         """
+
+
+class ISlotCounter(Interface):
+    """
+    Where the connection slots of every account are counted
+    (``proxy.upstream.slots``): in this process, or in Redis for every
+    instance sharing it. ``key`` is ``ACCOUNT/PROTOCOL``.
+    """
+
+    shared = Attribute("True when slots can be freed elsewhere (poll while waiting).")
+
+    def tryAcquire(key: str, cap: int, holder: str, now: float) -> Any:
+        """Take a slot of ``key`` for ``holder`` if fewer than ``cap`` are held (Deferred[bool])."""
+
+    def release(key: str, holder: str) -> Any:
+        """Give ``holder``'s slot of ``key`` back (none held: nothing); a Deferred."""
+
+    def refresh(held: list[tuple[str, str]], now: float) -> Any:
+        """Renew the slots this process holds (``(key, holder)`` pairs); a Deferred."""
+
+    def count(key: str, now: float) -> Any:
+        """The slots of ``key`` held now, by every instance (Deferred[int])."""
+
+    def want(key: str, seconds: float) -> Any:
+        """
+        Say, for ``seconds``, that a login waits for a slot of ``key``: an
+        instance holding a spare of it gives the spare up (a Deferred).
+        """
+
+    def wanted(keys: list[str]) -> Any:
+        """Those of ``keys`` a login waits for now, on any instance (Deferred[list[str]])."""

@@ -44,6 +44,9 @@ ACCOUNT_COLUMNS = (
     "smtp_port",
     "smtp_tls",
     "smtp_ca_file",
+    # Connection caps (None: the preset's or the global default).
+    "imap_max_connections",
+    "smtp_max_connections",
 )
 ACCESS_COLUMNS = ("access_token_enc", "access_token_expires", "access_token_lifetime")
 APP_COLUMNS = (
@@ -83,6 +86,10 @@ ENCRYPTED = {
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def newMarker() -> str:
@@ -125,6 +132,8 @@ def accountRecord(account: Account, secrets: Secrets, now: float) -> Record:
         "smtp_port": None if smtp is None else int(smtp.port),
         "smtp_tls": None if smtp is None else smtp.tls,
         "smtp_ca_file": None if smtp is None else smtp.caFile,
+        "imap_max_connections": account.upstream.maxConnections,
+        "smtp_max_connections": None if smtp is None else smtp.maxConnections,
     }
 
 
@@ -162,6 +171,7 @@ def accountFrom(record: Mapping[str, Any], app: OAuth2App | None, secrets: Secre
             port=int(record["imap_port"]),
             tls=record["imap_tls"],
             caFile=record.get("imap_ca_file"),
+            maxConnections=_int(record.get("imap_max_connections")),
         ),
         oauth2=grant,
         state=record["state"],
@@ -182,6 +192,7 @@ def _smtpFrom(record: Mapping[str, Any]) -> Upstream | None:
         port=int(record["smtp_port"]),
         tls=record["smtp_tls"],
         caFile=record.get("smtp_ca_file"),
+        maxConnections=_int(record.get("smtp_max_connections")),
     )
 
 

@@ -87,6 +87,9 @@ MIGRATIONS = [
     ("accounts", "smtp_tls", "TEXT"),
     ("accounts", "smtp_ca_file", "TEXT"),
     ("oauth2_pending", "smtp", "TEXT"),
+    # Per-account connection caps (NULL: the preset's or the global default).
+    ("accounts", "imap_max_connections", "INTEGER"),
+    ("accounts", "smtp_max_connections", "INTEGER"),
 ]
 
 # Every encrypted column: (table, key column, encrypted column).

@@ -64,6 +64,7 @@ class UpstreamProtocol(LineReceiver):
         self._keptSize = 0
         self._spareLost: Callable[[], Any] | None = None
         self._onLost: Callable[[Any], Any] | None = None
+        self._closed: list[Deferred[None]] = []
         # Who reads the lines: set by the phase machine's outputs (a line is
         # the hot path of a login: no machine input per line).
         self._lines: Callable[[bytes], None] = self._login.lineReceived
@@ -100,7 +101,20 @@ class UpstreamProtocol(LineReceiver):
         self._unusable()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
         self._lost(reason)
+        closed, self._closed = self._closed, []
+        for d in closed:
+            d.callback(None)
+
+    def notifyClosed(self) -> Deferred[None]:
+        """:return: a Deferred that fires once the connection has ended."""
+        d: Deferred[None] = Deferred()
+        if not self.connected:
+            d.callback(None)
+        else:
+            self._closed.append(d)
+        return d
 
     def rawDataReceived(self, data: bytes) -> None:
         # Only reached in relay mode, through LineReceiver; dataReceived

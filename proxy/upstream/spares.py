@@ -72,6 +72,10 @@ class WarmUpstreams:
     def __len__(self) -> int:
         return len(self._spares)
 
+    def accounts(self) -> list[str]:
+        """The accounts a spare waits for (connection caps: ``SlotKeeper.checkSpares``)."""
+        return list(self._spares)
+
     def take(self, account: Account) -> Any:
         """The account's spare, logged in and claimed, or None."""
         spare = self._spares.pop(account.id, None)
@@ -125,6 +129,8 @@ class WarmUpstreams:
             return
         finally:
             self._warming.discard(account.id)
+        if protocol is None:
+            return  # the account is at its connection cap: no spare
         unwanted = account.id in self._unwanted
         self._unwanted.discard(account.id)
         if self._stopped or unwanted or account.id in self._spares:

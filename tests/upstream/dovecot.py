@@ -50,7 +50,7 @@ userdb {{
   args = allow_all_users=yes uid=nobody gid=nogroup home={dir}/mail/%d/%n
 }}
 protocol imap {{
-  mail_max_userip_connections = 2100
+  mail_max_userip_connections = {max_userip}
 }}
 default_client_limit = 5000
 service imap-login {{
@@ -117,7 +117,14 @@ class Dovecot:
 
     host = "127.0.0.1"
 
-    def __init__(self, pki: PKI, introspection_url: str) -> None:
+    def __init__(
+        self, pki: PKI, introspection_url: str, max_userip_connections: int = 2100
+    ) -> None:
+        """
+        :param max_userip_connections: IMAP connections a user may hold from
+            one address (the proxy's): set low, it plays a provider's limit.
+        """
+        self.max_userip = max_userip_connections
         self.pki = pki
         self.introspection_url = introspection_url
         self.dir: str | None = None
@@ -179,6 +186,7 @@ class Dovecot:
                     key=self.pki.key,
                     plain_port=self.plain_port,
                     tls_port=self.tls_port,
+                    max_userip=self.max_userip,
                 )
             )
 
