@@ -18,10 +18,11 @@ per-account series an operator turns on (``--metrics-per-account``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
@@ -174,6 +175,29 @@ class Metrics:
             key = (protocol, direction)
             self._ended[key] = self._ended.get(key, 0) + count
 
+    # -- webhooks (proxy.alerts) -----------------------------------------
+
+    def webhookCounters(self, depth: Callable[[], float]) -> WebhookCounters:
+        """
+        The webhook series, made when webhooks are configured.
+
+        :param depth: events waiting for delivery, read at scrape time.
+        """
+        r, p = self.registry, PREFIX
+        counters = WebhookCounters(
+            Counter(f"{p}_webhook_events", "Webhook events by type, each once per cluster",
+                    ["type"], registry=r),
+            Counter(f"{p}_webhook_deliveries", "Webhook deliveries (one event to one receiver) "
+                    "by result: delivered, given-up, expired, dropped", ["result"], registry=r),
+            Counter(f"{p}_webhook_attempts", "Webhook requests by outcome: 2xx, 3xx, 4xx, "
+                    "5xx, timeout, error", ["outcome"], registry=r),
+        )  # fmt: skip
+        Gauge(
+            f"{p}_webhook_queue_depth", "Webhook deliveries waiting, receivers together",
+            registry=r,
+        ).set_function(depth)  # fmt: skip
+        return counters
+
     # -- scrape ----------------------------------------------------------
 
     async def refresh(self) -> None:
@@ -288,6 +312,24 @@ class Metrics:
             for accountId, state in self._accounts:
                 each.add_metric([accountId, state], 1)
             yield each
+
+
+@attrs.frozen
+class WebhookCounters:
+    """The webhook counters, for ``proxy.alerts`` (label values fixed there)."""
+
+    events: Counter
+    deliveries: Counter
+    attempts: Counter
+
+    def event(self, kind: str) -> None:
+        self.events.labels(kind).inc()
+
+    def delivery(self, result: str) -> None:
+        self.deliveries.labels(result).inc()
+
+    def attempt(self, outcome: str) -> None:
+        self.attempts.labels(outcome).inc()
 
 
 DIRECTIONS = ("to_provider", "to_client")
