@@ -63,7 +63,7 @@ class Alerts:
         self.receivers = list(receivers)
         self._clock = clock
         self._claim = claim
-        self._counters = counters
+        self.counters = counters
 
     def __bool__(self) -> bool:
         return bool(self.receivers)
@@ -120,8 +120,8 @@ class Alerts:
             if not first:
                 log.info("webhook event {id} is another instance's", id=event.id)
                 return
-        if self._counters is not None:
-            self._counters.event(event.type)
+        if self.counters is not None:
+            self.counters.event(event.type)
         for receiver in self.receivers:
             receiver.add(event)
 

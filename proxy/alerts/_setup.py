@@ -113,25 +113,22 @@ def buildAlerts(
     pool.maxPersistentPerHost = 1
     # Agent's default TLS policy checks the certificate and the host name.
     http = HTTPClient(Agent(reactor, pool=pool))
-    receivers: list[Receiver] = []
     alerts = Alerts(
-        receivers,
-        reactor,
-        claim=redisClaim(store) if IRedisAccess.providedBy(store) else None,
-        counters=_counters(metrics, receivers),
+        clock=reactor, claim=redisClaim(store) if IRedisAccess.providedBy(store) else None
     )
+    alerts.counters = _counters(metrics, alerts)
     for url in urls:
-        receivers.append(
-            Receiver(url, secret, http, reactor, alerts._counters, label=receiverLabel(url))
+        alerts.receivers.append(
+            Receiver(url, secret, http, reactor, alerts.counters, label=receiverLabel(url))
         )
     return alerts, AlertsService(alerts, pool)
 
 
-def _counters(metrics: Any, receivers: list[Receiver]) -> Any:
+def _counters(metrics: Any, alerts: Alerts) -> Any:
     """The metrics' webhook series, every fixed label value shown from the start."""
     if metrics is None:
         return None
-    counters = metrics.webhookCounters(lambda: sum(len(r) for r in receivers))
+    counters = metrics.webhookCounters(alerts.depth)
     for kind in EVENT_TYPES:
         counters.events.labels(kind)
     for result in RESULTS:

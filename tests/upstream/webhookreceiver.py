@@ -1,0 +1,121 @@
+"""
+A webhook receiver for the tests: a real HTTP server on loopback, in its own
+thread, that records every POST (headers, body, whether the signature holds
+with the secret it was given) and answers what the test asks for (200 by
+default; a list of statuses to answer first, for retries).
+
+It checks the signature as a real receiver would (``verify`` below is the
+docs' example): HMAC-SHA256 over ``TIMESTAMP.BODY``, compared in constant
+time. Tests wait on :meth:`WebhookReceiver.wait_for`, which wakes on each
+request: no polling, no sleep.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import attrs
+
+__all__ = ["Delivery", "WebhookReceiver", "verify"]
+
+MAX_BODY = 64 * 1024
+
+
+def verify(secret: bytes, timestamp: str, body: bytes, header: str) -> bool:
+    """The receiver's side of the signature (the docs show the same lines)."""
+    mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest("sha256=" + mac, header)
+
+
+@attrs.frozen
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    signed: bool
+    status: int
+
+    @property
+    def event(self) -> dict[str, Any]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+class WebhookReceiver:
+    """
+    :param secret: the key the proxy signs with.
+    """
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+        self.deliveries: list[Delivery] = []
+        self.answers: collections.deque[int] = collections.deque()
+        self._changed = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = min(int(self.headers.get("Content-Length", "0")), MAX_BODY)
+                body = self.rfile.read(length)
+                receiver._record(self, body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # the test reads ``deliveries``
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks/imapproxy"
+
+    def start(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def _record(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        signed = verify(
+            self.secret,
+            headers.get("x-imapproxy-timestamp", ""),
+            body,
+            headers.get("x-imapproxy-signature", ""),
+        )
+        with self._changed:
+            status = self.answers.popleft() if self.answers else 200
+            handler.send_response(status)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            self.deliveries.append(Delivery(handler.path, headers, body, signed, status))
+            self._changed.notify_all()
+
+    def wait_for(self, check: Any, timeout: float = 20.0, what: str = "deliveries") -> Any:
+        """
+        Wait until ``check(deliveries)`` is truthy (woken by each request);
+        its result.
+
+        :raises AssertionError: when ``timeout`` seconds pass first.
+        """
+        with self._changed:
+            result = self._changed.wait_for(lambda: check(list(self.deliveries)), timeout)
+        if not result:
+            raise AssertionError(f"{what} not received within {timeout}s: {self.deliveries}")
+        return result
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        with self._changed:
+            found = [d.event for d in self.deliveries]
+        return [e for e in found if kind is None or e["type"] == kind]
