@@ -38,6 +38,11 @@ RESULTS = ("delivered", "given-up", "expired", "dropped")
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "timeout", "error")
 
 
+def _timedOut(result: Any, timeout: float) -> Any:
+    """A request cut at its deadline ends as a timeout (an Agent says otherwise)."""
+    raise TimeoutError(f"no answer within {timeout}s")
+
+
 def retryable(code: int) -> bool:
     """2xx is delivered; a 4xx but 408 and 429 says "never"; the rest "later"."""
     return not (400 <= code < 500) or code in (408, 429)
@@ -156,12 +161,13 @@ class Receiver:
                 data=pending.body,
                 headers=headers(pending.event, self._secret, pending.body, now),
             )
-            response = await d.addTimeout(REQUEST_TIMEOUT, self._clock)
+            response = await d.addTimeout(REQUEST_TIMEOUT, self._clock, _timedOut)
             # The answer's body is read and thrown away (it frees the
             # connection), within the same deadline.
-            await collect(response, lambda _: None).addTimeout(REQUEST_TIMEOUT, self._clock)
+            body = collect(response, lambda _: None)
+            await body.addTimeout(REQUEST_TIMEOUT, self._clock, _timedOut)
         except Exception as e:
-            if type(e).__name__ in ("TimeoutError", "CancelledError"):
+            if isinstance(e, TimeoutError):
                 return "timeout", None
             # The error's type only: its text may quote the URL.
             log.info("webhook {url}: {error}", url=self.label, error=type(e).__name__)
