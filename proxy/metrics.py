@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
@@ -177,14 +176,16 @@ class Metrics:
 
     # -- webhooks (proxy.alerts) -----------------------------------------
 
-    def webhookCounters(self, depth: Callable[[], float]) -> WebhookCounters:
+    def webhookCounters(self, depth: Callable[[], float]) -> tuple[Counter, Counter, Counter]:
         """
-        The webhook series, made when webhooks are configured.
+        The webhook series, made when webhooks are configured (their label
+        values are fixed in ``proxy.alerts``).
 
         :param depth: events waiting for delivery, read at scrape time.
+        :return: the counters of events, deliveries and attempts.
         """
         r, p = self.registry, PREFIX
-        counters = WebhookCounters(
+        counters = (
             Counter(f"{p}_webhook_events", "Webhook events by type, each once per cluster",
                     ["type"], registry=r),
             Counter(f"{p}_webhook_deliveries", "Webhook deliveries (one event to one receiver) "
@@ -312,24 +313,6 @@ class Metrics:
             for accountId, state in self._accounts:
                 each.add_metric([accountId, state], 1)
             yield each
-
-
-@attrs.frozen
-class WebhookCounters:
-    """The webhook counters, for ``proxy.alerts`` (label values fixed there)."""
-
-    events: Counter
-    deliveries: Counter
-    attempts: Counter
-
-    def event(self, kind: str) -> None:
-        self.events.labels(kind).inc()
-
-    def delivery(self, result: str) -> None:
-        self.deliveries.labels(result).inc()
-
-    def attempt(self, outcome: str) -> None:
-        self.attempts.labels(outcome).inc()
 
 
 DIRECTIONS = ("to_provider", "to_client")

@@ -50,7 +50,7 @@ class Alerts:
     :param clock: ``IReactorTime``.
     :param claim: ``claim(eventId) -> Awaitable[bool]`` with a shared store,
         else None.
-    :param counters: ``proxy.metrics.WebhookCounters`` or None.
+    :param counters: ``Counters`` (the metrics) or None.
     """
 
     def __init__(

@@ -48,6 +48,24 @@ def retryable(code: int) -> bool:
     return not (400 <= code < 500) or code in (408, 429)
 
 
+@attrs.frozen
+class Counters:
+    """The webhook metrics (``Metrics.webhookCounters``), by what they count."""
+
+    events: Any
+    deliveries: Any
+    attempts: Any
+
+    def event(self, kind: str) -> None:
+        self.events.labels(kind).inc()
+
+    def delivery(self, result: str) -> None:
+        self.deliveries.labels(result).inc()
+
+    def attempt(self, outcome: str) -> None:
+        self.attempts.labels(outcome).inc()
+
+
 @attrs.define(eq=False)
 class _Pending:
     event: Event
@@ -61,7 +79,7 @@ class Receiver:
     :param secret: the HMAC key.
     :param http: a treq ``HTTPClient`` (or ``StubTreq`` in tests).
     :param clock: ``IReactorTime``.
-    :param counters: ``proxy.metrics.WebhookCounters`` or None.
+    :param counters: ``Counters`` (the metrics) or None.
     :param label: how the log names the receiver (scheme, host and port:
         a URL's path or query may hold a receiver's own token).
     """

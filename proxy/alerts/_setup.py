@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from ..admin import Admin
 from ._alerts import Alerts, AlertsService, redisClaim
-from ._deliver import OUTCOMES, RESULTS, Receiver
+from ._deliver import OUTCOMES, RESULTS, Counters, Receiver
 from ._event import EVENT_TYPES
 
 # Shorter keys are refused: the HMAC is only as strong as its key.
@@ -128,7 +128,7 @@ def _counters(metrics: Any, alerts: Alerts) -> Any:
     """The metrics' webhook series, every fixed label value shown from the start."""
     if metrics is None:
         return None
-    counters = metrics.webhookCounters(alerts.depth)
+    counters = Counters(*metrics.webhookCounters(alerts.depth))
     for kind in EVENT_TYPES:
         counters.events.labels(kind)
     for result in RESULTS:
