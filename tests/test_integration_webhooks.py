@@ -22,6 +22,7 @@ from cryptography.fernet import Fernet
 
 from tests.conftest import ISSUED_SECRETS, OAUTH2_DEADLINE, register
 from tests.test_integration_instances import _imap_token, _together, api
+from tests.upstream.certs import make_pki
 from tests.upstream.proxyproc import ProxyProcess
 from tests.upstream.redisserver import RedisServer
 from tests.upstream.webhookreceiver import WebhookReceiver
@@ -149,3 +150,43 @@ def test_deleted_account_revokes_its_tokens(hooked, provider, dovecot, pki):
     events = hooked.receiver.events("token.revoked")
     mine = [e for e in events if e["account"] == mb.account]
     assert len(mine) == len(ids) and {e["reason"] for e in mine} == {"account-deleted"}
+
+
+def test_https_receivers_certificate_checked(workdir, pki, provider, dovecot):
+    """
+    An https receiver whose certificate the system trusts (here the tests'
+    CA, through ``SSL_CERT_FILE``) gets the event; one with a certificate
+    from an unknown CA is refused at the handshake and gets nothing.
+    """
+    secret = secrets.token_hex(24).encode()
+    stranger = make_pki(os.path.join(workdir, "pki-webhook-stranger"))
+    trusted = WebhookReceiver(secret, tls=(pki.cert, pki.key)).start()
+    untrusted = WebhookReceiver(secret, tls=(stranger.cert, stranger.key)).start()
+    hookKey = os.path.join(workdir, "webhook-tls.key")
+    with open(hookKey, "wb") as f:
+        f.write(secret)
+    p = ProxyProcess(
+        os.path.join(workdir, "proxy-webhooks-tls"),
+        env={"REQUESTS_CA_BUNDLE": pki.ca_cert, "SSL_CERT_FILE": pki.ca_cert},
+    )
+    try:
+        p.start(
+            "--webhook",
+            trusted.url,
+            "--webhook",
+            untrusted.url,
+            "--webhook-secret-file",
+            hookKey,
+        )
+        root = p.cli("tokens", "issue", "--scope", "api", "--description", "root").stdout.strip()
+        ISSUED_SECRETS.append(root)
+        mb = register(p, provider, dovecot, pki)
+        tokenId = _revokeThrough(p, root, mb.account)
+        [got] = trusted.wait_for(lambda ds: ds, what="the event over https")
+        assert got.signed and got.event["tokenId"] == tokenId
+        assert untrusted.wait_for_failure()  # the proxy gave up at the handshake
+        assert untrusted.deliveries == []
+    finally:
+        p.stop()
+        trusted.stop()
+        untrusted.stop()

@@ -16,6 +16,7 @@ import collections
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,11 +50,15 @@ class Delivery:
 class WebhookReceiver:
     """
     :param secret: the key the proxy signs with.
+    :param tls: ``(certificate, key)`` PEM files: https, else http.
     """
 
-    def __init__(self, secret: bytes):
+    def __init__(self, secret: bytes, tls: tuple[str, str] | None = None):
         self.secret = secret
+        self.tls = tls
         self.deliveries: list[Delivery] = []
+        # Connections that failed before a request (a TLS handshake refused).
+        self.failures: list[str] = []
         self.answers: collections.deque[int] = collections.deque()
         self._changed = threading.Condition()
         receiver = self
@@ -69,13 +74,34 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # the test reads ``deliveries``
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                import sys
+
+                receiver._failed(type(sys.exc_info()[1]).__name__)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            # The handshake happens in the request's thread, on first read.
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"https://localhost:{self._server.server_address[1]}/hooks/imapproxy"
         return f"http://127.0.0.1:{self._server.server_address[1]}/hooks/imapproxy"
+
+    def _failed(self, error: str) -> None:
+        with self._changed:
+            self.failures.append(error)
+            self._changed.notify_all()
 
     def start(self) -> WebhookReceiver:
         self._thread.start()
@@ -114,6 +140,14 @@ class WebhookReceiver:
         if not result:
             raise AssertionError(f"{what} not received within {timeout}s: {self.deliveries}")
         return result
+
+    def wait_for_failure(self, timeout: float = 20.0) -> str:
+        """The first connection that failed before a request (woken by it)."""
+        with self._changed:
+            result = self._changed.wait_for(lambda: list(self.failures), timeout)
+        if not result:
+            raise AssertionError(f"no failed connection within {timeout}s")
+        return str(result[0])
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         with self._changed:
