@@ -22,7 +22,9 @@ from cryptography.fernet import Fernet
 
 from tests.conftest import ISSUED_SECRETS, OAUTH2_DEADLINE, register
 from tests.test_integration_instances import _imap_token, _together, api
+from tests.test_integration_metrics import scrape, value
 from tests.upstream.certs import make_pki
+from tests.upstream.osutil import wait_until
 from tests.upstream.proxyproc import ProxyProcess
 from tests.upstream.redisserver import RedisServer
 from tests.upstream.webhookreceiver import WebhookReceiver
@@ -93,7 +95,15 @@ def _revokeThrough(p: ProxyProcess, root: str, account: str) -> str:
     return tokenId
 
 
+def _counted(hooked: HookedPair, name: str, **labels: str) -> float:
+    """A webhook series summed over both instances' /metrics."""
+    return sum(value(scrape(p), name, **labels) or 0.0 for p in (hooked.a, hooked.b))
+
+
 def test_revoked_grant_sends_one_signed_event(hooked, provider, dovecot, pki):
+    events = "imapproxy_webhook_events_total"
+    before = _counted(hooked, events, type="account.reauth-required")
+    delivered = _counted(hooked, "imapproxy_webhook_deliveries_total", result="delivered")
     mb = register(hooked.a, provider, dovecot, pki)
     other = _imap_token(hooked.a, hooked.root, mb.account)
     provider.revoke_grant(mb.refresh_token, revoke_access=True)
@@ -126,6 +136,16 @@ def test_revoked_grant_sends_one_signed_event(hooked, provider, dovecot, pki):
     revoked = [d for d in mine if d.event["type"] == "token.revoked"]
     assert sorted(d.event["tokenId"] for d in revoked) == sorted(fences)
     assert all(d.signed for d in mine)
+    # Counted once in the cluster; the deliveries (event, two fences) counted too.
+    assert _counted(hooked, events, type="account.reauth-required") == before + 1
+    # (an answer is counted once the proxy has read it: asked again until then)
+    wait_until(
+        lambda: (
+            _counted(hooked, "imapproxy_webhook_deliveries_total", result="delivered")
+            >= delivered + 3
+        ),
+        what="the deliveries counted",
+    )
     sent = b"".join(d.body for d in mine) + repr([d.headers for d in mine]).encode()
     for secret in (mb.token, mb.refresh_token, other, hooked.root, hooked.receiver.secret):
         assert (secret.encode() if isinstance(secret, str) else secret) not in sent
