@@ -146,6 +146,10 @@ def test_revoked_grant_sends_one_signed_event(hooked, provider, dovecot, pki):
         ),
         what="the deliveries counted",
     )
+    for p in (hooked.a, hooked.b):
+        log = p.full_log()
+        assert hooked.receiver.secret.decode() not in log
+        assert not [d for d in mine if d.headers["x-imapproxy-signature"][7:] in log]
     sent = b"".join(d.body for d in mine) + repr([d.headers for d in mine]).encode()
     for secret in (mb.token, mb.refresh_token, other, hooked.root, hooked.receiver.secret):
         assert (secret.encode() if isinstance(secret, str) else secret) not in sent
