@@ -76,6 +76,44 @@ class AlertsTests(SynchronousTestCase):
         alerts.tokenRevoked("tid1", "alice", "revoked", "root")
 
 
+class SettleTests(SynchronousTestCase):
+    """The admin command waits for its deliveries, for a bounded time."""
+
+    def setUp(self) -> None:
+        from treq.testing import StubTreq
+
+        from proxy.alerts import Receiver
+        from tests.test_alerts import Hook
+
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.hook = Hook()
+        self.http = StubTreq(self.hook)
+        receiver = Receiver("http://127.0.0.1:9/", SECRET, self.http, self.clock)
+        self.alerts = Alerts([receiver], self.clock)
+
+    def test_settlesWhenDelivered(self):
+        self.alerts.tokenRevoked("tid1", "alice", "revoked", "cli")
+        d = ensureDeferred(self.alerts.settle(30.0))
+        self.http.flush()
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(len(self.hook.requests), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_givesUpAtTheDeadline(self):
+        self.hook.answers = [503] * 100
+        self.alerts.tokenRevoked("tid1", "alice", "revoked", "cli")
+        d = ensureDeferred(self.alerts.settle(30.0))
+        self.http.flush()
+        self.assertNoResult(d)
+        for _ in range(3):
+            self.clock.advance(10.0)
+            self.http.flush()
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertGreater(len(self.hook.requests), 1)
+
+
 class _Sink:
     def __init__(self, queued: list[Any]):
         self.queued = queued
@@ -130,6 +168,13 @@ class AdminHookTests(SynchronousTestCase):
         self.run_(self.admin.updateAccount("alice", {"state": "ok"}))
         self.assertEqual([e.type for e in self.queued], ["account.disabled", "account.recovered"])
         self.assertEqual(self.queued[0].fields["reason"], "operator")
+
+    def test_replacedAccount(self):
+        """An account replaced whole (POST with replace) starts ``ok``: recovered."""
+        self.run_(self.admin.updateAccount("alice", {"state": "disabled"}))
+        self.run_(self.admin.createAccount(accountBody("alice"), replace=True))
+        self.run_(self.admin.createAccount(accountBody("bob")))
+        self.assertEqual([e.type for e in self.queued], ["account.disabled", "account.recovered"])
 
     def test_accountDeleteRevokesItsTokens(self):
         ids = {self.issue()[1].id for _ in range(2)}

@@ -214,3 +214,32 @@ def test_https_receivers_certificate_checked(workdir, pki, provider, dovecot):
         p.stop()
         trusted.stop()
         untrusted.stop()
+
+
+def test_admin_command_sends_what_its_config_names(hooked, provider, dovecot, pki, workdir):
+    """
+    ``imapproxy tokens revoke --config FILE`` with the server's webhook
+    settings sends the event itself (signed, once) before it exits; a config
+    that names a webhook without a key is refused in one line.
+    """
+    mb = register(hooked.a, provider, dovecot, pki)
+    body = {"account": mb.account, "scopes": ["imap-proxy"], "description": "cli"}
+    r = api(hooked.a, "POST", "/v1/token", hooked.root, body)
+    ISSUED_SECRETS.append(r.json()["token"])
+    tokenId = r.json()["id"]
+    config = os.path.join(workdir, "webhooks-cli.conf")
+    hookKey = os.path.join(workdir, "webhook.key")
+    with open(config, "w") as f:
+        f.write(f"[imapproxy]\nwebhook = {hooked.receiver.url}\nwebhook-secret-file = {hookKey}\n")
+    hooked.a.cli("tokens", "revoke", tokenId, "--config", config)
+    # The command waited for the delivery: it is there when the command is done.
+    [got] = [d for d in hooked.receiver.deliveries if d.event.get("tokenId") == tokenId]
+    assert got.signed and got.event["actor"] == "cli" and got.event["reason"] == "revoked"
+
+    with open(config, "w") as f:
+        f.write(f"[imapproxy]\nwebhook = {hooked.receiver.url}\n")
+    refused = hooked.a.cli("tokens", "list", "--config", config, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "imapproxy: --webhook needs --webhook-secret-file (the key that signs each event)\n"
+    )

@@ -15,7 +15,15 @@ from ._event import (
     signature,
     verify,
 )
-from ._setup import AlertingAdmin, buildAlerts, receiverLabel, webhookSecret, webhookURLs
+from ._setup import (
+    AlertingAdmin,
+    buildAlerts,
+    commandAdmin,
+    delivered,
+    receiverLabel,
+    webhookSecret,
+    webhookURLs,
+)
 
 __all__ = [
     "EVENT_ID_HEADER",
@@ -28,6 +36,8 @@ __all__ = [
     "Event",
     "Receiver",
     "buildAlerts",
+    "commandAdmin",
+    "delivered",
     "receiverLabel",
     "redisClaim",
     "signature",

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 
 from ._deliver import Receiver
@@ -64,6 +64,7 @@ class Alerts:
         self._clock = clock
         self._claim = claim
         self.counters = counters
+        self._emitting: set[Deferred[None]] = set()
 
     def __bool__(self) -> bool:
         return bool(self.receivers)
@@ -104,6 +105,27 @@ class Alerts:
         """Fire and forget: claim, count and queue ``event``."""
         d = ensureDeferred(self._emit(event))
         d.addErrback(lambda f: log.failure("webhook event {id}", f, id=event.id))
+        self._emitting.add(d)
+        d.addBoth(lambda _: self._emitting.discard(d))
+
+    async def settle(self, timeout: float) -> int:
+        """
+        For a short-lived process (the admin command): wait until every
+        event is delivered or given up, at most ``timeout`` seconds, then
+        stop.
+
+        :return: how many deliveries were still waiting (then lost).
+        """
+        waiting = [*self._emitting]
+        try:
+            await gatherResults(waiting, consumeErrors=True).addTimeout(timeout, self._clock)
+            idle = [r.whenIdle() for r in self.receivers]
+            await gatherResults(idle, consumeErrors=True).addTimeout(timeout, self._clock)
+        except Exception:
+            pass  # what is left is counted below
+        left = self.depth()
+        self.stop()
+        return left
 
     async def _emit(self, event: Event) -> None:
         if self._claim is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 from treq import collect
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from .. import auditlog
@@ -105,9 +105,18 @@ class Receiver:
         self._busy = False
         self._timer: Any = None
         self._stopped = False
+        self._idle: list[Deferred[None]] = []
 
     def __len__(self) -> int:
         return len(self.queue)
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires once every queued event's delivery has ended (the admin command waits)."""
+        if not self.queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
 
     def add(self, event: Event) -> None:
         """Queue ``event``; never waits, never raises."""
@@ -196,6 +205,10 @@ class Receiver:
     def _done(self, pending: _Pending, result: str, detail: str) -> None:
         if pending in self.queue:
             self.queue.remove(pending)
+        if not self.queue:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
         if self._counters is not None:
             self._counters.delivery(result)
         auditlog.webhookDelivery(

@@ -5,10 +5,11 @@ start-up, and the objects ``makeService`` builds from them.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..admin import Admin
+from ..admin import Admin, AdminError
 from ._alerts import Alerts, AlertsService, redisClaim
 from ._deliver import OUTCOMES, RESULTS, Counters, Receiver
 from ._event import EVENT_TYPES
@@ -84,12 +85,57 @@ class AlertingAdmin(Admin):
             self.alerts.accountState(accountId, before.state, account.state, "operator")
         return account
 
+    async def createAccount(self, data: Any, replace: bool = False, actor: str = "cli") -> Any:
+        accountId = data.get("account") if isinstance(data, dict) else None
+        before = await self.store.getAccount(accountId) if isinstance(accountId, str) else None
+        account = await super().createAccount(data, replace=replace, actor=actor)
+        if before is not None:
+            self.alerts.accountState(account.id, before.state, account.state, "operator")
+        return account
+
     async def removeAccount(self, accountId: str, actor: str = "cli") -> int:
         tokens = await self.store.listTokens(accountId) if self.alerts else []
         closed = await super().removeAccount(accountId, actor=actor)
         for token in tokens:
             self.alerts.tokenRevoked(token.id, accountId, "account-deleted", actor)
         return closed
+
+
+# Seconds the admin command waits for its webhook deliveries before it exits.
+COMMAND_DEADLINE = 30.0
+
+
+class WebhookSettingsError(AdminError):
+    """The config file's webhook settings are wrong (the admin command's line)."""
+
+
+def commandAdmin(store: Any, settings: dict[str, str], **kwargs: Any) -> AlertingAdmin:
+    """
+    The admin command's ``Admin``: it sends the webhooks the server would
+    when its config file (``--config``) names them. ``delivered`` waits.
+
+    :raises WebhookSettingsError: in one line.
+    """
+    from twisted.internet import reactor
+
+    try:
+        urls = webhookURLs(settings.get("webhook", ""))
+    except ValueError as e:
+        raise WebhookSettingsError(f"webhook: not a valid value: {e}") from None
+    try:
+        secret = webhookSecret(urls, settings.get("webhook-secret-file"))
+    except ValueError as e:
+        raise WebhookSettingsError(str(e)) from None
+    alerts, _ = buildAlerts(urls, secret, reactor, store, None)
+    return AlertingAdmin(store, alerts=alerts, **kwargs)
+
+
+async def delivered(admin: AlertingAdmin, timeout: float = COMMAND_DEADLINE) -> None:
+    """Before the admin command exits: its events delivered (or said not to be)."""
+    if admin.alerts:
+        left = await admin.alerts.settle(timeout)
+        if left:
+            print(f"imapproxy: {left} webhook event(s) not delivered", file=sys.stderr)
 
 
 def buildAlerts(
