@@ -233,4 +233,25 @@ def connectionLimit(account: str, protocol: str, waited: float) -> None:
         account=account,
         protocol=protocol,
         waited=round(waited, 3),
+def webhookDelivery(
+    eventId: str, kind: str, receiver: str, result: str, attempts: int, detail: str
+) -> None:
+    """
+    A webhook event's delivery to one receiver ended.
+
+    :param receiver: scheme, host and port only (a URL's path may hold a key).
+    :param result: ``delivered``, ``given-up`` (a 4xx), ``expired`` (retried
+        for too long) or ``dropped`` (the queue was full).
+    :param detail: the last HTTP status or error class.
+    """
+    log.emit(
+        LogLevel.info if result == "delivered" else LogLevel.warn,
+        "webhook {type} {event_id} to {receiver}: {result} after {attempts} attempt(s) ({detail})",
+        event="webhook-delivery",
+        event_id=eventId,
+        type=kind,
+        receiver=receiver,
+        result=result,
+        attempts=attempts,
+        detail=detail,
     )

@@ -32,6 +32,7 @@ from ._cliactions import (
     updateAccount,
 )
 from .admin import Admin, AdminError, accountView, appView, tokenView
+from .alerts import commandAdmin, delivered
 from .config import ConfigError, readConfig
 from .model import TLS_MODES
 from .startup import KEY_RELOAD_INTERVAL
@@ -370,7 +371,9 @@ def main(argv: list[str] | None = None) -> None:
         # What the instances publish of their live sessions (a Redis store).
         board = SessionBoard(store, "admin-command", 5.0) if bus is not None else None
         try:
-            await _run(args, Admin(store, bus=bus, board=board), sys.stdout)
+            admin = commandAdmin(store, settings, bus=bus, board=board)  # webhooks too
+            await _run(args, admin, sys.stdout)
+            await delivered(admin)
         finally:
             await store.close()
 

@@ -18,7 +18,7 @@ per-account series an operator turns on (``--metrics-per-account``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -187,6 +187,30 @@ class Metrics:
         from .slotmetrics import SlotCollector
 
         self.registry.register(SlotCollector(keeper, self.perAccount))
+    # -- webhooks (proxy.alerts) -----------------------------------------
+
+    def webhookCounters(self, depth: Callable[[], float]) -> tuple[Counter, Counter, Counter]:
+        """
+        The webhook series, made when webhooks are configured (their label
+        values are fixed in ``proxy.alerts``).
+
+        :param depth: events waiting for delivery, read at scrape time.
+        :return: the counters of events, deliveries and attempts.
+        """
+        r, p = self.registry, PREFIX
+        counters = (
+            Counter(f"{p}_webhook_events", "Webhook events by type, each once per cluster",
+                    ["type"], registry=r),
+            Counter(f"{p}_webhook_deliveries", "Webhook deliveries (one event to one receiver) "
+                    "by result: delivered, given-up, expired, dropped", ["result"], registry=r),
+            Counter(f"{p}_webhook_attempts", "Webhook requests by outcome: 2xx, 3xx, 4xx, "
+                    "5xx, timeout, error", ["outcome"], registry=r),
+        )  # fmt: skip
+        Gauge(
+            f"{p}_webhook_queue_depth", "Webhook deliveries waiting, receivers together",
+            registry=r,
+        ).set_function(depth)  # fmt: skip
+        return counters
 
     # -- scrape ----------------------------------------------------------
 

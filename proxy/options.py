@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import __version__, selfcheck
+from .alerts import webhookSecret
 from .certs import (
     CertificateError,
     ReloadingCertificate,
@@ -114,6 +115,13 @@ class Options(usage.Options):
         """Endpoint serving /metrics only, e.g. tcp:9143 (repeatable) [default: none]"""
         self["metrics-port"].append(description)
 
+    def opt_webhook(self, url: str) -> None:
+        """
+        URL (http or https) that gets a signed JSON POST when an account changes
+        state or a token is revoked (repeatable) [default: none]
+        """
+        self["webhook"] = f"{self['webhook'] or ''} {url}".strip()
+
     def postOptions(self) -> None:
         reason = selfcheck.check()
         if reason is not None:
@@ -159,6 +167,10 @@ class Options(usage.Options):
                 t=self["login-timeout"],
                 w=worst,
             )
+        try:
+            self["_webhookSecret"] = webhookSecret(self["webhook"], self["webhook-secret-file"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
         self["certificate"] = None

@@ -29,6 +29,13 @@ def logFormat(value: str) -> str:
     return value
 
 
+def webhookURLs(value: str) -> tuple[str, ...]:
+    """Webhook URLs, separated by white space (or lines); each http or https."""
+    from .alerts import webhookURLs as parse
+
+    return parse(value)
+
+
 # name -> (default, converter, help). One table for the options, the config
 # file and tap.example.conf.
 SETTINGS: dict[str, tuple[Any, Any, str]] = {
@@ -158,6 +165,19 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "Connections per account and protocol to a provider without a preset "
         "(gmail and outlook have theirs), every instance and spare counted, where the "
         "account sets no maxConnections (0: no cap)",
+    # Alerts by webhook (proxy.alerts; docs/monitoring.md, "Webhooks").
+    "webhook": (
+        (),
+        webhookURLs,
+        "URL (http or https, certificate checked) that gets a signed JSON POST when an "
+        "account changes state or a token is revoked (repeatable; one a line in the "
+        "config file) [default: none]",
+    ),
+    "webhook-secret-file": (
+        None,
+        str,
+        "File holding the key (16 bytes or more) that signs each webhook request "
+        "(HMAC-SHA256); required with --webhook",
     ),
 }
 

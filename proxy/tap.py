@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from . import __version__
 from . import metricshooks as metered
-from .admin import Admin
+from .alerts import AlertingAdmin, buildAlerts
 from .auditlog import connectionLimit, twistdObserver
 from .certs import (
     certificateWatch,
@@ -108,14 +108,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     refresher = ThreadedRefresher(reactor, options["oauth2-threads"], options["oauth2-timeout"])
     shared = isinstance(store, RedisStore)
     metrics = metered.Metrics(reactor, perAccount=options["metrics-per-account"])
+    alerts, alerting = buildAlerts(
+        options["webhook"], options["_webhookSecret"], reactor, store, metrics
+    )
+    alerting.setServiceParent(top)
     accessTokens = AccessTokens(
         metered.refresh(refresher.refresh, metrics),
         store.setRefreshToken,
         reactor,
         cache=TokenCache(reactor, load=store.getAccessToken, persist=store.saveAccessToken),
         policy=RetryPolicy(deadline=options["oauth2-deadline"]),
-        markReauth=lambda account, reason: store.setAccountState(
-            account, "reauth-required", f"{reason} ({_now()})"
+        markReauth=lambda account, reason: alerts.changed(
+            store.setAccountState(account, "reauth-required", f"{reason} ({_now()})"),
+            account,
+            "reauth-required",
+            "invalid-grant",
         ),
         # Instances sharing a store refresh an account one at a time.
         flight=SingleFlight(RefreshLeases(RefreshLock(store), reactor), reload=store.getAccount)
@@ -237,7 +244,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if options["smtp-port"]:
         # What the first clients' EHLO offers: the stored accounts' servers, asked.
         primer.setServiceParent(top)
-    admin = Admin(store, sessions, reactor, bus, board)
+    admin = AlertingAdmin(store, sessions, reactor, bus, board, alerts=alerts)
     onboarding = Onboarding(
         admin, store.secrets, refresher.run, reactor, timeout=options["oauth2-timeout"]
     )

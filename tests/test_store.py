@@ -460,7 +460,7 @@ class StoreContractMixin:
         """Updating an account that does not exist changes nothing and creates nothing."""
         store = yield self.openStore()
         yield store.setRefreshToken("ghost", "rt")
-        yield store.setAccountState("ghost", "disabled", "why")
+        self.assertIsNone((yield store.setAccountState("ghost", "disabled", "why")))
         yield store.saveAccessToken("ghost", ACCESS, 5000.0, 3600.0)
         self.assertIsNone((yield store.getAccount("ghost")))
         self.assertIsNone((yield store.getAccessToken("ghost")))
@@ -478,6 +478,23 @@ class StoreContractMixin:
         yield store.setAccountState("alice", "ok", None)
         got = yield store.getAccount("alice")
         self.assertEqual((got.state, got.stateReason), ("ok", None))
+
+    @inlineCallbacks
+    def test_setAccountStateAnswersTheStateItReplaced(self):
+        """
+        setAccountState answers the state before it, so that of two callers
+        setting the same state only one sees a change (one webhook event).
+        """
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        first = yield store.setAccountState("alice", "reauth-required", "invalid-grant (1)")
+        second = yield store.setAccountState("alice", "reauth-required", "invalid-grant (2)")
+        self.assertEqual((first, second), ("ok", "reauth-required"))
+        got = yield store.getAccount("alice")
+        self.assertEqual(got.stateReason, "invalid-grant (2)")
+        self.assertEqual(
+            (yield store.setAccountState("alice", "disabled", None)), "reauth-required"
+        )
 
     @inlineCallbacks
     def test_textStaysText(self):

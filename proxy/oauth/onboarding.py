@@ -33,6 +33,7 @@ from ..admin import (
     _object,
     buildAccount,
 )
+from ..alerts import stateChanged
 from ..model import Account, OAuth2App, PendingAuthorization, validAccountId
 from ._onboardhttp import (
     DevicePending,
@@ -351,6 +352,8 @@ class Onboarding:
             else:
                 account = attrs.evolve(account, state="ok", stateReason=None)
         await self.admin.store.putAccount(account)
+        if existing is not None:
+            stateChanged(self.admin, accountId, existing.state, account.state, "authorized")
         log.info(
             "account {account} authorized for {email} through app {app}",
             account=accountId,

@@ -61,7 +61,9 @@ class IAccountStore(Interface):
         the reason shown with it (None clears it), atomically, without
         touching its grant; nothing when there is no such account.
 
-        :return: Deferred firing with None.
+        :return: Deferred firing with the state it had before (the caller
+            that changed it is the one that sees a different one: webhooks
+            are sent once per cluster), or None when there is no such account.
         """
 
 

@@ -36,6 +36,16 @@ if #ARGV > 1 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 2 + 2 * n)) e
 return 1
 """
 
+# The same for an account's state, answering the state it had (false: none).
+_SET_STATE = """
+local old = redis.call('HGET', KEYS[1], 'state')
+if not old then return false end
+local n = tonumber(ARGV[1])
+if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 2, 1 + 2 * n)) end
+if #ARGV > 1 + 2 * n then redis.call('HDEL', KEYS[1], unpack(ARGV, 2 + 2 * n)) end
+return old
+"""
+
 _PUT_ACCOUNT = """
 local p, id = ARGV[1], ARGV[2]
 local old = redis.call('HMGET', KEYS[1], 'created', 'oauth2_app')

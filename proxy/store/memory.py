@@ -161,9 +161,20 @@ class MemoryStore(Service):
         fields = R.refreshTokenUpdate(refreshToken, self._secrets, self._now())
         return self._update(self.data.accounts, accountId, fields)
 
-    def setAccountState(self, accountId: str, state: str, reason: str | None) -> Deferred[None]:
+    def setAccountState(
+        self, accountId: str, state: str, reason: str | None
+    ) -> Deferred[str | None]:
         fields = R.stateUpdate(state, reason, self._now())
-        return self._update(self.data.accounts, accountId, fields)
+
+        def q() -> str | None:
+            record = self.data.accounts.get(accountId)
+            if record is None:
+                return None
+            old = record["state"]
+            record.update(fields)
+            return str(old)
+
+        return self._run(q)
 
     def getAccessToken(
         self, accountId: str

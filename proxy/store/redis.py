@@ -58,6 +58,7 @@ from ._redislua import (
     _REMOVE_APP,
     _REMOVE_TOKEN,
     _ROTATE,
+    _SET_STATE,
     _TAKE_PENDING,
     _UPDATE,
 )
@@ -135,9 +136,16 @@ class RedisStore(_RedisStoreBase):
         fields = R.refreshTokenUpdate(refreshToken, self._secrets, time.time())
         return self._update(self._key("account", accountId), fields, durable=True)
 
-    def setAccountState(self, accountId: str, state: str, reason: str | None) -> Deferred[None]:
+    def setAccountState(
+        self, accountId: str, state: str, reason: str | None
+    ) -> Deferred[str | None]:
+        # One script: of instances racing to the same state, one sees the old.
         fields = R.stateUpdate(state, reason, time.time())
-        return self._update(self._key("account", accountId), fields)
+        values = _pairs(fields)
+        drop = [name for name, value in fields.items() if value is None]
+        args = [str(len(values) // 2), *values, *drop]
+        d = self._eval(_SET_STATE, [self._key("account", accountId)], args)
+        return d.addCallback(lambda old: str(old) if old else None)
 
     @_deferred
     async def getAccessToken(self, accountId: str) -> tuple[str, float | None, float | None] | None:

@@ -196,9 +196,18 @@ class SQLiteStore(Service):
         fields = R.refreshTokenUpdate(refreshToken, self._secrets, time.time())
         return self._run(self._update, "accounts", "id", accountId, fields)
 
-    def setAccountState(self, accountId: str, state: str, reason: str | None) -> Deferred[None]:
+    def setAccountState(
+        self, accountId: str, state: str, reason: str | None
+    ) -> Deferred[str | None]:
         fields = R.stateUpdate(state, reason, time.time())
-        return self._run(self._update, "accounts", "id", accountId, fields)
+
+        def q() -> str | None:
+            with _transaction(self._conn()):
+                row = self._one("SELECT state FROM accounts WHERE id=?", accountId)
+                self._update("accounts", "id", accountId, fields)
+            return None if row is None else str(row["state"])
+
+        return self._run(q)
 
     def getAccessToken(
         self, accountId: str
