@@ -233,6 +233,9 @@ def connectionLimit(account: str, protocol: str, waited: float) -> None:
         account=account,
         protocol=protocol,
         waited=round(waited, 3),
+    )
+
+
 def webhookDelivery(
     eventId: str, kind: str, receiver: str, result: str, attempts: int, detail: str
 ) -> None:

@@ -187,6 +187,7 @@ class Metrics:
         from .slotmetrics import SlotCollector
 
         self.registry.register(SlotCollector(keeper, self.perAccount))
+
     # -- webhooks (proxy.alerts) -----------------------------------------
 
     def webhookCounters(self, depth: Callable[[], float]) -> tuple[Counter, Counter, Counter]:

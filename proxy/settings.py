@@ -165,6 +165,7 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "Connections per account and protocol to a provider without a preset "
         "(gmail and outlook have theirs), every instance and spare counted, where the "
         "account sets no maxConnections (0: no cap)",
+    ),
     # Alerts by webhook (proxy.alerts; docs/monitoring.md, "Webhooks").
     "webhook": (
         (),
