@@ -87,6 +87,8 @@ MIGRATIONS = [
     ("accounts", "smtp_tls", "TEXT"),
     ("accounts", "smtp_ca_file", "TEXT"),
     ("oauth2_pending", "smtp", "TEXT"),
+    # A token's IMAP restrictions (JSON); NULL: unrestricted.
+    ("tokens", "restrictions", "TEXT"),
 ]
 
 # Every encrypted column: (table, key column, encrypted column).
