@@ -140,10 +140,13 @@ def restrictionRefusal(minter: Token, requested: Token) -> str | None:
     Whether ``requested`` is at least as restricted as ``minter``: read-only
     stays read-only, and each of its mailbox patterns is one of the
     minter's (patterns are compared as written, not by what they match:
-    simple to reason about, never wider than meant).
+    simple to reason about, never wider than meant); and, read-only (as
+    asked or inherited), no ``smtp`` scope.
 
     :return: None when it is, else why not (safe to show).
     """
+    if readOnly(requested) and "smtp" in requested.scopes:
+        return SMTP_REFUSAL  # read-only inherited from the minter
     mine = minter.restrictions
     if not mine:
         return None
@@ -157,3 +160,30 @@ def restrictionRefusal(minter: Token, requested: Token) -> str | None:
             if p not in mine.mailboxes:
                 return f"this token cannot issue a token for mailbox pattern {p!r}"
     return None
+
+
+# The IMAP commands a refusal is counted under by name (metrics label);
+# any other name counts as "other", so the label stays bounded whatever a
+# client sends.
+IMAP_COMMANDS = frozenset(
+    """
+    APPEND AUTHENTICATE CAPABILITY CHECK CLOSE COMPRESS COPY CREATE DELETE DELETEACL
+    DONE ENABLE ESEARCH EXAMINE EXPUNGE FETCH GENURLAUTH GETACL GETMETADATA GETQUOTA
+    GETQUOTAROOT ID IDLE LIST LISTRIGHTS LOGIN LOGOUT LSUB MOVE MYRIGHTS NAMESPACE NOOP
+    NOTIFY RENAME REPLACE RESETKEY SEARCH SELECT SETACL SETMETADATA SETQUOTA SORT STARTTLS
+    STATUS STORE SUBSCRIBE THREAD UID UNAUTHENTICATE UNSELECT UNSUBSCRIBE URLFETCH XLIST
+    """.split()
+)
+
+
+def commandLabel(command: str) -> str:
+    """
+    A refused command's name as a metric label: upper-cased when it is a
+    known IMAP command (``UID STORE`` stays two words), else ``other``.
+    """
+    words = command.upper().split()
+    if not words or words[0] not in IMAP_COMMANDS or len(words) > 2:
+        return "other"
+    if len(words) == 2 and (words[0] != "UID" or words[1] not in IMAP_COMMANDS):
+        return "other"
+    return " ".join(words)

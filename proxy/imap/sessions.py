@@ -103,6 +103,8 @@ class SessionRegistry:
         self._pending: Counter[int] = Counter()
         # Called with (session, splice) when a session ends (metrics).
         self.ended: Any = None
+        # Called with a command's name when a restricted session refuses one (metrics).
+        self.refused: Any = None
 
     def add(self, session: Any, splice: Splice) -> LiveSession:
         """
