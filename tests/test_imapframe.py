@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.relay.imapframe import LINE, LITERAL, MAX_LINE, LineTooLong, Scanner
+from proxy.relay.imapframe import LINE, LITERAL, MAX_LINE, PART, LineTooLong, Scanner
 
 FETCH = (
     b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\n* BYE)\r\n"
@@ -113,3 +113,23 @@ def test_cut_anywhere(case):
         skimmed.skim(chunk)
     for s in (cut, skimmed):
         assert (s.atBoundary, s.literal) == (whole.atBoundary, whole.literal)
+
+
+@given(st.integers(min_value=1, max_value=200), st.integers(min_value=0, max_value=3000))
+def test_stream_hands_out_long_lines(step, extra):
+    """``stream``: a line past ``maxLine`` comes out in pieces, literals still followed."""
+    long = b"* SEARCH" + b" 12345" * (20 + extra // 6) + b" {5}\r\nhello)\r\na OK\r\n"
+    scanner = Scanner(maxLine=100)
+    out: list[tuple[int, bytes]] = []
+    for i in range(0, len(long), step):
+        out.extend(scanner.stream(long[i : i + step]))
+    assert b"".join(d for _, d in out) == long
+    # What is held is bounded: a piece is at most maxLine and one read.
+    assert max(len(d) for _, d in out) <= 100 + step
+    if step < 30:
+        assert PART in [k for k, _ in out]
+    literal = b"".join(d for k, d in out if k == LITERAL)
+    assert literal == b"hello"
+    assert scanner.atBoundary
+    # The two short lines after the literal come whole.
+    assert [d for k, d in out if k == LINE][-2:] == [b")\r\n", b"a OK\r\n"]

@@ -4,6 +4,7 @@ provider's responses, for tokens with restrictions (read-only, mailboxes).
 Unrestricted tokens keep the plain byte splice.
 """
 
-from .relay import PolicySplice, filterCapabilities
+from .readonly import filterCapabilities
+from .relay import PolicySplice
 
 __all__ = ["PolicySplice", "filterCapabilities"]

@@ -24,6 +24,9 @@ from collections.abc import Iterator
 LINE = 0
 #: A piece of a literal's payload (a literal may come in several pieces).
 LITERAL = 1
+#: The head of a line longer than ``maxLine`` (``stream`` only): its end
+#: comes later as a ``LINE`` piece.
+PART = 2
 
 #: The longest line segment ``feed`` hands out whole (the pre-auth side's
 #: bound); ``skim`` has no bound, it keeps only a line's last bytes.
@@ -58,6 +61,8 @@ class Scanner:
         self.announced: int | None = None
         self.nonSynchronizing = False
         self._partial = bytearray()
+        # stream(): the line being handed out is longer than maxLine.
+        self._spilling = False
 
     def _ended(self, segment: bytes) -> None:
         """A line segment ended (``segment`` holds at least its last bytes)."""
@@ -129,4 +134,53 @@ class Scanner:
             if len(segment) > self.maxLine:
                 raise LineTooLong()
             self._ended(segment)
+            yield LINE, segment
+
+    def stream(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """
+        As ``feed``, for a stream whose lines may be of any length (a
+        server's ``* SEARCH`` answer): a line longer than ``maxLine`` is not
+        an error but handed out as it comes, its first bytes as ``(PART,
+        piece)`` pieces and its end as ``(LINE, rest)``. Memory stays
+        bounded by ``maxLine`` (a ``LINE`` that came whole in one read may
+        be longer: it is that read).
+        """
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.literal:
+                taken = min(self.literal, end - pos)
+                self.literal -= taken
+                yield LITERAL, data[pos : pos + taken]
+                pos += taken
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self.atBoundary = False
+                if self._spilling:
+                    self._partial += data[max(pos, end - _TAIL) : end]
+                    del self._partial[:-_TAIL]
+                    yield PART, data[pos:]
+                    return
+                self._partial += data[pos:]
+                if len(self._partial) > self.maxLine:
+                    piece = bytes(self._partial)
+                    del self._partial[:-_TAIL]
+                    self._spilling = True
+                    yield PART, piece
+                return
+            if self._spilling:
+                self._partial += data[max(pos, newline + 1 - _TAIL) : newline + 1]
+                self._ended(bytes(self._partial))
+                self._partial.clear()
+                self._spilling = False
+                segment = data[pos : newline + 1]
+            elif self._partial:
+                self._partial += data[pos : newline + 1]
+                segment = bytes(self._partial)
+                self._partial.clear()
+                self._ended(segment)
+            else:
+                segment = data[pos : newline + 1]
+                self._ended(segment)
+            pos = newline + 1
             yield LINE, segment
