@@ -6,12 +6,16 @@ counted and logged; an unrestricted token keeps the plain splice.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 from unittest import mock
 
 import attrs
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.cred import IUpstreamSession
 from proxy.metrics import Metrics
@@ -79,7 +83,7 @@ class RestrictedLoginTests(ProxyServerTestCase):
             calls.append((caps, r))
             return [c for c in caps if c != b"NOTIFY"]
 
-        with mock.patch("proxy.imap.restricted.filterCapabilities", fake):
+        with mock.patch("proxy.policy.filterCapabilities", fake):
             self.login(LIMITED)
         self.assertEqual(calls, [(list(CAPS), LIMITED)])
         self.assertNotIn(b"NOTIFY", self.output())
@@ -115,3 +119,17 @@ class RestrictedLoginTests(ProxyServerTestCase):
         self.assertEqual(
             [e["command"] for e in events if e.get("event") == "command-refused"], ["EXPUNGE"]
         )
+
+
+class ImportOrderTests(SynchronousTestCase):
+    def test_policyFirst(self):
+        """proxy.policy imported before proxy.imap (which imports it back) loads."""
+        for first in ("proxy.policy", "proxy.imap"):
+            done = subprocess.run(
+                [sys.executable, "-c", f"import {first}, proxy.imap.restricted"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+                timeout=60,
+            )
+            self.assertEqual(done.returncode, 0, done.stderr)

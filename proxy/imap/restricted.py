@@ -14,8 +14,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .. import auditlog
-from ..policy import PolicySplice, filterCapabilities
+# The module, not its names: proxy.policy reads proxy.imap.syntax, so
+# whichever package is imported first finds the other half-made.
+from .. import auditlog, policy
 from ..relay import Splice
 from ..restrictions import commandLabel
 
@@ -27,7 +28,7 @@ def loginCapabilities(session: Any) -> list[bytes]:
     restrictions = getattr(session, "restrictions", None)
     if not restrictions:
         return list(session.capabilities)
-    return filterCapabilities(list(session.capabilities), restrictions)
+    return policy.filterCapabilities(list(session.capabilities), restrictions)
 
 
 def relayFor(
@@ -62,4 +63,4 @@ def relayFor(
             except Exception:
                 log.failure("counting a refused command failed")
 
-    return PolicySplice(*args, restrictions=restrictions, onRefused=onRefused)
+    return policy.PolicySplice(*args, restrictions=restrictions, onRefused=onRefused)
