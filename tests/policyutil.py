@@ -46,6 +46,9 @@ class Provider:
         self.session = session
         self.buffer = b""
         self.commands: list[tuple[bytes, bytes, bytes]] = []
+        #: Each command's bytes as they came, literals included.
+        self.raw: list[bytes] = []
+        self._raw = b""
         self.literal = 0
         self.current: tuple[bytes, bytes, bytes] | None = None
         self.idling: bytes | None = None
@@ -59,6 +62,7 @@ class Provider:
             if self.literal:
                 taken = min(self.literal, len(self.buffer))
                 self.literal -= taken
+                self._raw += self.buffer[:taken]
                 self.buffer = self.buffer[taken:]
                 if self.literal:
                     return
@@ -79,6 +83,8 @@ class Provider:
             if name == b"UID" and len(words) > 2:
                 name += b" " + words[2].upper()
             self.current = (words[0], name, line)
+            self._raw = b""
+        self._raw += line
         m = _ANNOUNCED.search(line)
         if m is not None:
             if not m.group(2):
@@ -92,6 +98,7 @@ class Provider:
             return
         cmd, self.current = self.current, None
         self.commands.append(cmd)
+        self.raw.append(self._raw)
         if cmd[1] == b"IDLE":
             self.idling = cmd[0]
             self._reply(b"+ idling\r\n")

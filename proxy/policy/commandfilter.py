@@ -237,6 +237,8 @@ class CommandFilter:
         cmd.head.append(segment)
         complete = self.scanner.announced is None
         verdict = readonly.judge(cmd.name, cmd.tokens, complete, self.restrictions, self.patterns)
+        if verdict is not None and self._labels(line):
+            verdict = readonly.Verdict(readonly.NOT_THAT_COMMAND)
         if verdict is None:
             self._readName(cmd)
         elif verdict.refusal is not None:
@@ -265,6 +267,17 @@ class CommandFilter:
         cmd.literal = bytearray()
         if size == 0:
             self._literal(b"")
+
+    def _labels(self, line: bytes) -> bool:
+        """
+        Gmail's labels name other folders (``FETCH X-GM-LABELS``) and reach
+        into them (``SEARCH X-GM-RAW "in:…"``): not for a token restricted
+        to some mailboxes.
+        """
+        if self.patterns is None:
+            return False
+        upper = line.upper()
+        return b"X-GM-LABELS" in upper or b"X-GM-RAW" in upper
 
     def _literalTaken(self) -> bool:
         """Whether the provider takes the non-synchronizing literal just announced."""
@@ -297,6 +310,9 @@ class CommandFilter:
             return
         if not self._literalTaken():
             self._die(b"Non-synchronizing literal not supported")
+            return
+        if self._labels(commands.body(segment)):
+            self._die(b"This token may not use that command")
             return
         self._forward(segment)
         self._afterPassing(cmd)

@@ -18,7 +18,23 @@ import re
 
 import attrs
 
-from ..imap.syntax import ASTRING_CHARS, ATOM_CHARS, TAG_CHARS, CommandSyntaxError
+# RFC 9051's character classes (as proxy.imap.syntax has them; not imported
+# from there: the login side imports this package).
+# ATOM-CHAR: any CHAR (7-bit, no NUL) except ( ) { SP CTL % * " \ ].
+_NOT_ATOM = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+ATOM_CHARS = frozenset(range(1, 0x80)) - _NOT_ATOM
+# ASTRING-CHAR adds resp-specials ("]"); a tag is an astring without "+".
+ASTRING_CHARS = ATOM_CHARS | {ord("]")}
+TAG_CHARS = ASTRING_CHARS - {ord("+")}
+
+
+class CommandSyntaxError(Exception):
+    """A command that does not parse. :ivar text: the fixed text after ``BAD``."""
+
+    def __init__(self, text: bytes = b"Syntax error"):
+        super().__init__(text)
+        self.text = text
+
 
 WORD = "word"
 STRING = "string"  # quoted or literal
