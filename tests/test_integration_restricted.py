@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 from imapclient import IMAPClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.tokens import tokenId
 from tests.conftest import ISSUED_SECRETS, OAUTH2_DEADLINE, Mailbox, register
@@ -246,6 +247,17 @@ def test_refusal_event_has_no_arguments(proxy, provider, dovecot, pki):
     mine = [e for e in events(proxy, "command-refused") if e["token_id"] == tokenId(mb.token)]
     assert [(e["account"], e["command"]) for e in mine] == [(mb.account, "STORE")]
     assert "SECRET-ARG" not in proxy.full_log()
+    # Counted by name in /metrics (from loopback, no token needed).
+    page = requests.get(proxy.api_url + "/metrics", timeout=20)
+    assert page.status_code == 200, page.text
+    counted = [
+        s.value
+        for family in text_string_to_metric_families(page.text)
+        for s in family.samples
+        if s.name == "imapproxy_commands_refused_total" and s.labels == {"command": "STORE"}
+    ]
+    assert counted and counted[0] >= 1, counted
+    assert "SECRET-ARG" not in page.text
 
 
 def test_api_restricted_token_and_session_listing(proxy, provider, dovecot, pki):
