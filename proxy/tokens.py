@@ -160,6 +160,18 @@ def grantableScopes(minter: Token) -> set[str]:
     return set()
 
 
+def mayRevoke(caller: Token, target: Token) -> bool:
+    """
+    Whether ``caller`` may revoke ``target`` (another token of an account it
+    may act on): only one it could have issued, by scopes and IMAP
+    restrictions, so that a leaked narrow token cannot lock out the wider
+    tokens above it.
+    """
+    return set(target.scopes) <= grantableScopes(caller) and (
+        restrictionRefusal(caller, target) is None
+    )
+
+
 def withinLimits(minter: Token, requested: Token) -> str | None:
     """
     Whether ``minter`` may issue ``requested``: a token mints only tokens

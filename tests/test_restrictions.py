@@ -250,6 +250,17 @@ class APITests(APITestCase):
         self.assertIn("smtp", reply.json["error"])
         self.assertEqual(self.store.snapshot(), before)
 
+    def test_restrictedRevokesOnlyNarrower(self):
+        """A restricted api token revokes tokens as restricted as itself, no wider ones (403)."""
+        caller = self.restrictedCaller(LIMITED)
+        wide = self.issue(tokenBody(account="alice"))  # by root: unrestricted
+        narrow = self.issue(tokenBody(account="alice"), caller)  # inherits LIMITED
+        reply = self.call("DELETE", f"/v1/tokens/{wide.id}", token=caller)
+        self.assertError(reply, 403)
+        self.assertIn(wide.id, self.store.tokens)
+        self.assertOK(self.call("DELETE", f"/v1/tokens/{narrow.id}", token=caller))
+        self.assertNotIn(narrow.id, self.store.tokens)
+
 
 class CLITests(SynchronousTestCase):
     def setUp(self) -> None:
