@@ -211,6 +211,14 @@ def test_mailbox_commands_outside_the_patterns_are_refused():
         assert b"\r\n" + tag + b" " + NOT_THAT_MAILBOX in b"\r\n" + out
 
 
+def test_long_commands_without_mailboxes_are_not_taken_apart():
+    """A FETCH or SEARCH with many arguments passes as it is (only mailbox arguments are read)."""
+    s = Session(readOnly=True, mailboxes=("INBOX",))
+    line = b"a UID SEARCH " + b" ".join(b"OR FROM x%d" % i for i in range(100)) + b" ALL\r\n"
+    s.send(line)
+    assert s.provider.raw == [line]
+
+
 def test_mailbox_name_as_literal_is_read_then_judged():
     """``SELECT {n}``: the proxy asks for the name, judges it, passes it as ``{n+}``."""
     s = Session(readOnly=True, mailboxes=("Bücher",))
@@ -269,3 +277,24 @@ def test_gmail_labels_are_not_for_mailbox_restricted_tokens():
     s.send(b"d SEARCH TEXT {1+}\r\nx X-GM-RAW in:Secrets\r\n")
     assert s.toClient().endswith(b"* BYE This token may not use that command\r\n")
     assert s.provider.names == [b"FETCH"]
+
+
+def test_mailbox_restricted_writes_inside_the_patterns_pass():
+    """A token only restricted to INBOX may APPEND there (literal streamed), not elsewhere."""
+    s = Session(readOnly=False, mailboxes=("INBOX",))
+    s.send(b"a APPEND INBOX (\\Seen) {5}\r\n")
+    assert s.toClient() == b"+ go on\r\n"
+    s.send(b"hello\r\nb APPEND Junk {5}\r\n")
+    assert sorted(s.toClient().splitlines(True)) == [b"a OK done\r\n", b"b " + NOT_THAT_MAILBOX]
+    s.send(b'c APPEND INBOX CATENATE (URL "/Junk;UID=1/;SECTION=1")\r\n')
+    assert s.toClient() == b"c NO [NOPERM] This token may not use that command\r\n"
+    assert s.provider.raw == [b"a APPEND INBOX (\\Seen) {5}\r\nhello\r\n"]
+
+
+def test_utf8_names_once_enabled():
+    """After ENABLE UTF8=ACCEPT names are UTF-8 on the wire, an "&" no longer modified UTF-7."""
+    s = Session(readOnly=True, mailboxes=("Tom & Jerry",))
+    s.send(b"a ENABLE UTF8=ACCEPT\r\n")
+    s.reply(b"* ENABLED UTF8=ACCEPT\r\n")
+    s.send(b'b SELECT "Tom & Jerry"\r\nc SELECT "Tom &- Jerry"\r\n')
+    assert s.provider.names == [b"ENABLE", b"EXAMINE"]

@@ -228,7 +228,9 @@ class CommandFilter:
             args = line
         try:
             commands.checkLine(line)
-            if self.patterns is not None or cmd.name == b"ENABLE":
+            if cmd.name == b"ENABLE" or (
+                self.patterns is not None and cmd.name in readonly.MAILBOX_ARGS
+            ):
                 more, cmd.depth = commands.tokenize(commands.withoutAnnouncement(args), cmd.depth)
                 cmd.tokens.extend(more)
         except CommandSyntaxError as e:
@@ -237,7 +239,7 @@ class CommandFilter:
         cmd.head.append(segment)
         complete = self.scanner.announced is None
         verdict = readonly.judge(cmd.name, cmd.tokens, complete, self.restrictions, self.patterns)
-        if verdict is not None and self._labels(line):
+        if verdict is not None and self._reaches(cmd, line):
             verdict = readonly.Verdict(readonly.NOT_THAT_COMMAND)
         if verdict is None:
             self._readName(cmd)
@@ -268,15 +270,19 @@ class CommandFilter:
         if size == 0:
             self._literal(b"")
 
-    def _labels(self, line: bytes) -> bool:
+    def _reaches(self, cmd: _Command, line: bytes) -> bool:
         """
-        Gmail's labels name other folders (``FETCH X-GM-LABELS``) and reach
-        into them (``SEARCH X-GM-RAW "in:…"``): not for a token restricted
-        to some mailboxes.
+        Whether a line of ``cmd`` reaches other mailboxes by other means than
+        a mailbox argument: Gmail's labels name other folders (``FETCH
+        X-GM-LABELS``) and reach into them (``SEARCH X-GM-RAW "in:…"``);
+        ``APPEND … CATENATE (URL …)`` copies from any mailbox. Not for a
+        token restricted to some mailboxes.
         """
         if self.patterns is None:
             return False
         upper = line.upper()
+        if cmd.name == b"APPEND" and b"CATENATE" in upper:
+            return True
         return b"X-GM-LABELS" in upper or b"X-GM-RAW" in upper
 
     def _literalTaken(self) -> bool:
@@ -311,7 +317,7 @@ class CommandFilter:
         if not self._literalTaken():
             self._die(b"Non-synchronizing literal not supported")
             return
-        if self._labels(commands.body(segment)):
+        if self._reaches(cmd, commands.body(segment)):
             self._die(b"This token may not use that command")
             return
         self._forward(segment)

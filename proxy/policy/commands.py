@@ -153,37 +153,34 @@ def checkLine(piece: bytes) -> None:
     if b"\r" in piece or b"\x00" in piece:
         raise BAD_CHAR
     lit = _ANNOUNCED.search(piece, max(0, len(piece) - 24))
-    end = lit.start() if lit is not None else len(piece)
-    if lit is None and piece.endswith(b"}"):
-        raise BAD_LITERAL
-    i = 0
-    while i < end:
-        c = piece[i]
-        if c == 0x22:  # '"'
-            i = _skipQuoted(piece, i + 1, end)
-        else:
-            i += 1
-    if lit is not None:
-        before = piece[:end]
-        if before.endswith(b"~"):
-            before = before[:-1]
-        if before[-1:] not in (b" ", b"("):
+    if lit is None:
+        if piece.endswith(b"}"):
             raise BAD_LITERAL
+        return
+    end = lit.start()
+    i = piece.find(b'"', 0, end)
+    while i >= 0:
+        i = _skipQuoted(piece, i + 1, end)
+        i = piece.find(b'"', i, end)
+    before = piece[:end]
+    if before.endswith(b"~"):
+        before = before[:-1]
+    if before[-1:] not in (b" ", b"("):
+        raise BAD_LITERAL
 
 
 def _skipQuoted(piece: bytes, i: int, end: int) -> int:
     """The index after the quoted string whose body starts at ``i``."""
-    while i < end:
-        c = piece[i]
-        if c == 0x22:
-            return i + 1
-        if c == 0x5C:
-            if i + 1 >= end or piece[i + 1] not in (0x22, 0x5C):
-                raise BAD_QUOTED
-            i += 2
-            continue
-        i += 1
-    raise UNMATCHED
+    while True:
+        close = piece.find(b'"', i, end)
+        if close < 0:
+            raise UNMATCHED
+        slash = piece.find(b"\\", i, close)
+        if slash < 0:
+            return close + 1
+        if piece[slash + 1] not in (0x22, 0x5C) or slash + 2 > end:
+            raise BAD_QUOTED
+        i = slash + 2
 
 
 def tokenize(piece: bytes, depth: int = 0) -> tuple[list[Token], int]:

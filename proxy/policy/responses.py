@@ -166,19 +166,22 @@ class ResponseFilter:
         whole = b"".join(p for _, p in held)
         first = held[0][1]
         upper = first[:32].upper()
-        if upper.startswith(b"* CAPABILITY") and len(held) == 1:
+        if upper.startswith((b"* CAPABILITY", b"* ENABLED")) or b"[CAPABILITY " in first.upper():
+            if len(held) != 1:
+                return None  # a literal in there: nothing a server sends
+        if upper.startswith(b"* CAPABILITY"):
             body = commands.body(first)
             eol = first[len(body) :]
             caps = filterCapabilities(body[12:].split(), self.restrictions)
             return b"* CAPABILITY " + b" ".join(caps) + eol
-        if upper.startswith(b"* ENABLED") and len(held) == 1:
+        if upper.startswith(b"* ENABLED"):
             if self.patterns is not None and b"UTF8=ACCEPT" in first.upper().split():
                 self.patterns.utf8 = True
             return whole
         if b"[CAPABILITY " in first.upper():
-            if len(held) != 1:
-                return None
             return _CODE.sub(self._codes, first, count=1)
+        if self.patterns is None:
+            return whole
         return whole if self._mailboxAllowed(held) else None
 
     def _codes(self, m: re.Match[bytes]) -> bytes:
