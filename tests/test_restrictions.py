@@ -89,6 +89,14 @@ class ParseTests(SynchronousTestCase):
         for junk in ("", "XFOO", "UID XFOO", "STORE STORE", "a b c", "st\x00ore"):
             self.assertEqual(commandLabel(junk), "other", junk)
 
+    def test_policyNamesLabelled(self):
+        """Every name the policy relay reports keeps its own label (none lumped in other)."""
+        from proxy.policy.commandfilter import KNOWN
+
+        for name in sorted(KNOWN):
+            self.assertEqual(commandLabel(name.decode()), name.decode())
+        self.assertEqual(commandLabel("OTHER"), "other")
+
 
 def minter(r: Restrictions | None) -> Token:
     return Token(id="m", account="alice", scopes=("api",), description="m", restrictions=r)
