@@ -184,6 +184,20 @@ def test_unknown_command_names_are_one_label():
     assert s.refused == ["OTHER", "OTHER", "COPY"]
 
 
+def test_bytes_held_for_the_provider_pause_the_client():
+    """Past the bound of what is held while waiting for "+", the client is paused, then resumed."""
+    s = Session(auto=False)
+    s.send(b"a SEARCH TEXT {5}\r\n")
+    s.send(b"x" * 70000)
+    assert s.client.transport.producerState == "paused"
+    s.client.transport.producerState = "producing"  # as the provider's side may do
+    s.send(b"y" * 100)
+    assert s.client.transport.producerState == "paused"
+    s.reply(b"+ go on\r\n")
+    assert s.client.transport.producerState == "producing"
+    assert s.toProvider() == b"a SEARCH TEXT {5}\r\nxxxxx"
+
+
 def test_many_waiting_refusals_pause_the_client():
     """The proxy's answers waiting for a boundary are bounded: the client is paused a while."""
     s = Session(auto=False)
@@ -264,6 +278,9 @@ def test_list_lsub_status_answers_about_other_mailboxes_are_removed():
 def test_delimiter_is_learned_from_list_answers():
     """``%`` stops at the provider's own delimiter once a LIST answer has told it."""
     s = Session(readOnly=True, mailboxes=("Archive.%",), auto=False)
+    s.send(b'a LIST "" ""\r\n')
+    s.reply(b'* LIST (\\Noselect) "." ""\r\na OK\r\n')
+    assert s.toClient() == b'* LIST (\\Noselect) "." ""\r\na OK\r\n'  # the delimiter query
     s.reply(b'* LIST () "." Archive.a.b\r\n* LIST () "." Archive.a\r\n')
     assert s.toClient() == b'* LIST () "." Archive.a\r\n'
 

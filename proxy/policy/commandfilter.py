@@ -119,7 +119,9 @@ class CommandFilter:
             return
         if self.waiting is not None:
             self._held += data
-            if len(self._held) > MAX_HOLD and not self._paused:
+            if len(self._held) > MAX_HOLD:
+                # Again each time: the provider's side resumes the client
+                # when its own buffer drains.
                 self._paused = True
                 self._pause(True)
             return

@@ -82,7 +82,7 @@ class PolicySplice(Splice):
             self.patterns,
             self.commands.providerContinued,
             self.commands.providerAnswered,
-            lambda: self._pauseClient("pending", False),
+            self._drained,
         )
         return self._guard(self.responses.feed)
 
@@ -115,6 +115,10 @@ class PolicySplice(Splice):
         if self.responses.pending > MAX_PENDING:
             self._pauseClient("pending", True)
 
+    def _drained(self) -> None:
+        if "pending" in self._pausedFor:
+            self._pauseClient("pending", False)
+
     def _refused(self, name: str) -> None:
         try:
             self.onRefused(name)
@@ -127,19 +131,16 @@ class PolicySplice(Splice):
 
     def _pauseClient(self, why: str, on: bool) -> None:
         """Stop reading the client while anything needs it (held bytes, answers waiting)."""
-        was = bool(self._pausedFor)
-        if on:
-            self._pausedFor.add(why)
-        else:
-            self._pausedFor.discard(why)
-        now = bool(self._pausedFor)
-        if was == now:
-            return
         transport = self.client.transport
-        if now:
+        if on:
+            # Every time: the provider's side resumes the client when its
+            # own buffer drains, whatever paused it.
+            self._pausedFor.add(why)
             transport.pauseProducing()
-        else:
-            transport.resumeProducing()
+        elif why in self._pausedFor:
+            self._pausedFor.discard(why)
+            if not self._pausedFor:
+                transport.resumeProducing()
 
     def _fatal(self, text: bytes) -> None:
         """The client broke the protocol where the proxy cannot follow: ``* BYE`` and close."""

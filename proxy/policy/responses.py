@@ -115,14 +115,17 @@ class ResponseFilter:
         self._mode = _PASS
         self._tag = None
         self._continuation = False
-        if head.startswith(b"+"):
+        first = head[:1]
+        if first == b"+":
             self._continuation = True
             return
-        if not head.startswith(b"* "):
+        if first != b"*" or head[1:2] != b" ":
             self._tag = head.split(b" ", 1)[0]
-            if b"[CAPABILITY " in head.upper():
+            if b"[CAPABILITY " in head[:256].upper():
                 self._startHolding()
             return
+        if head[2:3].isdigit():
+            return  # "* 12 FETCH …", "* 3 EXISTS": message data, passed
         word = head[2:].split(b" ", 1)[0].rstrip(b"\r\n").upper()
         if word in (b"CAPABILITY", b"ENABLED") or b"[CAPABILITY " in head[:64].upper():
             self._startHolding()
@@ -214,6 +217,8 @@ class ResponseFilter:
                 if learned != self.patterns.delimiter:
                     self.patterns.delimiter = learned
             nameToken = tokens[close + 2]
+        if kind != b"STATUS" and nameToken.kind == STRING and nameToken.value == b"":
+            return True  # LIST "" "": the delimiter, no mailbox
         try:
             raw = commands.mailboxName(nameToken)
             name = decodeName(raw, self.patterns.utf8)
