@@ -1,15 +1,18 @@
 """
 Memory of a large FETCH through the proxy: the proxy's resident set before,
 during and after relaying one large message to a client that reads slowly
-and to one that reads as fast as it can. Not a pass/fail test: it prints
-figures. Run from the repository root with the test venv:
+and to one that reads as fast as it can, with an unrestricted token (the
+byte splice) and with a restricted one (read-only, INBOX only: the policy
+relay, which must stream the literal, never hold it). Not a pass/fail test:
+it prints figures. Run from the repository root with the test venv:
 
-    .venv/bin/python -m bench.fetch_memory [--size-mb 200]
+    .venv/bin/python -m bench.fetch_memory [--size-mb 200] [--token restricted]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import ssl
@@ -57,9 +60,23 @@ def fetch(port: int, ca: str, account: str, token: str, size: int, chunk_pause: 
     return total
 
 
+def restricted(proxy: ProxyProcess, account: str) -> str:
+    """A read-only, INBOX-only token for ``account``: the policy relay's session."""
+    return proxy.cli(
+        "tokens", "issue", "--account", account, "--scope", "imap-proxy",
+        "--description", "fetch_memory: restricted", "--read-only", "--mailbox", "INBOX",
+    ).stdout.strip()  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument(
+        "--token",
+        choices=("unrestricted", "restricted", "both"),
+        default="both",
+        help="which token's session to measure (restricted: read-only, INBOX only)",
+    )
     args = ap.parse_args()
     size = args.size_mb * 1024 * 1024
     work = tempfile.mkdtemp(prefix="imapproxy-bench-")
@@ -76,14 +93,20 @@ def main() -> None:
         dovecot.seed(mb.email, msg)
         del msg
         port = proxy.ports["ssl"]
-        # One small session first so that the code paths are warm.
-        c = tls(port, pki.ca_cert)
-        c.login(mb.account, mb.token)
-        c.logout()
+        tokens = {"unrestricted": mb.token, "restricted": restricted(proxy, mb.account)}
+        if args.token != "both":
+            tokens = {args.token: tokens[args.token]}
+        # One small session of each first so that the code paths are warm.
+        for token in tokens.values():
+            c = tls(port, pki.ca_cert)
+            c.login(mb.account, token)
+            c.logout()
         pid = proxy.pid()
         base, _ = rss_kib(pid)
         print(f"message: {args.size_mb} MiB; proxy RSS before: {base / 1024:.1f} MiB")
-        for label, pause in (("slow reader (64 KiB / 2 ms)", 0.002), ("fast reader", 0.0)):
+        readers = (("slow reader (64 KiB / 2 ms)", 0.002), ("fast reader", 0.0))
+        for (kind, token), (reader, pause) in itertools.product(tokens.items(), readers):
+            label = f"{kind} token, {reader}"
             peak = [0]
             done = threading.Event()
 
@@ -95,7 +118,7 @@ def main() -> None:
             t = threading.Thread(target=sample)
             t.start()
             started = time.monotonic()
-            got = fetch(port, pki.ca_cert, mb.account, mb.token, size, pause)
+            got = fetch(port, pki.ca_cert, mb.account, token, size, pause)
             elapsed = time.monotonic() - started
             done.set()
             t.join()

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from bench import measure
+from bench import measure, restricted
 from bench.report import write_docs
 from bench.rig import Rig
 from bench.stats import Cell, Table, machine, machine_markdown
@@ -230,6 +230,7 @@ def measure_all(rig: Rig, s: Settings, table: Table, step: Callable[[str], None]
     table.notes.append(f"APPEND used: {', '.join(f'{k}: {v}' for k, v in tp.append_mode.items())}")
     if len(modes) > 1:
         table.notes.append("APPEND literal types differ between targets")
+    restricted.measure(rig, s.runs, s.iterations, table, step)
     step(f"logins/s ({s.clients} clients, {s.seconds:g} s)")
     lps, errors = measure.logins_per_second_runs(targets, s.lps_runs, s.clients, s.seconds)
     _row(table, f"logins/s, {s.clients} concurrent clients", lps)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from . import auditlog
 from .model import Account, OAuth2App, Token, Upstream
 from .presets import APP_PRESETS, PRESETS
+from .restrictions import imapRestrictions, inheritRestrictions, tokenRestrictionsView
 from .store import IStore, StoreError, StoreUnavailable
 from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId, withinLimits
 from .validation import (
@@ -85,7 +86,7 @@ def inheritLimits(record: Token, minter: Token, data: dict[str, Any]) -> Token:
         record = attrs.evolve(record, expires=minter.expires)
     if minter.addresses and not record.addresses:
         record = attrs.evolve(record, addresses=minter.addresses)
-    return record
+    return inheritRestrictions(record, minter, data)
 
 
 def parseExpiry(data: dict[str, Any], now: float) -> float | None:
@@ -130,6 +131,7 @@ def buildToken(data: Any, now: float) -> Token:
         addresses=networks,
         created=now,
         expires=parseExpiry(data, now),
+        restrictions=imapRestrictions(restrictions, data["scopes"]),
     )
 
 
@@ -441,7 +443,7 @@ def tokenView(t: Token) -> dict[str, Any]:
         "account": t.account,
         "description": t.description,
         "scopes": list(t.scopes),
-        "restrictions": {"addresses": list(t.addresses)} if t.addresses else {},
+        "restrictions": tokenRestrictionsView(t),
         "created": _iso(t.created),
         "expires": _iso(t.expires),
         "lastUse": {"time": _iso(t.lastUseTime), "address": t.lastUseAddress}

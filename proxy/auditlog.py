@@ -258,3 +258,23 @@ def webhookDelivery(
         attempts=attempts,
         detail=detail,
     )
+
+
+def commandRefused(info: dict[str, Any], command: str) -> None:
+    """
+    A restricted token's session sent a command the proxy refused (its
+    restrictions forbid it) and the provider never saw.
+
+    :param info: protocol, account, token_id and client of the session.
+    :param command: the command's name (``STORE``, ``UID EXPUNGE``), never
+        its arguments, which may hold mailbox names or message text.
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="command-refused",
+        account=_account(info.get("account")),
+        token_id=info.get("token_id") or "-",
+        client=info.get("client", "-"),
+        command=command,
+    )

@@ -31,6 +31,7 @@ from ._cliactions import (
     smtpArguments,
     updateAccount,
 )
+from ._clitokens import addRestrictionArguments, restrictionsRequest, tokenLine
 from .admin import Admin, AdminError, accountView, appView, tokenView
 from .alerts import commandAdmin, delivered
 from .config import ConfigError, readConfig
@@ -212,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         "--address", action="append", default=[], help="allowed client network, CIDR (repeatable)"
     )
     issue.add_argument("--expires-in", type=int, metavar="SECONDS")
+    addRestrictionArguments(issue)
     lst = tok.add_parser("list", parents=[common], help="list tokens (never their values)")
     lst.add_argument("--account")
     rev = tok.add_parser("revoke", parents=[common], help="revoke a token")
@@ -310,7 +312,7 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
             "account": args.account,
             "scopes": args.scope,
             "description": args.description,
-            "restrictions": {"addresses": args.address},
+            "restrictions": restrictionsRequest(args),
         }
         if args.expires_in is not None:
             request["expiresIn"] = args.expires_in
@@ -323,9 +325,7 @@ async def _run(args: argparse.Namespace, admin: Admin, out: Any) -> None:
             _json({"tokens": [tokenView(t) for t in tokens]}, out)
         else:
             for t in tokens:
-                out.write(
-                    f"{t.id}\t{t.account or '(root)'}\t{','.join(t.scopes)}\t{t.description}\n"
-                )
+                out.write(tokenLine(t))
     elif group == "tokens" and command == "revoke":
         if args.disconnect and admin.bus is None:
             raise AdminError(

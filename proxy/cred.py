@@ -17,7 +17,7 @@ from zope.interface import Attribute, implementer
 
 from . import auditlog
 from .errors import AccessDenied
-from .model import Token, validAccountId
+from .model import Restrictions, Token, validAccountId
 from .penalties import LoginPenalties, PenaltyInForce, PenaltyStatus
 from .realm import (
     ISubmissionSession,
@@ -134,11 +134,12 @@ class TokenChecker:
     def requestAvatarId(self, credentials: TokenCredentials) -> Deferred[Any]:
         return ensureDeferred(self._avatarId(credentials))
 
-    async def _avatarId(self, c: TokenCredentials) -> tuple[str, str]:
+    async def _avatarId(self, c: TokenCredentials) -> tuple[str, str, Restrictions | None]:
         record = await self.check(c)
         # The avatar id carries the token's id too, so a session can be found
-        # (and closed) by the token it was opened with.
-        return (c.account if c.account is not None else "", record.id)
+        # (and closed) by the token it was opened with, and its restrictions,
+        # which decide the relay (``proxy.policy`` when there are any).
+        return (c.account if c.account is not None else "", record.id, record.restrictions)
 
     async def check(self, c: TokenCredentials) -> Token:
         """

@@ -17,6 +17,7 @@ per-account series an operator turns on (``--metrics-per-account``).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from twisted.logger import Logger
 from .model import ACCOUNT_STATES
 from .presets import PROVIDERS
 from .realm import ISubmissionSession
+from .restrictions import commandLabel
 
 log = Logger(namespace="proxy.metrics")
 
@@ -142,6 +144,7 @@ class Metrics:
         self._sessions = sessions
         if sessions is not None:
             sessions.ended = self.sessionEnded
+            sessions.refused = self.commandRefused
         self._spares = spares
         self._penalties = penalties
         self._store = store
@@ -212,6 +215,22 @@ class Metrics:
             registry=r,
         ).set_function(depth)  # fmt: skip
         return counters
+
+    # -- restricted tokens: commands the policy relay refused ---------------
+
+    @functools.cached_property
+    def commandsRefused(self) -> Counter:
+        """Made at the first refusal: most proxies never refuse one."""
+        return Counter(
+            f"{PREFIX}_commands_refused",
+            "Commands of restricted tokens' sessions the proxy refused, by command name",
+            ["command"],
+            registry=self.registry,
+        )
+
+    def commandRefused(self, command: str) -> None:
+        """:param command: the command's name only (never its arguments)."""
+        self.commandsRefused.labels(commandLabel(command)).inc()
 
     # -- scrape ----------------------------------------------------------
 

@@ -29,7 +29,7 @@ from .errors import (
     SMTPAuthDisabled,
     UpstreamRejectedToken,
 )
-from .model import Account
+from .model import Account, Restrictions
 from .oauth import AccessTokens
 from .store import IAccountStore
 from .upstream import SMTPUpstreamProtocol, UpstreamConnector, UpstreamProtocol, ehloName
@@ -74,6 +74,8 @@ class UpstreamSession:
     protocol: UpstreamProtocol
     account: str
     tokenId: str
+    # The token's IMAP restrictions; None: unrestricted (the byte splice).
+    restrictions: Restrictions | None = None
 
     @property
     def capabilities(self) -> list[bytes]:
@@ -152,10 +154,10 @@ class UpstreamRealm:
         self._clock = clock
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
-        account, tid = avatarId
+        account, tid, *more = avatarId  # (account, token id[, restrictions])
         for iface in interfaces:
             if iface is IUpstreamSession:
-                imap = ensureDeferred(self._login(account, tid))
+                imap = ensureDeferred(self._login(account, tid, more[0] if more else None))
                 return imap.addCallback(lambda s: (IUpstreamSession, s, s.logout))
             if iface is ISubmissionSession and self._connectSMTP is not None:
                 smtp = ensureDeferred(self._loginSMTP(account, tid, ehloName(mind)))
@@ -185,7 +187,9 @@ class UpstreamRealm:
             raise GrantInvalid()
         return account
 
-    async def _login(self, accountId: str, tid: str) -> UpstreamSession:
+    async def _login(
+        self, accountId: str, tid: str, restrictions: Restrictions | None = None
+    ) -> UpstreamSession:
         account = await self._account(accountId)
         proto = self.warm.take(account) if self.warm is not None else None
         if proto is None:
@@ -199,7 +203,7 @@ class UpstreamRealm:
         await self._clearReason(account, isCertificateReason)
         if self.warm is not None:
             self.warm.loggedIn(account)
-        return UpstreamSession(proto, accountId, tid)
+        return UpstreamSession(proto, accountId, tid, restrictions)
 
     async def _loginSMTP(self, accountId: str, tid: str, ehlo: str) -> SubmissionSession:
         account = await self._account(accountId, smtp=True)

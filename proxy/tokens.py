@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from .errors import AccessDenied
 from .model import SCOPES, Token
+from .restrictions import readOnly, restrictionRefusal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -135,7 +136,8 @@ def checkToken(
         raise AccessDenied("unknown-token")
     if token.expires is not None and now >= token.expires:
         raise AccessDenied("expired")
-    if not hasScope(token, scope):
+    if not hasScope(token, scope) or (scope == "smtp" and readOnly(token)):
+        # A read-only token sends no mail, even with scope *.
         raise AccessDenied("scope")
     if account is not None and token.account != account:
         raise AccessDenied("username")
@@ -158,6 +160,18 @@ def grantableScopes(minter: Token) -> set[str]:
     return set()
 
 
+def mayRevoke(caller: Token, target: Token) -> bool:
+    """
+    Whether ``caller`` may revoke ``target`` (another token of an account it
+    may act on): only one it could have issued, by scopes and IMAP
+    restrictions, so that a leaked narrow token cannot lock out the wider
+    tokens above it.
+    """
+    return set(target.scopes) <= grantableScopes(caller) and (
+        restrictionRefusal(caller, target) is None
+    )
+
+
 def withinLimits(minter: Token, requested: Token) -> str | None:
     """
     Whether ``minter`` may issue ``requested``: a token mints only tokens
@@ -166,7 +180,8 @@ def withinLimits(minter: Token, requested: Token) -> str | None:
     account: the minter's own when it has one; expiry: no later than the
     minter's (an expiring token cannot mint one that never expires);
     addresses: every requested network inside one of the minter's (a
-    restricted token cannot mint an unrestricted one).
+    restricted token cannot mint an unrestricted one); IMAP restrictions:
+    at least the minter's (``proxy.restrictions.restrictionRefusal``).
 
     :return: None when it may, else why not (safe to show).
     """
@@ -194,4 +209,4 @@ def withinLimits(minter: Token, requested: Token) -> str | None:
                 for o in outer
             ):
                 return f"this token cannot issue a token usable from {n}"
-    return None
+    return restrictionRefusal(minter, requested)

@@ -44,22 +44,23 @@ class InvalidInput(AdminError):
     status = 400
 
 
-def _openapi30(node: Any) -> Any:
+def _openapi30(node: Any, names: bool = False) -> Any:
     """
     An OpenAPI 3.0 schema as JSON Schema: ``nullable`` becomes a ``null``
     type (and a None in an ``enum``); annotations JSON Schema does not know
-    are dropped.
+    are dropped, but never a property of that name (``names``: ``node`` is
+    a ``properties`` object, its keys are field names such as ``readOnly``).
     """
     if isinstance(node, list):
         return [_openapi30(n) for n in node]
     if not isinstance(node, dict):
         return node
     out = {
-        k: _openapi30(v)
+        k: _openapi30(v, k == "properties" and not names)
         for k, v in node.items()
-        if k not in ("nullable", "writeOnly", "readOnly", "example", "format")
+        if names or k not in ("nullable", "writeOnly", "readOnly", "example", "format")
     }
-    if node.get("nullable"):
+    if node.get("nullable") and not names:
         if "type" in out:
             out["type"] = [out["type"], "null"]
         if "enum" in out:

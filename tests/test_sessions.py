@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxy.admin import Admin
 from proxy.imap import SessionRegistry
 from proxy.metrics import Metrics
+from proxy.model import Restrictions
 from proxy.realm import SubmissionSession, UpstreamSession
 from proxy.relay import Splice
 from proxy.tokens import newToken, tokenId
@@ -81,11 +82,22 @@ class RegistryTests(SynchronousTestCase):
                 "bytesToProvider": 0,
                 "bytesToClient": 0,
                 "lastActivity": "2025-06-15T15:06:40Z",
+                "restrictions": None,
             },
         )
         smtpView = self.registry.add(smtp(), splice(self.clock)).view()
         self.assertEqual(smtpView["protocol"], "smtp")
         self.assertEqual(smtpView["upstream"], "smtp.provider.example:587")
+
+    def test_restrictionsShown(self):
+        """A restricted token's session shows its restrictions as the token view does."""
+        session = attrs.evolve(
+            imap(), restrictions=Restrictions(readOnly=True, mailboxes=("INBOX", "Archive/*"))
+        )
+        view = self.registry.add(session, splice(self.clock)).view()
+        self.assertEqual(
+            view["restrictions"], {"readOnly": True, "mailboxes": ["INBOX", "Archive/*"]}
+        )
 
     def test_idsRandom(self):
         """Two sessions of one token get different ids, neither taken from the token."""

@@ -26,7 +26,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from proxy.encryption import SecretKeyError, Secrets, loadSecrets, writeKeyFile
-from proxy.model import Account, OAuth2App, OAuth2Grant, PendingAuthorization, Token, Upstream
+from proxy.model import (
+    Account,
+    OAuth2App,
+    OAuth2Grant,
+    PendingAuthorization,
+    Restrictions,
+    Token,
+    Upstream,
+)
 from proxy.store import (
     IAccessTokenStore,
     IAccountStore,
@@ -388,6 +396,24 @@ class StoreContractMixin:
         )
         yield store.addToken(t)
         self.assertEqual((yield store.getToken("t1")), t)
+
+    @inlineCallbacks
+    def test_tokenRestrictions(self):
+        """A token's IMAP restrictions come back as added; an unrestricted token's are None."""
+        store = yield self.openStore()
+        limited = token(
+            "t1", restrictions=Restrictions(readOnly=True, mailboxes=("INBOX", "Archiv/&AOQ-*"))
+        )
+        yield store.addToken(limited)
+        yield store.addToken(token("t2", restrictions=Restrictions(mailboxes=("Work/%",))))
+        yield store.addToken(token("t3"))
+        self.assertEqual((yield store.getToken("t1")), limited)
+        self.assertEqual(
+            (yield store.getToken("t2")).restrictions, Restrictions(mailboxes=("Work/%",))
+        )
+        self.assertIsNone((yield store.getToken("t3")).restrictions)
+        listed = {t.id: t.restrictions for t in (yield store.listTokens("alice"))}
+        self.assertEqual(listed["t1"], limited.restrictions)
 
     @inlineCallbacks
     def test_rootToken(self):
@@ -909,6 +935,26 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         self.assertEqual((yield again.getAccount("alice")).upstream, capped)
 
     @inlineCallbacks
+    def test_storeFromBeforeRestrictionsOpens(self):
+        """
+        A store file written before tokens had IMAP restrictions (no
+        restrictions column) opens: its tokens are unrestricted, and new
+        tokens keep theirs.
+        """
+        store = yield self.openStore()
+        yield store.addToken(token("t1"))
+        yield store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("ALTER TABLE tokens DROP COLUMN restrictions")
+        db.close()
+        again = self.newStore()
+        yield again.open()
+        self.assertEqual((yield again.getToken("t1")), token("t1"))
+        limited = token("t2", restrictions=Restrictions(readOnly=True))
+        yield again.addToken(limited)
+        self.assertEqual((yield again.getToken("t2")), limited)
+
+    @inlineCallbacks
     def test_rotatedKeys(self):
         """A store reopened with keys [new, old] opens and reads old secrets."""
         store = yield self.openStore()
@@ -985,6 +1031,28 @@ class StoreCopyTests(TestCase):
         self.assertEqual(report.accounts, 2)
         self.assertEqual((yield target.getAccount("alice")).smtp, smtp)
         self.assertIsNone((yield target.getAccount("bob")).smtp)
+
+    @inlineCallbacks
+    def test_copiesTokenRestrictions(self):
+        """Tokens arrive with their IMAP restrictions, unrestricted ones without."""
+        from twisted.internet.defer import Deferred
+
+        from proxy.store.copy import copyStore
+
+        directory = tempfile.mkdtemp(prefix="imapproxy-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        source = SQLiteStore(os.path.join(directory, "s.sqlite3"), Secrets([Fernet.generate_key()]))
+        yield source.open()
+        self.addCleanup(source.close)
+        target = MemoryStore()
+        target.openBlocking()
+        yield source.putAccount(account("alice"))
+        limited = Restrictions(readOnly=True, mailboxes=("INBOX", "Archive/*"))
+        yield source.addToken(token("t1", restrictions=limited))
+        yield source.addToken(token("t2"))
+        yield Deferred.fromCoroutine(copyStore(source, target))
+        self.assertEqual((yield target.getToken("t1")).restrictions, limited)
+        self.assertIsNone((yield target.getToken("t2")).restrictions)
 
 
 # --- Regression tests (each docstring says what was wrong; every test

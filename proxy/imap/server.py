@@ -27,6 +27,7 @@ from ..errors import AccessDenied
 from ..loginresult import auditLogin, logBug, outcome, refusal, seconds
 from ..relay import Splice, tuneSocket
 from .reader import CommandReader
+from .restricted import loginCapabilities, relayFor
 from .sasl import SASLError, parsePlain
 from .secure import SecureMixin
 from .sessions import SessionRegistry
@@ -345,7 +346,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         self.setTimeout(None)
         # No longer a pre-auth connection for the connection limits.
         limits.loggedIn(self.transport)
-        caps = b" ".join(session.capabilities)
+        caps = b" ".join(loginCapabilities(session))
         self.sendLine(
             tag
             + b" OK [CAPABILITY "
@@ -361,9 +362,10 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             "token_id": session.tokenId,
             "client": self.address,
         }
-        splice = Splice(
+        splice = relayFor(
+            session,
+            self._sessions,
             self,
-            session.protocol,
             label,
             self._spliceEnded,
             self.callLater,

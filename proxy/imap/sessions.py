@@ -15,6 +15,7 @@ import attrs
 
 from ..realm import ISubmissionSession
 from ..relay import Splice
+from ..restrictions import restrictionsView
 
 BYE = b"* BYE Session ended by the operator"
 # Seconds between looks at the byte counters: ``lastActivity``'s precision.
@@ -40,6 +41,8 @@ class LiveSession:
     splice: Splice
     lastActivity: float
     seen: int = 0
+    # The token's IMAP restrictions as the API shows them; None: unrestricted.
+    restrictions: dict[str, Any] | None = None
 
     @property
     def toProvider(self) -> int:
@@ -62,6 +65,7 @@ class LiveSession:
             "bytesToProvider": self.toProvider,
             "bytesToClient": self.toClient,
             "lastActivity": _iso(self.lastActivity),
+            "restrictions": self.restrictions,
         }
 
     def lastLine(self) -> bytes:
@@ -99,6 +103,8 @@ class SessionRegistry:
         self._pending: Counter[int] = Counter()
         # Called with (session, splice) when a session ends (metrics).
         self.ended: Any = None
+        # Called with a command's name when a restricted session refuses one (metrics).
+        self.refused: Any = None
 
     def add(self, session: Any, splice: Splice) -> LiveSession:
         """
@@ -117,6 +123,7 @@ class SessionRegistry:
             started=now,
             splice=splice,
             lastActivity=now,
+            restrictions=restrictionsView(getattr(session, "restrictions", None)),
         )
         self._live[live.id] = live
         self._ids[splice] = live.id

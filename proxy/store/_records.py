@@ -19,6 +19,7 @@ from typing import Any
 
 from ..encryption import Secrets
 from ..model import Account, OAuth2App, OAuth2Grant, PendingAuthorization, Token, Upstream
+from ..restrictions import decodeRestrictions, encodeRestrictions
 from ._errors import StoreError
 
 Record = dict[str, Any]
@@ -73,6 +74,7 @@ TOKEN_COLUMNS = (
     "expires",
     "last_use_time",
     "last_use_address",
+    "restrictions",
 )
 PENDING_COLUMNS = ("state", "account", "app", "verifier_enc", "email", "expires", "imap", "smtp")
 
@@ -289,6 +291,7 @@ def tokenRecord(token: Token) -> Record:
         "expires": token.expires,
         "last_use_time": None,
         "last_use_address": None,
+        "restrictions": encodeRestrictions(token.restrictions),
     }
 
 
@@ -303,6 +306,7 @@ def tokenFrom(record: Mapping[str, Any]) -> Token:
         expires=_float(record.get("expires")),
         lastUseTime=_float(record.get("last_use_time")),
         lastUseAddress=record.get("last_use_address"),
+        restrictions=decodeRestrictions(record.get("restrictions")),
     )
 
 

@@ -90,6 +90,8 @@ MIGRATIONS = [
     # Per-account connection caps (NULL: the preset's or the global default).
     ("accounts", "imap_max_connections", "INTEGER"),
     ("accounts", "smtp_max_connections", "INTEGER"),
+    # A token's IMAP restrictions (JSON); NULL: unrestricted.
+    ("tokens", "restrictions", "TEXT"),
 ]
 
 # Every encrypted column: (table, key column, encrypted column).

@@ -24,7 +24,7 @@ from ..model import Token
 from ..oauth.onboarding import Onboarding
 from ..penalties import PenaltyInForce
 from ..store import StoreDataLost, StoreUnavailable
-from ..tokens import grantableScopes
+from ..tokens import mayRevoke
 from ._http import (
     MAX_BODY,
     REQUEST_DEADLINE,
@@ -257,7 +257,7 @@ class TokenAPI:
         record = await self.admin.findToken(token)
         if caller.account is not None and record.account != caller.account:
             raise NotFound("no such token")
-        if record.id != caller.id and not set(record.scopes) <= grantableScopes(caller):
+        if record.id != caller.id and not mayRevoke(caller, record):
             # Least privilege: a leaked narrow token must not lock out the
             # operator by revoking the wider tokens above it.
             raise ApiError(403, "this token cannot revoke a token with more power than its own")
