@@ -16,9 +16,9 @@ import attrs
 from twisted.logger import Logger
 
 from . import auditlog
-from .model import Account, OAuth2App, Token, Upstream
+from .model import Account, OAuth2App, Token
 from .presets import APP_PRESETS, PRESETS
-from .restrictions import imapRestrictions, inheritRestrictions, tokenRestrictionsView
+from .restrictions import imapRestrictions, inheritRestrictions
 from .store import IStore, StoreError, StoreUnavailable
 from .tokens import looksLikeToken, newToken, parseNetworks, parseScopes, tokenId, withinLimits
 from .validation import (
@@ -30,6 +30,7 @@ from .validation import (
     requireObject,
     validate,
 )
+from .views import accountView, appView, tokenView
 
 __all__ = [
     "APP_PRESETS",
@@ -383,70 +384,3 @@ class Admin:
             raise NotFound(f"no account {accountId}")
         auditlog.change("account.delete", accountId, actor)
         return await self._close(account=accountId)
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _serverView(u: Upstream) -> dict[str, Any]:
-    view = {"host": u.host, "port": u.port, "tls": u.tls, "caFile": u.caFile}
-    return {**view, "maxConnections": u.maxConnections}
-
-
-def accountView(a: Account) -> dict[str, Any]:
-    """An account as shown to operators and API clients: secrets only as set/unset."""
-    return {
-        "account": a.id,
-        "email": a.email,
-        "imap": _serverView(a.upstream),
-        "smtp": None if a.smtp is None else _serverView(a.smtp),
-        "oauth2": {
-            "app": a.oauth2.app,
-            "tokenUrl": a.oauth2.tokenURL,
-            "clientId": a.oauth2.clientId,
-            "clientSecretSet": bool(a.oauth2.clientSecret),
-            "refreshTokenSet": bool(a.oauth2.refreshToken),
-            "scopes": list(a.oauth2.scopes),
-        },
-        "state": a.state,
-        "stateReason": a.stateReason,
-        "created": _iso(a.created),
-        "updated": _iso(a.updated),
-    }
-
-
-def appView(a: OAuth2App) -> dict[str, Any]:
-    """An OAuth2 app as shown: the client secret only as set/unset."""
-    return {
-        "app": a.id,
-        "provider": a.provider,
-        "tenant": a.tenant,
-        "clientId": a.clientId,
-        "clientSecretSet": bool(a.clientSecret),
-        "redirectUrl": a.redirectURL,
-        "authorizationUrl": a.authorizationURL,
-        "tokenUrl": a.tokenURL,
-        "deviceAuthorizationUrl": a.deviceURL,
-        "scopes": list(a.scopes),
-        "created": _iso(a.created),
-        "updated": _iso(a.updated),
-    }
-
-
-def tokenView(t: Token) -> dict[str, Any]:
-    """A token's record (never the token)."""
-    return {
-        "id": t.id,
-        "account": t.account,
-        "description": t.description,
-        "scopes": list(t.scopes),
-        "restrictions": tokenRestrictionsView(t),
-        "created": _iso(t.created),
-        "expires": _iso(t.expires),
-        "lastUse": {"time": _iso(t.lastUseTime), "address": t.lastUseAddress}
-        if t.lastUseTime
-        else None,
-    }

@@ -29,12 +29,12 @@ from ..admin import (
     Admin,
     AdminError,
     InvalidInput,
-    _iso,
     _object,
     buildAccount,
 )
 from ..alerts import stateChanged
 from ..model import Account, OAuth2App, PendingAuthorization, validAccountId
+from ..views import _iso
 from ._onboardhttp import (
     DevicePending,
     DeviceSlowDown,
