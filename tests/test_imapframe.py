@@ -5,11 +5,13 @@ or cut anywhere, by ``feed`` and by ``skim`` alike.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.relay.imapframe import LINE, LITERAL, MAX_LINE, LineTooLong, Scanner
+from proxy.relay.imapframe import HEAD, LINE, LITERAL, MAX_LINE, LineTooLong, Scanner
 
 FETCH = (
     b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\n* BYE)\r\n"
@@ -113,3 +115,35 @@ def test_cut_anywhere(case):
         skimmed.skim(chunk)
     for s in (cut, skimmed):
         assert (s.atBoundary, s.literal) == (whole.atBoundary, whole.literal)
+
+
+def test_heads():
+    """onStart gets the first bytes of each response, never a continuation segment."""
+    heads: list[bytes] = []
+    s = Scanner(onStart=heads.append)
+    s.skim(FETCH)
+    assert heads == [
+        b"* 1 FETCH (UID 7 BODY[] {11}\r\n",
+        b"* 2 FETCH (BODY[] ~{3}\r\n",
+        b"a1 OK FETCH completed\r\n",
+    ]
+
+
+@given(streams())
+def test_heads_cut_anywhere(case):
+    """Cut anywhere, skim hands out the heads one read gives, as feed frames them."""
+    stream, cuts = case
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole: list[bytes] = []
+    cut: list[bytes] = []
+    Scanner(onStart=whole.append).skim(stream)
+    scanner = Scanner(onStart=cut.append)
+    for chunk in chunks:
+        scanner.skim(chunk)
+    framed, opening = [], True
+    for kind, data in Scanner().feed(stream):
+        if kind == LINE:
+            if opening:
+                framed.append(data[:HEAD])
+            opening = not re.search(rb"\{[0-9]+\+?\}\r\n\Z", data)
+    assert cut == whole == framed

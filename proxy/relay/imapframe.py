@@ -12,13 +12,15 @@ without corrupting it, and where a command is known to be complete.
 
 ``Scanner.skim`` keeps only the state (cheap enough for the byte relay: a
 ``find`` a line and nothing a literal byte); ``Scanner.feed`` also hands out
-the pieces, for code that reads commands or responses.
+the pieces, for code that reads commands or responses. ``skim`` can also
+hand out the first bytes of each command or response (``onStart``): enough
+to tell a tagged response from an untagged one, or an ``IDLE`` command.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: A line segment, CRLF included.
 LINE = 0
@@ -31,6 +33,8 @@ MAX_LINE = 64 * 1024
 
 # "{" 20 digits "+}" CR LF: the longest announcement, and what skim keeps.
 _TAIL = 26
+#: How many of the first bytes of a command or response ``onStart`` gets.
+HEAD = 32
 _ANNOUNCED = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
 
 
@@ -49,10 +53,15 @@ class Scanner:
         out or skimmed, None when it announced none.
     :ivar nonSynchronizing: that announcement was ``{n+}`` (a client need
         not wait for a continuation request).
+    :param onStart: called by ``skim`` with the first ``HEAD`` bytes (fewer
+        when the line is shorter; CRLF included then) of the first line
+        segment of each command or response, once that segment has ended.
     """
 
-    def __init__(self, maxLine: int = MAX_LINE) -> None:
+    def __init__(self, maxLine: int = MAX_LINE, onStart: Callable[[bytes], None] | None = None):
         self.maxLine = maxLine
+        self.onStart = onStart
+        self._head: bytes | None = None
         self.atBoundary = True
         self.literal = 0
         self.announced: int | None = None
@@ -81,6 +90,8 @@ class Scanner:
                 pos += taken
                 continue
             newline = data.find(b"\n", pos)
+            if self.onStart is not None:
+                self._keepHead(data, pos, end if newline < 0 else newline + 1)
             if newline < 0:
                 self._partial += data[max(pos, end - _TAIL) : end]
                 del self._partial[:-_TAIL]
@@ -93,6 +104,19 @@ class Scanner:
             else:
                 self._ended(data[max(pos, newline + 1 - _TAIL) : newline + 1])
             pos = newline + 1
+            head, self._head = self._head, None
+            if head is not None and self.onStart is not None:
+                self.onStart(head)
+
+    def _keepHead(self, data: bytes, pos: int, stop: int) -> None:
+        """Keep the first bytes of a segment that begins a command or response."""
+        if not self._partial:
+            # A segment begins here: it begins a command or response when
+            # the stream was at a boundary before it.
+            if self.atBoundary:
+                self._head = data[pos : min(stop, pos + HEAD)]
+        elif self._head is not None and len(self._head) < HEAD:
+            self._head += data[pos : min(stop, pos + HEAD - len(self._head))]
 
     def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
         """
