@@ -166,3 +166,20 @@ def accountState(account: str, old: str | None, new: str, reason: str) -> None:
         new_state=new,
         reason=reason,
     )
+
+
+def drain(phase: str, sessions: int, cut: int, duration: float) -> None:
+    """
+    The proxy stopping: ``phase`` ``start`` (``sessions`` to end) or ``end``
+    (``sessions`` that ended at a clean point, ``cut`` those cut when the
+    drain timeout came; ``duration`` in seconds).
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="drain",
+        phase=phase,
+        sessions=sessions,
+        cut=cut,
+        duration=round(duration, 6),
+    )
