@@ -27,7 +27,7 @@ from proxy.startup import ProxyService
 BYE = SHUTDOWN_BYE + b"\r\n"
 SMTP_BYE = b"421 4.3.2 mx.example Service shutting down\r\n"
 LOST_IMAP = b"* BYE [UNAVAILABLE] Connection to the provider lost\r\n"
-LOST_SMTP = b"421 4.4.2 Connection to the provider lost\r\n"
+LOST_SMTP = b"421 4.4.2 mx.example Connection to the provider lost\r\n"
 
 
 class Side(Protocol):
@@ -232,6 +232,32 @@ def test_trackingSeesWhatTheClientGets():
     assert p.clientRead() == b"a1 OK"  # the rest is still in the subclass's hands
     p.fromProvider(b"* 1 EXISTS\r\n")
     assert p.clientRead() == b"a1 OK done\r\n" + BYE
+
+
+def test_commandsCountedAsTheClientSendsThem():
+    """A command a subclass answers itself (a refusal) counts, and so does its answer."""
+
+    class Refusing(Splice):
+        def toClientSink(self, write: Any) -> Any:
+            self.toClientWriter = write
+            return write
+
+        def toUpstreamSink(self, write: Any) -> Any:
+            def refuse(data: bytes) -> None:
+                if data.startswith(b"x "):
+                    self.toClientWriter(b"x NO refused\r\n")
+                else:
+                    write(data)
+
+            return refuse
+
+    p = Pair(cls=Refusing)
+    p.fromClient(FETCH)
+    p.fromClient(b"x DELETE Trash\r\n")
+    p.splice.closeWhenIdle(SHUTDOWN_BYE)
+    assert p.clientRead() == b"x NO refused\r\n"  # the FETCH is still in flight
+    p.fromProvider(RESPONSE + b"a2 OK done\r\n")
+    assert p.clientRead() == b"x NO refused\r\n" + RESPONSE + b"a2 OK done\r\n" + BYE
 
 
 def test_askedBeforeTheSpliceStarts():

@@ -58,7 +58,7 @@ class Splice:
     #: completed, and the client's connection is closed without a word.
     PROVIDER_LOST = {
         "imap": b"* BYE [UNAVAILABLE] Connection to the provider lost",
-        "smtp": b"421 4.4.2 Connection to the provider lost",
+        "smtp": b"421 4.4.2 %s Connection to the provider lost",
     }
 
     # A side being closed gets this long to take its last bytes (a BYE, the
@@ -124,14 +124,16 @@ class Splice:
         ut = self.upstream.transport
         # The fast paths fall back to Twisted's public path rather than
         # raise: the client has been told OK already.
-        # The boundary tracking wraps the final writers (what each side
-        # really gets); a subclass's sinks wrap those.
+        # The boundary tracking follows the client's view of both streams:
+        # what it gets (inside a subclass's sink, which may hold back or
+        # answer for the provider) and what it sends (outside that sink,
+        # which may answer a command itself through the client's writer).
         b = self.boundaries
         toClient = _fast.batchReads(
             ut, self.toClientSink(self._watched(b.toClient(_fast.directWriter(ct))))
         )
         toUpstream = _fast.batchReads(
-            ct, self.toUpstreamSink(self._watched(b.toUpstream(_fast.directWriter(ut))))
+            ct, self._watched(b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut))))
         )
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
@@ -256,7 +258,9 @@ class Splice:
         """
         End the session from outside with a last line to the client (an
         operator's ``* BYE`` or ``421``): the provider's side is cut first,
-        so nothing it sends lands after that line.
+        so nothing it sends lands after that line. At a shutdown the client
+        may still be reading a large response: it gets ``CLOSE_GRACE`` (the
+        drain's own timeout bounds the stop), not 5 seconds.
         """
         self.closedBy = self.closedBy or by
         self._release()
@@ -264,7 +268,7 @@ class Splice:
             self.upstream.transport.abortConnection()
         if "client" not in self._lost:
             self.client.transport.write(line + b"\r\n")
-        self._closeSoon("client", 5.0)
+        self._closeSoon("client", self.CLOSE_GRACE if by == "shutdown" else 5.0)
 
     def clientLost(self) -> None:
         self.closedBy = self.closedBy or "client"
@@ -280,7 +284,10 @@ class Splice:
         b = self.boundaries
         if self.closedBy == "provider" and b.betweenResponses and not b.farewell:
             if "client" not in self._lost and "client" not in self._cuts:
-                self.client.transport.write(self.PROVIDER_LOST[self.protocol] + b"\r\n")
+                line = self.PROVIDER_LOST[self.protocol]
+                if self.protocol == "smtp":  # the front door's name, as in its other 421s
+                    line %= (getattr(self.client, "hostname", None) or b"imapproxy",)
+                self.client.transport.write(line + b"\r\n")
         self._closeSoon("client", self.CLOSE_GRACE)
         self._end()
 
