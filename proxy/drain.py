@@ -15,13 +15,15 @@ waits for the Deferred it returns. ``ProxyService.stopService`` hands that to
    as soon as what is in flight has been relayed. Logins that complete now
    are ended the same way right after their OK.
 3. After ``--drain-timeout`` seconds the sessions still open are cut (no
-   line: it would land inside a response).
+   line: it would land inside a response); a second SIGTERM or SIGINT
+   (Ctrl-C twice) cuts them at once.
 4. The other services stop (API listeners, store, timers, thread pools) as
    before, and the process exits with status 0.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import Service
@@ -40,13 +42,21 @@ class Drain:
     """
     :param sessions: the ``SessionRegistry`` of live sessions.
     :param timeout: seconds given to sessions in the middle of a transfer.
-    :param clock: ``IReactorTime``.
+    :param clock: ``IReactorTime``; with ``signals``, the reactor
+        (``callFromThread``).
+    :param signals: while draining, a second SIGTERM or SIGINT cuts what is
+        left at once (the real twistd; twistd's own handlers would only try
+        to stop the stopping reactor again).
     """
 
-    def __init__(self, sessions: Any, timeout: float, clock: Any) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, sessions: Any, timeout: float, clock: Any, signals: bool = False) -> None:
         self.sessions = sessions
         self.timeout = timeout
         self.clock = clock
+        self.signals = signals
+        self._previous: dict[int, Any] = {}
         self.draining = False
         self._open: set[Any] = set()
         self._clean = 0
@@ -66,6 +76,8 @@ class Drain:
         self.draining = True
         closing = DeferredList([maybeDeferred(s.stopService) for s in doors])
         closing.addCallback(lambda _: self.run())
+        # Whatever happened, the rest must stop: the process has to end.
+        closing.addErrback(lambda f: log.failure("the drain failed", f))
 
         def others(_: Any) -> Deferred[Any]:
             rest = [s for s in reversed(list(top)) if s not in doors]
@@ -81,6 +93,9 @@ class Drain:
         self.draining = True
         self._done = Deferred()
         self._began = self.clock.seconds()
+        if self.signals:
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._again)
         self._asking = True
         try:
             n = self.sessions.drain(self._asked)
@@ -110,7 +125,19 @@ class Drain:
             if not self._open and self._done is not None and not self._asking:
                 self._finish()
 
+    def _again(self, number: int, frame: Any) -> None:
+        """A second SIGTERM or SIGINT while draining (a signal handler)."""
+        self.clock.callFromThread(self._cutNow)
+
+    def _cutNow(self) -> None:
+        if self._done is not None:
+            log.info("stopping: a second signal, {n} sessions cut now", n=len(self._open))
+            self._finish()
+
     def _finish(self) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None

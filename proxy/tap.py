@@ -188,7 +188,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     Closing(shutdown).setServiceParent(top)
     # SIGTERM: front doors closed, sessions ended at clean points, then the rest.
-    top.drain = Drain(sessions, options["drain-timeout"], reactor)
+    top.drain = Drain(sessions, options["drain-timeout"], reactor, signals)
     # Keys added with 'imapproxy secrets add-key' are picked up while running.
     keys = KeyWatch(store, reactor)
     keys.service(KEY_RELOAD_INTERVAL).setServiceParent(top)

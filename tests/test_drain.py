@@ -9,6 +9,8 @@ the registry's drain and the stop sequence (``proxy.drain``), over
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -470,6 +472,29 @@ def test_drainTimeoutCutsWhatRemains(events):
     (end,) = [e for e in events if e.get("event") == "drain" and e["phase"] == "end"]
     assert (end["sessions"], end["cut"]) == (0, 1)
     assert not [c for c in clock.getDelayedCalls() if c.active()][1:]  # only the 5s client cut
+
+
+class ThreadedClock(task.Clock):
+    """A clock that also runs what a signal handler hands the reactor."""
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+def test_secondSignalCutsAtOnce():
+    """While draining, a second SIGTERM cuts what is left at once; the handlers come back."""
+    clock = ThreadedClock()
+    reg = SessionRegistry(clock=clock)
+    busy = registered(reg, Pair())
+    busy.fromClient(FETCH)
+    before = signal.getsignal(signal.SIGTERM)
+    done = Drain(reg, 30.0, clock, signals=True).run()
+    assert signal.getsignal(signal.SIGTERM) != before
+    assert not done.called
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert done.called and busy.providerCut
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.getsignal(signal.SIGINT) is not None
 
 
 def test_drainWithNothingToDo():
