@@ -147,3 +147,29 @@ def test_heads_cut_anywhere(case):
                 framed.append(data[:HEAD])
             opening = not re.search(rb"\{[0-9]+\+?\}\r\n\Z", data)
     assert cut == whole == framed
+
+
+@given(streams())
+def test_tagged_cut_anywhere(case):
+    """Without onStart, skim counts the units begun with a tag, as feed frames them."""
+    stream, cuts = case
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    scanner = Scanner()
+    for chunk in chunks:
+        scanner.skim(chunk)
+    framed, opening = 0, True
+    for kind, data in Scanner().feed(stream):
+        if kind == LINE:
+            if opening and data[:1] not in (b"*", b"+", b"\r", b"\n"):
+                framed += 1
+            opening = not re.search(rb"\{[0-9]+\+?\}\r\n\Z", data)
+    assert scanner.tagged == framed
+
+
+def test_tagged_fetch():
+    """A FETCH with literals and a tagged OK: one tagged response, however cut."""
+    for cut in range(len(FETCH) + 1):
+        s = Scanner()
+        s.skim(FETCH[:cut])
+        s.skim(FETCH[cut:])
+        assert s.tagged == 1 and s.atBoundary

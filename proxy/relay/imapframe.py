@@ -33,9 +33,27 @@ MAX_LINE = 64 * 1024
 
 # "{" 20 digits "+}" CR LF: the longest announcement, and what skim keeps.
 _TAIL = 26
+# An announcement anywhere (it ends its line), and a line that begins a
+# tagged command or response (after a line that announced nothing).
+_ANNOUNCEMENT = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n")
+_TAGGED_START = re.compile(rb"\n[^*+\r\n]")
+_UNTAGGED = b"*+\r\n"
 #: How many of the first bytes of a command or response ``onStart`` gets.
 HEAD = 32
 _ANNOUNCED = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
+
+
+def _announcement(data: bytes, pos: int) -> re.Match[bytes] | None:
+    """The first literal announcement in ``data`` from ``pos`` (a ``find`` a ``}``)."""
+    close = data.find(b"}", pos)
+    while close >= 0:
+        opening = data.rfind(b"{", max(pos, close - 21), close)
+        if opening >= 0:
+            m = _ANNOUNCEMENT.match(data, opening)
+            if m is not None:
+                return m
+        close = data.find(b"}", close + 1)
+    return None
 
 
 class LineTooLong(Exception):
@@ -53,15 +71,22 @@ class Scanner:
         out or skimmed, None when it announced none.
     :ivar nonSynchronizing: that announcement was ``{n+}`` (a client need
         not wait for a continuation request).
+    :ivar tagged: without ``onStart``, how many commands or responses
+        ``skim`` saw begin with a byte other than ``*``, ``+``, CR or LF (a
+        server's tagged responses; counted as their first byte comes).
     :param onStart: called by ``skim`` with the first ``HEAD`` bytes (fewer
         when the line is shorter; CRLF included then) of the first line
         segment of each command or response, once that segment has ended.
+        It costs a Python call a line; without it ``skim`` reads runs of
+        whole lines at C speed (many small responses: FETCH FLAGS of a
+        large mailbox).
     """
 
     def __init__(self, maxLine: int = MAX_LINE, onStart: Callable[[bytes], None] | None = None):
         self.maxLine = maxLine
         self.onStart = onStart
         self._head: bytes | None = None
+        self.tagged = 0
         self.atBoundary = True
         self.literal = 0
         self.announced: int | None = None
@@ -89,6 +114,17 @@ class Scanner:
                 self.literal -= taken
                 pos += taken
                 continue
+            if self.onStart is None and not self._partial:
+                # Whole lines up to the next announcement, at C speed.
+                m = _announcement(data, pos)
+                stop = m.end() if m is not None else data.rfind(b"\n", pos) + 1
+                if self.atBoundary and data[pos : pos + 1] not in _UNTAGGED:
+                    self.tagged += 1
+                if stop > pos:
+                    self.tagged += len(_TAGGED_START.findall(data, pos, stop))
+                    self._ended(data[max(pos, stop - _TAIL) : stop])
+                    pos = stop
+                    continue
             newline = data.find(b"\n", pos)
             if self.onStart is not None:
                 self._keepHead(data, pos, end if newline < 0 else newline + 1)
