@@ -303,12 +303,22 @@ def test_providerLostMidLiteral():
 
 
 def test_providerLostAfterItsOwnBye():
-    """A provider that said BYE itself (a LOGOUT) gets no second BYE after it."""
+    """After a LOGOUT, the provider's close is its goodbye: no BYE of the proxy's after it."""
     p = Pair()
     p.fromClient(b"a9 LOGOUT\r\n")
     p.fromProvider(b"* BYE Logging out\r\na9 OK Logout completed.\r\n")
     p.upstream.connectionLost(None)
     assert p.clientRead() == b"* BYE Logging out\r\na9 OK Logout completed.\r\n"
+
+
+def test_providerLostAfterItsOwnByeCutAcrossReads():
+    """The provider's last response a BYE (in two reads): no BYE of the proxy's after it."""
+    p = Pair()
+    p.fromClient(b"a1 NOOP\r\n")
+    p.fromProvider(b"a1 OK done\r\n* BY")
+    p.fromProvider(b"E Server shutting down.\r\n")
+    p.upstream.connectionLost(None)
+    assert p.clientRead() == b"a1 OK done\r\n* BYE Server shutting down.\r\n"
 
 
 def test_smtpProviderLost():

@@ -10,8 +10,9 @@ a line (literal and message bytes are skipped, not read):
   stream is *between responses* when its last response is whole (no partial
   line, no literal still to come): only there may a ``* BYE`` go in. The
   client's commands are counted as they start (every command is tagged;
-  ``DONE``, which ends an ``IDLE``, is no command) and the provider's tagged
-  responses as they start; the difference is the commands in flight. An
+  ``DONE``, which ends an ``IDLE``, is no command), and the provider's
+  tagged responses as their first byte comes (the scanner counts them at C
+  speed, no Python a line); the difference is the commands in flight. An
   ``IDLE`` in progress is quiet: a server may send ``* BYE`` during an IDLE
   at any time (RFC 2177), and clients expect it. Quiet: both streams between
   commands/responses and no command in flight but an ``IDLE``.
@@ -38,19 +39,26 @@ Write = Callable[[bytes], Any]
 
 #: How much of an SMTP line is kept to read its verb or reply code.
 _SMTP_HEAD = 32
+#: How much of what the IMAP client got last is kept, to see a BYE.
+_TAIL_KEPT = 128
 
 
 class ImapBoundaries:
     """The framing state of both directions of one spliced IMAP session."""
 
     def __init__(self) -> None:
-        self.down = Scanner(onStart=self._response)
+        # The provider's side: no Python a line (its tagged responses are
+        # counted by the scanner); the client's: a look at each command.
+        self.down = Scanner()
         self.up = Scanner(onStart=self._command)
         self.sent = 0
         self.answered = 0
+        self._tagged = 0
         self.idling = False
-        # The provider said goodbye itself (its own ``* BYE``).
-        self.farewell = False
+        # The client said LOGOUT: the provider's close is its goodbye.
+        self.loggedOut = False
+        # The last bytes the client got (for ``farewell``).
+        self._tail = b""
 
     def _command(self, head: bytes) -> None:
         words = head.split(None, 2)
@@ -60,22 +68,35 @@ class ImapBoundaries:
             self.idling = False
             return
         self.sent += 1
-        if len(words) >= 2 and words[1].upper() == b"IDLE":
-            self.idling = True
+        if len(words) >= 2:
+            verb = words[1].upper()
+            if verb == b"IDLE":
+                self.idling = True
+            elif verb == b"LOGOUT":
+                self.loggedOut = True
 
-    def _response(self, head: bytes) -> None:
-        if head[:1] == b"*":
-            if head[1:].split(None, 1)[:1] == [b"BYE"]:
-                self.farewell = True
-        elif head[:1] != b"+" and self.answered < self.sent:
-            self.answered += 1
-            if self.answered == self.sent:
-                self.idling = False
+    def _responses(self) -> None:
+        """Tagged responses begun since the last look answer the oldest commands."""
+        new, self._tagged = self.down.tagged - self._tagged, self.down.tagged
+        self.answered = min(self.sent, self.answered + new)
+        if self.answered == self.sent:
+            self.idling = False
 
     @property
     def betweenResponses(self) -> bool:
         """A line of the proxy's own may go to the client now."""
         return self.down.atBoundary
+
+    @property
+    def farewell(self) -> bool:
+        """The client has had a goodbye: it logged out, or the last response was a BYE."""
+        if self.loggedOut:
+            return True
+        tail = self._tail
+        start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+        if start == 0 and len(tail) == _TAIL_KEPT:
+            return False  # a last line longer than what is kept
+        return tail[start : start + 5].upper() == b"* BYE"
 
     @property
     def quiet(self) -> bool:
@@ -87,10 +108,17 @@ class ImapBoundaries:
         )
 
     def toClient(self, write: Write) -> Write:
-        skim = self.down.skim
+        down = self.down
 
         def relay(data: bytes) -> Any:
-            skim(data)
+            tagged = down.tagged
+            down.skim(data)
+            if down.tagged != tagged:
+                self._responses()
+            if len(data) >= _TAIL_KEPT:
+                self._tail = data[-_TAIL_KEPT:]
+            else:
+                self._tail = (self._tail + data)[-_TAIL_KEPT:]
             return write(data)
 
         return relay
