@@ -67,7 +67,7 @@ class Drain:
 
     def stop(self, top: Any) -> Deferred[Any]:
         """
-        Stop ``top`` (the ``MultiService`` with ``listeners``): front doors,
+        Stop ``top`` (the ``ProxyService``, with ``listenerServices``): front doors,
         drain, then every other service in reverse order, as
         ``MultiService.stopService`` would.
         """
