@@ -278,3 +278,20 @@ def commandRefused(info: dict[str, Any], command: str) -> None:
         client=info.get("client", "-"),
         command=command,
     )
+
+
+def drain(phase: str, sessions: int, cut: int, duration: float) -> None:
+    """
+    The proxy stopping: ``phase`` ``start`` (``sessions`` to end) or ``end``
+    (``sessions`` that ended at a clean point, ``cut`` those cut when the
+    drain timeout came; ``duration`` in seconds).
+    """
+    log.emit(
+        LogLevel.info,
+        "",
+        event="drain",
+        phase=phase,
+        sessions=sessions,
+        cut=cut,
+        duration=round(duration, 6),
+    )

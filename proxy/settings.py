@@ -180,11 +180,19 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "File holding the key (16 bytes or more) that signs each webhook request "
         "(HMAC-SHA256); required with --webhook",
     ),
+    # Graceful stop (docs/operations.md, "Stopping and draining").
+    "drain-timeout": (
+        30.0,
+        float,
+        "Seconds a stop (SIGTERM) gives sessions in the middle of a transfer to "
+        "reach a clean point for their * BYE / 421 before they are cut; "
+        "0: cut them at once [default: 30]",
+    ),
 }
 
 
 # Numeric settings for which 0 means "none".
-ZERO_ALLOWED = {"warm-upstream", "login-penalty", "max-account-connections"}
+ZERO_ALLOWED = {"warm-upstream", "login-penalty", "max-account-connections", "drain-timeout"}
 
 # Settings that may be given several times (one a line in the config file),
 # with their defaults; "none" turns the API and SMTP listeners off.

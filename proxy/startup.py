@@ -121,6 +121,10 @@ class ProxyService(MultiService):
     def __init__(self) -> None:
         super().__init__()
         self.listeners: list[ListeningEndpoint] = []
+        # (what, service) of each listener, for the stop sequence.
+        self.listenerServices: list[tuple[str, Any]] = []
+        # ``drain.Drain``: the stop sequence (front doors, drain, the rest).
+        self.drain: Any = None
         # --log-format json: the observer twistd starts logging to.
         self.logObserver: Any = None
 
@@ -134,7 +138,14 @@ class ProxyService(MultiService):
 
     def addListener(self, endpoint: ListeningEndpoint, factory: Any) -> None:
         self.listeners.append(endpoint)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(self)
+        service = StreamServerEndpointService(endpoint, factory)
+        service.setServiceParent(self)
+        self.listenerServices.append((endpoint.what, service))
+
+    def stopService(self) -> Any:
+        if self.drain is None:
+            return super().stopService()
+        return self.drain.stop(self)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

@@ -23,6 +23,7 @@ from .certs import (
     certificateWatch,
 )
 from .cred import API_SCOPE, TokenChecker, UpstreamRealm, upstreamConnector
+from .drain import Drain
 from .encryption import ENV_VAR
 from .imap import ProxyFactory, ServerPolicy, SessionRegistry
 from .imap.sessions import SAMPLE_INTERVAL, liveRound
@@ -212,6 +213,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         apiLimiter.stop()
 
     Closing(shutdown).setServiceParent(top)
+    # SIGTERM: front doors closed, sessions ended at clean points, then the rest.
+    top.drain = Drain(sessions, options["drain-timeout"], reactor, signals)
     # Keys added with 'imapproxy secrets add-key' are picked up while running.
     keys = KeyWatch(store, reactor)
     keys.service(KEY_RELOAD_INTERVAL).setServiceParent(top)

@@ -5,11 +5,13 @@ or cut anywhere, by ``feed`` and by ``skim`` alike.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.relay.imapframe import LINE, LITERAL, MAX_LINE, PART, LineTooLong, Scanner
+from proxy.relay.imapframe import HEAD, LINE, LITERAL, MAX_LINE, PART, LineTooLong, Scanner
 
 FETCH = (
     b"* 1 FETCH (UID 7 BODY[] {11}\r\nhello\r\n* BYE)\r\n"
@@ -133,3 +135,61 @@ def test_stream_hands_out_long_lines(step, extra):
     assert scanner.atBoundary
     # The two short lines after the literal come whole.
     assert [d for k, d in out if k == LINE][-2:] == [b")\r\n", b"a OK\r\n"]
+
+
+def test_heads():
+    """onStart gets the first bytes of each response, never a continuation segment."""
+    heads: list[bytes] = []
+    s = Scanner(onStart=heads.append)
+    s.skim(FETCH)
+    assert heads == [
+        b"* 1 FETCH (UID 7 BODY[] {11}\r\n",
+        b"* 2 FETCH (BODY[] ~{3}\r\n",
+        b"a1 OK FETCH completed\r\n",
+    ]
+
+
+@given(streams())
+def test_heads_cut_anywhere(case):
+    """Cut anywhere, skim hands out the heads one read gives, as feed frames them."""
+    stream, cuts = case
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole: list[bytes] = []
+    cut: list[bytes] = []
+    Scanner(onStart=whole.append).skim(stream)
+    scanner = Scanner(onStart=cut.append)
+    for chunk in chunks:
+        scanner.skim(chunk)
+    framed, opening = [], True
+    for kind, data in Scanner().feed(stream):
+        if kind == LINE:
+            if opening:
+                framed.append(data[:HEAD])
+            opening = not re.search(rb"\{[0-9]+\+?\}\r\n\Z", data)
+    assert cut == whole == framed
+
+
+@given(streams())
+def test_tagged_cut_anywhere(case):
+    """Without onStart, skim counts the units begun with a tag, as feed frames them."""
+    stream, cuts = case
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    scanner = Scanner()
+    for chunk in chunks:
+        scanner.skim(chunk)
+    framed, opening = 0, True
+    for kind, data in Scanner().feed(stream):
+        if kind == LINE:
+            if opening and data[:1] not in (b"*", b"+", b"\r", b"\n"):
+                framed += 1
+            opening = not re.search(rb"\{[0-9]+\+?\}\r\n\Z", data)
+    assert scanner.tagged == framed
+
+
+def test_tagged_fetch():
+    """A FETCH with literals and a tagged OK: one tagged response, however cut."""
+    for cut in range(len(FETCH) + 1):
+        s = Scanner()
+        s.skim(FETCH[:cut])
+        s.skim(FETCH[cut:])
+        assert s.tagged == 1 and s.atBoundary

@@ -18,6 +18,7 @@ from ..relay import Splice
 from ..restrictions import restrictionsView
 
 BYE = b"* BYE Session ended by the operator"
+SHUTDOWN_BYE = b"* BYE imapproxy is shutting down"
 # Seconds between looks at the byte counters: ``lastActivity``'s precision.
 SAMPLE_INTERVAL = 5.0
 
@@ -75,6 +76,13 @@ class LiveSession:
             return b"421 4.7.0 " + host + b" Session ended by the operator"
         return BYE
 
+    def shutdownLine(self) -> bytes:
+        """What the client reads when the proxy stops (at a clean point)."""
+        if self.protocol == "smtp":
+            host = getattr(self.splice.client, "hostname", b"imapproxy")
+            return b"421 4.3.2 " + host + b" Service shutting down"
+        return SHUTDOWN_BYE
+
 
 class SessionRegistry:
     """
@@ -105,6 +113,8 @@ class SessionRegistry:
         self.ended: Any = None
         # Called with a command's name when a restricted session refuses one (metrics).
         self.refused: Any = None
+        # While the proxy stops: called with each splice asked to end (drain).
+        self.draining: Any = None
 
     def add(self, session: Any, splice: Splice) -> LiveSession:
         """
@@ -127,7 +137,27 @@ class SessionRegistry:
         )
         self._live[live.id] = live
         self._ids[splice] = live.id
+        if self.draining is not None:
+            # A login that completed during a stop: it ends at once after its OK.
+            self._drainOne(live)
         return live
+
+    def drain(self, asked: Any) -> int:
+        """
+        Ask every session to end at its next clean point, with ``* BYE`` or
+        ``421`` (``Splice.closeWhenIdle``), and every session spliced from
+        now on as it starts. :param asked: called with each splice asked.
+        :return: how many sessions there were.
+        """
+        self.draining = asked
+        live = list(self._live.values())
+        for one in live:
+            self._drainOne(one)
+        return len(live)
+
+    def _drainOne(self, live: LiveSession) -> None:
+        self.draining(live.splice)
+        live.splice.closeWhenIdle(live.shutdownLine())
 
     def discard(self, session: Any, splice: Splice) -> None:
         self._live.pop(self._ids.pop(splice, ""), None)

@@ -12,13 +12,15 @@ without corrupting it, and where a command is known to be complete.
 
 ``Scanner.skim`` keeps only the state (cheap enough for the byte relay: a
 ``find`` a line and nothing a literal byte); ``Scanner.feed`` also hands out
-the pieces, for code that reads commands or responses.
+the pieces, for code that reads commands or responses. ``skim`` can also
+hand out the first bytes of each command or response (``onStart``): enough
+to tell a tagged response from an untagged one, or an ``IDLE`` command.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: A line segment, CRLF included.
 LINE = 0
@@ -34,7 +36,27 @@ MAX_LINE = 64 * 1024
 
 # "{" 20 digits "+}" CR LF: the longest announcement, and what skim keeps.
 _TAIL = 26
+# An announcement anywhere (it ends its line), and a line that begins a
+# tagged command or response (after a line that announced nothing).
+_ANNOUNCEMENT = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n")
+_TAGGED_START = re.compile(rb"\n[^*+\r\n]")
+_UNTAGGED = b"*+\r\n"
+#: How many of the first bytes of a command or response ``onStart`` gets.
+HEAD = 32
 _ANNOUNCED = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
+
+
+def _announcement(data: bytes, pos: int) -> re.Match[bytes] | None:
+    """The first literal announcement in ``data`` from ``pos`` (a ``find`` a ``}``)."""
+    close = data.find(b"}", pos)
+    while close >= 0:
+        opening = data.rfind(b"{", max(pos, close - 21), close)
+        if opening >= 0:
+            m = _ANNOUNCEMENT.match(data, opening)
+            if m is not None:
+                return m
+        close = data.find(b"}", close + 1)
+    return None
 
 
 class LineTooLong(Exception):
@@ -52,10 +74,22 @@ class Scanner:
         out or skimmed, None when it announced none.
     :ivar nonSynchronizing: that announcement was ``{n+}`` (a client need
         not wait for a continuation request).
+    :ivar tagged: without ``onStart``, how many commands or responses
+        ``skim`` saw begin with a byte other than ``*``, ``+``, CR or LF (a
+        server's tagged responses; counted as their first byte comes).
+    :param onStart: called by ``skim`` with the first ``HEAD`` bytes (fewer
+        when the line is shorter; CRLF included then) of the first line
+        segment of each command or response, once that segment has ended.
+        It costs a Python call a line; without it ``skim`` reads runs of
+        whole lines at C speed (many small responses: FETCH FLAGS of a
+        large mailbox).
     """
 
-    def __init__(self, maxLine: int = MAX_LINE) -> None:
+    def __init__(self, maxLine: int = MAX_LINE, onStart: Callable[[bytes], None] | None = None):
         self.maxLine = maxLine
+        self.onStart = onStart
+        self._head: bytes | None = None
+        self.tagged = 0
         self.atBoundary = True
         self.literal = 0
         self.announced: int | None = None
@@ -85,7 +119,20 @@ class Scanner:
                 self.literal -= taken
                 pos += taken
                 continue
+            if self.onStart is None and not self._partial:
+                # Whole lines up to the next announcement, at C speed.
+                m = _announcement(data, pos)
+                stop = m.end() if m is not None else data.rfind(b"\n", pos) + 1
+                if self.atBoundary and data[pos : pos + 1] not in _UNTAGGED:
+                    self.tagged += 1
+                if stop > pos:
+                    self.tagged += len(_TAGGED_START.findall(data, pos, stop))
+                    self._ended(data[max(pos, stop - _TAIL) : stop])
+                    pos = stop
+                    continue
             newline = data.find(b"\n", pos)
+            if self.onStart is not None:
+                self._keepHead(data, pos, end if newline < 0 else newline + 1)
             if newline < 0:
                 self._partial += data[max(pos, end - _TAIL) : end]
                 del self._partial[:-_TAIL]
@@ -98,6 +145,19 @@ class Scanner:
             else:
                 self._ended(data[max(pos, newline + 1 - _TAIL) : newline + 1])
             pos = newline + 1
+            head, self._head = self._head, None
+            if head is not None and self.onStart is not None:
+                self.onStart(head)
+
+    def _keepHead(self, data: bytes, pos: int, stop: int) -> None:
+        """Keep the first bytes of a segment that begins a command or response."""
+        if not self._partial:
+            # A segment begins here: it begins a command or response when
+            # the stream was at a boundary before it.
+            if self.atBoundary:
+                self._head = data[pos : min(stop, pos + HEAD)]
+        elif self._head is not None and len(self._head) < HEAD:
+            self._head += data[pos : min(stop, pos + HEAD - len(self._head))]
 
     def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
         """

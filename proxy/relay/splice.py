@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .. import auditlog
 from . import _fast, ending
+from .boundary import ImapBoundaries, SmtpBoundaries
 
 log = Logger(namespace="proxy.relay")
 
@@ -47,7 +49,17 @@ class Splice:
     :param audit: protocol, account, token_id and client, for the
         ``session-end`` audit event; None: no event.
     :param seconds: ``IReactorTime.seconds``, for the session's duration.
+    :param protocol: ``imap`` or ``smtp``: how the streams are framed
+        (``boundary``), to know where a last line of the proxy's own fits.
     """
+
+    #: What the client reads when the provider's side is lost between
+    #: responses; when lost within one, a partial literal or reply cannot be
+    #: completed, and the client's connection is closed without a word.
+    PROVIDER_LOST = {
+        "imap": b"* BYE [UNAVAILABLE] Connection to the provider lost",
+        "smtp": b"421 4.4.2 %s Connection to the provider lost",
+    }
 
     # A side being closed gets this long to take its last bytes (a BYE, the
     # end of a FETCH) before the connection is cut.
@@ -62,8 +74,16 @@ class Splice:
         callLater: Any = None,
         audit: dict[str, Any] | None = None,
         seconds: Any = None,
+        *,
+        protocol: str = "imap",
     ):
         self.client = client
+        self.protocol = protocol
+        self.boundaries = SmtpBoundaries() if protocol == "smtp" else ImapBoundaries()
+        # closeWhenIdle's line, until it is sent; whenClosed's Deferreds.
+        self._lastLine: bytes | None = None
+        self._spliced = False
+        self._closedWaiters: list[Deferred[None]] = []
         self.upstream = upstream
         self.label = label
         self._onEnd = onEnd
@@ -106,10 +126,19 @@ class Splice:
         ut = self.upstream.transport
         # The fast paths fall back to Twisted's public path rather than
         # raise: the client has been told OK already.
-        toClient = _fast.batchReads(ut, self.toClientSink(_fast.directWriter(ct)))
+        # The boundary tracking follows the client's view of both streams:
+        # what it gets (inside a subclass's sink, which may hold back or
+        # answer for the provider) and what it sends (outside that sink,
+        # which may answer a command itself through the client's writer).
+        b = self.boundaries
+        toClient = _fast.batchReads(
+            ut, self.toClientSink(self._watched(b.toClient(_fast.directWriter(ct))))
+        )
+        toUpstream = _fast.batchReads(
+            ct, self._watched(b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut))))
+        )
         if self._audit is not None:
             toClient = ending.keepTail(toClient, self._keepTail)
-        toUpstream = _fast.batchReads(ct, self.toUpstreamSink(_fast.directWriter(ut)))
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
         ct.registerProducer(ut, True)
@@ -123,6 +152,47 @@ class Splice:
         self.client.paused = False
         ct.resumeProducing()
         ut.resumeProducing()
+        self._spliced = True
+        self._lastLineIfQuiet()
+
+    def _watched(self, write: Any) -> Any:
+        """``write``, then the last line of ``closeWhenIdle`` once the session is quiet."""
+
+        def relay(data: bytes) -> Any:
+            result = write(data)
+            if self._lastLine is not None:
+                self._lastLineIfQuiet()
+            return result
+
+        return relay
+
+    def closeWhenIdle(self, line: bytes) -> None:
+        """
+        End the session with ``line`` (a ``* BYE``, a ``421``) as soon as it
+        is quiet (``boundary``): at once when it is, else once what is in
+        flight has been relayed. A session that never gets quiet is for the
+        caller to ``close`` after its deadline.
+        """
+        if self._ended:
+            return
+        self._lastLine = line
+        if self._spliced:
+            self._lastLineIfQuiet()
+
+    def _lastLineIfQuiet(self) -> None:
+        line = self._lastLine
+        if line is not None and self.boundaries.quiet and not self._ended:
+            self._lastLine = None
+            self.closeWith(line, "shutdown")
+
+    def whenClosed(self) -> Deferred[None]:
+        """:return: a Deferred fired once both connections are closed."""
+        d: Deferred[None] = Deferred()
+        if {"client", "upstream"} <= self._lost:
+            d.callback(None)
+        else:
+            self._closedWaiters.append(d)
+        return d
 
     def toClientSink(self, write: Any) -> Any:
         """
@@ -170,6 +240,10 @@ class Splice:
         cut = self._cuts.pop(side, None)
         if cut is not None and cut.active():
             cut.cancel()
+        if {"client", "upstream"} <= self._lost:
+            waiters, self._closedWaiters = self._closedWaiters, []
+            for d in waiters:
+                d.callback(None)
 
     def close(self, by: str = "operator") -> None:
         """
@@ -184,19 +258,21 @@ class Splice:
             self.upstream.transport.abortConnection()
         self._closeSoon("client", 5.0)
 
-    def closeWith(self, line: bytes) -> None:
+    def closeWith(self, line: bytes, by: str = "operator") -> None:
         """
         End the session from outside with a last line to the client (an
         operator's ``* BYE`` or ``421``): the provider's side is cut first,
-        so nothing it sends lands after that line.
+        so nothing it sends lands after that line. At a shutdown the client
+        may still be reading a large response: it gets ``CLOSE_GRACE`` (the
+        drain's own timeout bounds the stop), not 5 seconds.
         """
-        self.closedBy = self.closedBy or "operator"
+        self.closedBy = self.closedBy or by
         self._release()
         if "upstream" not in self._lost:
             self.upstream.transport.abortConnection()
         if "client" not in self._lost:
             self.client.transport.write(line + b"\r\n")
-        self._closeSoon("client", 5.0)
+        self._closeSoon("client", self.CLOSE_GRACE if by == "shutdown" else 5.0)
 
     def clientLost(self) -> None:
         self.closedBy = self.closedBy or "client"
@@ -213,6 +289,13 @@ class Splice:
         self.closedBy = self.closedBy or ending.endedBy(protocol, self._tail)
         self._sideLost("upstream")
         self._release()
+        b = self.boundaries
+        if self.closedBy == "provider" and b.betweenResponses and not b.farewell:
+            if "client" not in self._lost and "client" not in self._cuts:
+                line = self.PROVIDER_LOST[self.protocol]
+                if self.protocol == "smtp":  # the front door's name, as in its other 421s
+                    line %= (getattr(self.client, "hostname", None) or b"imapproxy",)
+                self.client.transport.write(line + b"\r\n")
         self._closeSoon("client", self.CLOSE_GRACE)
         self._end()
 

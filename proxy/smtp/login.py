@@ -222,6 +222,7 @@ class LoginMixin:
             self.callLater,
             audit,
             partial(seconds, self),
+            protocol="smtp",
         )
         self._sessions.add(session, splice)
         self._session = session

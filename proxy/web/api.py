@@ -434,6 +434,8 @@ class TokenAPI:
         empty is reported (with the reason; the store logs it once), not
         taken for a healthy store that refuses every login.
         """
+        if getattr(self.admin.sessions, "draining", None) is not None:  # stopping: drain.py
+            return _send(request, 503, {"status": "draining", "statusCode": 503})
         try:
             await self.store.getToken("0" * 64)
         except StoreDataLost as e:

@@ -198,6 +198,23 @@ class ProxyProcess:
         if proc.stdout:
             proc.stdout.close()
 
+    def wait(self, timeout: float) -> int | None:
+        """
+        Until the server exits by itself (after a signal sent to ``pid()``);
+        killed after ``timeout``. :return: its exit status, None when killed.
+        """
+        proc, self._proc = self._proc, None
+        assert proc is not None
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
+
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
