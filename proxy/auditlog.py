@@ -166,3 +166,17 @@ def accountState(account: str, old: str | None, new: str, reason: str) -> None:
         new_state=new,
         reason=reason,
     )
+
+
+def throttled(account: str, protocol: str, reason: str, at: float, until: float) -> None:
+    """A provider throttled an account's login; its logins back off until ``until``."""
+    log.emit(
+        LogLevel.info,
+        "",
+        event="throttled",
+        account=_account(account),
+        protocol=protocol,
+        reason=reason,
+        at=round(at, 3),
+        until=round(until, 3),
+    )

@@ -26,6 +26,7 @@ from .errors import (
     CertificateRejected,
     GrantInvalid,
     NoSMTPServer,
+    ProviderThrottled,
     SMTPAuthDisabled,
     UpstreamRejectedToken,
 )
@@ -33,6 +34,7 @@ from .model import Account
 from .oauth import AccessTokens
 from .store import IAccountStore
 from .upstream import SMTPUpstreamProtocol, UpstreamConnector, UpstreamProtocol, ehloName
+from .upstream.spares import stampToken
 
 # The same namespace as before the realm left cred.py: operators match it.
 log = Logger(namespace="proxy.cred")
@@ -129,6 +131,8 @@ class UpstreamRealm:
     """
 
     warm: Any = None
+    #: ``proxy.throttle.Throttles`` or None: the back-off of throttled accounts.
+    throttles: Any = None
 
     def __init__(
         self,
@@ -179,6 +183,8 @@ class UpstreamRealm:
         if account.state == "reauth-required":
             # Fail fast: the grant is known dead; asking the provider again
             # would only add load and latency until someone re-authorizes.
+            if self.warm is not None and not smtp:
+                self.warm.discard(accountId)
             raise GrantInvalid()
         return account
 
@@ -208,7 +214,7 @@ class UpstreamRealm:
             return connectSMTP(smtp, account.email, accessToken, ehlo)  # type: ignore[no-any-return]
 
         try:
-            proto = await self._withAccessToken(account, connect)
+            proto = await self._withAccessToken(account, connect, "smtp")
         except CertificateRejected as e:
             await self._certificateRefused(account, e)
             raise
@@ -291,8 +297,19 @@ class UpstreamRealm:
         return await self._withAccessToken(account, connect)
 
     async def _withAccessToken(
-        self, account: Account, connect: Callable[[str], Awaitable[Any]]
+        self, account: Account, connect: Callable[[str], Awaitable[Any]], protocol: str = "imap"
     ) -> Any:
+        """``_tokenLogin``, or the back-off's answer while the provider throttles the account."""
+        if self.throttles is None:
+            return await self._tokenLogin(account, connect)
+        await self.throttles.check(account.id, protocol)
+        try:
+            return await self._tokenLogin(account, connect)
+        except ProviderThrottled as e:
+            await self.throttles.record(account.id, protocol, e)
+            raise
+
+    async def _tokenLogin(self, account: Account, connect: Callable[[str], Awaitable[Any]]) -> Any:
         """
         ``connect`` with the account's access token; when the provider
         refuses a cached one, once more with a fresh one.
@@ -302,7 +319,7 @@ class UpstreamRealm:
         accountId = account.id
         token = await self._access.get(account)
         try:
-            return await connect(token.value)
+            return stampToken(await connect(token.value), token.expires)
         except UpstreamRejectedToken:
             if token.fresh:
                 log.warn("provider refused a fresh access token for {account}", account=accountId)
@@ -313,7 +330,7 @@ class UpstreamRealm:
             )
             token = await self._access.get(account, stale=token.value)
             try:
-                return await connect(token.value)
+                return stampToken(await connect(token.value), token.expires)
             except UpstreamRejectedToken:
                 log.warn("provider refused a fresh access token for {account}", account=accountId)
                 raise AuthenticationFailed() from None

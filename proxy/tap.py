@@ -65,6 +65,7 @@ from .store import (
     SessionBoard,
     SessionBus,
 )
+from .throttle import Throttles, throttlePolicy
 from .upstream import WarmUpstreams, probeSMTP
 from .web import METRICS_SCOPE, MetricsPage, MetricsSite, TokenAPI
 
@@ -111,7 +112,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         store.setRefreshToken,
         reactor,
         cache=TokenCache(reactor, load=store.getAccessToken, persist=store.saveAccessToken),
-        policy=RetryPolicy(deadline=options["oauth2-deadline"]),
+        policy=RetryPolicy(
+            deadline=options["oauth2-deadline"], earlyWait=options["oauth2-early-wait"]
+        ),
         markReauth=lambda account, reason: store.setAccountState(
             account, "reauth-required", f"{reason} ({_now()})"
         ),
@@ -126,6 +129,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         realm.connectFor, reactor, keep=options["warm-upstream"], maxSpares=options["max-warm"]
     )
     realm.warm = warm
+    realm.throttles = Throttles(store, reactor, throttlePolicy(options), metrics)
     penaltyBackend = RedisPenalties(store) if shared else MemoryPenalties(reactor)
     penalties = LoginPenalties(
         penaltyBackend,

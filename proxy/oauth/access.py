@@ -13,8 +13,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from ..errors import GrantInvalid, ProxyError
+from ..errors import CertificateRejected, GrantInvalid, ProxyError, Unavailable
 from ..model import Account
 from .cache import AccessToken, TokenCache
 from .refresher import Grant
@@ -62,9 +63,12 @@ class AccessTokens:
         self._flight = flight if flight is not None else SingleFlight()
         self._markReauth = markReauth
         self._retry = RetryingRefresh(refresh, clock, self, self._flight.keep, policy)
+        # Accounts whose last refresh failed for want of the token endpoint.
+        self._troubled: set[str] = set()
 
     def forget(self, accountId: str) -> None:
         self._cache.forget(accountId)
+        self._troubled.discard(accountId)
 
     def get(
         self, account: Account, force: bool = False, stale: str | None = None
@@ -85,11 +89,19 @@ class AccessTokens:
             return succeed(cached)
         key = flightKey(account)
         joined = self._flight.busy(key)
+        if joined:
+            self._retry.nudge(account.id)
         d = self._flight.run(key, lambda: self._fetch(account, force, stale))
         if joined and stale is not None:
             # The fetch under way may only be re-reading the saved token
             # that was just refused: then refresh after it.
             return ensureDeferred(self._afterFlight(d, account, stale))
+        valid = None if force else self._cache.valid(account.id)
+        if valid is not None:
+            # An early refresh: the token in hand still works, so a token
+            # endpoint in trouble must not fail this login.
+            troubled = joined or account.id in self._troubled
+            return early(d, valid, self._clock, 0.0 if troubled else self._retry.policy.earlyWait)
         return d
 
     async def _afterFlight(
@@ -123,7 +135,11 @@ class AccessTokens:
         return self._cache.usable(accountId)
 
     async def refused(self, account: Account, error: ProxyError) -> None:
-        self._cache.forget(account.id)
+        if isinstance(error, Unavailable) and not isinstance(error, CertificateRejected):
+            # Trouble at the token endpoint: a token still valid stays usable.
+            self._troubled.add(account.id)
+        else:
+            self._cache.forget(account.id)
         if isinstance(error, GrantInvalid):
             self._rotation.drop(account.id)
             await self._reauthRequired(account.id, error, account.state)
@@ -137,6 +153,7 @@ class AccessTokens:
         :param stored: the refresh token in the store when this refresh was
             asked for (``account`` may carry an unsaved rotated one instead).
         """
+        self._troubled.discard(account.id)
         entry = self._cache.entry(grant.accessToken, started, grant.expiresIn)
         current = self._cache.current(account)
         if current:
@@ -173,3 +190,44 @@ class AccessTokens:
                 await self._markReauth(accountId, reason)
             except Exception:
                 log.failure("recording the state of {account} failed", account=accountId)
+
+
+def early(
+    refresh: Deferred[AccessToken], valid: AccessToken, clock: Any, wait: float
+) -> Deferred[AccessToken]:
+    """
+    The new token if ``refresh`` brings it within ``wait`` seconds, else
+    ``valid``, the token in hand: a refresh that fails or is slow goes on (and
+    is retried) in the background. Only a dead grant fails the login: the
+    provider has said the mailbox's owner must consent again.
+    """
+    out: Deferred[AccessToken] = Deferred()
+
+    def settle(result: Any) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
+        failed = isinstance(result, Failure)
+        if out.called:
+            if failed and not isinstance(result.value, ProxyError):
+                log.failure("an early token refresh failed", result)
+            return
+        if failed and isinstance(result.value, GrantInvalid):
+            out.errback(result)
+        elif failed:
+            log.info(
+                "early refresh of an access token failed ({reason}); the valid one is used",
+                reason=getattr(result.value, "reason", "error"),
+            )
+            out.callback(valid)
+        else:
+            out.callback(result)
+
+    def inHand() -> None:
+        if not out.called:
+            out.callback(valid)
+
+    timer = clock.callLater(wait, inHand) if wait > 0 else None
+    refresh.addBoth(settle)
+    if not out.called and timer is None:
+        out.callback(valid)
+    return out

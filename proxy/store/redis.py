@@ -21,6 +21,7 @@ Key layout (``prefix`` defaults to ``imapproxy:``)::
     tokens:account:<id>     the same, one account's tokens
     penalties               hash: source address -> "failures time" (login penalties)
     penalties-seen          sorted set of those addresses by last failure (to bound them)
+    throttle:<proto>:<id>   "reason at until", with a TTL (provider throttling)
 
 A TTL only collects garbage: the proxy judges expiry by its own clock, so a
 record written already expired is kept a minute (``MIN_TTL``). Index entries
@@ -61,6 +62,7 @@ from ._redislua import (
     _TAKE_PENDING,
     _UPDATE,
 )
+from ._redisthrottle import RedisThrottles
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -77,7 +79,7 @@ ROTATE_ATTEMPTS = 10
 
 
 @implementer(IStore, IRedisAccess)
-class RedisStore(_RedisStoreBase):
+class RedisStore(RedisThrottles, _RedisStoreBase):
     """
     :param url: ``redis://…`` or ``unix://…``, see ``parseRedisURL``.
     :param secrets: encrypts provider secrets on the way in, decrypts on the
