@@ -96,12 +96,13 @@ class AccessTokens:
             # The fetch under way may only be re-reading the saved token
             # that was just refused: then refresh after it.
             return ensureDeferred(self._afterFlight(d, account, stale))
-        valid = None if force else self._cache.valid(account.id)
-        if valid is not None:
-            # An early refresh: the token in hand still works, so a token
-            # endpoint in trouble must not fail this login.
+        if not force:
+            # Maybe an early refresh: a token still valid (in memory, or the
+            # store's copy the fetch reads) must not fail this login when
+            # the token endpoint is in trouble.
             troubled = joined or account.id in self._troubled
-            return early(d, valid, self._clock, 0.0 if troubled else self._retry.policy.earlyWait)
+            wait = 0.0 if troubled else self._retry.policy.earlyWait
+            return early(d, lambda: self._cache.valid(account.id), self._clock, wait)
         return d
 
     async def _afterFlight(
@@ -193,13 +194,16 @@ class AccessTokens:
 
 
 def early(
-    refresh: Deferred[AccessToken], valid: AccessToken, clock: Any, wait: float
+    refresh: Deferred[AccessToken],
+    valid: Callable[[], AccessToken | None],
+    clock: Any,
+    wait: float,
 ) -> Deferred[AccessToken]:
     """
-    The new token if ``refresh`` brings it within ``wait`` seconds, else
-    ``valid``, the token in hand: a refresh that fails or is slow goes on (and
-    is retried) in the background. Only a dead grant fails the login: the
-    provider has said the mailbox's owner must consent again.
+    What ``refresh`` brings, unless it fails or takes more than ``wait``
+    seconds while ``valid()`` has a token still valid: then that one, and the
+    refresh goes on (and is retried) in the background. Only a dead grant
+    fails the login at once: the provider said the owner must consent again.
     """
     out: Deferred[AccessToken] = Deferred()
 
@@ -211,23 +215,25 @@ def early(
             if failed and not isinstance(result.value, ProxyError):
                 log.failure("an early token refresh failed", result)
             return
-        if failed and isinstance(result.value, GrantInvalid):
-            out.errback(result)
-        elif failed:
+        inHand = valid() if failed and not isinstance(result.value, GrantInvalid) else None
+        if inHand is not None:
             log.info(
-                "early refresh of an access token failed ({reason}); the valid one is used",
+                "refreshing an access token failed ({reason}); the one still valid is used",
                 reason=getattr(result.value, "reason", "error"),
             )
-            out.callback(valid)
+            out.callback(inHand)
+        elif failed:
+            out.errback(result)
         else:
             out.callback(result)
 
-    def inHand() -> None:
-        if not out.called:
-            out.callback(valid)
+    def waited() -> None:
+        inHand = valid()
+        if inHand is not None and not out.called:
+            out.callback(inHand)
 
-    timer = clock.callLater(wait, inHand) if wait > 0 else None
+    timer = clock.callLater(wait, waited) if wait > 0 else None
     refresh.addBoth(settle)
-    if not out.called and timer is None:
-        out.callback(valid)
+    if timer is None and not out.called:
+        waited()
     return out

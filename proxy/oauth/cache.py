@@ -146,6 +146,9 @@ class TokenCache:
             return None
         usable = self._usable(entry)
         if usable is None or usable.value == unless:
+            if entry is not None and entry[0] != unless and accountId not in self._entries:
+                # Due for its refresh but maybe still valid: kept for ``valid``.
+                self._entries[accountId] = entry
             return None
         self._entries[accountId] = entry
         return usable
