@@ -63,8 +63,10 @@ class AccessTokens:
         self._flight = flight if flight is not None else SingleFlight()
         self._markReauth = markReauth
         self._retry = RetryingRefresh(refresh, clock, self, self._flight.keep, policy)
-        # Accounts whose last refresh failed for want of the token endpoint.
+        # Accounts whose last refresh failed for want of the token endpoint,
+        # and the logins waiting for an early refresh, told when one does.
         self._troubled: set[str] = set()
+        self._trouble: dict[str, list[Deferred[None]]] = {}
 
     def forget(self, accountId: str) -> None:
         self._cache.forget(accountId)
@@ -102,8 +104,19 @@ class AccessTokens:
             # the token endpoint is in trouble.
             troubled = joined or account.id in self._troubled
             wait = 0.0 if troubled else self._retry.policy.earlyWait
-            return early(d, lambda: self._cache.valid(account.id), self._clock, wait)
+            trouble: Deferred[None] = Deferred()
+            self._trouble.setdefault(account.id, []).append(trouble)
+            out = early(d, lambda: self._cache.valid(account.id), self._clock, wait, trouble)
+            return out.addBoth(self._settled, account.id, trouble)
         return d
+
+    def _settled(self, result: Any, accountId: str, trouble: Deferred[None]) -> Any:
+        waiting = self._trouble.get(accountId, [])
+        if trouble in waiting:
+            waiting.remove(trouble)
+            if not waiting:
+                del self._trouble[accountId]
+        return result
 
     async def _afterFlight(
         self, flight: Deferred[AccessToken], account: Account, stale: str
@@ -137,8 +150,11 @@ class AccessTokens:
 
     async def refused(self, account: Account, error: ProxyError) -> None:
         if isinstance(error, Unavailable) and not isinstance(error, CertificateRejected):
-            # Trouble at the token endpoint: a token still valid stays usable.
+            # Trouble at the token endpoint: a token still valid stays usable,
+            # and logins waiting for this refresh use it now.
             self._troubled.add(account.id)
+            for waiting in self._trouble.pop(account.id, []):
+                waiting.callback(None)
         else:
             self._cache.forget(account.id)
         if isinstance(error, GrantInvalid):
@@ -198,11 +214,13 @@ def early(
     valid: Callable[[], AccessToken | None],
     clock: Any,
     wait: float,
+    trouble: Deferred[None] | None = None,
 ) -> Deferred[AccessToken]:
     """
     What ``refresh`` brings, unless it fails or takes more than ``wait``
-    seconds while ``valid()`` has a token still valid: then that one, and the
-    refresh goes on (and is retried) in the background. Only a dead grant
+    seconds (or ``trouble`` fires: an attempt failed) while ``valid()`` has a
+    token still valid: then that one, and the refresh goes on (and is
+    retried) in the background. Only a dead grant
     fails the login at once: the provider said the owner must consent again.
     """
     out: Deferred[AccessToken] = Deferred()
@@ -234,6 +252,8 @@ def early(
 
     timer = clock.callLater(wait, waited) if wait > 0 else None
     refresh.addBoth(settle)
+    if trouble is not None:
+        trouble.addCallback(lambda _: waited())
     if timer is None and not out.called:
         waited()
     return out
