@@ -59,4 +59,4 @@ class MemoryThrottleTests(ThrottleContractMixin, TestCase):
 class SQLiteThrottleTests(ThrottleContractMixin, TestCase):
     setUp = storetests.SQLiteStoreTests.setUp
     newStore = storetests.SQLiteStoreTests.newStore
-    closeOnce = storetests.SQLiteStoreTests.closeOnce
+    closeOnce = staticmethod(storetests.SQLiteStoreTests.closeOnce)
