@@ -295,3 +295,17 @@ def drain(phase: str, sessions: int, cut: int, duration: float) -> None:
         cut=cut,
         duration=round(duration, 6),
     )
+
+
+def throttled(account: str, protocol: str, reason: str, at: float, until: float) -> None:
+    """A provider throttled an account's login; its logins back off until ``until``."""
+    log.emit(
+        LogLevel.info,
+        "",
+        event="throttled",
+        account=_account(account),
+        protocol=protocol,
+        reason=reason,
+        at=round(at, 3),
+        until=round(until, 3),
+    )

@@ -70,6 +70,42 @@ class TooManyConnections(LimitReached):
     reason = "account-connection-limit"
 
 
+class ProviderThrottled(Unavailable):
+    """
+    The provider is throttling the account (Gmail's simultaneous-connection
+    or bandwidth limits, Microsoft's suggested back-off, an SMTP server's
+    sender thread limit), or the proxy is still backing off after it did.
+    ``reason`` is a fixed code from ``proxy.upstream.throttling``;
+    ``suggested`` the provider's own back-off in seconds, when it gave one;
+    ``retryAfter`` the whole seconds the client is told to wait.
+    """
+
+    smtpCode = b"454 4.7.0"
+    reason = "throttled"
+
+    def __init__(
+        self, reason: str | None = None, suggested: float | None = None, retryAfter: int = 0
+    ):
+        super().__init__(reason)
+        self.suggested = suggested
+        self.retryAfter = retryAfter
+
+    @property
+    def retryAfter(self) -> int:
+        return self._retryAfter
+
+    @retryAfter.setter
+    def retryAfter(self, seconds: int) -> None:
+        # The text the client reads says it: a number, never provider words.
+        self._retryAfter = max(int(seconds), 0)
+        if self._retryAfter <= 0:
+            self.message = "The provider is throttling this account, try again later"
+        else:
+            self.message = (
+                f"The provider is throttling this account, try again in {self._retryAfter} seconds"
+            )
+
+
 class CertificateRejected(Unavailable):
     """
     A provider's server (IMAP, SMTP or token endpoint) showed a certificate

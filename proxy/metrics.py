@@ -232,6 +232,32 @@ class Metrics:
         """:param command: the command's name only (never its arguments)."""
         self.commandsRefused.labels(commandLabel(command)).inc()
 
+    # -- provider throttling (throttle): made once, by ``proxy.throttle`` --
+
+    def throttleMetrics(self) -> tuple[Counter, Counter]:
+        if getattr(self, "_throttleCounters", None) is None:
+            r, p = self.registry, PREFIX
+            self._throttleCounters = (
+                Counter(
+                    f"{p}_account_throttled", "Logins a provider answered with throttling",
+                    ["protocol", "reason"], registry=r,
+                ),
+                Counter(
+                    f"{p}_account_throttled_refused",
+                    "Logins answered during a throttling back-off, without asking the provider",
+                    ["protocol", "reason"], registry=r,
+                ),
+            )  # fmt: skip
+        return self._throttleCounters
+
+    def throttled(self, protocol: str, reason: str) -> None:
+        protocol = protocol if protocol in PROTOCOLS else "other"
+        self.throttleMetrics()[0].labels(protocol, self.reason(reason)).inc()
+
+    def throttleRefused(self, protocol: str, reason: str) -> None:
+        protocol = protocol if protocol in PROTOCOLS else "other"
+        self.throttleMetrics()[1].labels(protocol, self.reason(reason)).inc()
+
     # -- scrape ----------------------------------------------------------
 
     async def refresh(self) -> None:

@@ -26,6 +26,7 @@ from .errors import (
     CertificateRejected,
     GrantInvalid,
     NoSMTPServer,
+    ProviderThrottled,
     SMTPAuthDisabled,
     UpstreamRejectedToken,
 )
@@ -34,6 +35,7 @@ from .oauth import AccessTokens
 from .store import IAccountStore
 from .upstream import SMTPUpstreamProtocol, UpstreamConnector, UpstreamProtocol, ehloName
 from .upstream.slots import withSlot
+from .upstream.spares import stampToken
 
 # The same namespace as before the realm left cred.py: operators match it.
 log = Logger(namespace="proxy.cred")
@@ -134,6 +136,8 @@ class UpstreamRealm:
 
     warm: Any = None
     slots: Any = None
+    #: ``proxy.throttle.Throttles`` or None: the back-off of throttled accounts.
+    throttles: Any = None
 
     def __init__(
         self,
@@ -184,6 +188,8 @@ class UpstreamRealm:
         if account.state == "reauth-required":
             # Fail fast: the grant is known dead; asking the provider again
             # would only add load and latency until someone re-authorizes.
+            if self.warm is not None and not smtp:
+                self.warm.discard(accountId)
             raise GrantInvalid()
         return account
 
@@ -216,7 +222,11 @@ class UpstreamRealm:
 
         try:
             proto = await withSlot(
-                self.slots, account, "smtp", smtp, lambda: self._withAccessToken(account, connect)
+                self.slots,
+                account,
+                "smtp",
+                smtp,
+                lambda: self._withAccessToken(account, connect, "smtp"),
             )
         except CertificateRejected as e:
             await self._certificateRefused(account, e)
@@ -310,8 +320,19 @@ class UpstreamRealm:
         )
 
     async def _withAccessToken(
-        self, account: Account, connect: Callable[[str], Awaitable[Any]]
+        self, account: Account, connect: Callable[[str], Awaitable[Any]], protocol: str = "imap"
     ) -> Any:
+        """``_tokenLogin``, or the back-off's answer while the provider throttles the account."""
+        if self.throttles is None:
+            return await self._tokenLogin(account, connect)
+        await self.throttles.check(account.id, protocol)
+        try:
+            return await self._tokenLogin(account, connect)
+        except ProviderThrottled as e:
+            await self.throttles.record(account.id, protocol, e)
+            raise
+
+    async def _tokenLogin(self, account: Account, connect: Callable[[str], Awaitable[Any]]) -> Any:
         """
         ``connect`` with the account's access token; when the provider
         refuses a cached one, once more with a fresh one.
@@ -321,7 +342,7 @@ class UpstreamRealm:
         accountId = account.id
         token = await self._access.get(account)
         try:
-            return await connect(token.value)
+            return stampToken(await connect(token.value), token.expires)
         except UpstreamRejectedToken:
             if token.fresh:
                 log.warn("provider refused a fresh access token for {account}", account=accountId)
@@ -332,7 +353,7 @@ class UpstreamRealm:
             )
             token = await self._access.get(account, stale=token.value)
             try:
-                return await connect(token.value)
+                return stampToken(await connect(token.value), token.expires)
             except UpstreamRejectedToken:
                 log.warn("provider refused a fresh access token for {account}", account=accountId)
                 raise AuthenticationFailed() from None

@@ -188,6 +188,24 @@ SETTINGS: dict[str, tuple[Any, Any, str]] = {
         "reach a clean point for their * BYE / 421 before they are cut; "
         "0: cut them at once [default: 30]",
     ),
+    # Provider throttling and token endpoint trouble (docs/limits.md).
+    "throttle-backoff": (
+        60.0,
+        float,
+        "Seconds an account's logins back off after its provider throttled one, "
+        "when the provider suggests no time",
+    ),
+    "throttle-backoff-max": (
+        900.0,
+        float,
+        "The longest back-off after a provider's throttling, whatever it suggests",
+    ),
+    "oauth2-early-wait": (
+        1.0,
+        float,
+        "Seconds a login waits for the early refresh of an access token still valid; "
+        "then it uses the valid one and the refresh goes on in the background",
+    ),
 }
 
 

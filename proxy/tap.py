@@ -67,6 +67,7 @@ from .store import (
     SessionBoard,
     SessionBus,
 )
+from .throttle import Throttles, throttlePolicy
 from .upstream import WarmUpstreams, probeSMTP
 from .upstream.slots import SPARE_CHECK, LocalSlots, SlotKeeper
 from .web import METRICS_SCOPE, MetricsPage, MetricsSite, TokenAPI
@@ -118,7 +119,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         store.setRefreshToken,
         reactor,
         cache=TokenCache(reactor, load=store.getAccessToken, persist=store.saveAccessToken),
-        policy=RetryPolicy(deadline=options["oauth2-deadline"]),
+        policy=RetryPolicy(
+            deadline=options["oauth2-deadline"], earlyWait=options["oauth2-early-wait"]
+        ),
         markReauth=lambda account, reason: alerts.changed(
             store.setAccountState(account, "reauth-required", f"{reason} ({_now()})"),
             account,
@@ -152,6 +155,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if shared:
         TimerService(counter.heartbeat, slots.heartbeat).setServiceParent(top)
         TimerService(SPARE_CHECK, slots.checkSpares).setServiceParent(top)
+    realm.throttles = Throttles(store, reactor, throttlePolicy(options), metrics)
     penaltyBackend = RedisPenalties(store) if shared else MemoryPenalties(reactor)
     penalties = LoginPenalties(
         penaltyBackend,

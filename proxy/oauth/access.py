@@ -13,8 +13,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from ..errors import GrantInvalid, ProxyError
+from ..errors import CertificateRejected, GrantInvalid, ProxyError, Unavailable
 from ..model import Account
 from .cache import AccessToken, TokenCache
 from .refresher import Grant
@@ -62,9 +63,14 @@ class AccessTokens:
         self._flight = flight if flight is not None else SingleFlight()
         self._markReauth = markReauth
         self._retry = RetryingRefresh(refresh, clock, self, self._flight.keep, policy)
+        # Accounts whose last refresh failed for want of the token endpoint,
+        # and the logins waiting for an early refresh, told when one does.
+        self._troubled: set[str] = set()
+        self._trouble: dict[str, list[Deferred[None]]] = {}
 
     def forget(self, accountId: str) -> None:
         self._cache.forget(accountId)
+        self._troubled.discard(accountId)
 
     def get(
         self, account: Account, force: bool = False, stale: str | None = None
@@ -85,12 +91,32 @@ class AccessTokens:
             return succeed(cached)
         key = flightKey(account)
         joined = self._flight.busy(key)
+        if joined:
+            self._retry.nudge(account.id)
         d = self._flight.run(key, lambda: self._fetch(account, force, stale))
         if joined and stale is not None:
             # The fetch under way may only be re-reading the saved token
             # that was just refused: then refresh after it.
             return ensureDeferred(self._afterFlight(d, account, stale))
+        if not force:
+            # Maybe an early refresh: a token still valid (in memory, or the
+            # store's copy the fetch reads) must not fail this login when
+            # the token endpoint is in trouble.
+            troubled = joined or account.id in self._troubled
+            wait = 0.0 if troubled else self._retry.policy.earlyWait
+            trouble: Deferred[None] = Deferred()
+            self._trouble.setdefault(account.id, []).append(trouble)
+            out = early(d, lambda: self._cache.valid(account.id), self._clock, wait, trouble)
+            return out.addBoth(self._settled, account.id, trouble)
         return d
+
+    def _settled(self, result: Any, accountId: str, trouble: Deferred[None]) -> Any:
+        waiting = self._trouble.get(accountId, [])
+        if trouble in waiting:
+            waiting.remove(trouble)
+            if not waiting:
+                del self._trouble[accountId]
+        return result
 
     async def _afterFlight(
         self, flight: Deferred[AccessToken], account: Account, stale: str
@@ -123,7 +149,14 @@ class AccessTokens:
         return self._cache.usable(accountId)
 
     async def refused(self, account: Account, error: ProxyError) -> None:
-        self._cache.forget(account.id)
+        if isinstance(error, Unavailable) and not isinstance(error, CertificateRejected):
+            # Trouble at the token endpoint: a token still valid stays usable,
+            # and logins waiting for this refresh use it now.
+            self._troubled.add(account.id)
+            for waiting in self._trouble.pop(account.id, []):
+                waiting.callback(None)
+        else:
+            self._cache.forget(account.id)
         if isinstance(error, GrantInvalid):
             self._rotation.drop(account.id)
             await self._reauthRequired(account.id, error, account.state)
@@ -137,6 +170,7 @@ class AccessTokens:
         :param stored: the refresh token in the store when this refresh was
             asked for (``account`` may carry an unsaved rotated one instead).
         """
+        self._troubled.discard(account.id)
         entry = self._cache.entry(grant.accessToken, started, grant.expiresIn)
         current = self._cache.current(account)
         if current:
@@ -173,3 +207,53 @@ class AccessTokens:
                 await self._markReauth(accountId, reason)
             except Exception:
                 log.failure("recording the state of {account} failed", account=accountId)
+
+
+def early(
+    refresh: Deferred[AccessToken],
+    valid: Callable[[], AccessToken | None],
+    clock: Any,
+    wait: float,
+    trouble: Deferred[None] | None = None,
+) -> Deferred[AccessToken]:
+    """
+    What ``refresh`` brings, unless it fails or takes more than ``wait``
+    seconds (or ``trouble`` fires: an attempt failed) while ``valid()`` has a
+    token still valid: then that one, and the refresh goes on (and is
+    retried) in the background. Only a dead grant
+    fails the login at once: the provider said the owner must consent again.
+    """
+    out: Deferred[AccessToken] = Deferred()
+
+    def settle(result: Any) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
+        failed = isinstance(result, Failure)
+        if out.called:
+            if failed and not isinstance(result.value, ProxyError):
+                log.failure("an early token refresh failed", result)
+            return
+        inHand = valid() if failed and not isinstance(result.value, GrantInvalid) else None
+        if inHand is not None:
+            log.info(
+                "refreshing an access token failed ({reason}); the one still valid is used",
+                reason=getattr(result.value, "reason", "error"),
+            )
+            out.callback(inHand)
+        elif failed:
+            out.errback(result)
+        else:
+            out.callback(result)
+
+    def waited() -> None:
+        inHand = valid()
+        if inHand is not None and not out.called:
+            out.callback(inHand)
+
+    timer = clock.callLater(wait, waited) if wait > 0 else None
+    refresh.addBoth(settle)
+    if trouble is not None:
+        trouble.addCallback(lambda _: waited())
+    if timer is None and not out.called:
+        waited()
+    return out

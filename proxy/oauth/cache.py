@@ -63,6 +63,9 @@ class TokenCache:
     UNKNOWN_LIFETIME = 3600.0
     MIN_LIFETIME = 60.0
     MAX_LIFETIME = 86400.0
+    # Seconds of life a token must have left to be sent at all: a login
+    # takes a few seconds, and a session is not cut when the token expires.
+    VALID_SLACK = 5.0
 
     def __init__(
         self,
@@ -95,6 +98,16 @@ class TokenCache:
     def usable(self, accountId: str) -> AccessToken | None:
         """The cached token of ``accountId`` if still good for a login."""
         return self._usable(self._entries.get(accountId))
+
+    def valid(self, accountId: str) -> AccessToken | None:
+        """
+        The cached token of ``accountId`` while it has not expired, even if
+        due for its early refresh: what a login uses when that refresh fails.
+        """
+        entry = self._entries.get(accountId)
+        if entry is None or entry[1] - self.VALID_SLACK <= self._clock.seconds():
+            return None
+        return AccessToken(entry[0], entry[1], fresh=False)
 
     def forget(self, accountId: str) -> None:
         self._entries.pop(accountId, None)
@@ -133,6 +146,9 @@ class TokenCache:
             return None
         usable = self._usable(entry)
         if usable is None or usable.value == unless:
+            if entry is not None and entry[0] != unless and accountId not in self._entries:
+                # Due for its refresh but maybe still valid: kept for ``valid``.
+                self._entries[accountId] = entry
             return None
         self._entries[accountId] = entry
         return usable

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 import attrs
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,11 +32,20 @@ class RetryPolicy:
     :ivar deadline: seconds a refresh may take in all, retries included; past
         it the login gets ``NO [UNAVAILABLE]``.
     :ivar backoff: delays between attempts after transient failures (the
-        last one repeats).
+        last one repeats). A login that joins a refresh waiting out a delay
+        cuts it short once the first delay has passed: the endpoint may be
+        back, and a recovered endpoint must not keep logins waiting.
+    :ivar earlyWait: seconds a login waits for the early refresh of an
+        access token that is still valid, before it logs in with that one.
+    :ivar resendAfter: seconds after which a request still out (a hung
+        token endpoint) no longer stops a new one with the same refresh
+        token, for a grant whose last answer kept its refresh token.
     """
 
     deadline: float = 15.0
     backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    earlyWait: float = 1.0
+    resendAfter: float = 2.0
 
 
 class Outcomes(Protocol):
@@ -148,8 +156,15 @@ class RetryingRefresh:
         self._outcomes = outcomes
         self._keep = keep
         self.policy = policy
-        # Refresh requests still out (possibly past their deadline), by account.
+        # Refresh requests still out (possibly past their deadline), by
+        # account, with when they were sent.
         self._running: dict[str, Deferred[Grant]] = {}
+        self._sent: dict[str, float] = {}
+        # Accounts whose token endpoint last answered without rotating the
+        # refresh token (seen here): only theirs may be sent twice.
+        self._steady: set[str] = set()
+        # Delays between attempts under way, by account: (wake, when it began).
+        self._sleeping: dict[str, tuple[Deferred[None], float]] = {}
 
     async def run(self, stored: Account, started: float, deadline: float) -> AccessToken:
         """
@@ -160,7 +175,7 @@ class RetryingRefresh:
         while True:
             account = self._outcomes.prepare(stored)
             running = self._running.get(account.id)
-            if running is not None:
+            if running is not None and not self._mayResend(account.id):
                 # A refresh that outlived an earlier deadline is still out
                 # with this refresh token: never send the same one twice (a
                 # provider that rotates may take reuse for theft).
@@ -198,7 +213,7 @@ class RetryingRefresh:
                     delay=delay,
                 )
                 attempt += 1
-                await deferLater(self._clock, delay)
+                await self._sleep(account.id, delay)
             except ProxyError as e:
                 log.warn(
                     "OAuth2 refresh for account {account} refused: {reason}",
@@ -237,14 +252,62 @@ class RetryingRefresh:
         request.timer = self._clock.callLater(max(seconds, 0.0), request.expire)
         d = self._refresh(account)
         self._running[account.id] = d
+        self._sent[account.id] = started
 
         def answered(result: Any) -> None:
             if self._running.get(account.id) is d:
                 del self._running[account.id]
+                del self._sent[account.id]
+            if not isinstance(result, Failure):
+                if result.refreshToken is None:
+                    self._steady.add(account.id)
+                else:
+                    self._steady.discard(account.id)
             request.answer(result)
 
         d.addBoth(answered)
         return out
+
+    def _mayResend(self, accountId: str) -> bool:
+        """
+        Whether a new request may go out while one is still out: the grant's
+        last answer here kept its refresh token (so sending it again is what
+        every refresh does), and the request out is hung (``resendAfter``).
+        A grant that rotates, or one not seen yet, waits for the answer.
+        """
+        sent = self._sent.get(accountId)
+        return (
+            accountId in self._steady
+            and sent is not None
+            and self._clock.seconds() - sent >= self.policy.resendAfter
+        )
+
+    def _sleep(self, accountId: str, seconds: float) -> Deferred[None]:
+        """The delay between two attempts, which ``nudge`` may cut short."""
+        wake: Deferred[None] = Deferred()
+        timer = self._clock.callLater(seconds, wake.callback, None)
+        self._sleeping[accountId] = (wake, self._clock.seconds())
+
+        def woken(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if self._sleeping.get(accountId, (None,))[0] is wake:
+                del self._sleeping[accountId]
+            return result
+
+        return wake.addBoth(woken)
+
+    def nudge(self, accountId: str) -> None:
+        """
+        A login now waits for the account's refresh: if it is waiting out a
+        delay that has run at least the first one, try again now.
+        """
+        sleeping = self._sleeping.get(accountId)
+        if sleeping is None:
+            return
+        wake, began = sleeping
+        if self._clock.seconds() - began >= self.policy.backoff[0] and not wake.called:
+            wake.callback(None)
 
     def _within(self, d: Deferred[Any], seconds: float) -> Deferred[None]:
         """Wait for ``d`` (without taking its result) at most ``seconds``."""

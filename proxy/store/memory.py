@@ -22,6 +22,7 @@ from ..model import Account, OAuth2App, PendingAuthorization, Token
 from . import _records as R
 from ._errors import KEY_CHECK, MarkerWatch, StoreError, keyMatches, wrongKey
 from ._interfaces import IStore
+from ._throttles import LocalThrottles
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ class MemoryData:
 
 
 @implementer(IStore)
-class MemoryStore(Service):
+class MemoryStore(LocalThrottles, Service):
     """
     :param secrets: the keys; a new random one when not given.
     :param clock: ``IReactorTime`` (or anything with ``seconds()``) for the

@@ -21,6 +21,7 @@ Key layout (``prefix`` defaults to ``imapproxy:``)::
     tokens:account:<id>     the same, one account's tokens
     penalties               hash: source address -> "failures time" (login penalties)
     penalties-seen          sorted set of those addresses by last failure (to bound them)
+    throttle:<proto>:<id>   "reason at until", with a TTL (provider throttling)
 
 A TTL only collects garbage: the proxy judges expiry by its own clock, so a
 record written already expired is kept a minute (``MIN_TTL``). Index entries
@@ -62,6 +63,7 @@ from ._redislua import (
     _TAKE_PENDING,
     _UPDATE,
 )
+from ._redisthrottle import RedisThrottles
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -78,7 +80,7 @@ ROTATE_ATTEMPTS = 10
 
 
 @implementer(IStore, IRedisAccess)
-class RedisStore(_RedisStoreBase):
+class RedisStore(RedisThrottles, _RedisStoreBase):
     """
     :param url: ``redis://…``, ``unix://…`` or ``redis+sentinel://…``, see
         ``parseRedisURL``; writes that must survive a failover (accounts,

@@ -25,6 +25,7 @@ from . import _records as R
 from ._errors import MarkerWatch, StoreError, keyMatches, wrongKey
 from ._interfaces import IStore
 from ._sqlitedb import ENCRYPTED, _transaction, connect
+from ._throttles import LocalThrottles
 
 T = TypeVar("T")
 
@@ -32,7 +33,7 @@ __all__ = ["SQLiteStore", "StoreError"]
 
 
 @implementer(IStore)
-class SQLiteStore(Service):
+class SQLiteStore(LocalThrottles, Service):
     """
     :param path: the database file; its directory is created (mode 0700).
     :param secrets: encrypts provider secrets on the way in, decrypts on the

@@ -23,6 +23,7 @@ from zope.interface import Interface
 from ..errors import LimitReached, ProxyError, Unavailable, UpstreamRejectedToken
 from .auth import OAUTHBEARERAuthenticator
 from .responses import hasCapability, parseCapabilities, responseCode
+from .throttling import imapThrottling
 from .verify import rejectionFor
 
 
@@ -71,6 +72,7 @@ class UpstreamLogin:
         self._tag = 0
         self._lastTag = b""
         self._initial = b""
+        self._refusal = b""  # the last NO/BAD/BYE's text, for ``throttling``
         if startTLS:
             self.startWithTLS()
         else:
@@ -91,6 +93,7 @@ class UpstreamLogin:
                 else:
                     self.untaggedOK()
             elif upper.startswith(b"* BYE"):
+                self._refusal = line[5:]
                 self.untaggedBye()
             elif upper == b"* CAPABILITY ":
                 self.untaggedCapabilities(parseCapabilities(line[13:]))
@@ -104,6 +107,7 @@ class UpstreamLogin:
                 return
             code, args = responseCode(parts[2] if len(parts) == 3 else b"")
             if parts[1].upper() != b"OK":
+                self._refusal = parts[2] if len(parts) == 3 else b""
                 self.taggedRefused(code)
             elif code == b"CAPABILITY":
                 self.taggedOKCapabilities(parseCapabilities(args))
@@ -291,7 +295,7 @@ class UpstreamLogin:
 
     @_machine.output()
     def _failBye(self) -> None:
-        self._fail(Unavailable("upstream-bye"))
+        self._fail(imapThrottling(self._refusal) or Unavailable("upstream-bye"))
 
     @_machine.output()
     def _failCapability(self) -> None:
@@ -311,7 +315,10 @@ class UpstreamLogin:
 
     @_machine.output()
     def _failLogin(self, code: bytes | None) -> None:
-        if code == b"UNAVAILABLE":
+        throttled = None if code == b"LIMIT" else imapThrottling(self._refusal)
+        if throttled is not None:
+            self._fail(throttled)
+        elif code == b"UNAVAILABLE":
             self._fail(Unavailable("upstream-unavailable"))
         elif code == b"LIMIT":
             self._fail(LimitReached())

@@ -37,6 +37,7 @@ from .smtpreplies import (
     extensionsOf,
     hasExtension,
 )
+from .throttling import smtpThrottling
 from .verify import rejectionFor
 
 # RFC 4954 section 4: an AUTH command line may be this long (CRLF included);
@@ -287,11 +288,11 @@ class SMTPLogin:
 
     @_machine.output()
     def _failGreeting(self, reply: Reply) -> None:
-        self._fail(Unavailable("upstream-refused"))
+        self._fail(smtpThrottling(reply) or Unavailable("upstream-refused"))
 
     @_machine.output()
     def _failEHLO(self, reply: Reply) -> None:
-        self._fail(Unavailable("upstream-ehlo"))
+        self._fail(smtpThrottling(reply) or Unavailable("upstream-ehlo"))
 
     @_machine.output()
     def _failNoStartTLS(self) -> None:
@@ -307,7 +308,7 @@ class SMTPLogin:
 
     @_machine.output()
     def _failLater(self, reply: Reply) -> None:
-        self._fail(Unavailable("upstream-unavailable"))
+        self._fail(smtpThrottling(reply) or Unavailable("upstream-unavailable"))
 
     @_machine.output()
     def _failLogin(self, reply: Reply) -> None:

@@ -8,7 +8,9 @@ not a second TLS handshake and an XOAUTH2 round trip in series.
 A spare is only ever handed to a login whose token check passed for that
 account, and only while the account still points where the spare was made
 (mailbox, server, OAuth2 client): a changed, disabled, re-authorizing or
-deleted account never gets one.
+deleted account never gets one. A spare never outlives the access token it
+logged in with (``tokenExpires``, stamped by the realm): the provider may
+end such a session, and it would be a session of a grant since revoked.
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ from ..model import Account
 from ..oauth import fingerprint
 
 log = Logger(namespace="proxy.upstream")
+
+# Seconds of the access token's life a spare gives up, so that it is never
+# handed out with its token about to expire.
+TOKEN_SLACK = 30.0
+
+
+def stampToken(protocol: Any, expires: float | None) -> Any:
+    """Note on a logged-in connection when its access token expires."""
+    try:
+        protocol.tokenExpires = expires
+    except AttributeError:
+        pass
+    return protocol
+
+
+def spareLife(keep: float, tokenExpires: float | None, now: float) -> float:
+    """Seconds a new spare may wait: ``keep``, and never past its token's expiry."""
+    if tokenExpires is None:
+        return keep
+    return min(keep, tokenExpires - TOKEN_SLACK - now)
 
 
 @attrs.define
@@ -83,7 +105,7 @@ class WarmUpstreams:
             return None
         if spare.expiry.active():
             spare.expiry.cancel()
-        if spare.fingerprint != fingerprint(account):
+        if spare.fingerprint != fingerprint(account) or account.state != "ok":
             spare.protocol.discard()
             return None
         if not spare.protocol.claim():
@@ -136,13 +158,18 @@ class WarmUpstreams:
         if self._stopped or unwanted or account.id in self._spares:
             protocol.discard()
             return
+        life = spareLife(self.keep, getattr(protocol, "tokenExpires", None), self._clock.seconds())
+        if life <= 0:
+            # Its token is about to expire: not worth keeping.
+            protocol.discard()
+            return
         while len(self._spares) >= self.maxSpares:
             _, oldest = self._spares.popitem(last=False)
             self._drop(oldest)
         spare = _Spare(
             protocol,
             fingerprint(account),
-            self._clock.callLater(self.keep, self.discard, account.id),
+            self._clock.callLater(life, self.discard, account.id),
         )
         self._spares[account.id] = spare
         protocol.keepAsSpare(lambda: self._lost(account.id, protocol))

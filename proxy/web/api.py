@@ -24,7 +24,8 @@ from ..model import Token
 from ..oauth.onboarding import Onboarding
 from ..penalties import PenaltyInForce
 from ..store import StoreDataLost, StoreUnavailable
-from ..tokens import mayRevoke
+from ..throttle import accountViews
+from ..tokens import grantableScopes, mayRevoke
 from ._http import (
     MAX_BODY,
     REQUEST_DEADLINE,
@@ -293,13 +294,13 @@ class TokenAPI:
             accounts = [await self.admin.getAccount(caller.account)]
         else:
             accounts = await self.admin.listAccounts()
-        return _send(request, 200, {"accounts": [accountView(a) for a in accounts]})
+        return _send(request, 200, {"accounts": await accountViews(self.admin, accounts)})
 
     @app.route("/v1/account/<string:account>", methods=["GET"])
     async def getAccount(self, request: Any, account: str) -> bytes:
         caller = await self._caller(request)
         self._mayUse(caller, account)
-        return _send(request, 200, accountView(await self.admin.getAccount(account)))
+        return _send(request, 200, (await accountViews(self.admin, [account]))[0])
 
     @app.route("/v1/account/<string:account>", methods=["PUT"])
     async def updateAccount(self, request: Any, account: str) -> bytes:
