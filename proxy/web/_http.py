@@ -6,6 +6,7 @@ log that hides secrets.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from typing import Any
@@ -157,3 +158,12 @@ def redactingLogFormatter(timestamp: str, request: Any) -> str:
     reference API's form) must not write the token into the access log.
     """
     return http.combinedLogFormatter(timestamp, _Redacted(request))
+
+
+def page(title: str, text: str) -> bytes:
+    """A minimal HTML page, for the mailbox owner's browser (onboarding)."""
+    t, x = html.escape(title), html.escape(text)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title></head>"
+        f"<body><h1>{t}</h1><p>{x}</p></body></html>"
+    ).encode()

@@ -6,7 +6,6 @@ is JSON; no traceback ever reaches a client.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from typing import Any
@@ -25,12 +24,13 @@ from ..oauth.onboarding import Onboarding
 from ..penalties import PenaltyInForce
 from ..store import StoreDataLost, StoreUnavailable
 from ..throttle import accountViews
-from ..tokens import grantableScopes, mayRevoke
+from ..tokens import mayRevoke
 from ._http import (
     MAX_BODY,
     REQUEST_DEADLINE,
     DeadlineSite,
     LimitedRequest,
+    page,
     redactingLogFormatter,
 )
 from ._sessions import addRoutes
@@ -77,14 +77,6 @@ def _send(request: Any, status: int, body: Any) -> bytes:
 
 def _error(request: Any, status: int, message: str) -> bytes:
     return _send(request, status, {"error": message, "statusCode": status})
-
-
-def _page(title: str, text: str) -> bytes:
-    t, x = html.escape(title), html.escape(text)
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title></head>"
-        f"<body><h1>{t}</h1><p>{x}</p></body></html>"
-    ).encode()
 
 
 def _flag(request: Any, name: bytes) -> bool:
@@ -403,13 +395,13 @@ class TokenAPI:
         }
         if self.onboarding is None:
             request.setResponseCode(503)
-            return _page("Not available", "Onboarding is not available on this server.")
+            return page("Not available", "Onboarding is not available on this server.")
         try:
             account = await self.onboarding.finish(args)
         except AdminError as e:
             request.setResponseCode(400)
-            return _page("Authorization failed", e.message)
-        return _page(
+            return page("Authorization failed", e.message)
+        return page(
             "Mailbox connected",
             f"The mailbox {account.email} is now connected as account "
             f"{account.id}. You can close this page.",
