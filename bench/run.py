@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only the cost of metrics and the JSON log: an observed and a plain imapproxy "
         "side by side (bench.observability; --quick, --runs and --size-mb apply)",
     )
+    ap.add_argument(
+        "--caps",
+        action="store_true",
+        help="only what per-account connection caps cost a login: two instances on one "
+        "Redis, caps on and off, interleaved (bench.caps; --runs applies)",
+    )
     ap.add_argument("--peer-venv", default=".bench-peer-venv", help="venv the peer is installed in")
     return ap.parse_args(argv)
 
@@ -252,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
 
         size = int(args.size_mb * 1e6) if args.size_mb else None
         return observability.main(args.quick, args.runs, size, say)
+    if args.caps:
+        from bench import caps
+
+        return caps.main(["--runs", str(args.runs or (50 if args.quick else 200))])
     table = Table()
     extra = {"imapproxy": importlib.metadata.version("imapproxy")}
     started = time.monotonic()
