@@ -52,6 +52,7 @@ from tests.test_store import (
     sharedAccount,
     token,
 )
+from tests.test_store_throttle import NOW, ThrottleContractMixin
 from tests.upstream.redisserver import RedisServer
 
 # An operation against a Redis that is gone or hung fails within this.
@@ -738,3 +739,44 @@ class RedisSlotsTests(RedisHarness, TestCase):
         self.assertEqual((yield self.slots.wanted(["bob/imap", "alice/imap"])), ["alice/imap"])
         ttl = int(self.server.command("PTTL", "imapproxy:slots-want:alice/imap"))
         self.assertTrue(0 < ttl <= 5000, ttl)
+
+
+class RedisThrottleTests(RedisHarness, ThrottleContractMixin, TestCase):
+    """The throttle contract against Redis, and what Redis adds: shared, ended by a TTL."""
+
+    @inlineCallbacks
+    def test_sharedBetweenStores(self):
+        """A back-off one instance records is what another instance reads."""
+        one = yield self.openStore()
+        two = yield self.openStore()
+        yield one.setThrottle("alice", "imap", "throttled-backoff", NOW, NOW + 30.0, 60.0)
+        found = yield two.getThrottles([("alice", "imap"), ("alice", "smtp")], NOW + 1)
+        self.assertEqual(found, [("throttled-backoff", NOW, NOW + 30.0), None])
+
+    @inlineCallbacks
+    def test_keyEndsWithTTL(self):
+        """The key lives ``until - at + keep``, then Redis drops it."""
+        store = yield self.openStore()
+        yield store.setThrottle("alice", "imap", "throttled-backoff", NOW, NOW + 30.0, 60.0)
+        ttl = int(self.server.command("PTTL", "imapproxy:throttle:imap:alice"))
+        self.assertTrue(85_000 < ttl <= 90_000, ttl)
+        yield store.setThrottle("bob", "smtp", "throttled-busy", NOW, NOW + 0.2, 0.1)
+        deadline = reactor.seconds() + 10.0
+        while self.server.command("EXISTS", "imapproxy:throttle:smtp:bob"):
+            self.assertLess(reactor.seconds(), deadline, "the throttle key outlived its TTL")
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((yield store.getThrottles([("bob", "smtp")], NOW)), [None])
+
+    @inlineCallbacks
+    def test_noSecretStored(self):
+        """The key and value hold the account, protocol, reason and times, nothing else."""
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.setThrottle("alice", "imap", "throttled-backoff", NOW, NOW + 30.0, 60.0)
+        keys = [k for k in self.server.dump() if "throttle" in k]
+        self.assertEqual(keys, ["imapproxy:throttle:imap:alice"])
+        value = self.server.command("GET", keys[0])
+        value = value.decode() if isinstance(value, bytes) else value
+        self.assertEqual(value, f"throttled-backoff {NOW!r} {NOW + 30.0!r}")
+        for secret in (ACCESS, REFRESH, CLIENT_SECRET, APP_SECRET, VERIFIER):
+            self.assertNotIn(secret, keys[0] + value)

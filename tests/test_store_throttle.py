@@ -38,6 +38,21 @@ class ThrottleContractMixin:
         self.assertEqual(found, ("throttled-connections", NOW + 5, NOW + 15))
 
     @inlineCallbacks
+    def test_longerNotShortened(self):
+        """
+        A shorter back-off met later (a concurrent login) does not end a longer
+        one early: the provider's lock-out still runs. A later-ending one replaces it.
+        """
+        store = yield self.openStore()
+        yield store.setThrottle("alice", "imap", "throttled-bandwidth", NOW, NOW + 60.0, 60.0)
+        yield store.setThrottle("alice", "imap", "throttled-connections", NOW + 1, NOW + 11, 60.0)
+        (found,) = yield store.getThrottles([("alice", "imap")], NOW + 2)
+        self.assertEqual(found, ("throttled-bandwidth", NOW, NOW + 60.0))
+        yield store.setThrottle("alice", "imap", "throttled-quota", NOW + 2, NOW + 62, 60.0)
+        (found,) = yield store.getThrottles([("alice", "imap")], NOW + 3)
+        self.assertEqual(found, ("throttled-quota", NOW + 2, NOW + 62))
+
+    @inlineCallbacks
     def test_noKeys(self):
         """Asking for nothing answers nothing."""
         store = yield self.openStore()

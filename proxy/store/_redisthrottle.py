@@ -3,7 +3,8 @@ Throttled accounts in the Redis store, shared by every instance: one string
 key per account and protocol, ``PREFIXthrottle:<protocol>:<account>`` =
 ``"reason at until"``, with a TTL that ends it ``keep`` seconds after
 ``until``. A login on any instance then backs off as the one that met the
-throttling does (see ``proxy.throttle``).
+throttling does (see ``proxy.throttle``). A record is replaced only by one
+whose back-off ends no sooner (one script, so two instances cannot race).
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ from zope.interface import implementer
 
 from ._throttles import IThrottleStore, Key, Record
 
+# KEYS[1] the record; ARGV: value, until, TTL in ms. Keeps a record whose
+# back-off ends later than this one's (a concurrent login's shorter one).
+_SET = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local oldUntil = tonumber(string.match(old, ' (%S+)$'))
+  if oldUntil and oldUntil > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
 
 @implementer(IThrottleStore)
 class RedisThrottles:
     """``IThrottleStore`` for the Redis store (a mix-in: ``_call``, ``_key``)."""
 
     _call: Any
+    _eval: Any
     _key: Any
 
     def setThrottle(
@@ -30,7 +44,8 @@ class RedisThrottles:
     ) -> Deferred[None]:
         ms = max(1, math.ceil((until - at + keep) * 1000))
         value = f"{reason} {at!r} {until!r}"
-        d = self._call("set", self._key("throttle", protocol, accountId), value, None, ms)
+        key = self._key("throttle", protocol, accountId)
+        d = self._eval(_SET, [key], [value, repr(until), str(ms)])
         return d.addCallback(lambda _: None)  # type: ignore[no-any-return]
 
     def getThrottles(self, keys: Sequence[Key], now: float) -> Deferred[list[Record | None]]:

@@ -33,7 +33,10 @@ class IThrottleStore(Interface):
     def setThrottle(
         accountId: str, protocol: str, reason: str, at: float, until: float, keep: float
     ) -> Deferred[None]:
-        """Remember a throttling until ``until + keep`` (``clock.seconds()`` times)."""
+        """
+        Remember a throttling until ``until + keep`` (``clock.seconds()``
+        times), unless the record kept ends its back-off later.
+        """
 
     def getThrottles(keys: Sequence[Key], now: float) -> Deferred[list[Record | None]]:
         """The record of each key still remembered at ``now``, in order."""
@@ -54,6 +57,10 @@ class LocalThrottles:
         self, accountId: str, protocol: str, reason: str, at: float, until: float, keep: float
     ) -> Deferred[None]:
         records = self._throttleRecords()
+        old = records.get((accountId, protocol))
+        if old is not None and old[2] > until:
+            # A concurrent login's shorter back-off: the provider's longer one still runs.
+            return succeed(None)
         records[(accountId, protocol)] = (reason, at, until, until + keep)
         if len(records) > MAX_LOCAL:
             forgotten = sorted(records, key=lambda k: records[k][3])
