@@ -26,7 +26,9 @@ from proxy.store.redis import RedisStore
 from tests.test_rediscoord import until
 from tests.test_store import sharedAccount, token
 from tests.test_store_redis import eventually
+from tests.upstream.osutil import wait_until
 from tests.upstream.redissentinel import SentinelSet
+from tests.upstream.redisserver import RedisServerError
 
 # The store works again within this after the master is killed (a failover
 # takes 1-3 s with the set's settings, plus a reconnection).
@@ -70,7 +72,19 @@ class SentinelStoreTests(TestCase):
         """Kill the master (or ask for a failover); wait for the new one; revive the old."""
         old = self.set.master()
         if manual:
-            self.set.sentinels[0].command("SENTINEL", "FAILOVER", self.set.service)
+            # A sentinel takes a few seconds to see a revived server (an
+            # earlier test's old master) as a good replica again; until then
+            # it answers NOGOODSLAVE (or INPROG, a failover still running).
+            def asked() -> bool:
+                try:
+                    self.set.sentinels[0].command("SENTINEL", "FAILOVER", self.set.service)
+                except RedisServerError as e:
+                    if "NOGOODSLAVE" in str(e) or "INPROG" in str(e):
+                        return False
+                    raise
+                return True
+
+            wait_until(asked, RECOVERY, "a sentinel taking the failover")
         else:
             old.kill()
         self.addCleanup(self.set.revive, old)
