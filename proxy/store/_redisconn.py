@@ -161,6 +161,9 @@ class _RedisProtocol(txredisapi.RedisProtocol):
         try:
             if self.password is not None:
                 yield self.auth(self.password, self.username)
+            if not (yield self.admitted()):
+                self.transport.abortConnection()
+                return
             if self.dbid is not None:
                 yield self.select(self.dbid)
         except txredisapi.ResponseError as e:
@@ -179,6 +182,10 @@ class _RedisProtocol(txredisapi.RedisProtocol):
         waiting, self._waiting_for_connect = self._waiting_for_connect, []
         for d in waiting:
             d.callback(self)
+
+    def admitted(self) -> Deferred[bool]:
+        """Whether this server, logged in to, is one to use (any, here)."""
+        return defer.succeed(True)
 
     def evalWait(
         self, script: str, keys: list[str], args: list[str], replicas: int, ms: int
@@ -210,27 +217,10 @@ class _SentinelRedisProtocol(_RedisProtocol):
     """
 
     @inlineCallbacks
-    def connectionMade(self) -> Generator[Deferred[Any], Any, None]:
-        try:
-            if self.password is not None:
-                yield self.auth(self.password, self.username)
-            role = yield self.role()
-        except txredisapi.ResponseError as e:
-            if str(e).split(" ", 1)[0] not in _TRANSIENT:
-                self.factory.stopTrying()
-                self.transport.loseConnection()
-                self.factory.connectionError(f"could not log in: {e}")
-                return
-            self.transport.abortConnection()
-            return
-        except Exception:
-            self.transport.abortConnection()
-            return
-        if not role or role[0] != "master":
-            self.transport.abortConnection()
-            return
-        # AUTH again is harmless: the base class does it, then SELECT.
-        yield super().connectionMade()
+    def admitted(self) -> Generator[Deferred[Any], Any, bool]:
+        """Only the master: a server the sentinels named may have been demoted since."""
+        role = yield self.role()
+        return bool(role) and role[0] == "master"
 
     def replyReceived(self, reply: Any) -> None:
         super().replyReceived(reply)
