@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import time
@@ -41,9 +42,24 @@ def env() -> dict[str, str]:
     return e
 
 
+def openToOthers(path: str) -> bool:
+    """Whether every directory above ``path`` lets other users through (o+x)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while True:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+        if parent == os.path.dirname(parent):
+            return True
+        parent = os.path.dirname(parent)
+
+
 @pytest.fixture
 def home() -> Iterator[str]:
     """A work directory that the user ``nobody`` owns (outside root-only /tmp dirs)."""
+    if not openToOthers(BIN):
+        # A checkout inside a directory closed to others (``mktemp -d``, mode
+        # 0700) with its venv inside it: nobody cannot run the server at all.
+        pytest.skip(f"{BIN} is in a directory other users cannot enter")
     d = tempfile.mkdtemp(prefix="imapproxy-startup-")
     os.chmod(d, 0o755)
     os.chown(d, NOBODY, NOBODY)
