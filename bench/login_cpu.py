@@ -6,7 +6,14 @@ Dovecot, and the proxy process's CPU time per login (utime + stime from
 ``/proc``), which other processes' load barely changes. Compare two trees by
 running it in each, alternately:
 
-    .venv/bin/python -m bench.login_cpu [--logins 150]
+    .venv/bin/python -m bench.login_cpu [--logins 150] [--tree DIR]
+
+``--tree DIR`` runs the proxy from another source tree's ``proxy/`` (put
+first on its ``PYTHONPATH``; the venv's dependencies and this tree's rig), so
+that two versions are compared in one session on one machine, e.g.
+``git archive COMMIT proxy | tar -x -C /tmp/COMMIT``, then alternate
+``--tree /tmp/COMMIT`` with no ``--tree``. The other version must accept the
+rig's options (``--smtp-port`` appeared with SMTP submission).
 
 The bench's Dovecot runs two ``imap-login`` processes with their own TLS
 session-ticket keys, so whether an upstream handshake resumes depends on
@@ -35,14 +42,20 @@ def cpuSeconds(pid: int) -> float:
 
 
 class _NoSpares(ProxyProcess):
+    tree: str | None = None
+
     def start(self, *extra: str) -> None:
+        if self.tree:
+            self.server_prefix = ["env", f"PYTHONPATH={self.tree}", *self.server_prefix]
         super().start(*extra, "--warm-upstream", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.login_cpu", description=__doc__)
     ap.add_argument("--logins", type=int, default=150)
+    ap.add_argument("--tree", help="a source tree whose proxy/ runs instead of the installed one")
     args = ap.parse_args(argv)
+    _NoSpares.tree = os.path.abspath(args.tree) if args.tree else None
     import bench.rig
 
     bench.rig.ProxyProcess = _NoSpares  # type: ignore[misc]
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.logins} logins: imapproxy median {p:.2f} ms, direct {d:.2f} ms, "
             f"ratio {p / d:.2f}; imapproxy CPU {1e6 * cpu / args.logins:.0f} us/login; "
-            f"load average {os.getloadavg()[0]:.1f}"
+            f"load average {os.getloadavg()[0]:.1f}; proxy/ from {args.tree or 'the venv'}"
         )
     return 0
 
