@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.rig.ProxyProcess = _NoSpares  # type: ignore[misc]
     with contextlib.ExitStack() as stack:
-        rig = Rig(tempfile.mkdtemp(prefix="imapproxy-logincpu-"), stack)
+        work = tempfile.mkdtemp(prefix="imapproxy-logincpu-")
+        stack.callback(shutil.rmtree, work, True)
+        rig = Rig(work, stack)
         rig.start()
         rig.populate(1, message(1000, "big"))
         rig.make_targets(0)
