@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from tests.upstream.osutil import wait_until
 from tests.upstream.proxyproc import ProxyProcess
 
 PER_ADDRESS = 50
@@ -69,6 +70,31 @@ def connect(port: int, source: str) -> socket.socket:
     return s
 
 
+def acceptQueue(port: int) -> int | None:
+    """
+    How many connections wait in the accept queue of the listening socket on
+    127.0.0.1:``port`` (``/proc/net/tcp``'s rx_queue of a LISTEN socket), or
+    None when there is no such socket.
+    """
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def waitAccepted(port: int, seconds: float = 30.0) -> None:
+    """
+    Wait until the server has accepted every connection made to ``port`` so
+    far. The client's ``connect`` returns once the kernel queues the
+    connection, not once the server accepts it; connections to two ports are
+    accepted in whatever order the reactor gets to them.
+    """
+    wait_until(lambda: acceptQueue(port) == 0, seconds, f"every connection to {port} accepted")
+
+
 def firstLines(socks: list[socket.socket], deadline: float) -> dict[socket.socket, bytes]:
     """What each socket received up to its first CRLF (b"" when closed), until ``deadline``."""
     got = {s: b"" for s in socks}
@@ -108,6 +134,9 @@ def test_one_address_at_its_cap_leaves_room_for_another(limited, pki):
         # ...20 TLS handshakes that never send a ClientHello...
         handshakes = [connect(tls, "127.0.0.1") for _ in range(20)]
         held += handshakes
+        # Accepted (and so counted against the cap) before the flood comes in
+        # on the other port; else some of the flood may be counted first.
+        waitAccepted(tls)
         # ...and 250 more from the same address: past the cap (and past the
         # process's open files, had it no cap).
         flood = [connect(plain, "127.0.0.1") for _ in range(250)]

@@ -69,7 +69,11 @@ class SentinelStoreTests(TestCase):
         return store
 
     def failover(self, manual: bool = False):
-        """Kill the master (or ask for a failover); wait for the new one; revive the old."""
+        """
+        Kill the master (or ask for a failover) once the replica holds all it
+        wrote; wait for the new one; revive the old.
+        """
+        self.set.wait_replicated()
         old = self.set.master()
         if manual:
             # A sentinel takes a few seconds to see a revived server (an

@@ -155,10 +155,34 @@ class SentinelSet:
         return next(s for s in self.servers if s.port == port)
 
     def kill_master(self) -> RedisServer:
-        """SIGKILL the current master; the killed server."""
+        """SIGKILL the current master, once its replica holds all it wrote; the killed server."""
+        self.wait_replicated()
         master = self.master()
         master.kill()
         return master
+
+    def wait_replicated(self, seconds: float = READY_TIMEOUT) -> None:
+        """
+        Wait until every running replica holds all the master had written when
+        called. Replication is asynchronous: a failover right after a write
+        may promote a replica without it, which the store rightly reports as
+        data lost (its marker differs). A test that means to lose nothing
+        waits for this first, as an operator's planned failover would.
+        """
+        master = self.master()
+        target = int(_field(master, "master_repl_offset") or 0)
+        replicas = [s for s in self.servers if s is not master and s.running]
+
+        def caught_up() -> bool:
+            for replica in replicas:
+                if _field(replica, "master_link_status") != "up":
+                    return False
+                offset = _field(replica, "slave_repl_offset")
+                if offset is None or int(offset) < target:
+                    return False
+            return True
+
+        _wait(caught_up, "every replica holding what the master wrote", seconds)
 
     def wait_failover(self, old_port: int, seconds: float = 30.0) -> RedisServer:
         """Wait until every sentinel names another master and it says it is one."""
