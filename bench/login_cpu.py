@@ -46,8 +46,9 @@ class _NoSpares(ProxyProcess):
     tree: str | None = None
 
     def start(self, *extra: str) -> None:
-        if self.tree:
-            self.server_prefix = ["env", f"PYTHONPATH={self.tree}", *self.server_prefix]
+        prefix = ["env", f"PYTHONPATH={self.tree}"]
+        if self.tree and self.server_prefix[:2] != prefix:  # once, however often started
+            self.server_prefix = [*prefix, *self.server_prefix]
         super().start(*extra, "--warm-upstream", "0")
 
 

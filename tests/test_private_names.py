@@ -44,8 +44,6 @@ def _ownNames(modules: list[tuple[pathlib.Path, ast.Module]]) -> set[str]:
                 names.add(node.attr)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 names.add(node.id)
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names.add(node.target.id)
             elif isinstance(node, ast.arg):
                 names.add(node.arg)
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
