@@ -13,7 +13,14 @@ first on its ``PYTHONPATH``; the venv's dependencies and this tree's rig), so
 that two versions are compared in one session on one machine, e.g.
 ``git archive COMMIT proxy | tar -x -C /tmp/COMMIT``, then alternate
 ``--tree /tmp/COMMIT`` with no ``--tree``. The other version must accept the
-rig's options (``--smtp-port`` appeared with SMTP submission).
+rig's options; for a tree older than SMTP submission (no ``proxy/smtp``) a
+wrapper drops ``--smtp-port`` and ``--login-penalty``, which it lacks.
+
+``--calls`` also counts the Python function calls the proxy's reactor
+thread makes per login (cProfile, switched on for the measured logins only
+by a signal): unlike CPU time, the count repeats exactly from run to run,
+so it shows a small change in the work per login that the CPU figure's
+noise hides. The CPU figure of a ``--calls`` run includes the profiler.
 
 The bench's Dovecot runs two ``imap-login`` processes with their own TLS
 session-ticket keys, so whether an upstream handshake resumes depends on
@@ -25,9 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pstats
 import shutil
+import signal
 import statistics
 import tempfile
+import time
 
 from bench.client import connect_login
 from bench.rig import Rig
@@ -35,28 +45,97 @@ from tests.imaputil import message
 from tests.upstream.proxyproc import ProxyProcess
 
 
-def cpuSeconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far."""
+def cpuTimes(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+# Runs twistd without the options a tree older than SMTP submission lacks.
+_OLD_TREE_WRAPPER = """#!/bin/bash
+args=(); skip=0
+for a in "$@"; do
+  if ((skip)); then skip=0; continue; fi
+  case $a in --smtp-port|--login-penalty) skip=1;; *) args+=("$a");; esac
+done
+exec "${args[@]}"
+"""
+
+# Imported by the proxy's Python (first on its PYTHONPATH) with ``--calls``:
+# one signal starts a cProfile of the reactor thread, another saves it.
+_CALLS_SITE = """import cProfile, os, signal
+_p = cProfile.Profile()
+def _start(*a):
+    _p.enable()
+def _stop(*a):
+    _p.disable()
+    _p.dump_stats(os.environ["LOGIN_CPU_CALLS"] + ".tmp")
+    os.rename(os.environ["LOGIN_CPU_CALLS"] + ".tmp", os.environ["LOGIN_CPU_CALLS"])
+signal.signal(signal.SIGRTMIN + 2, _start)
+signal.signal(signal.SIGRTMIN + 3, _stop)
+"""
+
+
+def _callsSite(workdir: str) -> str:
+    """A directory whose ``sitecustomize`` lets ``--calls`` profile the proxy."""
+    site = os.path.join(workdir, "calls-site")
+    os.makedirs(site, exist_ok=True)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(_CALLS_SITE)
+    return site
 
 
 class _NoSpares(ProxyProcess):
     tree: str | None = None
+    calls = False
 
     def start(self, *extra: str) -> None:
-        prefix = ["env", f"PYTHONPATH={self.tree}"]
-        if self.tree and self.server_prefix[:2] != prefix:  # once, however often started
+        path = [p for p in (self.tree, _callsSite(self.workdir) if self.calls else None) if p]
+        prefix = ["env", f"PYTHONPATH={':'.join(path)}"]
+        if self.calls:
+            prefix.append(f"LOGIN_CPU_CALLS={os.path.join(self.workdir, 'calls.pstats')}")
+        old = bool(self.tree) and not os.path.isdir(os.path.join(str(self.tree), "proxy", "smtp"))
+        if old:
+            wrapper = os.path.join(self.workdir, "old-tree-twistd")
+            with open(wrapper, "w") as f:
+                f.write(_OLD_TREE_WRAPPER)
+            os.chmod(wrapper, 0o755)
+            prefix.append(wrapper)
+            extra = (*extra, "--smtp-port", "none")
+        if path and self.server_prefix[: len(prefix)] != prefix:  # once, however often started
             self.server_prefix = [*prefix, *self.server_prefix]
         super().start(*extra, "--warm-upstream", "0")
+
+
+def _countCalls(pid: int, workdir: str, keep: str) -> int:
+    """Stop the proxy's profile (copied to ``keep`` unless "-"); :return: its calls."""
+    path = os.path.join(workdir, "calls.pstats")
+    os.kill(pid, signal.SIGRTMIN + 3)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit("the proxy saved no profile (was --calls's sitecustomize imported?)")
+        time.sleep(0.1)
+    if keep != "-":
+        shutil.copy(path, keep)
+    return sum(nc for _cc, nc, *_ in pstats.Stats(path).stats.values())  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.login_cpu", description=__doc__)
     ap.add_argument("--logins", type=int, default=150)
     ap.add_argument("--tree", help="a source tree whose proxy/ runs instead of the installed one")
+    ap.add_argument(
+        "--calls",
+        nargs="?",
+        const="-",
+        metavar="PSTATS",
+        help="count the proxy's Python calls per login (and keep the profile in PSTATS)",
+    )
     args = ap.parse_args(argv)
+    _NoSpares.calls = bool(args.calls)
     _NoSpares.tree = os.path.abspath(args.tree) if args.tree else None
     import bench.rig
 
@@ -73,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         pid = rig.proxy.pid()
         times: dict[str, list[float]] = {"imapproxy": [], "direct": []}
         for warmup in (True, False):
-            before = cpuSeconds(pid)
+            if args.calls and not warmup:
+                os.kill(pid, signal.SIGRTMIN + 2)
+            before = cpuTimes(pid)
             for _ in range(10 if warmup else args.logins):
                 for t in (proxy, direct):
                     c, elapsed = connect_login(t.port, t.ctx, t.logins[0])
@@ -81,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
                         times[t.name].append(elapsed)
                     c.logout()
                     c.close()
-        cpu = cpuSeconds(pid) - before
+        after = cpuTimes(pid)
+        calls = ""
+        if args.calls:
+            count = _countCalls(pid, rig.proxy.workdir, args.calls)
+            calls = f"; {count / args.logins:.0f} Python calls/login"
+        user, system = (a - b for a, b in zip(after, before, strict=True))
+        cpu = user + system
         p, d = (statistics.median(times[n]) * 1e3 for n in ("imapproxy", "direct"))
         print(
             f"{args.logins} logins: imapproxy median {p:.2f} ms, direct {d:.2f} ms, "
-            f"ratio {p / d:.2f}; imapproxy CPU {1e6 * cpu / args.logins:.0f} us/login; "
-            f"load average {os.getloadavg()[0]:.1f}; proxy/ from {args.tree or 'the venv'}"
+            f"ratio {p / d:.2f}; imapproxy CPU {1e6 * cpu / args.logins:.0f} us/login "
+            f"(user {1e6 * user / args.logins:.0f}, system {1e6 * system / args.logins:.0f}); "
+            f"load average {os.getloadavg()[0]:.1f}; proxy/ from {args.tree or 'the venv'}{calls}"
         )
     return 0
 
