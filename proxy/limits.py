@@ -97,6 +97,7 @@ LOG_INTERVAL = 60.0
 TRIM_DELAY = 5.0
 
 
+@functools.lru_cache(maxsize=4096)
 def addressKey(host: str) -> str:
     """The key a client's connections are counted under: its IPv4 address or IPv6 /64."""
     try:

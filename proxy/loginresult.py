@@ -6,6 +6,7 @@ protocol (``imapResponse()`` or ``smtpResponse()``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -92,11 +93,15 @@ def outcome(failure: Any) -> tuple[str, str]:
 def seconds(server: Any) -> float:
     """The time by the server's factory's clock (the reactor's by default)."""
     clock: Any = getattr(getattr(server, "factory", None), "clock", None)
-    if clock is None:
-        from twisted.internet import reactor
+    return float((clock or _reactor()).seconds())
 
-        clock = reactor
-    return float(clock.seconds())
+
+@functools.cache
+def _reactor() -> Any:
+    # Imported at the first use (the reactor is installed by then), once.
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def auditLogin(

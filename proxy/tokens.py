@@ -5,6 +5,7 @@ no store, no reactor, the time is passed in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -78,6 +79,8 @@ def parseScopes(scopes: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+# Parsed once per address, not at every login (addresses are immutable).
+@functools.lru_cache(maxsize=4096)
 def clientAddress(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """
     A peer's address as the checks see it: an IPv4-mapped IPv6 address
@@ -103,10 +106,15 @@ def addressAllowed(address: str, networks: Iterable[str]) -> bool:
     if ip is None:
         return False
     for n in networks:
-        net = ipaddress.ip_network(n, strict=False)
+        net = _network(n)
         if ip.version == net.version and ip in net:
             return True
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(network: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(network, strict=False)
 
 
 def hasScope(token: Token, scope: str) -> bool:

@@ -1,16 +1,23 @@
 """
 Tests for ``proxy.relay.transports``: walking down a stack of transports
-(TLS over a wrapper over TCP) to the innermost one, with a bound on depth.
+(TLS over a wrapper over TCP) to the innermost one, with a bound on depth;
+keeping the interface declarations the layers make at each connection.
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import directlyProvides, providedBy
+from zope.interface.declarations import Provides
 
-from proxy.relay.transports import MAX_DEPTH, transportChain
+from proxy.relay import transports
+from proxy.relay.transports import MAX_DEPTH, keepDeclarations, transportChain
 
 
 class Loop:
@@ -52,3 +59,86 @@ class TransportChainTests(SynchronousTestCase):
         loop = Loop()
         self.assertEqual(len(list(transportChain(loop))), MAX_DEPTH)
         self.assertIs(list(transportChain(loop))[-1], loop)
+
+
+def stack(wrapperClass: type) -> tuple[ProtocolWrapper, StringTransport]:
+    """A ``wrapperClass`` layer over TCP, connected (it takes on TCP's interfaces)."""
+    tcp = StringTransport()
+    wrapper = wrapperClass(WrappingFactory(None), Protocol())
+    wrapper.makeConnection(tcp)
+    return wrapper, tcp
+
+
+class LoopingWrapper(ProtocolWrapper):
+    """Takes on its transport's interfaces one at a time, as Twisted's TLS layer does."""
+
+    def makeConnection(self, transport):
+        for interface in providedBy(transport):
+            directlyProvides(self, interface)
+        ProtocolWrapper.makeConnection(self, transport)
+
+
+class KeepDeclarationsTests(SynchronousTestCase):
+    """
+    A layer's declarations outlive its connection once kept, so the next
+    connection's layer finds them instead of working them out again. Each
+    test makes its own wrapper class: what is kept stays kept.
+    """
+
+    def test_aWrappersDeclarationOutlivesItsConnection(self):
+        """The declaration a wrapper took on is the next wrapper's, once kept."""
+
+        class Wrapper(ProtocolWrapper):
+            pass
+
+        first, _ = stack(Wrapper)
+        made = weakref.ref(providedBy(first))
+        keepDeclarations(first)
+        del first
+        gc.collect()
+        self.assertIsNotNone(made())
+        second, _ = stack(Wrapper)
+        self.assertIs(providedBy(second), made())
+
+    def test_withoutKeepingItIsWorkedOutAgain(self):
+        """The control: nothing else holds a dropped connection's declaration."""
+
+        class Wrapper(ProtocolWrapper):
+            pass
+
+        first, _ = stack(Wrapper)
+        made = weakref.ref(providedBy(first))
+        del first
+        gc.collect()
+        self.assertIsNone(made())
+
+    def test_eachInterfaceOfALoopingLayerIsKept(self):
+        """
+        A layer that declares its transport's interfaces one by one (the TLS
+        layer) finds every one of those declarations kept, not only the last.
+        """
+        first, tcp = stack(LoopingWrapper)
+        keepDeclarations(first)
+        kept = [weakref.ref(Provides(LoopingWrapper, i)) for i in providedBy(tcp)]
+        del first
+        gc.collect()
+        self.assertTrue(kept)
+        self.assertTrue(all(ref() is not None for ref in kept))
+
+    def test_keptOncePerKindOfStack(self):
+        """A second stack of the same kind adds nothing; past the bound nothing is added."""
+
+        class Wrapper(ProtocolWrapper):
+            pass
+
+        keepDeclarations(stack(Wrapper)[0])
+        count = len(transports._KEPT)
+        keepDeclarations(stack(Wrapper)[0])
+        self.assertEqual(len(transports._KEPT), count)
+
+        class Other(ProtocolWrapper):
+            pass
+
+        self.patch(transports, "MAX_KEPT", count)
+        keepDeclarations(stack(Other)[0])
+        self.assertEqual(len(transports._KEPT), count)

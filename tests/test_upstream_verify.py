@@ -148,6 +148,36 @@ class AdversarialCertificateTests(TestCase):
             await self.servers.allClosed()
 
     @ensuringDeferred
+    async def test_aNameFoundValidIsKeptForItsHostOnly(self):
+        """
+        A certificate found valid for a host is not checked again for that
+        host (the check is kept by certificate and host: a login's full
+        handshake sees the same certificate each time), and the same
+        certificate presented for another host is still refused.
+        """
+        from proxy.upstream import verify
+
+        leaf = issue("imap.example.com", self.root, ca=False, sans=("imap.example.com",))
+        checked = []
+        original = verify.verify_certificate_hostname
+
+        def recording(certificate, host):
+            checked.append(host)
+            return original(certificate, host)
+
+        self.patch(verify, "verify_certificate_hostname", recording)
+        for _ in range(2):
+            port = self.serve(serverOptions(leaf), starttls=False)
+            proto = await self.login("imap.example.com", port, "implicit")
+            proto.transport.abortConnection()
+            await self.servers.allClosed()
+        self.assertEqual(checked, ["imap.example.com"])
+        reasons = await self.refusedEitherWay(serverOptions(leaf), host="other.example.com")
+        self.assertEqual(reasons, ["certificate-hostname"] * 2)
+        # Checked at each attempt: a refusal is never kept.
+        self.assertEqual(checked, ["imap.example.com"] + ["other.example.com"] * 2)
+
+    @ensuringDeferred
     async def test_aTrustedCertificateForAnotherName(self):
         """A valid certificate from the trusted root, for another host."""
         leaf = issue("evil.example.net", self.root, ca=False, sans=("evil.example.net",))

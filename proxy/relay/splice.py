@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from .. import auditlog
 from . import _fast, ending
 from .boundary import ImapBoundaries, SmtpBoundaries
+from .transports import keepDeclarations
 
 log = Logger(namespace="proxy.relay")
 
@@ -154,6 +155,8 @@ class Splice:
         ut.resumeProducing()
         self._spliced = True
         self._lastLineIfQuiet()
+        keepDeclarations(ct)
+        keepDeclarations(ut)
 
     def _watched(self, write: Any) -> Any:
         """``write``, then the last line of ``closeWhenIdle`` once the session is quiet."""

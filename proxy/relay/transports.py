@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from zope.interface import providedBy
+from zope.interface.declarations import Provides
+
 # TLS over a PROXY-protocol wrapper over TCP is three; a stack deeper than
 # this is a cycle or a mistake, not something to follow.
 MAX_DEPTH = 8
@@ -29,3 +32,36 @@ def transportChain(transport: Any) -> Iterator[Any]:
             return
         yield t
         t = getattr(t, "transport", None)
+
+
+# The interface declarations kept, by (layer's class, interfaces of the
+# layer below): a handful (one per kind of stack) in a process; the bound is
+# against a layer that declares something new per connection.
+_KEPT: dict[tuple[type, Any], tuple[Any, list[Any]]] = {}
+MAX_KEPT = 64
+
+
+def keepDeclarations(transport: Any) -> None:
+    """
+    Hold, for good, the interface declarations the layers of ``transport``'s
+    stack made for themselves, so that the next connection's layers find them.
+
+    Twisted's wrappers take on their transport's interfaces at every
+    connection: a ``ProtocolWrapper`` with one ``directlyProvides``, the TLS
+    layer with one per interface, each replacing the last. zope.interface
+    keeps each declaration (``Provides``) only while something refers to
+    it, so with few connections at a time each one worked them all out
+    again (their resolution orders: about 300 Python calls a login). Once
+    per kind of stack, this keeps the one each layer holds and one per
+    interface of the layer below (what the TLS layer's loop makes).
+    """
+    for layer in transportChain(transport):
+        below = getattr(layer, "transport", None)
+        if below is None:
+            return
+        key = (type(layer), providedBy(below))
+        if key in _KEPT:
+            continue
+        if len(_KEPT) >= MAX_KEPT:
+            return
+        _KEPT[key] = (providedBy(layer), [Provides(type(layer), i) for i in providedBy(below)])

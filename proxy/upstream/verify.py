@@ -12,10 +12,12 @@ certificate's subject and issuer.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
 from typing import Any
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
     verify_certificate_hostname,
@@ -51,6 +53,13 @@ VALIDITY_ERRORS = frozenset({9, 10})
 # A detail is for a log line and the account's state: bounded and printable
 # whatever a server puts in its certificate.
 MAX_NAME = 200
+# Certificates whose names were found valid for a host, by (host, SHA-256 of
+# the certificate): a login's full handshake sees the same certificate as the
+# last one, and the name check is the same pure function of the two each
+# time. Only the names: OpenSSL judges the chain and the dates at every
+# handshake. Emptied when full (a provider has a handful of certificates).
+_NAMES_VALID: set[tuple[str, bytes]] = set()
+_NAMES_KEPT = 1024
 
 
 def printable(text: str, limit: int = MAX_NAME) -> str:
@@ -98,6 +107,7 @@ def nameRejection(
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def _isAddress(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -125,8 +135,13 @@ class ReportingTLSOptions:
     def __init__(self, inner: Any, host: str, port: int):
         self._inner = inner
         self.host = host
-        self.server = f"{printable(host)}:{port}"
+        self.port = port
         self._address = _isAddress(host)
+
+    @property
+    def server(self) -> str:
+        """``host:port`` as a report shows it."""
+        return f"{printable(self.host)}:{self.port}"
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
@@ -173,11 +188,21 @@ class ReportingTLSOptions:
         return verify
 
     def _checkName(self, certificate: Any) -> None:
+        # The DER dump is a few calls; pyOpenSSL's digest() formats hex in Python.
+        key = (
+            self.host,
+            hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)).digest(),
+        )
+        if key in _NAMES_VALID:
+            return
         c = certificate.to_cryptography()
         if self._address:
             verify_certificate_ip_address(c, self.host)
         else:
             verify_certificate_hostname(c, self.host)
+        if len(_NAMES_VALID) >= _NAMES_KEPT:
+            _NAMES_VALID.clear()
+        _NAMES_VALID.add(key)
 
 
 def rejectionFor(reason: Failure, server: str) -> CertificateRejected | None:
