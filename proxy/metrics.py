@@ -114,6 +114,10 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self._reasons: set[str] = set()
+        # Labelled series by (metric, label values): prometheus_client's
+        # labels() validates and locks at each call; the label values are
+        # bounded sets (protocols, reason codes, providers).
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._ended: dict[tuple[str, str], int] = {}
         self._sessions: Any = None
         self._spares: Any = None
@@ -153,18 +157,25 @@ class Metrics:
 
     def reason(self, reason: str | None) -> str:
         """A reason code as a label value: a known, bounded set."""
-        if not reason or not _REASON.match(reason):
+        if reason in self._reasons:
+            return reason  # type: ignore[return-value]
+        if not reason or not _REASON.match(reason) or len(self._reasons) >= MAX_REASONS:
             return "other"
-        if reason not in self._reasons:
-            if len(self._reasons) >= MAX_REASONS:
-                return "other"
-            self._reasons.add(reason)
+        self._reasons.add(reason)
         return reason
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept (for the labels of the login path)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def login(self, protocol: str, result: str, seconds: float) -> None:
         protocol = protocol if protocol in PROTOCOLS else "other"
-        self.logins.labels(protocol, self.reason(result)).inc()
-        self.loginSeconds.labels(protocol).observe(seconds)
+        self.child(self.logins, protocol, self.reason(result)).inc()
+        self.child(self.loginSeconds, protocol).observe(seconds)
 
     def refreshed(self, provider: str, result: str, seconds: float) -> None:
         self.refreshes.labels(provider, self.reason(result)).inc()

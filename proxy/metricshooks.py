@@ -133,7 +133,7 @@ class MeteredChecker:
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         protocol = str(getattr(credentials, "protocol", "imap"))
-        histogram = self._metrics.tokenCheckSeconds.labels(protocol)
+        histogram = self._metrics.child(self._metrics.tokenCheckSeconds, protocol)
         return _timed(
             self._metrics.clock,
             lambda: self._checker.requestAvatarId(credentials),
@@ -152,7 +152,7 @@ class MeteredAccessTokens:
         self._metrics = metrics
 
     def get(self, account: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        histogram = self._metrics.accessTokenSeconds.labels(_protocol.get())
+        histogram = self._metrics.child(self._metrics.accessTokenSeconds, _protocol.get())
         return _timed(
             self._metrics.clock,
             lambda: self._access.get(account, *args, **kwargs),
@@ -177,7 +177,7 @@ class MeteredConnector:
         return self._time("smtp", lambda: self._connect.smtp(*args, **kwargs))
 
     def _time(self, protocol: str, work: Callable[[], Any]) -> Deferred[Any]:
-        histogram = self._metrics.upstreamSeconds.labels(protocol)
+        histogram = self._metrics.child(self._metrics.upstreamSeconds, protocol)
         return _timed(self._metrics.clock, work, lambda e, s: histogram.observe(s))
 
     def __getattr__(self, name: str) -> Any:
