@@ -38,6 +38,9 @@ def transportChain(transport: Any) -> Iterator[Any]:
 # layer below): a handful (one per kind of stack) in a process; the bound is
 # against a layer that declares something new per connection.
 _KEPT: dict[tuple[type, Any], tuple[Any, list[Any]]] = {}
+# The top layers' declarations of the stacks already walked: once kept, a
+# stack of the same kind has the same one, and the walk is skipped.
+_WALKED: set[Any] = set()
 MAX_KEPT = 64
 
 
@@ -55,13 +58,18 @@ def keepDeclarations(transport: Any) -> None:
     per kind of stack, this keeps the one each layer holds and one per
     interface of the layer below (what the TLS layer's loop makes).
     """
+    top = providedBy(transport)
+    if top in _WALKED:
+        return
     for layer in transportChain(transport):
         below = getattr(layer, "transport", None)
         if below is None:
-            return
+            break
         key = (type(layer), providedBy(below))
         if key in _KEPT:
             continue
         if len(_KEPT) >= MAX_KEPT:
             return
         _KEPT[key] = (providedBy(layer), [Provides(type(layer), i) for i in providedBy(below)])
+    if len(_WALKED) < MAX_KEPT:
+        _WALKED.add(top)
