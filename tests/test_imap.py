@@ -573,6 +573,19 @@ class LoginOutcomeTests(ProxyServerTestCase):
         self.assertIs(self.transport.producer, upstream.transport)
         self.assertIs(upstream.transport.producer, self.transport)
 
+    def test_aSplicedSessionKeepsItsAttributesFew(self):
+        """
+        A spliced session's server has at most 30 attributes: past that
+        CPython (3.11) stops sharing an instance dictionary's keys with the
+        other instances, and each idle session holds about 1.2 KiB more.
+        """
+        server = self.greeted()
+        self.send(b"a LOGIN alice " + TOKEN.encode() + b"\r\n")
+        _, d = self.lastLogin()
+        self.succeed(d, FakeUpstream())
+        self.assertIsNotNone(server.splice)
+        self.assertLessEqual(len(vars(server)), 30, sorted(vars(server)))
+
     def test_realUpstreamProtocol(self):
         """With a real logged-in UpstreamProtocol, its leftover and later bytes reach the client."""
         upstreamTransport = StringTransport()

@@ -82,6 +82,11 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
     # (reading goes on below it, so that a client that leaves is seen).
     MAX_HELD = 65536
     _cut: Any = None
+    # Attributes that only a few sessions change are class defaults: with
+    # more than 30 attributes an instance no longer shares its dictionary's
+    # keys (CPython 3.11), and each idle session holds 1.2 KiB more.
+    _badCommands = 0
+    _failedLogins = 0
     _held = 0
     # The transport paused past MAX_HELD (the splice or a refusal resumes it).
     _readingPaused = False
@@ -98,8 +103,6 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         self._sessions = sessions
         self._phase = "preauth"
         self._account = ""
-        self._badCommands = 0
-        self._failedLogins = 0
         self.sink: Any = None
         self.splice: Splice | None = None
         self.bytesReceived = 0
@@ -286,8 +289,8 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
         # MAX_HELD): a paused connection would not see a client leave, and
         # its held commands would reach the provider after all.
         self._phase = "login"
-        self._held = 0
-        self._readingPaused = False
+        if self._held or self._readingPaused:  # left by an earlier refused login
+            self._held, self._readingPaused = 0, False
         self.paused = True  # LineReceiver: no more lines parsed
         self._account = loggableAccount(account)
         self._loginStarted = seconds(self)
