@@ -150,6 +150,36 @@ class ResumptionTests(SynchronousTestCase):
             options.remember(tls)
         self.assertEqual(checked, [0])
 
+    def test_theVerifyCallbackIsLetGoAtTheEndOfTheLogin(self):
+        """
+        ``remember`` (the end of a login) lets go of the connection's verify
+        callback, and the connection keeps its verify mode.
+        """
+        import gc
+        import weakref
+
+        from OpenSSL import SSL
+
+        options = ReportingTLSOptions(self.clientOptions(), "localhost", 993)
+        made = []
+        callback = options._callback
+
+        def recording(tlsProtocol):
+            verify = callback(tlsProtocol)
+            made.append(weakref.ref(verify))
+            return verify
+
+        options._callback = recording
+        tls, reader = self.connect(self.serverOptions(), options)
+        self.assertEqual(reader.data, b"* OK hello\r\n")
+        gc.collect()
+        self.assertIsNotNone(made[0]())
+        options.remember(tls)
+        gc.collect()
+        self.assertIsNone(made[0]())
+        mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        self.assertEqual(tls.getHandle().get_verify_mode(), mode)
+
     def test_aPlainConnectionIsIgnored(self):
         """remember() on a transport without TLS keeps nothing."""
         options = self.clientOptions()

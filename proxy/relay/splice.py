@@ -15,6 +15,7 @@ from . import _fast, ending
 from .boundary import ImapBoundaries, SmtpBoundaries
 from .transports import keepDeclarations
 
+_NOTHING_LOST: frozenset[str] = frozenset()
 log = Logger(namespace="proxy.relay")
 
 
@@ -102,8 +103,8 @@ class Splice:
         self.closedBy: str | None = None
         self._released = False
         self._cuts: dict[str, Any] = {}
-        # A frozenset: the empty one is shared (an empty set is 216 bytes a session).
-        self._lost: frozenset[str] = frozenset()
+        # Frozen, starting from one shared empty set: a set per session is 216 bytes.
+        self._lost: frozenset[str] = _NOTHING_LOST
         # The provider's last bytes, to tell a goodbye answered from its own close.
         self._tail = b""
 

@@ -151,10 +151,23 @@ class ReportingTLSOptions:
         return connection
 
     def remember(self, transport: Any) -> None:
-        """Session resumption is the shared options' business: pass it on."""
+        """
+        At the end of a login: session resumption is the shared options'
+        business (passed on); and the handshake this connection's verify
+        callback judged is over, so the callback is let go (with pyOpenSSL's
+        helper for it, about 1 KiB a session). OpenSSL goes on verifying any
+        later handshake of the connection with the same mode, Twisted its
+        host name; only this report's detail is lost.
+        """
         remember = getattr(self._inner, "remember", None)
         if remember is not None:
             remember(transport)
+        try:
+            connection = transport.getHandle()
+        except Exception:
+            return
+        if isinstance(connection, SSL.Connection):
+            connection.set_verify(connection.get_verify_mode(), None)
 
     def _callback(self, tlsProtocol: Any) -> Any:
         reported = False
