@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import gc
 import os
 import shutil
 import tempfile
+import weakref
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -448,6 +450,24 @@ class TakeOverTests(_Driver):
         reason = Failure(ConnectionDone())
         self.proto.connectionLost(reason)
         self.assertEqual(lost, [reason])
+
+    def test_theLoginMachineGoesAtTheHandOver(self):
+        """
+        Once the splice takes the connection, the login machine (with the
+        access token and the XOAUTH2 string it held) is let go; the session's
+        capabilities and the authenticator stay.
+        """
+        self.connect()
+        self.receive(
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi", b"U1 OK [CAPABILITY X Y] ok"
+        )
+        authenticator = self.proto.authenticator
+        login = weakref.ref(self.proto._login)
+        self.proto.takeOver(lambda data: None, lambda reason: None)
+        gc.collect()
+        self.assertIsNone(login())
+        self.assertEqual(self.proto.capabilities, [b"X", b"Y"])
+        self.assertIs(self.proto.authenticator, authenticator)
 
 
 @implementer(ILoginIO)

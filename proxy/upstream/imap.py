@@ -59,7 +59,14 @@ class UpstreamProtocol(LineReceiver):
         self.ready: Deferred[UpstreamProtocol] = Deferred()
         self.sink: Callable[[bytes], Any] | None = None
         self.bytesReceived = 0
-        self._login = UpstreamLogin(self, authenticator, secret, mode == "starttls", server)
+        # The login machine, until the splice takes the connection: then its
+        # results are kept and it goes, with the access token and the
+        # XOAUTH2 string it holds.
+        self._login: UpstreamLogin | None = UpstreamLogin(
+            self, authenticator, secret, mode == "starttls", server
+        )
+        self._capabilities: list[bytes] = []
+        self._authenticator: Any = None
         self._kept: list[bytes] = []
         self._keptSize = 0
         self._spareLost: Callable[[], Any] | None = None
@@ -72,11 +79,13 @@ class UpstreamProtocol(LineReceiver):
     @property
     def capabilities(self) -> list[bytes]:
         """The server's capabilities; once logged in, the session's."""
-        return self._login.capabilities
+        login = self._login
+        return login.capabilities if login is not None else self._capabilities
 
     @property
     def authenticator(self) -> Any:
-        return self._login.authenticator
+        login = self._login
+        return login.authenticator if login is not None else self._authenticator
 
     # -- what the transport says -----------------------------------------------
 
@@ -200,13 +209,18 @@ class UpstreamProtocol(LineReceiver):
 
     # -- outputs -------------------------------------------------------------------
 
+    # The login machine's own outputs run before any hand-over (which
+    # drops it): the guards are for the type checker.
+
     @_machine.output()
     def _loginUnusable(self) -> None:
-        self._login.unusable()
+        if self._login is not None:
+            self._login.unusable()
 
     @_machine.output()
     def _loginLost(self, reason: Failure) -> None:
-        self._login.connectionLost(reason)
+        if self._login is not None:
+            self._login.connectionLost(reason)
 
     @_machine.output()
     def _fireReady(self) -> None:
@@ -264,13 +278,17 @@ class UpstreamProtocol(LineReceiver):
     def _logout(self) -> None:
         self._spareLost = None
         self._lines = self._ignore
-        self._login.send(b"LOGOUT")
+        if self._login is not None:
+            self._login.send(b"LOGOUT")
         self.transport.loseConnection()
 
     @_machine.output()
     def _handOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> bytes:
         leftover = b"".join(self._kept) + self.clearLineBuffer()
         self._kept = []
+        login, self._login = self._login, None
+        if login is not None:
+            self._capabilities, self._authenticator = login.capabilities, login.authenticator
         self.sink = sink
         self._onLost = onLost
         self.paused = False
