@@ -22,6 +22,12 @@ by a signal): unlike CPU time, the count repeats exactly from run to run,
 so it shows a small change in the work per login that the CPU figure's
 noise hides. The CPU figure of a ``--calls`` run includes the profiler.
 
+``--hold N`` then holds N logged-in sessions (each LOGIN, then a NOOP
+through the splice; with ``--idle`` then IDLE) and prints the proxy's RSS
+per session: the memory figure of ``bench.concurrency`` on this rig, on a
+fresh proxy (that figure depends on what the proxy did before), in a
+minute, for two trees.
+
 The bench's Dovecot runs two ``imap-login`` processes with their own TLS
 session-ticket keys, so whether an upstream handshake resumes depends on
 which one accepts it: the latency figures are bimodal, the CPU figure less so.
@@ -38,6 +44,7 @@ import signal
 import statistics
 import tempfile
 import time
+from typing import Any
 
 from bench.client import connect_login
 from bench.rig import Rig
@@ -134,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PSTATS",
         help="count the proxy's Python calls per login (and keep the profile in PSTATS)",
     )
+    ap.add_argument(
+        "--hold",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then hold N logged-in sessions and print the proxy's RSS per session",
+    )
+    ap.add_argument("--idle", action="store_true", help="the held sessions wait in IDLE")
     args = ap.parse_args(argv)
     _NoSpares.calls = bool(args.calls)
     _NoSpares.tree = os.path.abspath(args.tree) if args.tree else None
@@ -176,7 +191,41 @@ def main(argv: list[str] | None = None) -> int:
             f"(user {1e6 * user / args.logins:.0f}, system {1e6 * system / args.logins:.0f}); "
             f"load average {os.getloadavg()[0]:.1f}; proxy/ from {args.tree or 'the venv'}{calls}"
         )
+        if args.hold:
+            print(_holdSessions(proxy, pid, args.hold, args.idle))
     return 0
+
+
+def rssKiB(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _holdSessions(target: Any, pid: int, n: int, idle: bool) -> str:
+    """Open ``n`` sessions (LOGIN, a NOOP through the splice, IDLE) and compare RSS."""
+    before = rssKiB(pid)
+    held = []
+    try:
+        for _ in range(n):
+            c, _elapsed = connect_login(target.port, target.ctx, target.logins[0])
+            held.append(c)
+            c.command(b"NOOP")
+            if idle:
+                c.sock.sendall(b"i IDLE\r\n")
+                while not c.line().startswith(b"+"):
+                    pass
+        during = rssKiB(pid)
+    finally:
+        for c in held:
+            with contextlib.suppress(Exception):
+                if idle:
+                    c.sock.sendall(b"DONE\r\n")
+                c.logout()
+                c.close()
+    return (
+        f"{n} sessions held: proxy RSS {before} -> {during} KiB, "
+        f"{(during - before) / n:.1f} KiB per idle session{' (in IDLE)' if idle else ''}"
+    )
 
 
 if __name__ == "__main__":
