@@ -9,9 +9,9 @@ with nothing consumed past the login. Those phases are a state machine too.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from automat import MethodicalMachine
+from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -44,7 +44,6 @@ class UpstreamProtocol(LineReceiver):
     MAX_KEPT = 65536
     delimiter = b"\r\n"
     transport: Any
-    _machine = MethodicalMachine()
 
     def __init__(
         self,
@@ -75,6 +74,7 @@ class UpstreamProtocol(LineReceiver):
         # Who reads the lines: set by the phase machine's outputs (a line is
         # the hot path of a login: no machine input per line).
         self._lines: Callable[[bytes], None] = self._login.lineReceived
+        self._phase: _Phase = _PhaseMachine(self)
 
     @property
     def capabilities(self) -> list[bytes]:
@@ -104,14 +104,14 @@ class UpstreamProtocol(LineReceiver):
             self._lines(line)
         except Exception:
             log.failure("unexpected upstream response handling error")
-            self._unusable()
+            self._phase.unusable()
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._unusable()
+        self._phase.unusable()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
-        self._lost(reason)
+        self._phase.lost(reason)
         closed, self._closed = self._closed, []
         for d in closed:
             d.callback(None)
@@ -145,7 +145,7 @@ class UpstreamProtocol(LineReceiver):
         """Take a spare for a client; :return: False when it is closing."""
         if getattr(self.transport, "disconnecting", False):
             return False
-        return bool(self._claim()[-1])
+        return self._phase.claim()
 
     def takeOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> bytes:
         """
@@ -154,93 +154,32 @@ class UpstreamProtocol(LineReceiver):
 
         :return: the bytes read after the login that were not parsed.
         """
-        return self._takeOver(sink, onLost)[-1]  # type: ignore[no-any-return]
+        return self._phase.takeOver(sink, onLost)
 
-    # -- inputs ------------------------------------------------------------------
-
-    # The login machine logged in.
-    @_machine.input()
-    def loginSucceeded(self) -> None: ...
-    # The login machine gave up.
-    @_machine.input()
-    def loginFailed(self, error: ProxyError) -> None: ...
-    @_machine.input()
     def keepAsSpare(self, onLost: Callable[[], Any]) -> None:
         """
         Logged in, waiting for a client: keep reading, so that a close (the
         server's idle logout) is noticed, and keep what arrives for the client.
         ``onLost`` is called if the connection ends meanwhile.
         """
+        self._phase.keepAsSpare(onLost)
 
-    # Taken for a client.
-    @_machine.input()
-    def _claim(self) -> None: ...
-    @_machine.input()
     def discard(self) -> None:
         """Log out a spare nobody took (or one made after it was no longer wanted)."""
+        self._phase.discard()
 
-    # The splice takes the connection.
-    @_machine.input()
-    def _takeOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> None: ...
-    # A line too long, or a bug handling one.
-    @_machine.input()
-    def _unusable(self) -> None: ...
-    # The connection ended.
-    @_machine.input()
-    def _lost(self, reason: Failure) -> None: ...
+    # -- what the login machine says (ILoginIO) ----------------------------------
 
-    # -- states --------------------------------------------------------------------
-
-    # Lines go to the login machine.
-    @_machine.state(initial=True)
-    def loggingIn(self) -> None: ...
-    # Logged in, paused, owned by whoever ``ready`` fired to.
-    @_machine.state()
-    def loggedIn(self) -> None: ...
-    # Waiting in the pool for a client, reading.
-    @_machine.state()
-    def spare(self) -> None: ...
-    # The splice's.
-    @_machine.state()
-    def relaying(self) -> None: ...
-    # Failed, logged out, or gone.
-    @_machine.state()
-    def closed(self) -> None: ...
-
-    # -- outputs -------------------------------------------------------------------
-
-    # The login machine's own outputs run before any hand-over (which
-    # drops it): the guards are for the type checker.
-
-    @_machine.output()
-    def _loginUnusable(self) -> None:
-        if self._login is not None:
-            self._login.unusable()
-
-    @_machine.output()
-    def _loginLost(self, reason: Failure) -> None:
-        if self._login is not None:
-            self._login.connectionLost(reason)
-
-    @_machine.output()
-    def _fireReady(self) -> None:
-        keepSession(self.tlsOptions, self.transport)
-        # Stop parsing: what follows belongs to the client's session.
-        self._lines = self._ignore
-        self.pauseProducing()
+    def loginSucceeded(self) -> None:
+        self._phase.loginSucceeded()
+        # Outside the machine: whoever ``ready`` fires to may take the
+        # connection over at once (``takeOver``, an input with a result).
         self.ready.callback(self)
 
-    @_machine.output()
-    def _fireFailure(self, error: ProxyError) -> None:
-        self._lines = self._ignore
-        self.transport.loseConnection()
-        self.ready.errback(error)
+    def loginFailed(self, error: ProxyError) -> None:
+        self._phase.loginFailed(error)
 
-    @_machine.output()
-    def _wait(self, onLost: Callable[[], Any]) -> None:
-        self._spareLost = onLost
-        self._lines = self._keep
-        self.resumeProducing()
+    # -- the phase machine's outputs ------------------------------------------------
 
     def _ignore(self, line: bytes) -> None:
         pass
@@ -252,37 +191,6 @@ class UpstreamProtocol(LineReceiver):
             return
         self._kept.append(line + b"\r\n")
 
-    @_machine.output()
-    def _abort(self) -> None:
-        # Its pool hears of it through connectionLost.
-        self.transport.abortConnection()
-
-    @_machine.output()
-    def _tellPool(self) -> None:
-        onLost, self._spareLost = self._spareLost, None
-        if onLost is not None:
-            onLost()
-
-    @_machine.output()
-    def _claimed(self) -> bool:
-        self._spareLost = None
-        self._lines = self._ignore
-        self.pauseProducing()
-        return True
-
-    @_machine.output()
-    def _notClaimed(self) -> bool:
-        return False
-
-    @_machine.output()
-    def _logout(self) -> None:
-        self._spareLost = None
-        self._lines = self._ignore
-        if self._login is not None:
-            self._login.send(b"LOGOUT")
-        self.transport.loseConnection()
-
-    @_machine.output()
     def _handOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> bytes:
         leftover = b"".join(self._kept) + self.clearLineBuffer()
         self._kept = []
@@ -295,40 +203,125 @@ class UpstreamProtocol(LineReceiver):
         self.setRawMode()
         return leftover
 
-    @_machine.output()
-    def _tellSplice(self, reason: Failure) -> None:
-        if self._onLost is not None:
-            self._onLost(reason)
+    def _logout(self) -> None:
+        self._spareLost = None
+        self._lines = self._ignore
+        if self._login is not None:
+            self._login.send(b"LOGOUT")
+        self.transport.loseConnection()
 
-    # -- transitions -----------------------------------------------------------------
 
-    loggingIn.upon(_unusable, enter=loggingIn, outputs=[_loginUnusable])
-    loggingIn.upon(_lost, enter=loggingIn, outputs=[_loginLost])
-    loggingIn.upon(loginSucceeded, enter=loggedIn, outputs=[_fireReady])
-    loggingIn.upon(loginFailed, enter=closed, outputs=[_fireFailure])
-    loggingIn.upon(discard, enter=loggingIn, outputs=[])
-    loggingIn.upon(_claim, enter=loggingIn, outputs=[_notClaimed])
+class _Phase(Protocol):
+    """The phase machine's inputs (``UpstreamProtocol`` is its core)."""
 
-    loggedIn.upon(keepAsSpare, enter=spare, outputs=[_wait])
-    loggedIn.upon(_takeOver, enter=relaying, outputs=[_handOver])
-    loggedIn.upon(discard, enter=closed, outputs=[_logout])
-    loggedIn.upon(_claim, enter=loggedIn, outputs=[_notClaimed])
-    # Paused: nothing is read; a loss reaches whoever takes it over as a
-    # failed write, as before any splice.
-    loggedIn.upon(_lost, enter=loggedIn, outputs=[])
-    loggedIn.upon(_unusable, enter=loggedIn, outputs=[])
+    # The login machine logged in.
+    def loginSucceeded(self) -> None: ...
+    # The login machine gave up.
+    def loginFailed(self, error: ProxyError) -> None: ...
+    def keepAsSpare(self, onLost: Callable[[], Any]) -> None: ...
+    # Taken for a client: True, or False when it cannot be.
+    def claim(self) -> bool: ...
+    def discard(self) -> None: ...
+    # The splice takes the connection: the bytes read past the login.
+    def takeOver(self, sink: Callable[[bytes], Any], onLost: Callable[[Any], Any]) -> bytes: ...
+    # A line too long, or a bug handling one.
+    def unusable(self) -> None: ...
+    # The connection ended.
+    def lost(self, reason: Failure) -> None: ...
 
-    spare.upon(_unusable, enter=spare, outputs=[_abort])
-    spare.upon(_claim, enter=loggedIn, outputs=[_claimed])
-    spare.upon(discard, enter=closed, outputs=[_logout])
-    spare.upon(_lost, enter=closed, outputs=[_tellPool])
 
-    relaying.upon(_lost, enter=closed, outputs=[_tellSplice])
-    relaying.upon(_unusable, enter=relaying, outputs=[])
-    relaying.upon(discard, enter=relaying, outputs=[])
-    relaying.upon(_claim, enter=relaying, outputs=[_notClaimed])
+_phases = TypeMachineBuilder(_Phase, UpstreamProtocol)
+# Lines go to the login machine.
+_loggingIn = _phases.state("loggingIn")
+# Logged in, paused, owned by whoever ``ready`` fired to.
+_loggedIn = _phases.state("loggedIn")
+# Waiting in the pool for a client, reading.
+_spare = _phases.state("spare")
+# The splice's.
+_relaying = _phases.state("relaying")
+# Failed, logged out, or gone.
+_closed = _phases.state("closed")
 
-    closed.upon(_unusable, enter=closed, outputs=[])
-    closed.upon(_lost, enter=closed, outputs=[])
-    closed.upon(discard, enter=closed, outputs=[])
-    closed.upon(_claim, enter=closed, outputs=[_notClaimed])
+# The login machine's own inputs come before any hand-over (which drops
+# it): the guards are for the type checker.
+
+
+@_loggingIn.upon(_Phase.unusable).loop()
+def _loginUnusable(phase: _Phase, p: UpstreamProtocol) -> None:
+    if p._login is not None:
+        p._login.unusable()
+
+
+@_loggingIn.upon(_Phase.lost).loop()
+def _loginLost(phase: _Phase, p: UpstreamProtocol, reason: Failure) -> None:
+    if p._login is not None:
+        p._login.connectionLost(reason)
+
+
+@_loggingIn.upon(_Phase.loginSucceeded).to(_loggedIn)
+def _loggedInNow(phase: _Phase, p: UpstreamProtocol) -> None:
+    keepSession(p.tlsOptions, p.transport)
+    # Stop parsing: what follows belongs to the client's session.
+    p._lines = p._ignore
+    p.pauseProducing()
+
+
+@_loggingIn.upon(_Phase.loginFailed).to(_closed)
+def _fail(phase: _Phase, p: UpstreamProtocol, error: ProxyError) -> None:
+    p._lines = p._ignore
+    p.transport.loseConnection()
+    p.ready.errback(error)
+
+
+@_loggedIn.upon(_Phase.keepAsSpare).to(_spare)
+def _wait(phase: _Phase, p: UpstreamProtocol, onLost: Callable[[], Any]) -> None:
+    p._spareLost = onLost
+    p._lines = p._keep
+    p.resumeProducing()
+
+
+@_spare.upon(_Phase.claim).to(_loggedIn)
+def _claimed(phase: _Phase, p: UpstreamProtocol) -> bool:
+    p._spareLost = None
+    p._lines = p._ignore
+    p.pauseProducing()
+    return True
+
+
+@_spare.upon(_Phase.unusable).loop()
+def _abort(phase: _Phase, p: UpstreamProtocol) -> None:
+    # Its pool hears of it through connectionLost.
+    p.transport.abortConnection()
+
+
+@_spare.upon(_Phase.lost).to(_closed)
+def _tellPool(phase: _Phase, p: UpstreamProtocol, reason: Failure) -> None:
+    onLost, p._spareLost = p._spareLost, None
+    if onLost is not None:
+        onLost()
+
+
+@_relaying.upon(_Phase.lost).to(_closed)
+def _tellSplice(phase: _Phase, p: UpstreamProtocol, reason: Failure) -> None:
+    if p._onLost is not None:
+        p._onLost(reason)
+
+
+_loggedIn.upon(_Phase.takeOver).to(_relaying)(
+    lambda phase, p, sink, onLost: p._handOver(sink, onLost)
+)
+for _s in (_loggedIn, _spare):
+    _s.upon(_Phase.discard).to(_closed)(lambda phase, p: p._logout())
+_loggingIn.upon(_Phase.discard).loop().returns(None)
+for _s in (_loggingIn, _loggedIn, _relaying, _closed):
+    _s.upon(_Phase.claim).loop().returns(False)
+# Paused: nothing is read; a loss reaches whoever takes it over as a
+# failed write, as before any splice.
+for _s in (_loggedIn, _closed):
+    _s.upon(_Phase.lost).loop().returns(None)
+for _s in (_loggedIn, _relaying, _closed):
+    _s.upon(_Phase.unusable).loop().returns(None)
+for _s in (_relaying, _closed):
+    _s.upon(_Phase.discard).loop().returns(None)
+del _s
+_PhaseMachine = _phases.build()
