@@ -609,9 +609,9 @@ class LoginMachineTests(SynchronousTestCase):
     def test_theGreetingsInputsTaggedFailToo(self):
         """Tagged inputs before any command (not reachable by a line) also fail the login."""
         inputs = [
-            lambda m: m.taggedOK(),
-            lambda m: m.taggedOKCapabilities([b"X"]),
-            lambda m: m.taggedRefused(None),
+            lambda m: m.inputs.taggedOK(),
+            lambda m: m.inputs.taggedOKCapabilities([b"X"]),
+            lambda m: m.inputs.taggedRefused(None),
         ]
         for state in ("greeting", "greetingBeforeTLS"):
             for feed in inputs:

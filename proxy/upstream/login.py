@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Protocol
 
-from automat import MethodicalMachine
+from automat import TypeMachineBuilder
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
@@ -57,9 +57,9 @@ class UpstreamLogin:
     :param secret: the access token.
     :param startTLS: upgrade with STARTTLS before logging in.
     :param server: ``host:port``, for reports of a refused certificate.
+    :ivar inputs: the machine's inputs (``_LoginInputs``), which
+        ``lineReceived`` feeds.
     """
-
-    _machine = MethodicalMachine()
 
     def __init__(
         self, io: Any, authenticator: Any, secret: bytes, startTLS: bool, server: str = ""
@@ -73,141 +73,54 @@ class UpstreamLogin:
         self._lastTag = b""
         self._initial = b""
         self._refusal = b""  # the last NO/BAD/BYE's text, for ``throttling``
-        if startTLS:
-            self.startWithTLS()
-        else:
-            self.start()
+        # Waiting for the greeting from the start: no input to begin.
+        self.inputs: _LoginInputs = _LoginMachine(
+            self, _greetingBeforeTLS if startTLS else _greeting
+        )
 
     # -- sorting lines into inputs ----------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
         """Feed one line of the server's (without its CRLF) to the machine."""
+        inputs = self.inputs
         if line.startswith(b"+"):
-            self.continuation(line[2:])
+            inputs.continuation(line[2:])
         elif line.startswith(b"* "):
             upper = line[:13].upper()
             if upper.startswith(b"* OK"):
                 code, args = responseCode(line[5:])
                 if code == b"CAPABILITY":
-                    self.untaggedOKCapabilities(parseCapabilities(args))
+                    inputs.untaggedOKCapabilities(parseCapabilities(args))
                 else:
-                    self.untaggedOK()
+                    inputs.untaggedOK()
             elif upper.startswith(b"* BYE"):
                 self._refusal = line[5:]
-                self.untaggedBye()
+                inputs.untaggedBye()
             elif upper == b"* CAPABILITY ":
-                self.untaggedCapabilities(parseCapabilities(line[13:]))
+                inputs.untaggedCapabilities(parseCapabilities(line[13:]))
             else:
-                self.untagged()
+                inputs.untagged()
         else:
             parts = line.split(b" ", 2)
             if len(parts) < 2 or parts[0] != self._lastTag:
                 # Not a response, or one to a command never sent.
-                self.malformed()
+                inputs.malformed()
                 return
             code, args = responseCode(parts[2] if len(parts) == 3 else b"")
             if parts[1].upper() != b"OK":
                 self._refusal = parts[2] if len(parts) == 3 else b""
-                self.taggedRefused(code)
+                inputs.taggedRefused(code)
             elif code == b"CAPABILITY":
-                self.taggedOKCapabilities(parseCapabilities(args))
+                inputs.taggedOKCapabilities(parseCapabilities(args))
             else:
-                self.taggedOK()
+                inputs.taggedOK()
 
-    # -- inputs: one per kind of line (``lineReceived`` sorts them), and the end
+    def unusable(self) -> None:
+        """The connection cannot be read on (a line too long, a bug)."""
+        self.inputs.unusable()
 
-    @_machine.input()
-    def start(self) -> None: ...
-    @_machine.input()
-    def startWithTLS(self) -> None: ...
-    @_machine.input()
-    def untaggedOK(self) -> None: ...
-    @_machine.input()
-    def untaggedOKCapabilities(self, capabilities: list[bytes]) -> None: ...
-    @_machine.input()
-    def untaggedBye(self) -> None: ...
-    @_machine.input()
-    def untaggedCapabilities(self, capabilities: list[bytes]) -> None: ...
-    @_machine.input()
-    def untagged(self) -> None: ...
-    @_machine.input()
-    def continuation(self, payload: bytes) -> None: ...
-    @_machine.input()
-    def taggedOK(self) -> None: ...
-    @_machine.input()
-    def taggedOKCapabilities(self, capabilities: list[bytes]) -> None: ...
-    # The last command's tagged NO or BAD, with its response code.
-    @_machine.input()
-    def taggedRefused(self, code: bytes | None) -> None: ...
-    # A line that is no response, or a tagged one to a command never sent.
-    @_machine.input()
-    def malformed(self) -> None: ...
-    # The connection cannot be read on (a line too long, a bug).
-    @_machine.input()
-    def unusable(self) -> None: ...
-    @_machine.input()
-    def connectionLost(self, reason: Failure) -> None: ...
-    # Internal: decisions on what the server offers.
-    @_machine.input()
-    def _offersStartTLS(self) -> None: ...
-    @_machine.input()
-    def _lacksStartTLS(self) -> None: ...
-    @_machine.input()
-    def _mechanismWithInitialResponse(self) -> None: ...
-    @_machine.input()
-    def _mechanismWithoutInitialResponse(self) -> None: ...
-    @_machine.input()
-    def _noMechanism(self) -> None: ...
-
-    # -- states ------------------------------------------------------------------
-
-    # Not started.
-    @_machine.state(initial=True)
-    def idle(self) -> None: ...
-    # Waiting for the greeting.
-    @_machine.state()
-    def greeting(self) -> None: ...
-    # Waiting for the greeting; STARTTLS comes first.
-    @_machine.state()
-    def greetingBeforeTLS(self) -> None: ...
-    # CAPABILITY sent (over TLS, or in plain mode).
-    @_machine.state()
-    def capability(self) -> None: ...
-    # CAPABILITY sent before STARTTLS.
-    @_machine.state()
-    def capabilityBeforeTLS(self) -> None: ...
-    # Deciding whether the server offers STARTTLS.
-    @_machine.state()
-    def checkingStartTLS(self) -> None: ...
-    # STARTTLS sent.
-    @_machine.state()
-    def startingTLS(self) -> None: ...
-    # Deciding how to authenticate.
-    @_machine.state()
-    def choosingMechanism(self) -> None: ...
-    # AUTHENTICATE sent without an initial response: waiting for ``+``.
-    @_machine.state()
-    def awaitingContinuation(self) -> None: ...
-    # Credentials sent: waiting for the tagged answer.
-    @_machine.state()
-    def authenticating(self) -> None: ...
-    # Credentials sent, and an untagged CAPABILITY came before the answer.
-    @_machine.state()
-    def authenticatingCapabilitiesSeen(self) -> None: ...
-    # Logged in without capabilities in the OK: CAPABILITY sent.
-    @_machine.state()
-    def postLoginCapability(self) -> None: ...
-    # The same, the untagged CAPABILITY has come.
-    @_machine.state()
-    def postLoginCapabilitySeen(self) -> None: ...
-    # Done: the connection belongs to whoever takes it.
-    @_machine.state()
-    def loggedIn(self) -> None: ...
-    # Done: the connection is being closed.
-    @_machine.state()
-    def failed(self) -> None: ...
-
-    # -- outputs -----------------------------------------------------------------
+    def connectionLost(self, reason: Failure) -> None:
+        self.inputs.connectionLost(reason)
 
     def send(self, command: bytes) -> None:
         """Send a tagged command; its tagged answer is the one expected next."""
@@ -215,225 +128,302 @@ class UpstreamLogin:
         self._lastTag = b"U%d" % self._tag
         self._io.sendLine(self._lastTag + b" " + command)
 
-    @_machine.output()
-    def _setCapabilities(self, capabilities: list[bytes]) -> None:
-        self.capabilities = capabilities
-
-    @_machine.output()
-    def _askCapabilities(self) -> None:
-        self.capabilities = []
-        self.send(b"CAPABILITY")
-
-    @_machine.output()
-    def _checkStartTLS(self) -> None:
-        if hasCapability(self.capabilities, b"STARTTLS"):
-            self._offersStartTLS()
-        else:
-            self._lacksStartTLS()
-
-    @_machine.output()
-    def _sendStartTLS(self) -> None:
-        self.send(b"STARTTLS")
-
-    @_machine.output()
-    def _upgrade(self) -> None:
-        self._io.upgradeToTLS()
-
-    @_machine.output()
-    def _chooseMechanism(self) -> None:
-        name = self.authenticator.getName()
-        if not hasCapability(self.capabilities, b"AUTH=" + name):
-            if name == b"XOAUTH2" and hasCapability(self.capabilities, b"AUTH=OAUTHBEARER"):
-                self.authenticator = OAUTHBEARERAuthenticator(self.authenticator.user)
-            else:
-                self._noMechanism()
-                return
-        saslIR = hasCapability(self.capabilities, b"SASL-IR")
-        # Capabilities change with the login; collect them afresh.
-        self.capabilities = []
-        self._initial = base64.b64encode(self.authenticator.challengeResponse(self._secret, b""))
-        if saslIR:
-            self._mechanismWithInitialResponse()
-        else:
-            self._mechanismWithoutInitialResponse()
-
-    @_machine.output()
-    def _authenticateWithInitialResponse(self) -> None:
-        self.send(b"AUTHENTICATE " + self.authenticator.getName() + b" " + self._initial)
-
-    @_machine.output()
-    def _authenticate(self) -> None:
-        self.send(b"AUTHENTICATE " + self.authenticator.getName())
-
-    @_machine.output()
-    def _sendInitialResponse(self) -> None:
-        self._io.sendLine(self._initial)
-
-    @_machine.output()
-    def _answerErrorChallenge(self, payload: bytes) -> None:
-        # The mechanism's answer to the error challenge; the tagged NO follows.
-        # Its content does not matter (nor whether it is valid base64).
-        try:
-            challenge = base64.b64decode(payload, validate=False)
-        except binascii.Error:
-            challenge = b""
-        challenge = challenge or b"\x00"
-        self._io.sendLine(
-            base64.b64encode(self.authenticator.challengeResponse(self._secret, challenge))
-        )
-
-    @_machine.output()
-    def _succeed(self) -> None:
-        self._io.loginSucceeded()
-
-    def _fail(self, error: ProxyError) -> None:
+    def fail(self, error: ProxyError) -> None:
         self._io.loginFailed(error)
 
-    @_machine.output()
-    def _failProtocol(self) -> None:
-        self._fail(Unavailable("upstream-protocol"))
 
-    @_machine.output()
-    def _failBye(self) -> None:
-        self._fail(imapThrottling(self._refusal) or Unavailable("upstream-bye"))
+class _LoginInputs(Protocol):
+    """The login machine's inputs: one per kind of line, and the end."""
 
-    @_machine.output()
-    def _failCapability(self) -> None:
-        self._fail(Unavailable("upstream-capability"))
+    def untaggedOK(self) -> None: ...
+    def untaggedOKCapabilities(self, capabilities: list[bytes]) -> None: ...
+    def untaggedBye(self) -> None: ...
+    def untaggedCapabilities(self, capabilities: list[bytes]) -> None: ...
+    def untagged(self) -> None: ...
+    def continuation(self, payload: bytes) -> None: ...
+    def taggedOK(self) -> None: ...
+    def taggedOKCapabilities(self, capabilities: list[bytes]) -> None: ...
+    # The last command's tagged NO or BAD, with its response code.
+    def taggedRefused(self, code: bytes | None) -> None: ...
+    # A line that is no response, or a tagged one to a command never sent.
+    def malformed(self) -> None: ...
+    # The connection cannot be read on (a line too long, a bug).
+    def unusable(self) -> None: ...
+    def connectionLost(self, reason: Failure) -> None: ...
+    # Internal: decisions on what the server offers.
+    def offersStartTLS(self) -> None: ...
+    def lacksStartTLS(self) -> None: ...
+    def mechanismWithInitialResponse(self) -> None: ...
+    def mechanismWithoutInitialResponse(self) -> None: ...
+    def noMechanism(self) -> None: ...
 
-    @_machine.output()
-    def _failNoStartTLS(self) -> None:
-        self._fail(Unavailable("upstream-no-starttls"))
 
-    @_machine.output()
-    def _failStartTLS(self) -> None:
-        self._fail(Unavailable("upstream-starttls"))
+_I = _LoginInputs
+_login = TypeMachineBuilder(_LoginInputs, UpstreamLogin)
 
-    @_machine.output()
-    def _failNoMechanism(self) -> None:
-        self._fail(Unavailable("upstream-no-xoauth2"))
+# -- states ------------------------------------------------------------------
 
-    @_machine.output()
-    def _failLogin(self, code: bytes | None) -> None:
-        throttled = None if code == b"LIMIT" else imapThrottling(self._refusal)
-        if throttled is not None:
-            self._fail(throttled)
-        elif code == b"UNAVAILABLE":
-            self._fail(Unavailable("upstream-unavailable"))
-        elif code == b"LIMIT":
-            self._fail(LimitReached())
+# Waiting for the greeting.
+_greeting = _login.state("greeting")
+# Waiting for the greeting; STARTTLS comes first.
+_greetingBeforeTLS = _login.state("greetingBeforeTLS")
+# CAPABILITY sent (over TLS, or in plain mode).
+_capability = _login.state("capability")
+# CAPABILITY sent before STARTTLS.
+_capabilityBeforeTLS = _login.state("capabilityBeforeTLS")
+# Deciding whether the server offers STARTTLS.
+_checkingStartTLS = _login.state("checkingStartTLS")
+# STARTTLS sent.
+_startingTLS = _login.state("startingTLS")
+# Deciding how to authenticate.
+_choosingMechanism = _login.state("choosingMechanism")
+# AUTHENTICATE sent without an initial response: waiting for ``+``.
+_awaitingContinuation = _login.state("awaitingContinuation")
+# Credentials sent: waiting for the tagged answer.
+_authenticating = _login.state("authenticating")
+# Credentials sent, and an untagged CAPABILITY came before the answer.
+_authenticatingCapabilitiesSeen = _login.state("authenticatingCapabilitiesSeen")
+# Logged in without capabilities in the OK: CAPABILITY sent.
+_postLoginCapability = _login.state("postLoginCapability")
+# The same, the untagged CAPABILITY has come.
+_postLoginCapabilitySeen = _login.state("postLoginCapabilitySeen")
+# Done: the connection belongs to whoever takes it.
+_loggedIn = _login.state("loggedIn")
+# Done: the connection is being closed.
+_failed = _login.state("failed")
+
+# -- outputs: (inputs, login, the input's arguments) --------------------------
+
+Output = Any
+
+
+def _setCapabilities(i: _LoginInputs, login: UpstreamLogin, capabilities: list[bytes]) -> None:
+    login.capabilities = capabilities
+
+
+def _askCapabilities(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+    login.capabilities = []
+    login.send(b"CAPABILITY")
+
+
+def _checkStartTLS(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+    # An input from an output: Automat runs it once this transition is done.
+    if hasCapability(login.capabilities, b"STARTTLS"):
+        i.offersStartTLS()
+    else:
+        i.lacksStartTLS()
+
+
+def _sendStartTLS(i: _LoginInputs, login: UpstreamLogin) -> None:
+    login.send(b"STARTTLS")
+
+
+def _upgrade(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+    login._io.upgradeToTLS()
+
+
+def _chooseMechanism(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+    name = login.authenticator.getName()
+    if not hasCapability(login.capabilities, b"AUTH=" + name):
+        if name == b"XOAUTH2" and hasCapability(login.capabilities, b"AUTH=OAUTHBEARER"):
+            login.authenticator = OAUTHBEARERAuthenticator(login.authenticator.user)
         else:
-            self._fail(UpstreamRejectedToken())
+            i.noMechanism()
+            return
+    saslIR = hasCapability(login.capabilities, b"SASL-IR")
+    # Capabilities change with the login; collect them afresh.
+    login.capabilities = []
+    login._initial = base64.b64encode(login.authenticator.challengeResponse(login._secret, b""))
+    if saslIR:
+        i.mechanismWithInitialResponse()
+    else:
+        i.mechanismWithoutInitialResponse()
 
-    @_machine.output()
-    def _failLost(self, reason: Failure) -> None:
-        # A refused certificate ends the connection too; say so, not "closed".
-        self._fail(rejectionFor(reason, self._server) or Unavailable("upstream-closed"))
 
-    # -- transitions ---------------------------------------------------------------
+def _authenticateWithInitialResponse(i: _LoginInputs, login: UpstreamLogin) -> None:
+    login.send(b"AUTHENTICATE " + login.authenticator.getName() + b" " + login._initial)
 
-    _chatter = (untaggedOK, untaggedOKCapabilities, untaggedBye, untagged)
 
-    idle.upon(start, enter=greeting, outputs=[])
-    idle.upon(startWithTLS, enter=greetingBeforeTLS, outputs=[])
+def _authenticate(i: _LoginInputs, login: UpstreamLogin) -> None:
+    login.send(b"AUTHENTICATE " + login.authenticator.getName())
 
-    # The greeting: OK (with or without capabilities), BYE, or not a server
-    # to log in to (PREAUTH, garbage).
-    greeting.upon(
-        untaggedOKCapabilities,
-        enter=choosingMechanism,
-        outputs=[_setCapabilities, _chooseMechanism],
+
+def _sendInitialResponse(i: _LoginInputs, login: UpstreamLogin, payload: bytes) -> None:
+    login._io.sendLine(login._initial)
+
+
+def _answerErrorChallenge(i: _LoginInputs, login: UpstreamLogin, payload: bytes) -> None:
+    # The mechanism's answer to the error challenge; the tagged NO follows.
+    # Its content does not matter (nor whether it is valid base64).
+    try:
+        challenge = base64.b64decode(payload, validate=False)
+    except binascii.Error:
+        challenge = b""
+    challenge = challenge or b"\x00"
+    login._io.sendLine(
+        base64.b64encode(login.authenticator.challengeResponse(login._secret, challenge))
     )
-    greeting.upon(untaggedOK, enter=capability, outputs=[_askCapabilities])
-    greetingBeforeTLS.upon(
-        untaggedOKCapabilities,
-        enter=checkingStartTLS,
-        outputs=[_setCapabilities, _checkStartTLS],
-    )
-    greetingBeforeTLS.upon(untaggedOK, enter=capabilityBeforeTLS, outputs=[_askCapabilities])
-    _greetings = (greeting, greetingBeforeTLS)
-    _tagged = (taggedOK, taggedOKCapabilities, taggedRefused)
-    for _s in _greetings:
-        _s.upon(untaggedBye, enter=failed, outputs=[_failBye])
-        for _i in (untaggedCapabilities, untagged, continuation, *_tagged):
-            _s.upon(_i, enter=failed, outputs=[_failProtocol])
 
-    # CAPABILITY: collect, then decide.
-    for _s, _next, _decide in (
-        (capability, choosingMechanism, _chooseMechanism),
-        (capabilityBeforeTLS, checkingStartTLS, _checkStartTLS),
-    ):
-        _s.upon(untaggedCapabilities, enter=_s, outputs=[_setCapabilities])
-        _s.upon(continuation, enter=_s, outputs=[])
-        _s.upon(taggedOK, enter=_next, outputs=[_decide])
-        _s.upon(taggedOKCapabilities, enter=_next, outputs=[_setCapabilities, _decide])
-        _s.upon(taggedRefused, enter=failed, outputs=[_failCapability])
 
-    checkingStartTLS.upon(_offersStartTLS, enter=startingTLS, outputs=[_sendStartTLS])
-    checkingStartTLS.upon(_lacksStartTLS, enter=failed, outputs=[_failNoStartTLS])
+def _succeed(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+    login._io.loginSucceeded()
 
-    # STARTTLS: upgrade, then ask again (what was said in the clear is void).
-    startingTLS.upon(untaggedCapabilities, enter=startingTLS, outputs=[])
-    startingTLS.upon(continuation, enter=startingTLS, outputs=[])
-    startingTLS.upon(taggedOK, enter=capability, outputs=[_upgrade, _askCapabilities])
-    startingTLS.upon(taggedOKCapabilities, enter=capability, outputs=[_upgrade, _askCapabilities])
-    startingTLS.upon(taggedRefused, enter=failed, outputs=[_failStartTLS])
 
-    choosingMechanism.upon(
-        _mechanismWithInitialResponse,
-        enter=authenticating,
-        outputs=[_authenticateWithInitialResponse],
-    )
-    choosingMechanism.upon(
-        _mechanismWithoutInitialResponse, enter=awaitingContinuation, outputs=[_authenticate]
-    )
-    choosingMechanism.upon(_noMechanism, enter=failed, outputs=[_failNoMechanism])
+def _failing(reason: str) -> Output:
+    def fail(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+        login.fail(Unavailable(reason))
 
-    # AUTHENTICATE without SASL-IR: the first "+" asks for the credentials.
-    # Capabilities before that cannot be the logged-in session's.
-    awaitingContinuation.upon(continuation, enter=authenticating, outputs=[_sendInitialResponse])
-    awaitingContinuation.upon(untaggedCapabilities, enter=awaitingContinuation, outputs=[])
-    awaitingContinuation.upon(taggedOK, enter=failed, outputs=[_failProtocol])
-    awaitingContinuation.upon(taggedOKCapabilities, enter=failed, outputs=[_failProtocol])
-    awaitingContinuation.upon(taggedRefused, enter=failed, outputs=[_failLogin])
+    return fail
 
-    # Credentials sent: a "+" now is the error challenge; the answer decides.
-    for _s in (authenticating, authenticatingCapabilitiesSeen):
-        _s.upon(continuation, enter=_s, outputs=[_answerErrorChallenge])
-        _s.upon(
-            untaggedCapabilities, enter=authenticatingCapabilitiesSeen, outputs=[_setCapabilities]
-        )
-        _s.upon(taggedOKCapabilities, enter=loggedIn, outputs=[_setCapabilities, _succeed])
-        _s.upon(taggedRefused, enter=failed, outputs=[_failLogin])
-    authenticating.upon(taggedOK, enter=postLoginCapability, outputs=[_askCapabilities])
-    authenticatingCapabilitiesSeen.upon(taggedOK, enter=loggedIn, outputs=[_succeed])
 
-    # Logged in without capabilities: ask; an answer without them is a failure.
-    for _s in (postLoginCapability, postLoginCapabilitySeen):
-        _s.upon(untaggedCapabilities, enter=postLoginCapabilitySeen, outputs=[_setCapabilities])
-        _s.upon(continuation, enter=_s, outputs=[])
-        _s.upon(taggedRefused, enter=failed, outputs=[_failCapability])
-    for _i in (taggedOK, taggedOKCapabilities):
-        postLoginCapability.upon(_i, enter=failed, outputs=[_failCapability])
-        postLoginCapabilitySeen.upon(_i, enter=loggedIn, outputs=[_succeed])
+def _failBye(i: _LoginInputs, login: UpstreamLogin) -> None:
+    login.fail(imapThrottling(login._refusal) or Unavailable("upstream-bye"))
 
-    # Every waiting state: the same for untagged chatter, bad lines and loss.
-    _afterGreeting = [capability, capabilityBeforeTLS, startingTLS, awaitingContinuation]
-    _afterGreeting += [authenticating, authenticatingCapabilitiesSeen]
-    _afterGreeting += [postLoginCapability, postLoginCapabilitySeen]
-    for _s in _afterGreeting:
-        for _i in _chatter:
-            _s.upon(_i, enter=_s, outputs=[])
-    for _s in (*_greetings, *_afterGreeting):
-        _s.upon(malformed, enter=failed, outputs=[_failProtocol])
-        _s.upon(unusable, enter=failed, outputs=[_failProtocol])
-        _s.upon(connectionLost, enter=failed, outputs=[_failLost])
 
-    # Done: a failed login hears nothing more; a logged-in one only its end.
-    for _i in (*_chatter, untaggedCapabilities, continuation, *_tagged):
-        failed.upon(_i, enter=failed, outputs=[])
-    for _i in (malformed, unusable, connectionLost):
-        failed.upon(_i, enter=failed, outputs=[])
-    loggedIn.upon(connectionLost, enter=loggedIn, outputs=[])
-    loggedIn.upon(unusable, enter=loggedIn, outputs=[])
-    del _s, _i, _next, _decide, _chatter, _tagged, _greetings, _afterGreeting
+def _failLogin(i: _LoginInputs, login: UpstreamLogin, code: bytes | None) -> None:
+    throttled = None if code == b"LIMIT" else imapThrottling(login._refusal)
+    if throttled is not None:
+        login.fail(throttled)
+    elif code == b"UNAVAILABLE":
+        login.fail(Unavailable("upstream-unavailable"))
+    elif code == b"LIMIT":
+        login.fail(LimitReached())
+    else:
+        login.fail(UpstreamRejectedToken())
+
+
+def _failLost(i: _LoginInputs, login: UpstreamLogin, reason: Failure) -> None:
+    # A refused certificate ends the connection too; say so, not "closed".
+    login.fail(rejectionFor(reason, login._server) or Unavailable("upstream-closed"))
+
+
+_failProtocol = _failing("upstream-protocol")
+_failCapability = _failing("upstream-capability")
+
+
+def _both(first: Output, then: Output) -> Output:
+    def both(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
+        first(i, login, *args)
+        then(i, login, *args)
+
+    return both
+
+
+def _upon(old: Any, input: Any, new: Any, output: Output | None = None) -> None:
+    """``old`` upon ``input`` enters ``new``, with ``output`` (or none)."""
+    transition = old.upon(input).to(new)
+    if output is None:
+        transition.returns(None)
+    else:
+        transition(output)
+
+
+# -- transitions ---------------------------------------------------------------
+
+_chatter = (_I.untaggedOK, _I.untaggedOKCapabilities, _I.untaggedBye, _I.untagged)
+_tagged = (_I.taggedOK, _I.taggedOKCapabilities, _I.taggedRefused)
+
+# The greeting: OK (with or without capabilities), BYE, or not a server
+# to log in to (PREAUTH, garbage).
+_upon(
+    _greeting,
+    _I.untaggedOKCapabilities,
+    _choosingMechanism,
+    _both(_setCapabilities, _chooseMechanism),
+)
+_upon(_greeting, _I.untaggedOK, _capability, _askCapabilities)
+_upon(
+    _greetingBeforeTLS,
+    _I.untaggedOKCapabilities,
+    _checkingStartTLS,
+    _both(_setCapabilities, _checkStartTLS),
+)
+_upon(_greetingBeforeTLS, _I.untaggedOK, _capabilityBeforeTLS, _askCapabilities)
+_greetings = (_greeting, _greetingBeforeTLS)
+for _s in _greetings:
+    _upon(_s, _I.untaggedBye, _failed, _failBye)
+    for _i in (_I.untaggedCapabilities, _I.untagged, _I.continuation, *_tagged):
+        _upon(_s, _i, _failed, _failProtocol)
+
+# CAPABILITY: collect, then decide.
+for _s, _next, _decide in (
+    (_capability, _choosingMechanism, _chooseMechanism),
+    (_capabilityBeforeTLS, _checkingStartTLS, _checkStartTLS),
+):
+    _upon(_s, _I.untaggedCapabilities, _s, _setCapabilities)
+    _upon(_s, _I.continuation, _s)
+    _upon(_s, _I.taggedOK, _next, _decide)
+    _upon(_s, _I.taggedOKCapabilities, _next, _both(_setCapabilities, _decide))
+    _upon(_s, _I.taggedRefused, _failed, _failCapability)
+
+_upon(_checkingStartTLS, _I.offersStartTLS, _startingTLS, _sendStartTLS)
+_upon(_checkingStartTLS, _I.lacksStartTLS, _failed, _failing("upstream-no-starttls"))
+
+# STARTTLS: upgrade, then ask again (what was said in the clear is void).
+_upon(_startingTLS, _I.untaggedCapabilities, _startingTLS)
+_upon(_startingTLS, _I.continuation, _startingTLS)
+_upgradeAndAsk = _both(_upgrade, _askCapabilities)
+_upon(_startingTLS, _I.taggedOK, _capability, _upgradeAndAsk)
+_upon(_startingTLS, _I.taggedOKCapabilities, _capability, _upgradeAndAsk)
+_upon(_startingTLS, _I.taggedRefused, _failed, _failing("upstream-starttls"))
+
+_upon(
+    _choosingMechanism,
+    _I.mechanismWithInitialResponse,
+    _authenticating,
+    _authenticateWithInitialResponse,
+)
+_upon(
+    _choosingMechanism,
+    _I.mechanismWithoutInitialResponse,
+    _awaitingContinuation,
+    _authenticate,
+)
+_upon(_choosingMechanism, _I.noMechanism, _failed, _failing("upstream-no-xoauth2"))
+
+# AUTHENTICATE without SASL-IR: the first "+" asks for the credentials.
+# Capabilities before that cannot be the logged-in session's.
+_upon(_awaitingContinuation, _I.continuation, _authenticating, _sendInitialResponse)
+_upon(_awaitingContinuation, _I.untaggedCapabilities, _awaitingContinuation)
+_upon(_awaitingContinuation, _I.taggedOK, _failed, _failProtocol)
+_upon(_awaitingContinuation, _I.taggedOKCapabilities, _failed, _failProtocol)
+_upon(_awaitingContinuation, _I.taggedRefused, _failed, _failLogin)
+
+# Credentials sent: a "+" now is the error challenge; the answer decides.
+for _s in (_authenticating, _authenticatingCapabilitiesSeen):
+    _upon(_s, _I.continuation, _s, _answerErrorChallenge)
+    _upon(_s, _I.untaggedCapabilities, _authenticatingCapabilitiesSeen, _setCapabilities)
+    _upon(_s, _I.taggedOKCapabilities, _loggedIn, _both(_setCapabilities, _succeed))
+    _upon(_s, _I.taggedRefused, _failed, _failLogin)
+_upon(_authenticating, _I.taggedOK, _postLoginCapability, _askCapabilities)
+_upon(_authenticatingCapabilitiesSeen, _I.taggedOK, _loggedIn, _succeed)
+
+# Logged in without capabilities: ask; an answer without them is a failure.
+for _s in (_postLoginCapability, _postLoginCapabilitySeen):
+    _upon(_s, _I.untaggedCapabilities, _postLoginCapabilitySeen, _setCapabilities)
+    _upon(_s, _I.continuation, _s)
+    _upon(_s, _I.taggedRefused, _failed, _failCapability)
+for _i in (_I.taggedOK, _I.taggedOKCapabilities):
+    _upon(_postLoginCapability, _i, _failed, _failCapability)
+    _upon(_postLoginCapabilitySeen, _i, _loggedIn, _succeed)
+
+# Every waiting state: the same for untagged chatter, bad lines and loss.
+_afterGreeting = [_capability, _capabilityBeforeTLS, _startingTLS, _awaitingContinuation]
+_afterGreeting += [_authenticating, _authenticatingCapabilitiesSeen]
+_afterGreeting += [_postLoginCapability, _postLoginCapabilitySeen]
+for _s in _afterGreeting:
+    for _i in _chatter:
+        _upon(_s, _i, _s)
+for _s in (*_greetings, *_afterGreeting):
+    _upon(_s, _I.malformed, _failed, _failProtocol)
+    _upon(_s, _I.unusable, _failed, _failProtocol)
+    _upon(_s, _I.connectionLost, _failed, _failLost)
+
+# Done: a failed login hears nothing more; a logged-in one only its end.
+_ignored: tuple[Any, ...] = (*_chatter, _I.untaggedCapabilities, _I.continuation, *_tagged)
+for _i in (*_ignored, _I.malformed, _I.unusable, _I.connectionLost):
+    _upon(_failed, _i, _failed)
+_upon(_loggedIn, _I.connectionLost, _loggedIn)
+_upon(_loggedIn, _I.unusable, _loggedIn)
+del _s, _i, _next, _decide, _chatter, _tagged, _ignored, _greetings, _afterGreeting
+_LoginMachine = _login.build()
