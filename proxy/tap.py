@@ -57,6 +57,7 @@ from .startup import (
     KeyWatch,
     ListeningEndpoint,
     ProxyService,
+    freezeStartup,
     raiseFileLimit,
 )
 from .store import (
@@ -234,6 +235,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
                 certificate.reload(reactor, force=True)
 
         Hangup(reactor, hangup).setServiceParent(top)
+        # The real process only: a test's reactor must not freeze the test run.
+        freezeStartup(reactor)
     files = raiseFileLimit()
     # Files kept for what is not a client connection: listeners, logs, the
     # store, spare upstream connections and the API's connections.

@@ -5,6 +5,7 @@ of the keys a running server uses.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -22,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.encryption import Secrets, keyFingerprint, readLoadedMarker
-from proxy.startup import KeyWatch, ListeningEndpoint, ProxyService, StartupFailed
+from proxy.startup import KeyWatch, ListeningEndpoint, ProxyService, StartupFailed, freezeStartup
 
 
 class FailingEndpoint:
@@ -114,3 +115,23 @@ class KeyWatchTests(SynchronousTestCase):
         self.successResultOf(watch.check())
         warned = [e for e in events if "cannot record the keys" in formatEvent(e)]
         self.assertEqual(len(warned), 1)
+
+
+class FreezeStartupTests(SynchronousTestCase):
+    """``freezeStartup``: the code's objects leave the collector's full passes."""
+
+    def test_freezesOnceTheReactorRuns(self):
+        """Nothing is frozen while the service is built; once running, it is."""
+        frozen = []
+        reactor = MemoryReactorClock()
+        freezeStartup(reactor, lambda: frozen.append(True))
+        self.assertEqual(frozen, [])
+        for hook, args, kwargs in reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+        self.assertEqual(frozen, [True])
+
+    def test_theDefaultIsTheCollectorsFreeze(self):
+        """The real run freezes with ``gc.freeze`` (it is not called here)."""
+        reactor = MemoryReactorClock()
+        freezeStartup(reactor)
+        self.assertEqual([hook for hook, _a, _k in reactor.whenRunningHooks], [gc.freeze])
