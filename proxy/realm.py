@@ -45,7 +45,7 @@ class IUpstreamSession(Interface):
     """The IMAP avatar: a logged-in upstream connection, ready to be spliced."""
 
     protocol = Attribute("The logged-in ``UpstreamProtocol``.")
-    capabilities = Attribute("The provider's capabilities after login (list of bytes).")
+    capabilities = Attribute("The provider's capabilities after login (a tuple of bytes).")
 
 
 class ISubmissionSession(Interface):
@@ -80,7 +80,7 @@ class UpstreamSession:
     restrictions: Restrictions | None = None
 
     @property
-    def capabilities(self) -> list[bytes]:
+    def capabilities(self) -> tuple[bytes, ...]:
         return self.protocol.capabilities
 
     def logout(self) -> None:

@@ -143,7 +143,7 @@ class AdversarialCertificateTests(TestCase):
             proto = await self.login(
                 "imap.example.com", port, "starttls" if starttls else "implicit"
             )
-            self.assertEqual(proto.capabilities, [b"IMAP4rev1", b"IDLE"])
+            self.assertEqual(list(proto.capabilities), [b"IMAP4rev1", b"IDLE"])
             proto.transport.abortConnection()
             await self.servers.allClosed()
 

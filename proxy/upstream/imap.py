@@ -64,7 +64,7 @@ class UpstreamProtocol(LineReceiver):
         self._login: UpstreamLogin | None = UpstreamLogin(
             self, authenticator, secret, mode == "starttls", server
         )
-        self._capabilities: list[bytes] = []
+        self._capabilities: tuple[bytes, ...] = ()
         self._authenticator: Any = None
         self._kept: list[bytes] = []
         self._keptSize = 0
@@ -77,7 +77,7 @@ class UpstreamProtocol(LineReceiver):
         self._phase: _Phase = _PhaseMachine(self)
 
     @property
-    def capabilities(self) -> list[bytes]:
+    def capabilities(self) -> tuple[bytes, ...]:
         """The server's capabilities; once logged in, the session's."""
         login = self._login
         return login.capabilities if login is not None else self._capabilities

@@ -68,7 +68,7 @@ class UpstreamLogin:
         self.authenticator = authenticator
         self._secret = secret
         self._server = server
-        self.capabilities: list[bytes] = []
+        self.capabilities: tuple[bytes, ...] = ()
         self._tag = 0
         self._lastTag = b""
         self._initial = b""
@@ -136,13 +136,13 @@ class _LoginInputs(Protocol):
     """The login machine's inputs: one per kind of line, and the end."""
 
     def untaggedOK(self) -> None: ...
-    def untaggedOKCapabilities(self, capabilities: list[bytes]) -> None: ...
+    def untaggedOKCapabilities(self, capabilities: tuple[bytes, ...]) -> None: ...
     def untaggedBye(self) -> None: ...
-    def untaggedCapabilities(self, capabilities: list[bytes]) -> None: ...
+    def untaggedCapabilities(self, capabilities: tuple[bytes, ...]) -> None: ...
     def untagged(self) -> None: ...
     def continuation(self, payload: bytes) -> None: ...
     def taggedOK(self) -> None: ...
-    def taggedOKCapabilities(self, capabilities: list[bytes]) -> None: ...
+    def taggedOKCapabilities(self, capabilities: tuple[bytes, ...]) -> None: ...
     # The last command's tagged NO or BAD, with its response code.
     def taggedRefused(self, code: bytes | None) -> None: ...
     # A line that is no response, or a tagged one to a command never sent.
@@ -197,12 +197,14 @@ _failed = _login.state("failed")
 Output = Any
 
 
-def _setCapabilities(i: _LoginInputs, login: UpstreamLogin, capabilities: list[bytes]) -> None:
+def _setCapabilities(
+    i: _LoginInputs, login: UpstreamLogin, capabilities: tuple[bytes, ...]
+) -> None:
     login.capabilities = capabilities
 
 
 def _askCapabilities(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
-    login.capabilities = []
+    login.capabilities = ()
     login.send(b"CAPABILITY")
 
 
@@ -232,7 +234,7 @@ def _chooseMechanism(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
             return
     saslIR = hasCapability(login.capabilities, b"SASL-IR")
     # Capabilities change with the login; collect them afresh.
-    login.capabilities = []
+    login.capabilities = ()
     login._initial = base64.b64encode(login.authenticator.challengeResponse(login._secret, b""))
     if saslIR:
         i.mechanismWithInitialResponse()

@@ -5,7 +5,9 @@ capability lists (RFC 9051 section 7.1). Pure functions, no state.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Sequence
 
 _CODE = re.compile(rb"^\[([A-Za-z0-9-]+)(?: ([^\]]*))?\]")
 
@@ -18,10 +20,14 @@ def responseCode(text: bytes) -> tuple[bytes | None, bytes]:
     return m.group(1).upper(), m.group(2) or b""
 
 
-def parseCapabilities(text: bytes) -> list[bytes]:
-    return text.split()
+# The same server announces the same capabilities at every login: one
+# tuple of them is shared by every session that holds it (about 2 KiB a
+# held session otherwise).
+@functools.lru_cache(maxsize=256)
+def parseCapabilities(text: bytes) -> tuple[bytes, ...]:
+    return tuple(text.split())
 
 
-def hasCapability(caps: list[bytes], name: bytes) -> bool:
+def hasCapability(caps: Sequence[bytes], name: bytes) -> bool:
     name = name.upper()
     return any(c.upper() == name for c in caps)
