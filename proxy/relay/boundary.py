@@ -46,6 +46,9 @@ _TAIL_KEPT = 128
 class ImapBoundaries:
     """The framing state of both directions of one spliced IMAP session."""
 
+    # One a held session: slots, not a dictionary.
+    __slots__ = ("down", "up", "sent", "answered", "_tagged", "idling", "loggedOut", "_tail")
+
     def __init__(self) -> None:
         # The provider's side: no Python a line (its tagged responses are
         # counted by the scanner); the client's: a look at each command.

@@ -85,6 +85,20 @@ class Scanner:
         large mailbox).
     """
 
+    # Two a spliced session: slots, not a dictionary each.
+    __slots__ = (
+        "maxLine",
+        "onStart",
+        "_head",
+        "tagged",
+        "atBoundary",
+        "literal",
+        "announced",
+        "nonSynchronizing",
+        "_partial",
+        "_spilling",
+    )
+
     def __init__(self, maxLine: int = MAX_LINE, onStart: Callable[[bytes], None] | None = None):
         self.maxLine = maxLine
         self.onStart = onStart
