@@ -67,6 +67,11 @@ class Splice:
     # end of a FETCH) before the connection is cut.
     CLOSE_GRACE = 30.0
 
+    # Made when first needed (most sessions never need them): whenClosed's
+    # Deferreds, and the deadlines of sides being closed.
+    _closedWaiters: list[Deferred[None]] | None = None
+    _cuts: dict[str, Any] | None = None
+
     def __init__(
         self,
         client: Any,
@@ -82,10 +87,9 @@ class Splice:
         self.client = client
         self.protocol = protocol
         self.boundaries = SmtpBoundaries() if protocol == "smtp" else ImapBoundaries()
-        # closeWhenIdle's line, until it is sent; whenClosed's Deferreds.
+        # closeWhenIdle's line, until it is sent.
         self._lastLine: bytes | None = None
         self._spliced = False
-        self._closedWaiters: list[Deferred[None]] = []
         self.upstream = upstream
         self.label = label
         self._onEnd = onEnd
@@ -102,7 +106,6 @@ class Splice:
         # Who ended it: client, provider, operator or shutdown; the first wins.
         self.closedBy: str | None = None
         self._released = False
-        self._cuts: dict[str, Any] = {}
         # Frozen, starting from one shared empty set: a set per session is 216 bytes.
         self._lost: frozenset[str] = _NOTHING_LOST
         # The provider's last bytes, to tell a goodbye answered from its own close.
@@ -196,7 +199,10 @@ class Splice:
         if {"client", "upstream"} <= self._lost:
             d.callback(None)
         else:
-            self._closedWaiters.append(d)
+            waiters = self._closedWaiters
+            if waiters is None:
+                waiters = self._closedWaiters = []
+            waiters.append(d)
         return d
 
     def toClientSink(self, write: Any) -> Any:
@@ -233,21 +239,24 @@ class Splice:
 
     def _closeSoon(self, side: str, grace: float) -> None:
         """Close one side after its pending bytes are sent, or cut it after ``grace``."""
-        if side in self._cuts or side in self._lost:
+        cuts = self._cuts
+        if (cuts is not None and side in cuts) or side in self._lost:
             return
         transport = self.client.transport if side == "client" else self.upstream.transport
         # Armed before closing: a transport may report the loss at once.
-        self._cuts[side] = self._callLater(grace, transport.abortConnection)
+        if cuts is None:
+            cuts = self._cuts = {}
+        cuts[side] = self._callLater(grace, transport.abortConnection)
         transport.loseConnection()
 
     def _sideLost(self, side: str) -> None:
         self._lost |= {side}
-        cut = self._cuts.pop(side, None)
+        cut = self._cuts.pop(side, None) if self._cuts else None
         if cut is not None and cut.active():
             cut.cancel()
         if {"client", "upstream"} <= self._lost:
-            waiters, self._closedWaiters = self._closedWaiters, []
-            for d in waiters:
+            waiters, self._closedWaiters = self._closedWaiters, None
+            for d in waiters or ():
                 d.callback(None)
 
     def close(self, by: str = "operator") -> None:
@@ -296,7 +305,7 @@ class Splice:
         self._release()
         b = self.boundaries
         if self.closedBy == "provider" and b.betweenResponses and not b.farewell:
-            if "client" not in self._lost and "client" not in self._cuts:
+            if "client" not in self._lost and "client" not in (self._cuts or ()):
                 line = self.PROVIDER_LOST[self.protocol]
                 if self.protocol == "smtp":  # the front door's name, as in its other 421s
                     line %= (getattr(self.client, "hostname", None) or b"imapproxy",)
