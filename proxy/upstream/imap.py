@@ -65,7 +65,6 @@ class UpstreamProtocol(LineReceiver):
             self, authenticator, secret, mode == "starttls", server
         )
         self._capabilities: tuple[bytes, ...] = ()
-        self._authenticator: Any = None
         self._kept: list[bytes] = []
         self._keptSize = 0
         self._spareLost: Callable[[], Any] | None = None
@@ -84,8 +83,9 @@ class UpstreamProtocol(LineReceiver):
 
     @property
     def authenticator(self) -> Any:
+        """The login's ``IClientAuthentication``; None once handed over."""
         login = self._login
-        return login.authenticator if login is not None else self._authenticator
+        return login.authenticator if login is not None else None
 
     # -- what the transport says -----------------------------------------------
 
@@ -196,7 +196,7 @@ class UpstreamProtocol(LineReceiver):
         self._kept = []
         login, self._login = self._login, None
         if login is not None:
-            self._capabilities, self._authenticator = login.capabilities, login.authenticator
+            self._capabilities = login.capabilities
         self.sink = sink
         self._onLost = onLost
         self.paused = False
