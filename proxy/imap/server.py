@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
-from ..loginresult import auditLogin, logBug, outcome, refusal, seconds
+from ..loginresult import auditLogin, clockOf, logBug, outcome, refusal, seconds
 from ..relay import Splice, tuneSocket
 from .reader import CommandReader
 from .restricted import loginCapabilities, relayFor
@@ -373,7 +373,7 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             self._spliceEnded,
             self.callLater,
             audit,
-            functools.partial(seconds, self),
+            clockOf(self),
         )
         if self._sessions is not None:
             self._sessions.add(session, splice)

@@ -8,7 +8,6 @@ its AUTH passed on first, unparsed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -17,7 +16,7 @@ from .. import limits
 from ..cred import ISubmissionSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
 from ..imap import SASLError, parsePlain
-from ..loginresult import auditLogin, logBug, outcome, refusal, seconds
+from ..loginresult import auditLogin, clockOf, logBug, outcome, refusal, seconds
 from ..relay import Splice
 from . import syntax as S
 from .extensions import Features
@@ -221,7 +220,7 @@ class LoginMixin:
             self._spliceEnded,
             self.callLater,
             audit,
-            partial(seconds, self),
+            clockOf(self),
             protocol="smtp",
         )
         self._sessions.add(session, splice)
