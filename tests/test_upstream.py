@@ -44,6 +44,7 @@ from proxy.upstream import (
 )
 from proxy.upstream import tls as upstreamTLS
 from proxy.upstream.login import ILoginIO, UpstreamLogin
+from proxy.upstream.responses import SHARED_MAX, parseCapabilities
 from tests.upstream.certs import PKI, make_pki
 
 USER = b"alice@example.com"
@@ -554,6 +555,18 @@ class LoginMachineTests(SynchronousTestCase):
             held.append(self.machine.capabilities)
         self.assertEqual(held[0], (b"IMAP4rev1", b"IDLE", b"MOVE"))
         self.assertIs(held[0], held[1])
+
+    def test_aLongCapabilityLineIsNotKept(self):
+        """
+        A capability line longer than any real one is parsed for its login
+        only: what a server sends cannot grow the shared cache's memory.
+        """
+        text = b" ".join(b"X-%d" % n for n in range(SHARED_MAX // 4))
+        self.assertGreater(len(text), SHARED_MAX)
+        first, second = parseCapabilities(text), parseCapabilities(text)
+        self.assertEqual(first, second)
+        self.assertIsNot(first, second)
+        self.assertIs(parseCapabilities(b"IMAP4rev1 IDLE"), parseCapabilities(b"IMAP4rev1 IDLE"))
 
     def test_everyWaitingStateFailsOnAMalformedLine(self):
         """In every waiting state, a line that is no response is upstream-protocol."""

@@ -20,11 +20,25 @@ def responseCode(text: bytes) -> tuple[bytes | None, bytes]:
     return m.group(1).upper(), m.group(2) or b""
 
 
-# The same server announces the same capabilities at every login: one
-# tuple of them is shared by every session that holds it (about 2 KiB a
-# held session otherwise).
-@functools.lru_cache(maxsize=256)
+# The longest capability line shared; real ones are a few hundred bytes.
+SHARED_MAX = 2048
+
+
 def parseCapabilities(text: bytes) -> tuple[bytes, ...]:
+    """
+    The capabilities in ``text``. The same server announces the same ones at
+    every login: a usual line gives one tuple that every session holding
+    it shares (about 2 KiB a held session otherwise). A line longer than
+    ``SHARED_MAX`` is parsed afresh, so that the cache's memory stays small
+    whatever a server sends (at most 256 lines of ``SHARED_MAX``).
+    """
+    if len(text) > SHARED_MAX:
+        return tuple(text.split())
+    return _shared(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared(text: bytes) -> tuple[bytes, ...]:
     return tuple(text.split())
 
 
