@@ -194,7 +194,7 @@ _failed = _login.state("failed")
 
 # -- outputs: (inputs, login, the input's arguments) --------------------------
 
-Output = Any
+_Output = Any
 
 
 def _setCapabilities(
@@ -271,7 +271,7 @@ def _succeed(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
     login._io.loginSucceeded()
 
 
-def _failing(reason: str) -> Output:
+def _failing(reason: str) -> _Output:
     def fail(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
         login.fail(Unavailable(reason))
 
@@ -303,7 +303,7 @@ _failProtocol = _failing("upstream-protocol")
 _failCapability = _failing("upstream-capability")
 
 
-def _both(first: Output, then: Output) -> Output:
+def _both(first: _Output, then: _Output) -> _Output:
     def both(i: _LoginInputs, login: UpstreamLogin, *args: Any) -> None:
         first(i, login, *args)
         then(i, login, *args)
@@ -311,7 +311,7 @@ def _both(first: Output, then: Output) -> Output:
     return both
 
 
-def _upon(old: Any, input: Any, new: Any, output: Output | None = None) -> None:
+def _upon(old: Any, input: Any, new: Any, output: _Output | None = None) -> None:
     """``old`` upon ``input`` enters ``new``, with ``output`` (or none)."""
     transition = old.upon(input).to(new)
     if output is None:
