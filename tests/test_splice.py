@@ -151,9 +151,15 @@ class Session:
                 return
         raise AssertionError("the session did not settle")
 
-    def splice(self, held: bytes = b"") -> Splice:
+    def splice(self, held: bytes = b"", audit: dict[str, Any] | None = None) -> Splice:
         self.spliced = Splice(
-            self.clientSide, self.upstreamSide, "test", self.ended.append, self.clock.callLater
+            self.clientSide,
+            self.upstreamSide,
+            "test",
+            self.ended.append,
+            self.clock.callLater,
+            audit=audit,
+            seconds=self.clock.seconds,
         )
         self.clientSide.onLost = lambda reason: self.spliced.clientLost()
         self.spliced.start(held)
@@ -254,6 +260,29 @@ def test_clientCloseClosesTheProviderAfterItsLastBytes(relay, pki, useTLS):
     assert s.provider.lost is not None
     assert s.ended == [s.spliced]
     assert s.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("useTLS", LEGS)
+@pytest.mark.parametrize(
+    "last, closedBy",
+    [(b"a9 OK Logout completed\r\n", "client"), (b"* BYE going away\r\n", "provider")],
+)
+def test_whoClosedIsToldFromTheProvidersLastLine(relay, pki, useTLS, last, closedBy):
+    """
+    With an audit event to write, the provider's last line decides who ended
+    the session, however its reads were gathered: here a response of many
+    TLS records with the last line in the same read.
+    """
+    s = Session(pki, useTLS)
+    s.splice(audit={"protocol": "imap", "account": "a", "token_id": "t", "client": "c"})
+    s.clientWrites(b"a9 LOGOUT\r\n")
+    body = b"* 1 FETCH (BODY[] {%d}\r\n" % MB + b"z" * MB + b")\r\n"
+    s.providerWrites(body + last)
+    s.provider.transport.loseConnection()
+    s.settle()
+    assert s.client.received == body + last
+    assert s.spliced.closedBy == closedBy
+    assert s.ended == [s.spliced]
 
 
 @pytest.mark.parametrize("useTLS", LEGS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -123,40 +124,39 @@ def eagerWrites(transport: Any) -> None:
 
 
 def _eager(conn: Any) -> None:
-    if "_imapproxyEager" in vars(conn):
-        return
-    sock = conn.socket
-    queued = conn.write
-
-    def write(data: bytes) -> None:
-        # tcp.Connection.write queues; sending directly is safe only when it
-        # would send these bytes next and nothing ends the connection. Those
-        # states are private: _aborting (abortConnection does not set
-        # ``disconnecting``), _writeDisconnected (half-close), _tempDataLen
-        # and dataBuffer/offset (bytes queued before these).
-        if (
-            not conn.TLS
-            and conn.connected
-            and not conn.disconnecting
-            and not conn._aborting
-            and not conn._writeDisconnected
-            and not conn._tempDataLen
-            and conn.offset == len(conn.dataBuffer)
-            and type(data) is bytes
-        ):
-            try:
-                sent = sock.send(data)
-            except OSError:
-                # Would block, or an error the queued write will report.
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        queued(data)
-
-    conn.write = write
+    if "_imapproxyEager" in vars(conn) or "write" in vars(conn):
+        return  # hooked already (by this or by something else)
+    # Bound to the connection, not a closure: one object a connection.
+    conn.write = types.MethodType(_eagerWrite, conn)
     conn._imapproxyEager = True
     conn.bufferSize = READ_SIZE
+
+
+def _eagerWrite(conn: Any, data: bytes) -> None:
+    # tcp.Connection.write queues; sending directly is safe only when it
+    # would send these bytes next and nothing ends the connection. Those
+    # states are private: _aborting (abortConnection does not set
+    # ``disconnecting``), _writeDisconnected (half-close), _tempDataLen
+    # and dataBuffer/offset (bytes queued before these).
+    if (
+        not conn.TLS
+        and conn.connected
+        and not conn.disconnecting
+        and not conn._aborting
+        and not conn._writeDisconnected
+        and not conn._tempDataLen
+        and conn.offset == len(conn.dataBuffer)
+        and type(data) is bytes
+    ):
+        try:
+            sent = conn.socket.send(data)
+        except OSError:
+            # Would block, or an error the queued write will report.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    type(conn).write(conn, data)  # queued, as Twisted writes
 
 
 def _probeEagerWrites() -> None:
@@ -226,44 +226,44 @@ def _directWriter(tls: Any) -> Callable[[bytes], None]:
     # The TLS connection: records are encrypted into it and read out of its
     # memory BIO directly. (getHandle() warns that it may return something
     # else one day: then this falls back.)
-    conn = tls.getHandle()
-    if not isinstance(conn, SSL.Connection):
+    if not isinstance(tls.getHandle(), SSL.Connection):
         raise TypeError("the TLS layer's connection is not an OpenSSL connection")
-    slow = functools.partial(TLSMemoryBIOProtocol.write, tls)
+    # Bound to the TLS layer, not a closure: one object a connection.
+    return types.MethodType(_directWrite, tls)
 
-    def write(data: bytes) -> None:
-        # TLSMemoryBIOProtocol.write, but all the records of one chunk go to
-        # the socket in one send, not one send per 16 KiB record. Writes held
-        # for a renegotiation (_appSendBuffer) and a closed or closing TLS
-        # layer (_lostTLSConnection) are left to Twisted.
-        if tls._appSendBuffer or tls._lostTLSConnection or tls.disconnecting:
-            slow(data)
-            return
-        sent, size = 0, len(data)
-        view = memoryview(data)
-        try:
-            while sent < size:
-                sent += conn.send(view[sent : sent + TLS_RECORD])
-        except SSL.Error:
-            # Let Twisted's own path buffer (WantRead) or fail the connection.
-            slow(data[sent:])
-            return
-        finally:
-            out = []
-            # Room for all the records at once: the ciphertext of ``sent``
-            # bytes, with each record's header and tag.
-            room = sent + 64 * (sent // TLS_RECORD + 2)
-            while True:
-                try:
-                    out.append(conn.bio_read(room))
-                except SSL.WantReadError:
-                    break
-                if len(out[-1]) < room:
-                    break
-            if out:
-                tls.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    return write
+def _directWrite(tls: Any, data: bytes) -> None:
+    # TLSMemoryBIOProtocol.write, but all the records of one chunk go to the
+    # socket in one send, not one send per 16 KiB record. Writes held for a
+    # renegotiation (_appSendBuffer) and a closed or closing TLS layer
+    # (_lostTLSConnection) are left to Twisted.
+    if tls._appSendBuffer or tls._lostTLSConnection or tls.disconnecting:
+        TLSMemoryBIOProtocol.write(tls, data)
+        return
+    conn = tls.getHandle()
+    sent, size = 0, len(data)
+    view = memoryview(data)
+    try:
+        while sent < size:
+            sent += conn.send(view[sent : sent + TLS_RECORD])
+    except SSL.Error:
+        # Let Twisted's own path buffer (WantRead) or fail the connection.
+        TLSMemoryBIOProtocol.write(tls, data[sent:])
+        return
+    finally:
+        out = []
+        # Room for all the records at once: the ciphertext of ``sent``
+        # bytes, with each record's header and tag.
+        room = sent + 64 * (sent // TLS_RECORD + 2)
+        while True:
+            try:
+                out.append(conn.bio_read(room))
+            except SSL.WantReadError:
+                break
+            if len(out[-1]) < room:
+                break
+        if out:
+            tls.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 def batchReads(transport: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -291,34 +291,46 @@ def batchReads(transport: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes]
 def _batchReads(tls: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     # Public names only, but it relies on a behaviour the probe checks: the
     # TLS layer hands on every record of one read within its dataReceived.
-    original = tls.dataReceived
-    pending: list[bytes] = []
-    gathering = [False]
+    batch = _Batch(tls.dataReceived, sink)
+    tls.dataReceived = batch.dataReceived
+    return batch.gather
 
-    def flush() -> None:
+
+class _Batch:
+    """One TLS layer's deliveries of one read, gathered for ``sink``."""
+
+    # One per direction of every held session: slots, and no closures.
+    __slots__ = ("original", "sink", "pending", "gathering")
+
+    def __init__(self, original: Callable[[bytes], None], sink: Callable[[bytes], Any]):
+        self.original = original
+        self.sink = sink
+        self.pending: list[bytes] = []
+        self.gathering = False
+
+    def flush(self) -> None:
+        pending = self.pending
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
-        sink(data)
+        self.sink(data)
 
-    def dataReceived(data: bytes) -> None:
-        gathering[0] = True
+    def dataReceived(self, data: bytes) -> None:
+        self.gathering = True
         try:
-            original(data)
+            self.original(data)
         finally:
-            gathering[0] = False
-            if pending:
-                flush()
+            self.gathering = False
+            if self.pending:
+                self.flush()
 
-    def gather(data: bytes) -> Any:
-        if not gathering[0]:
-            return sink(data)
+    def gather(self, data: bytes) -> Any:
+        if not self.gathering:
+            return self.sink(data)
+        pending = self.pending
         pending.append(data)
         if len(pending) >= SEND_RECORDS:  # each at most one record
-            flush()
+            self.flush()
         return None
-
-    tls.dataReceived = dataReceived
-    return gather
 
 
 def _bufferingTLS(transport: Any) -> Any:

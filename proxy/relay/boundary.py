@@ -47,7 +47,18 @@ class ImapBoundaries:
     """The framing state of both directions of one spliced IMAP session."""
 
     # One a held session: slots, not a dictionary.
-    __slots__ = ("down", "up", "sent", "answered", "_tagged", "idling", "loggedOut", "_tail")
+    __slots__ = (
+        "down",
+        "up",
+        "sent",
+        "answered",
+        "_tagged",
+        "idling",
+        "loggedOut",
+        "_tail",
+        "_toClient",
+        "_toUpstream",
+    )
 
     def __init__(self) -> None:
         # The provider's side: no Python a line (its tagged responses are
@@ -110,30 +121,32 @@ class ImapBoundaries:
             and (inFlight == 0 or (inFlight == 1 and self.idling))
         )
 
+    # The relays are bound methods, not closures: fewer objects a session.
     def toClient(self, write: Write) -> Write:
-        down = self.down
-
-        def relay(data: bytes) -> Any:
-            tagged = down.tagged
-            down.skim(data)
-            if down.tagged != tagged:
-                self._responses()
-            if len(data) >= _TAIL_KEPT:
-                self._tail = data[-_TAIL_KEPT:]
-            else:
-                self._tail = (self._tail + data)[-_TAIL_KEPT:]
-            return write(data)
-
-        return relay
+        """``write``, after following what the client gets."""
+        self._toClient = write
+        return self._relayToClient
 
     def toUpstream(self, write: Write) -> Write:
-        skim = self.up.skim
+        """``write``, after following what the client sends."""
+        self._toUpstream = write
+        return self._relayToUpstream
 
-        def relay(data: bytes) -> Any:
-            skim(data)
-            return write(data)
+    def _relayToClient(self, data: bytes) -> Any:
+        down = self.down
+        tagged = down.tagged
+        down.skim(data)
+        if down.tagged != tagged:
+            self._responses()
+        if len(data) >= _TAIL_KEPT:
+            self._tail = data[-_TAIL_KEPT:]
+        else:
+            self._tail = (self._tail + data)[-_TAIL_KEPT:]
+        return self._toClient(data)
 
-        return relay
+    def _relayToUpstream(self, data: bytes) -> Any:
+        self.up.skim(data)
+        return self._toUpstream(data)
 
 
 class _Lines:
@@ -218,20 +231,24 @@ class SmtpBoundaries:
         )
 
     def toClient(self, write: Write) -> Write:
-        def relay(data: bytes) -> Any:
-            pos, end = 0, len(data)
-            while pos < end:
-                pos = self._replies.feed(data, pos)
-            return write(data)
-
-        return relay
+        """``write``, after following the replies the client gets."""
+        self._toClient = write
+        return self._relayToClient
 
     def toUpstream(self, write: Write) -> Write:
-        def relay(data: bytes) -> Any:
-            self._follow(data)
-            return write(data)
+        """``write``, after following what the client sends."""
+        self._toUpstream = write
+        return self._relayToUpstream
 
-        return relay
+    def _relayToClient(self, data: bytes) -> Any:
+        pos, end = 0, len(data)
+        while pos < end:
+            pos = self._replies.feed(data, pos)
+        return self._toClient(data)
+
+    def _relayToUpstream(self, data: bytes) -> Any:
+        self._follow(data)
+        return self._toUpstream(data)
 
     def _follow(self, data: bytes) -> None:
         pos, end = 0, len(data)

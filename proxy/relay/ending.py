@@ -11,8 +11,6 @@ the provider sent for this; nothing else on the relay path.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
 
 TAIL = 256
 _LAST_LINE = re.compile(rb"(?:\A|\n)([^\n]*)\r?\n?\Z")
@@ -20,16 +18,6 @@ _GOODBYE = {
     "smtp": re.compile(rb"\A221[ -]"),
     "imap": re.compile(rb"\A[^*+ ][^ ]* OK\b", re.I),
 }
-
-
-def keepTail(sink: Callable[[bytes], Any], keep: Callable[[bytes], None]) -> Callable[[bytes], Any]:
-    """``sink``, after handing ``keep`` the end of each piece (at most ``TAIL`` bytes)."""
-
-    def kept(data: bytes) -> Any:
-        keep(data[-TAIL:])
-        return sink(data)
-
-    return kept
 
 
 def joinTail(tail: bytes, more: bytes) -> bytes:

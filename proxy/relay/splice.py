@@ -137,14 +137,13 @@ class Splice:
         # answer for the provider) and what it sends (outside that sink,
         # which may answer a command itself through the client's writer).
         b = self.boundaries
+        self._sendToClient = b.toClient(_fast.directWriter(ct))
+        self._fromProvider = self.toClientSink(self._watchedToClient)
+        self._sendToUpstream = b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut)))
         toClient = _fast.batchReads(
-            ut, self.toClientSink(self._watched(b.toClient(_fast.directWriter(ct))))
+            ut, self._keepingTail if self._audit is not None else self._fromProvider
         )
-        toUpstream = _fast.batchReads(
-            ct, self._watched(b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut))))
-        )
-        if self._audit is not None:
-            toClient = ending.keepTail(toClient, self._keepTail)
+        toUpstream = _fast.batchReads(ct, self._watchedToUpstream)
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
         ct.registerProducer(ut, True)
@@ -163,16 +162,25 @@ class Splice:
         keepDeclarations(ct)
         keepDeclarations(ut)
 
-    def _watched(self, write: Any) -> Any:
-        """``write``, then the last line of ``closeWhenIdle`` once the session is quiet."""
+    # The relay's steps are bound methods, not closures: a held session is
+    # fewer objects. ``write``, then the last line of ``closeWhenIdle`` once
+    # the session is quiet:
+    def _watchedToClient(self, data: bytes) -> Any:
+        result = self._sendToClient(data)
+        if self._lastLine is not None:
+            self._lastLineIfQuiet()
+        return result
 
-        def relay(data: bytes) -> Any:
-            result = write(data)
-            if self._lastLine is not None:
-                self._lastLineIfQuiet()
-            return result
+    def _watchedToUpstream(self, data: bytes) -> Any:
+        result = self._sendToUpstream(data)
+        if self._lastLine is not None:
+            self._lastLineIfQuiet()
+        return result
 
-        return relay
+    def _keepingTail(self, data: bytes) -> Any:
+        """The provider's bytes, their end kept (for the audit event's ``closed_by``)."""
+        self._tail = ending.joinTail(self._tail, data)
+        return self._fromProvider(data)
 
     def closeWhenIdle(self, line: bytes) -> None:
         """
@@ -294,9 +302,6 @@ class Splice:
         self._release()
         self._closeSoon("upstream", self.CLOSE_GRACE)
         self._end()
-
-    def _keepTail(self, data: bytes) -> None:
-        self._tail = ending.joinTail(self._tail, data)
 
     def _upstreamLost(self, reason: Any) -> None:
         protocol = (self._audit or {}).get("protocol", "")

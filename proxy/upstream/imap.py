@@ -181,9 +181,6 @@ class UpstreamProtocol(LineReceiver):
 
     # -- the phase machine's outputs ------------------------------------------------
 
-    def _ignore(self, line: bytes) -> None:
-        pass
-
     def _keep(self, line: bytes) -> None:
         self._keptSize += len(line) + 2
         if self._keptSize > self.MAX_KEPT:
@@ -205,10 +202,14 @@ class UpstreamProtocol(LineReceiver):
 
     def _logout(self) -> None:
         self._spareLost = None
-        self._lines = self._ignore
+        self._lines = _ignore
         if self._login is not None:
             self._login.send(b"LOGOUT")
         self.transport.loseConnection()
+
+
+def _ignore(line: bytes) -> None:
+    """What a connection's lines go to once they are not for the login (shared, not bound)."""
 
 
 class _Phase(Protocol):
@@ -262,13 +263,13 @@ def _loginLost(phase: _Phase, p: UpstreamProtocol, reason: Failure) -> None:
 def _loggedInNow(phase: _Phase, p: UpstreamProtocol) -> None:
     keepSession(p.tlsOptions, p.transport)
     # Stop parsing: what follows belongs to the client's session.
-    p._lines = p._ignore
+    p._lines = _ignore
     p.pauseProducing()
 
 
 @_loggingIn.upon(_Phase.loginFailed).to(_closed)
 def _fail(phase: _Phase, p: UpstreamProtocol, error: ProxyError) -> None:
-    p._lines = p._ignore
+    p._lines = _ignore
     p.transport.loseConnection()
     p.ready.errback(error)
 
@@ -283,7 +284,7 @@ def _wait(phase: _Phase, p: UpstreamProtocol, onLost: Callable[[], Any]) -> None
 @_spare.upon(_Phase.claim).to(_loggedIn)
 def _claimed(phase: _Phase, p: UpstreamProtocol) -> bool:
     p._spareLost = None
-    p._lines = p._ignore
+    p._lines = _ignore
     p.pauseProducing()
     return True
 
