@@ -37,3 +37,6 @@ class EndedByTests(SynchronousTestCase):
             tail = joinTail(tail, piece)
         self.assertEqual(tail, (b"a" * 1000 + b"250 OK\r\n221 Bye\r\n")[-TAIL:])
         self.assertEqual(endedBy("smtp", tail), "client")
+        # One long piece is cut to TAIL too, alone or after a short one.
+        self.assertEqual(joinTail(b"", b"b" * 1000), b"b" * TAIL)
+        self.assertEqual(joinTail(b"250 OK\r\n", b"c" * 1000), b"c" * TAIL)

@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
-from proxy.relay import Splice, _fast
+from proxy.relay import Splice, _fast, ending
 from tests.relaypaths import relayFixture  # noqa: F401  (the relay fixture)
 from tests.upstream.certs import make_pki
 
@@ -283,6 +283,8 @@ def test_whoClosedIsToldFromTheProvidersLastLine(relay, pki, useTLS, last, close
     assert s.client.received == body + last
     assert s.spliced.closedBy == closedBy
     assert s.ended == [s.spliced]
+    # Only the end of the stream is kept, however long the last read was.
+    assert s.spliced._tail == (body + last)[-ending.TAIL :]
 
 
 @pytest.mark.parametrize("useTLS", LEGS)

@@ -122,6 +122,8 @@ class ImapBoundaries:
         )
 
     # The relays are bound methods, not closures: fewer objects a session.
+    # Each direction is made once per session: a second call replaces the
+    # first's writer.
     def toClient(self, write: Write) -> Write:
         """``write``, after following what the client gets."""
         self._toClient = write
@@ -230,6 +232,7 @@ class SmtpBoundaries:
             and not self.transaction
         )
 
+    # As ImapBoundaries': bound methods, each direction made once a session.
     def toClient(self, write: Write) -> Write:
         """``write``, after following the replies the client gets."""
         self._toClient = write

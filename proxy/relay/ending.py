@@ -21,7 +21,8 @@ _GOODBYE = {
 
 
 def joinTail(tail: bytes, more: bytes) -> bytes:
-    return more if len(more) >= TAIL else (tail + more)[-TAIL:]
+    """The last ``TAIL`` bytes of ``tail`` followed by ``more`` (a whole read may be long)."""
+    return more[-TAIL:] if len(more) >= TAIL else (tail + more)[-TAIL:]
 
 
 def endedBy(protocol: str, tail: bytes) -> str:
