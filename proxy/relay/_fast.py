@@ -228,7 +228,6 @@ def _directWriter(tls: Any) -> Callable[[bytes], None]:
     # else one day: then this falls back.)
     if not isinstance(tls.getHandle(), SSL.Connection):
         raise TypeError("the TLS layer's connection is not an OpenSSL connection")
-    # Bound to the TLS layer, not a closure: one object a connection.
     return types.MethodType(_directWrite, tls)
 
 
@@ -297,9 +296,8 @@ def _batchReads(tls: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes], Any
 
 
 class _Batch:
-    """One TLS layer's deliveries of one read, gathered for ``sink``."""
+    """One TLS layer's deliveries of one read, gathered for ``sink`` (slots: one a direction)."""
 
-    # One per direction of every held session: slots, and no closures.
     __slots__ = ("original", "sink", "pending", "gathering")
 
     def __init__(self, original: Callable[[bytes], None], sink: Callable[[bytes], Any]):
