@@ -9,10 +9,16 @@ there) and ``bench/lightupstream.py``, a few-KiB-per-connection IMAPS server
 ``bench/idleclient.py`` processes (several hold a share of the sessions each;
 others loop connect + TLS + LOGIN + LOGOUT for the login rate).
 
-Figures: RSS per session = (VmRSS with N held - VmRSS before) / N, VmRSS
-from /proc/<twistd pid>/status, "before" taken after a warm-up (one login
-per account, then a few seconds of logins with nothing held). Run from the
-repository root with the test venv:
+Each upstream has a fresh proxy of its own. Figures: RSS per session =
+(VmRSS with N held - VmRSS before) / N, VmRSS from /proc/<twistd
+pid>/status, "before" taken after a warm-up (one login per account, 8
+clients); the logins per second with none held come last, after the
+sessions are released. Memory a proxy kept from what it did before
+(another benchmark's 50 MB FETCH, a burst of 32 clients' logins) would
+otherwise be reused by the held sessions, and the figure would measure
+the allocator's history, not a session (docs/benchmarks.md, "what the
+Dovecot memory figure measures"). Run from the repository root with the
+test venv:
 
     .venv/bin/python -m bench.concurrency [--n-dovecot 1000] [--n-light 9000]
 
@@ -36,18 +42,17 @@ from bench.concurrency_setup import (
     Children,
     LightUpstream,
     add_accounts,
-    light_proxy,
-    proxy_args,
+    fresh_proxy,
     raise_fd_limit,
     say,
 )
+from bench.tree import ProxyProcess
 
 
 def run(
     pki: Any,
     provider: Any,
     dovecot: Any,
-    proxy: Any,
     workdir: str,
     quick: bool = False,
     n_dovecot: int | None = None,
@@ -55,101 +60,98 @@ def run(
     profile: str | None = None,
 ) -> list[Row]:
     """
-    The rows (figure, imapproxy value, note) for the harness's table. Uses
-    ``proxy`` (which must have an ``ssl`` port) against ``dovecot``, and a
-    second proxy of its own against a light upstream it starts.
+    The rows (figure, imapproxy value, note) for the harness's table: a
+    proxy of its own against ``dovecot``, then another against a light
+    upstream it starts.
     """
     if n_dovecot is None:
         n_dovecot = 200 if quick else 1000
     if n_light is None:
         n_light = 500 if quick else 9000
-    churn_seconds = 3.0 if quick else 6.0
-    churn_clients = 32
     raise_fd_limit()
     os.makedirs(workdir, exist_ok=True)
     children = Children()
+    phase = _Phase(pki, provider, children, workdir, quick, profile)
     rows: list[Row] = []
     try:
         if n_dovecot:
-            port = proxy.ports.get("ssl")
-            if port is None:
-                raise RuntimeError("the proxy given has no ssl: port")
-            say(f"dovecot: registering {10 if quick else 50} accounts")
-            accounts = add_accounts(
-                proxy,
-                provider,
-                10 if quick else 50,
-                port=dovecot.tls_port,
-                ca_file=pki.ca_cert,
-                domain="example.com",
-                prefix="conc",
-            )
-            res = measure(
-                children,
-                pid=proxy.pid(),
-                port=port,
-                ca=pki.ca_cert,
-                accounts=accounts,
-                workdir=workdir,
-                n=n_dovecot,
-                hold_procs=4,
-                hold_concurrency=6,
-                churn_seconds=churn_seconds,
-                churn_clients=churn_clients,
-                churn_procs=2,
-                label="dovecot",
-                profile=profile,
-            )
-            res["churn_clients"] = churn_clients
-            rows += rows_for(res, "Dovecot")
+            rows += phase.measure("dovecot", dovecot.tls_port, n_dovecot, hold=(4, 6))
         if n_light:
             upstream = LightUpstream(pki, children)
             upstream.start()
-            lproxy = None
             try:
-                lproxy = light_proxy(pki, workdir)
-                count = 20 if quick else 100
-                say(f"light: upstream on port {upstream.port}; registering {count} accounts")
-                accounts = add_accounts(
-                    lproxy,
-                    provider,
-                    count,
-                    port=upstream.port,
-                    ca_file=pki.ca_cert,
-                    domain=LIGHT_DOMAIN,
-                    prefix="light",
-                )
-                res = measure(
-                    children,
-                    pid=lproxy.pid(),
-                    port=lproxy.ports["ssl"],
-                    ca=pki.ca_cert,
-                    accounts=accounts,
-                    workdir=workdir,
-                    n=n_light,
-                    hold_procs=6,
-                    hold_concurrency=8,
-                    churn_seconds=churn_seconds,
-                    churn_clients=churn_clients,
-                    churn_procs=2,
-                    label="light",
-                    profile=profile,
-                )
-                res["churn_clients"] = churn_clients
+                say(f"light: upstream on port {upstream.port}")
+                rows += phase.measure("light", upstream.port, n_light, hold=(6, 8))
                 up = sum(rss_kib(p) for p in upstream.pids())
-                rows += rows_for(res, "light upstream")
                 rows[-1] = (
                     rows[-1][0],
                     rows[-1][1],
                     rows[-1][2] + f"; light upstream RSS now {up / 1024:.0f} MiB",
                 )
             finally:
-                if lproxy is not None:
-                    lproxy.stop()
                 upstream.stop()
     finally:
         children.close()
     return rows
+
+
+class _Phase:
+    """One upstream's figures, measured through a fresh proxy of its own."""
+
+    # label: (accounts (quick, full), their domain and id prefix, the rows' name)
+    KINDS = {
+        "dovecot": ((10, 50), "example.com", "conc", "Dovecot"),
+        "light": ((20, 100), LIGHT_DOMAIN, "light", "light upstream"),
+    }
+    CHURN_CLIENTS = 32
+
+    def __init__(
+        self,
+        pki: Any,
+        provider: Any,
+        children: Children,
+        workdir: str,
+        quick: bool,
+        profile: str | None,
+    ):
+        self.pki, self.provider, self.children = pki, provider, children
+        self.workdir, self.quick, self.profile = workdir, quick, profile
+
+    def measure(self, label: str, upstreamPort: int, n: int, hold: tuple[int, int]) -> list[Row]:
+        counts, domain, prefix, what = self.KINDS[label]
+        count = counts[0] if self.quick else counts[1]
+        proxy = fresh_proxy(self.pki, self.workdir, f"proxy-{label}")
+        try:
+            say(f"{label}: registering {count} accounts")
+            accounts = add_accounts(
+                proxy,
+                self.provider,
+                count,
+                port=upstreamPort,
+                ca_file=self.pki.ca_cert,
+                domain=domain,
+                prefix=prefix,
+            )
+            res = measure(
+                self.children,
+                pid=proxy.pid(),
+                port=proxy.ports["ssl"],
+                ca=self.pki.ca_cert,
+                accounts=accounts,
+                workdir=self.workdir,
+                n=n,
+                hold_procs=hold[0],
+                hold_concurrency=hold[1],
+                churn_seconds=3.0 if self.quick else 6.0,
+                churn_clients=self.CHURN_CLIENTS,
+                churn_procs=2,
+                label=label,
+                profile=self.profile,
+            )
+        finally:
+            proxy.stop()
+        res["churn_clients"] = self.CHURN_CLIENTS
+        return rows_for(res, what)
 
 
 def _terminate(_sig: int, _frame: Any) -> None:
@@ -164,16 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller N and shorter login tests")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the proxy during the login tests")
+    ap.add_argument("--tree", metavar="DIR", help="run the proxies from DIR's proxy/ (bench.tree)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
 
     from tests.upstream import Dovecot, Provider, make_pki
-    from tests.upstream.proxyproc import ProxyProcess
 
+    if args.tree:
+        ProxyProcess.default = os.path.abspath(args.tree)
     raise_fd_limit()
     work = tempfile.mkdtemp(prefix="imapproxy-bench-conc-")
-    provider = dovecot = proxy = None
+    provider = dovecot = None
     try:
         pki = make_pki(os.path.join(work, "pki"))
         provider = Provider(pki, os.path.join(work, "provider"))
@@ -181,15 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.n_dovecot:
             dovecot = Dovecot(pki, provider.introspection_url)
             dovecot.start()
-            proxy = ProxyProcess(
-                os.path.join(work, "proxy"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert}
-            )
-            proxy.start(*proxy_args(pki))
         rows = run(
             pki,
             provider,
             dovecot,
-            proxy,
             os.path.join(work, "concurrency"),
             quick=args.quick,
             n_dovecot=args.n_dovecot,
@@ -200,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         for figure, value, note in rows:
             print(f"{figure:<{width}}  {value:>10}  {note}")
     finally:
-        if proxy is not None:
-            proxy.stop()
         if dovecot is not None:
             dovecot.stop()
         if provider is not None:

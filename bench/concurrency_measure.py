@@ -247,16 +247,20 @@ def measure(
     )
     if warm["failed"]:
         raise RuntimeError(f"{label}: warm-up logins failed: {warm['errors']}")
-    say(f"{label}: logins with nothing held ({churn_clients} clients, {churn_seconds}s)")
-    res["base_churn"] = churn(
-        children,
-        port,
-        ca,
-        accounts_file,
-        seconds=churn_seconds,
-        clients=churn_clients,
-        procs=churn_procs,
-    )
+
+    def logins() -> dict[str, Any]:
+        return churn(
+            children,
+            port,
+            ca,
+            accounts_file,
+            seconds=churn_seconds,
+            clients=churn_clients,
+            procs=churn_procs,
+        )
+
+    # Memory first, on a proxy that has done only the warm-up: a burst of
+    # logins before would leave memory the held sessions then reuse.
     time.sleep(1.0)
     res["rss_before"] = rss_kib(pid)
     res["fds_before"] = fd_count(pid)
@@ -270,15 +274,7 @@ def measure(
         res["fds_held"] = fd_count(pid)
         say(f"{label}: logins while held ({churn_clients} clients, {churn_seconds}s)")
         spy = _profile(children, pid, churn_seconds, profile, label)
-        res["held_churn"] = churn(
-            children,
-            port,
-            ca,
-            accounts_file,
-            seconds=churn_seconds,
-            clients=churn_clients,
-            procs=churn_procs,
-        )
+        res["held_churn"] = logins()
         if spy is not None:
             spy.wait(60)
             children.procs.remove(spy)
@@ -290,6 +286,8 @@ def measure(
     time.sleep(2.0)
     res["rss_released"] = rss_kib(pid)
     res["fds_released"] = fd_count(pid)
+    say(f"{label}: logins with nothing held ({churn_clients} clients, {churn_seconds}s)")
+    res["base_churn"] = logins()
     say(f"{label}: {json.dumps({k: v for k, v in res.items() if 'churn' not in k})}")
     return res
 

@@ -152,14 +152,14 @@ class LightUpstream:
             self._proc = None
 
 
-# -- the light proxy -------------------------------------------------------------
+# -- the proxies -------------------------------------------------------------
 
 
-def light_proxy(pki: Any, workdir: str) -> Any:
-    """A second proxy, of this benchmark's own, for the light upstream."""
-    from tests.upstream.proxyproc import ProxyProcess
+def fresh_proxy(pki: Any, workdir: str, name: str) -> Any:
+    """A proxy of this benchmark's own, started, its files in ``workdir/name``."""
+    from bench.tree import ProxyProcess
 
-    p = ProxyProcess(os.path.join(workdir, "proxy-light"), env={"REQUESTS_CA_BUNDLE": pki.ca_cert})
+    p = ProxyProcess(os.path.join(workdir, name), env={"REQUESTS_CA_BUNDLE": pki.ca_cert})
     p.start(*proxy_args(pki))
     return p
 

@@ -8,13 +8,9 @@ running it in each, alternately:
 
     .venv/bin/python -m bench.login_cpu [--logins 150] [--tree DIR]
 
-``--tree DIR`` runs the proxy from another source tree's ``proxy/`` (put
-first on its ``PYTHONPATH``; the venv's dependencies and this tree's rig), so
-that two versions are compared in one session on one machine, e.g.
-``git archive COMMIT proxy | tar -x -C /tmp/COMMIT``, then alternate
-``--tree /tmp/COMMIT`` with no ``--tree``. The other version must accept the
-rig's options; for a tree older than SMTP submission (no ``proxy/smtp``) a
-wrapper drops ``--smtp-port`` and ``--login-penalty``, which it lacks.
+``--tree DIR`` runs the proxy from another source tree's ``proxy/``
+(``bench.tree``), so that two versions are compared in one session on one
+machine: alternate ``--tree /tmp/COMMIT`` with no ``--tree``.
 
 ``--calls`` also counts the Python function calls the proxy's reactor
 thread makes per login (cProfile, switched on for the measured logins only
@@ -48,8 +44,8 @@ from typing import Any
 
 from bench.client import connect_login
 from bench.rig import Rig
+from bench.tree import ProxyProcess
 from tests.imaputil import message
-from tests.upstream.proxyproc import ProxyProcess
 
 
 def cpuTimes(pid: int) -> tuple[float, float]:
@@ -59,16 +55,6 @@ def cpuTimes(pid: int) -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
 
-
-# Runs twistd without the options a tree older than SMTP submission lacks.
-_OLD_TREE_WRAPPER = """#!/bin/bash
-args=(); skip=0
-for a in "$@"; do
-  if ((skip)); then skip=0; continue; fi
-  case $a in --smtp-port|--login-penalty) skip=1;; *) args+=("$a");; esac
-done
-exec "${args[@]}"
-"""
 
 # Imported by the proxy's Python (first on its PYTHONPATH) with ``--calls``:
 # one signal starts a cProfile of the reactor thread, another saves it.
@@ -95,24 +81,17 @@ def _callsSite(workdir: str) -> str:
 
 
 class _NoSpares(ProxyProcess):
-    tree: str | None = None
     calls = False
 
+    def sitePaths(self) -> list[str]:
+        return [_callsSite(self.workdir)] if self.calls else []
+
+    def environment(self) -> list[str]:
+        if not self.calls:
+            return []
+        return [f"LOGIN_CPU_CALLS={os.path.join(self.workdir, 'calls.pstats')}"]
+
     def start(self, *extra: str) -> None:
-        path = [p for p in (self.tree, _callsSite(self.workdir) if self.calls else None) if p]
-        prefix = ["env", f"PYTHONPATH={':'.join(path)}"]
-        if self.calls:
-            prefix.append(f"LOGIN_CPU_CALLS={os.path.join(self.workdir, 'calls.pstats')}")
-        old = bool(self.tree) and not os.path.isdir(os.path.join(str(self.tree), "proxy", "smtp"))
-        if old:
-            wrapper = os.path.join(self.workdir, "old-tree-twistd")
-            with open(wrapper, "w") as f:
-                f.write(_OLD_TREE_WRAPPER)
-            os.chmod(wrapper, 0o755)
-            prefix.append(wrapper)
-            extra = (*extra, "--smtp-port", "none")
-        if path and self.server_prefix[: len(prefix)] != prefix:  # once, however often started
-            self.server_prefix = [*prefix, *self.server_prefix]
         super().start(*extra, "--warm-upstream", "0")
 
 

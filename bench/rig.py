@@ -19,11 +19,11 @@ from collections.abc import Callable
 import attrs
 
 from bench.client import Login
+from bench.tree import ProxyProcess
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, OAUTH2_DEADLINE, Mailbox, register
 from tests.imaputil import message, provider_access_token
 from tests.upstream import PKI, Dovecot, Provider, make_pki
 from tests.upstream.osutil import free_port, stop_process
-from tests.upstream.proxyproc import ProxyProcess
 
 HAPROXY_CONFIG = """\
 global

@@ -28,6 +28,7 @@ from bench import measure, restricted
 from bench.report import write_docs
 from bench.rig import Rig
 from bench.stats import Cell, Table, machine, machine_markdown
+from bench.tree import ProxyProcess
 from tests.imaputil import message
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -101,7 +102,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Redis, caps on and off, interleaved (bench.caps; --runs applies)",
     )
     ap.add_argument("--peer-venv", default=".bench-peer-venv", help="venv the peer is installed in")
-    return ap.parse_args(argv)
+    ap.add_argument(
+        "--tree",
+        metavar="DIR",
+        help="run the measured imapproxy from DIR's proxy/ (another version, bench.tree); "
+        "with --no-smtp for a tree older than SMTP submission",
+    )
+    args = ap.parse_args(argv)
+    if args.tree and args.write_docs:
+        ap.error("--tree measures another version: its table does not go in docs/benchmarks.md")
+    return args
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -169,7 +179,7 @@ def concurrency_rows(rig: Rig, quick: bool) -> tuple[list[tuple[str, Cell, Cell,
     except Exception as e:  # a missing module must not cost the table
         return [], [f"concurrency figures left out: bench.concurrency does not import ({e!r})"]
     kwargs: dict[str, Any] = dict(
-        pki=rig.pki, provider=rig.provider, dovecot=rig.dovecot, proxy=rig.proxy, quick=quick
+        pki=rig.pki, provider=rig.provider, dovecot=rig.dovecot, quick=quick
     )
     if "workdir" in inspect.signature(concurrency.run).parameters:
         kwargs["workdir"] = os.path.join(rig.work, "concurrency")
@@ -264,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return caps.main(["--runs", str(args.runs or (50 if args.quick else 200))])
     table = Table()
     extra = {"imapproxy": importlib.metadata.version("imapproxy")}
+    if args.tree:
+        ProxyProcess.default = os.path.abspath(args.tree)
+        extra["imapproxy"] = f"proxy/ from {ProxyProcess.default} (--tree)"
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         work = tempfile.mkdtemp(prefix="imapproxy-bench-")
