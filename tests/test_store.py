@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import threading
 import time
 
 import attrs
@@ -50,6 +51,7 @@ from proxy.store import (
     StoreError,
     StoreUnavailable,
 )
+from proxy.store._sqlitedb import MIGRATIONS, connect
 
 REFRESH = "rt-plaintext-3f9a1c7e5d"
 CLIENT_SECRET = "cs-plaintext-8b2e4d6f0a"
@@ -953,6 +955,47 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         limited = token("t2", restrictions=Restrictions(readOnly=True))
         yield again.addToken(limited)
         self.assertEqual((yield again.getToken("t2")), limited)
+
+    @inlineCallbacks
+    def test_storeFromBeforeOpenedByManyAtOnce(self):
+        """
+        Processes that open an older store at the same moment (admin
+        commands run in parallel after an upgrade) each bring it up to date
+        or see it so: none fails on a column another has just added.
+        """
+        store = yield self.openStore()
+        yield store.putAccount(account())
+        yield store.close()
+        dropped = [(t, c) for t, c, _ in MIGRATIONS if (t, c) != ("tokens", "restrictions")]
+        with sqlite3.connect(self.path) as db:
+            for table, column in dropped:
+                db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.close()
+        openers = 8
+        start = threading.Barrier(openers)
+        failures: list[BaseException] = []
+
+        def openIt() -> None:
+            start.wait()
+            try:
+                db, _meta = connect(self.path, Secrets([self.key]))
+                db.close()
+            except BaseException as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=openIt) for _ in range(openers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(failures, [])
+        with sqlite3.connect(self.path) as db:
+            have = {(t, r[1]) for t, _c in dropped for r in db.execute(f"PRAGMA table_info({t})")}
+        db.close()
+        self.assertEqual(set(dropped) - have, set())
+        again = self.newStore()
+        yield again.open()
+        self.assertEqual((yield again.getAccount("alice")).oauth2.refreshToken, REFRESH)
 
     @inlineCallbacks
     def test_rotatedKeys(self):

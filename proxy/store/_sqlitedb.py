@@ -124,16 +124,20 @@ def connect(path: str, secrets: Secrets) -> tuple[sqlite3.Connection, dict[str, 
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(SCHEMA)
-        for table, column, definition in MIGRATIONS:
-            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-        for key, value in (
-            ("key_check", secrets.encrypt(KEY_CHECK)),
-            ("store_id", newMarker()),
-            ("created", repr(time.time())),
-        ):
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES(?, ?)", (key, value))
+        # One writer at a time looks and adds: processes opening an older
+        # store at once (admin commands after an upgrade) must not each add
+        # the same column.
+        with _transaction(db):
+            for table, column, definition in MIGRATIONS:
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            for key, value in (
+                ("key_check", secrets.encrypt(KEY_CHECK)),
+                ("store_id", newMarker()),
+                ("created", repr(time.time())),
+            ):
+                db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES(?, ?)", (key, value))
         meta = dict(db.execute("SELECT key, value FROM meta"))
     except (OSError, sqlite3.Error) as e:
         raise StoreError(f"cannot open the SQLite store {path}: {e}") from None
