@@ -23,19 +23,40 @@ from bench.stats import Sample, cpu_seconds
 def login_latency(targets: Sequence[Target], runs: int) -> dict[str, Sample]:
     """
     Connect + TLS + greeting + login + tagged OK, again and again for one
-    account (its token cached; through imapproxy, a spare upstream
-    connection waits for each login after the first two).
+    account (its token cached). Through imapproxy each login takes the spare
+    upstream connection made after the one before, as a login that comes
+    again within minutes does: it waits until the proxy has logged that the
+    spare is ready. Without that wait the next login came while the spare
+    was still being made, and was timed against the proxy's work on it, or
+    made an upstream connection of its own.
     """
     times: dict[str, list[float]] = {t.name: [] for t in targets}
+    made: dict[str, int] = {}
     for t in targets:  # warm-up: caches, the proxy's access token, code paths
-        c, _ = connect_login(t.port, t.ctx, t.logins[0])
-        c.logout()
+        for _ in range(2):  # an account gets a spare from its second login on
+            if t.spares_made is not None:
+                made[t.name] = t.spares_made()
+            c, _ = connect_login(t.port, t.ctx, t.logins[0])
+            c.logout()
     for _ in range(runs):
         for t in targets:
+            if t.spares_made is not None:
+                _await_spare(t, made[t.name])
+                made[t.name] = t.spares_made()
             c, elapsed = connect_login(t.port, t.ctx, t.logins[0])
             times[t.name].append(elapsed)
             c.logout()
     return {n: Sample(tuple(v), "ms", scale=1e3) for n, v in times.items()}
+
+
+def _await_spare(t: Target, before: int, timeout: float = 30.0) -> None:
+    """Until ``t`` has made a spare connection since it had made ``before``."""
+    assert t.spares_made is not None
+    deadline = time.monotonic() + timeout
+    while t.spares_made() <= before:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{t.name} made no spare connection within {timeout:.0f} s")
+        time.sleep(0.005)
 
 
 def new_upstream_login_latency(targets: Sequence[Target], runs: int) -> dict[str, Sample]:

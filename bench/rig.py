@@ -25,6 +25,9 @@ from tests.imaputil import message, provider_access_token
 from tests.upstream import PKI, Dovecot, Provider, make_pki
 from tests.upstream.osutil import free_port, stop_process
 
+# What imapproxy logs when a spare upstream connection is ready (2fb6afe too).
+SPARE_MADE = "a spare provider connection waits for the next login of"
+
 HAPROXY_CONFIG = """\
 global
     maxconn 4000
@@ -69,6 +72,9 @@ class Target:
     #: connection" login figure.
     second: list[Login] = attrs.field(factory=list)
     pid: int | None = None
+    #: imapproxy only: how many spare upstream connections it has made so
+    #: far for the account of ``logins[0]`` (its log lines saying so).
+    spares_made: Callable[[], int] | None = None
 
 
 @attrs.define
@@ -194,7 +200,13 @@ class Rig:
                 for mb in (self.register() for _ in range(cold_runs))
             ],
             pid=self.proxy.pid(),
+            spares_made=self._spares_made(self.small[0].account),
         )
+
+    def _spares_made(self, account: str) -> Callable[[], int]:
+        """How many spare connections the proxy has made for ``account`` (log lines)."""
+        line = f"{SPARE_MADE} {account}\n"
+        return lambda: self.proxy.full_log().count(line) if self.proxy else 0
 
     def add_haproxy(self) -> str:
         """
