@@ -10,7 +10,9 @@ running it in each, alternately:
 
 ``--tree DIR`` runs the proxy from another source tree's ``proxy/``
 (``bench.tree``), so that two versions are compared in one session on one
-machine: alternate ``--tree /tmp/COMMIT`` with no ``--tree``.
+machine: alternate ``--tree /tmp/COMMIT`` with no ``--tree``. On a noisy
+machine ``bench.login_pair`` compares two versions more closely: it runs
+both at once and alternates logins between them one by one.
 
 ``--calls`` also counts the Python function calls the proxy's reactor
 thread makes per login (cProfile, switched on for the measured logins only
@@ -82,6 +84,8 @@ def _callsSite(workdir: str) -> str:
 
 class _NoSpares(ProxyProcess):
     calls = False
+    #: True: spare connections as configured (``bench.login_pair --spares``).
+    spares = False
 
     def sitePaths(self) -> list[str]:
         return [_callsSite(self.workdir)] if self.calls else []
@@ -92,7 +96,7 @@ class _NoSpares(ProxyProcess):
         return [f"LOGIN_CPU_CALLS={os.path.join(self.workdir, 'calls.pstats')}"]
 
     def start(self, *extra: str) -> None:
-        super().start(*extra, "--warm-upstream", "0")
+        super().start(*extra, *(() if self.spares else ("--warm-upstream", "0")))
 
 
 def _countCalls(pid: int, workdir: str, keep: str) -> int:

@@ -41,7 +41,7 @@ def login_latency(targets: Sequence[Target], runs: int) -> dict[str, Sample]:
     for _ in range(runs):
         for t in targets:
             if t.spares_made is not None:
-                _await_spare(t, made[t.name])
+                await_spare(t, made[t.name])
                 made[t.name] = t.spares_made()
             c, elapsed = connect_login(t.port, t.ctx, t.logins[0])
             times[t.name].append(elapsed)
@@ -49,7 +49,7 @@ def login_latency(targets: Sequence[Target], runs: int) -> dict[str, Sample]:
     return {n: Sample(tuple(v), "ms", scale=1e3) for n, v in times.items()}
 
 
-def _await_spare(t: Target, before: int, timeout: float = 30.0) -> None:
+def await_spare(t: Target, before: int, timeout: float = 30.0) -> None:
     """Until ``t`` has made a spare connection since it had made ``before``."""
     assert t.spares_made is not None
     deadline = time.monotonic() + timeout
