@@ -113,6 +113,20 @@ def _countCalls(pid: int, workdir: str, keep: str) -> int:
     return sum(nc for _cc, nc, *_ in pstats.Stats(path).stats.values())  # type: ignore[attr-defined]
 
 
+def smallRig(stack: contextlib.ExitStack, proxy: type[ProxyProcess]) -> Rig:
+    """A rig (one small mailbox, no cold accounts) whose proxy is a ``proxy``."""
+    import bench.rig
+
+    bench.rig.ProxyProcess = proxy  # type: ignore[misc]
+    work = tempfile.mkdtemp(prefix="imapproxy-logincpu-")
+    stack.callback(shutil.rmtree, work, True)
+    rig = Rig(work, stack)
+    rig.start()
+    rig.populate(1, message(1000, "big"))
+    rig.make_targets(0)
+    return rig
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.login_cpu", description=__doc__)
     ap.add_argument("--logins", type=int, default=150)
@@ -135,16 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     _NoSpares.calls = bool(args.calls)
     _NoSpares.tree = os.path.abspath(args.tree) if args.tree else None
-    import bench.rig
-
-    bench.rig.ProxyProcess = _NoSpares  # type: ignore[misc]
     with contextlib.ExitStack() as stack:
-        work = tempfile.mkdtemp(prefix="imapproxy-logincpu-")
-        stack.callback(shutil.rmtree, work, True)
-        rig = Rig(work, stack)
-        rig.start()
-        rig.populate(1, message(1000, "big"))
-        rig.make_targets(0)
+        rig = smallRig(stack, _NoSpares)
         assert rig.proxy is not None
         proxy, direct = rig.targets["imapproxy"], rig.targets["direct"]
         pid = rig.proxy.pid()

@@ -20,30 +20,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
-import tempfile
 
 from bench.client import connect_login
-from bench.login_cpu import _NoSpares, cpuTimes
+from bench.login_cpu import _NoSpares, cpuTimes, smallRig
 from bench.measure import await_spare
 from bench.rig import Rig
-from tests.imaputil import message
 
 
 def _rig(stack: contextlib.ExitStack, tree: str, spares: bool) -> Rig:
-    import bench.rig
-
     own = {"tree": None if tree == "venv" else os.path.abspath(tree), "spares": spares}
-    cls = type("PairProxy", (_NoSpares,), own)
-    bench.rig.ProxyProcess = cls  # type: ignore[misc,assignment]
-    work = tempfile.mkdtemp(prefix="imapproxy-loginpair-")
-    stack.callback(shutil.rmtree, work, True)
-    rig = Rig(work, stack)
-    rig.start()
-    rig.populate(1, message(1000, "big"))
-    rig.make_targets(0)
-    return rig
+    return smallRig(stack, type("PairProxy", (_NoSpares,), own))
 
 
 def main(argv: list[str] | None = None) -> int:
