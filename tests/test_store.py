@@ -17,6 +17,7 @@ import stat
 import tempfile
 import threading
 import time
+from typing import Any
 
 import attrs
 from cryptography.fernet import Fernet
@@ -51,7 +52,7 @@ from proxy.store import (
     StoreError,
     StoreUnavailable,
 )
-from proxy.store._sqlitedb import MIGRATIONS, connect
+from proxy.store._sqlitedb import MIGRATIONS, _transaction, connect
 
 REFRESH = "rt-plaintext-3f9a1c7e5d"
 CLIENT_SECRET = "cs-plaintext-8b2e4d6f0a"
@@ -996,6 +997,41 @@ class SQLiteStoreTests(StoreContractMixin, TestCase):
         again = self.newStore()
         yield again.open()
         self.assertEqual((yield again.getAccount("alice")).oauth2.refreshToken, REFRESH)
+
+    def test_transactionKeepsTheErrorWhenSQLiteRolledBackItself(self):
+        """
+        An error inside a transaction SQLite has already rolled back comes
+        out as it is, not as "no transaction is active".
+        """
+        db = sqlite3.connect(":memory:", isolation_level=None)
+        self.addCleanup(db.close)
+        db.execute("CREATE TABLE t (x)")
+        with self.assertRaises(ValueError):
+            with _transaction(db):
+                db.execute("INSERT INTO t VALUES (1)")
+                db.execute("ROLLBACK")  # as SQLite does on some errors
+                raise ValueError("the real error")
+        self.assertFalse(db.in_transaction)
+        with _transaction(db):
+            db.execute("INSERT INTO t VALUES (2)")
+        self.assertEqual(db.execute("SELECT x FROM t").fetchall(), [(2,)])
+
+    def test_storeThatDoesNotOpenIsClosed(self):
+        """A file that is no database is refused, and its connection closed."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700)
+        with open(self.path, "wb") as f:
+            f.write(b"not a database" * 100)
+        opened: list[sqlite3.Connection] = []
+        real = sqlite3.connect
+
+        def connecting(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            opened.append(real(*args, **kwargs))
+            return opened[-1]
+
+        self.patch(sqlite3, "connect", connecting)
+        self.assertRaises(StoreError, connect, self.path, Secrets([self.key]))
+        self.assertEqual(len(opened), 1)
+        self.assertRaises(sqlite3.ProgrammingError, opened[0].execute, "SELECT 1")
 
     @inlineCallbacks
     def test_rotatedKeys(self):

@@ -119,6 +119,9 @@ def connect(path: str, secrets: Secrets) -> tuple[sqlite3.Connection, dict[str, 
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fresh = not os.path.exists(path)
         db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+    except (OSError, sqlite3.Error) as e:
+        raise StoreError(f"cannot open the SQLite store {path}: {e}") from None
+    try:
         if fresh:
             os.chmod(path, 0o600)
         db.execute("PRAGMA journal_mode=WAL")
@@ -140,6 +143,7 @@ def connect(path: str, secrets: Secrets) -> tuple[sqlite3.Connection, dict[str, 
                 db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES(?, ?)", (key, value))
         meta = dict(db.execute("SELECT key, value FROM meta"))
     except (OSError, sqlite3.Error) as e:
+        db.close()  # no lock or file left held by a store that did not open
         raise StoreError(f"cannot open the SQLite store {path}: {e}") from None
     db.row_factory = sqlite3.Row
     return db, meta
@@ -155,4 +159,16 @@ class _transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        self._db.execute("ROLLBACK" if kind else "COMMIT")
+        db = self._db
+        if kind is None:
+            try:
+                db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                if db.in_transaction:  # a failed COMMIT leaves it open
+                    db.execute("ROLLBACK")
+                raise
+        # SQLite may have rolled back by itself (a full disk, say): a ROLLBACK
+        # then fails, and its error would hide the one that matters.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
