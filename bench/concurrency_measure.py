@@ -234,7 +234,9 @@ def measure(
     with os.fdopen(fd, "w") as f:
         json.dump(accounts, f)
     res: dict[str, Any] = {"n": n, "fd_limit": fd_limit(pid)}
-    say(f"{label}: warm-up (one login per account: provider tokens, TLS options)")
+    # Two logins per account: the second makes the account's spare upstream
+    # connection, which the held sessions' memory must not include.
+    say(f"{label}: warm-up (two logins per account: provider tokens, TLS options, spares)")
     warm = churn(
         children,
         port,
@@ -243,7 +245,7 @@ def measure(
         seconds=120,
         clients=8,
         procs=1,
-        max_logins=len(accounts),
+        max_logins=2 * len(accounts),
     )
     if warm["failed"]:
         raise RuntimeError(f"{label}: warm-up logins failed: {warm['errors']}")

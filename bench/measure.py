@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,10 +39,16 @@ def login_latency(targets: Sequence[Target], runs: int) -> dict[str, Sample]:
                 made[t.name] = t.spares_made()
             c, _ = connect_login(t.port, t.ctx, t.logins[0])
             c.logout()
+    waiting = {t.name for t in targets if t.spares_made is not None}
     for _ in range(runs):
         for t in targets:
-            if t.spares_made is not None:
-                await_spare(t, made[t.name])
+            if t.name in waiting and t.spares_made is not None:
+                try:
+                    await_spare(t, made[t.name])
+                except TimeoutError as e:
+                    # A version without spare connections: time it as it is.
+                    print(f"{e}; its logins are timed without waiting", file=sys.stderr)
+                    waiting.discard(t.name)
                 made[t.name] = t.spares_made()
             c, elapsed = connect_login(t.port, t.ctx, t.logins[0])
             times[t.name].append(elapsed)
@@ -55,7 +62,7 @@ def await_spare(t: Target, before: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while t.spares_made() <= before:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{t.name} made no spare connection within {timeout:.0f} s")
+            raise TimeoutError(f"{t.name} made no spare connection within {timeout:.0f} s")
         time.sleep(0.005)
 
 

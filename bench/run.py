@@ -28,7 +28,7 @@ from bench import measure, restricted
 from bench.report import write_docs
 from bench.rig import Rig
 from bench.stats import Cell, Table, machine, machine_markdown
-from bench.tree import ProxyProcess
+from bench.tree import ProxyProcess, hasSMTP
 from tests.imaputil import message
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -105,8 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--tree",
         metavar="DIR",
-        help="run the measured imapproxy from DIR's proxy/ (another version, bench.tree); "
-        "with --no-smtp for a tree older than SMTP submission",
+        help="run the measured imapproxy from DIR's proxy/ (another version, bench.tree)",
     )
     args = ap.parse_args(argv)
     if args.tree and args.write_docs:
@@ -205,7 +204,9 @@ def concurrency_rows(rig: Rig, quick: bool) -> tuple[list[tuple[str, Cell, Cell,
 
 
 def smtp_supported() -> bool:
-    """Whether this imapproxy has the SMTP front door (``--smtp-port``)."""
+    """Whether the measured imapproxy has the SMTP front door (``--smtp-port``)."""
+    if ProxyProcess.default is not None:
+        return hasSMTP(ProxyProcess.default)
     return importlib.util.find_spec("proxy.smtp") is not None
 
 

@@ -9,7 +9,8 @@ are measured by the same benchmark, on one machine, in one session, e.g.
 
 The other version must accept the rig's options. For a tree older than SMTP
 submission (no ``proxy/smtp``) a wrapper drops ``--smtp-port`` and
-``--login-penalty``, which it lacks, and no SMTP listener is waited for.
+``--login-penalty``, which it lacks, and no SMTP listener is waited for
+(``bench/run`` then measures no SMTP rows).
 """
 
 from __future__ import annotations
@@ -52,13 +53,31 @@ class ProxyProcess(_ProxyProcess):
         tree = self.tree or ProxyProcess.default
         path = [p for p in (tree, *self.sitePaths()) if p]
         prefix = ["env", f"PYTHONPATH={':'.join(path)}", *self.environment()] if path else []
-        if tree and not os.path.isdir(os.path.join(tree, "proxy", "smtp")):
+        if tree and not hasSMTP(tree):
             wrapper = os.path.join(self.workdir, "old-tree-twistd")
             with open(wrapper, "w") as f:
                 f.write(_OLD_TREE_WRAPPER)
             os.chmod(wrapper, 0o755)
             prefix.append(wrapper)
-            extra = (*extra, "--smtp-port", "none")
+            extra = (*_withoutSMTPPorts(extra), "--smtp-port", "none")
         if prefix and self.server_prefix[: len(prefix)] != prefix:  # once, however often started
             self.server_prefix = [*prefix, *self.server_prefix]
         super().start(*extra)
+
+
+def hasSMTP(tree: str | None) -> bool:
+    """Whether the proxy of ``tree`` (None: this venv's) has the SMTP front door."""
+    return tree is None or os.path.isdir(os.path.join(tree, "proxy", "smtp"))
+
+
+def _withoutSMTPPorts(extra: tuple[str, ...]) -> tuple[str, ...]:
+    kept: list[str] = []
+    skip = False
+    for arg in extra:
+        if skip:
+            skip = False
+        elif arg == "--smtp-port":
+            skip = True
+        elif not arg.startswith("--smtp-port="):
+            kept.append(arg)
+    return tuple(kept)
