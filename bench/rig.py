@@ -8,7 +8,6 @@ directly (XOAUTH2), imapproxy (LOGIN account token) and the peer.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import socket
@@ -206,18 +205,7 @@ class Rig:
 
     def _spares_made(self, account: str) -> Callable[[], int]:
         """How many spare connections the proxy has made for ``account`` (log lines)."""
-        line = f"{SPARE_MADE} {account}\n"
-
-        def count() -> int:
-            # twistd rotates its log at 1 MB: the rotated files count too.
-            paths = glob.glob(self.proxy.log_path + "*") if self.proxy else []
-            found = 0
-            for path in paths:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    found += f.read().count(line)
-            return found
-
-        return count
+        return _LineCount(self.proxy.log_path if self.proxy else "", f"{SPARE_MADE} {account}\n")
 
     def add_haproxy(self) -> str:
         """
@@ -323,3 +311,40 @@ def start_haproxy(rig: Rig, work: str, host: str, upstream: int) -> tuple[int, i
             if time.monotonic() > deadline:
                 return "reference relay left out: haproxy did not listen"
             time.sleep(0.05)
+
+
+class _LineCount:
+    """
+    How often ``line`` is in the log at ``path`` so far, reading only what
+    was added since the last call (a poll must not reread megabytes while the
+    proxy is measured). twistd rotates its log at 1 MB: the rest of the
+    rotated file (``path.1``) counts too.
+    """
+
+    def __init__(self, path: str, line: str):
+        self.path, self.line = path, line
+        self.found = 0
+        self.offset = 0
+
+    def _read(self, path: str) -> str:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(self.offset)
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def __call__(self) -> int:
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = 0
+        if size < self.offset:  # rotated: finish the old file first
+            self.found += self._read(self.path + ".1").count(self.line)
+            self.offset = 0
+        new = self._read(self.path)
+        # Only whole lines: the one being written is counted next time.
+        whole = new[: new.rfind("\n") + 1]
+        self.found += whole.count(self.line)
+        self.offset += len(whole.encode("utf-8", errors="replace"))
+        return self.found
