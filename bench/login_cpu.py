@@ -115,12 +115,9 @@ def _countCalls(pid: int, workdir: str, keep: str) -> int:
 
 def smallRig(stack: contextlib.ExitStack, proxy: type[ProxyProcess]) -> Rig:
     """A rig (one small mailbox, no cold accounts) whose proxy is a ``proxy``."""
-    import bench.rig
-
-    bench.rig.ProxyProcess = proxy  # type: ignore[misc]
     work = tempfile.mkdtemp(prefix="imapproxy-logincpu-")
     stack.callback(shutil.rmtree, work, True)
-    rig = Rig(work, stack)
+    rig = Rig(work, stack, proxy_class=proxy)
     rig.start()
     rig.populate(1, message(1000, "big"))
     rig.make_targets(0)

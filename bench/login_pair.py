@@ -44,15 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         rigs = [_rig(stack, tree, args.spares) for tree in (args.a, args.b)]
         targets = [r.targets["imapproxy"] for r in rigs]
         pids = [r.proxy.pid() for r in rigs if r.proxy is not None]
-        made: dict[int, list[int]] = {0: [], 1: []}
+        logins = [0, 0]
+        made = [0, 0]  # spares made before each side's last login
 
         def login(k: int) -> float:
             t = targets[k]
             if args.spares and t.spares_made is not None:
                 # An account gets a spare from its second login on.
-                if len(made[k]) >= 2:
-                    await_spare(t, made[k][-1])
-                made[k].append(t.spares_made())
+                if logins[k] >= 2:
+                    await_spare(t, made[k])
+                made[k] = t.spares_made()
+            logins[k] += 1
             c, elapsed = connect_login(t.port, t.ctx, t.logins[0])
             c.logout()
             c.close()

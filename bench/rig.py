@@ -93,6 +93,8 @@ class Rig:
     #: The peer's SMTP logins (email to user and password) and port.
     peer_smtp: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     peer_smtp_port: int | None = None
+    #: The class the measured proxy is made with (``bench.login_cpu``'s, say).
+    proxy_class: type[ProxyProcess] = ProxyProcess
 
     @property
     def ctx(self) -> ssl.SSLContext:
@@ -111,7 +113,7 @@ class Rig:
         self.dovecot = Dovecot(self.pki, self.provider.introspection_url)
         self.stack.callback(self.dovecot.stop)
         self.dovecot.start()
-        self.proxy = ProxyProcess(
+        self.proxy = self.proxy_class(
             os.path.join(self.work, "proxy"), env={"REQUESTS_CA_BUNDLE": self.pki.ca_cert}
         )
         self.stack.callback(self.proxy.stop)
