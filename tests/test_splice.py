@@ -226,6 +226,19 @@ def test_fastPathsHookOnlyWhenOn(relay, pki):
     assert s.client.received == b"x" * (3 * 16384)
 
 
+def test_flushWritesSendsWhatTheTLSLayerHoldsNow(relay, pki):
+    """Fast: a login's answer leaves in this turn; plain: at the next, as Twisted has it."""
+    s = Session(pki, True)
+    before = s.clientWire.writes
+    s.clientSide.transport.write(b"a1 OK logged in\r\n")
+    _fast.flushWrites(s.clientSide.transport)
+    assert s.clientWire.writes == (before + 1 if relay == "fast" else before)
+    s.clock.advance(0)
+    assert s.clientWire.writes == before + 1
+    s.settle()
+    assert s.client.received == b"a1 OK logged in\r\n"
+
+
 @pytest.mark.parametrize("useTLS", LEGS)
 def test_aClientThatDoesNotReadPausesTheProvider(relay, pki, useTLS):
     """Flow control: the client's transport pauses the provider's; nothing is lost on resume."""

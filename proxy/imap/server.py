@@ -25,7 +25,7 @@ from .. import limits
 from ..cred import IUpstreamSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
 from ..loginresult import auditLogin, clockOf, logBug, outcome, refusal, seconds
-from ..relay import Splice, tuneSocket
+from ..relay import Splice, flushWrites, tuneSocket
 from .reader import CommandReader
 from .restricted import loginCapabilities, relayFor
 from .sasl import SASLError, parsePlain
@@ -358,6 +358,8 @@ class ProxyServer(SecureMixin, CommandReader, IMAP4Server):
             + session.account.encode("utf-8")
             + b" authenticated"
         )
+        # The client has its answer before the rest of the splice is made.
+        flushWrites(self.transport)
         label = f"{session.account}@{self.address}"
         audit = {
             "protocol": "imap",

@@ -10,6 +10,7 @@ from ._fast import (
     FastPaths,
     ProxyHeaderReader,
     configure,
+    flushWrites,
     proxyHeaderProblem,
     sessionReused,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ProxyHeaderReader",
     "Splice",
     "configure",
+    "flushWrites",
     "proxyHeaderProblem",
     "sessionReused",
     "transportChain",

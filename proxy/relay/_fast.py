@@ -219,6 +219,16 @@ def directWriter(transport: Any) -> Callable[[bytes], None]:
         return transport.write  # type: ignore[no-any-return]
 
 
+def flushWrites(transport: Any) -> None:
+    """Send now what ``transport``'s TLS layer holds for the next turn (a login's answer)."""
+    tls = _bufferingTLS(transport) if _paths.enabled else None
+    try:
+        if tls is not None:
+            tls._aggregator.flush()  # private: it holds this turn's writes
+    except Exception:
+        log.failure("a TLS write not sent at once; it goes at the reactor's next turn")
+
+
 def _directWriter(tls: Any) -> Callable[[bytes], None]:
     # The aggregator (private) holds what was written in this turn, e.g. the
     # login's tagged OK: it goes first.

@@ -17,7 +17,7 @@ from ..cred import ISubmissionSession, TokenCredentials, loggableAccount
 from ..errors import AccessDenied
 from ..imap import SASLError, parsePlain
 from ..loginresult import auditLogin, clockOf, logBug, outcome, refusal, seconds
-from ..relay import Splice
+from ..relay import Splice, flushWrites
 from . import syntax as S
 from .extensions import Features
 
@@ -206,6 +206,7 @@ class LoginMixin:
         # No longer a pre-auth connection for the connection limits.
         limits.loggedIn(self.transport)
         self.sendLine(S.AUTH_OK)
+        flushWrites(self.transport)  # the answer first, then the splice
         label = f"{session.account}@{self.address}/smtp"
         audit = {
             "protocol": "smtp",
