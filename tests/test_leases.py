@@ -168,6 +168,34 @@ class LeasedRefreshTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(db).value, "at-late")
         self.assertEqual(self.store.accounts["alice"].oauth2.refreshToken, "rt-2")
 
+    def test_aSlowSaveDoesNotHoldTheLoginButKeepsTheLease(self):
+        """
+        The login has its token before the store has saved it; the lease is
+        held until it has, so B reads A's token instead of refreshing again.
+        """
+        (ta, ra), (tb, rb) = self.a, self.b
+        saving: list[Deferred[None]] = []
+
+        def slowPersist(*entry: object) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            saving.append(d)
+            return d.addCallback(lambda _: self.store.persist(*entry))  # type: ignore[arg-type]
+
+        ta._cache._persist = slowPersist
+        da = ta.get(account())
+        ra.answer(Grant("at-A", 3600.0))
+        self.assertEqual(self.successResultOf(da).value, "at-A")
+        self.assertEqual(len(saving), 1)
+        self.assertIn("alice", self.lock.held, "the lease must stay until the token is saved")
+        db = tb.get(account())
+        self.advance(1.0)
+        self.assertNoResult(db)
+        saving[0].callback(None)
+        self.assertNotIn("alice", self.lock.held)
+        self.advance(0.3)
+        self.assertEqual(self.successResultOf(db).value, "at-A")
+        self.assertEqual(len(rb.calls), 0)
+
     def test_theNextHolderUsesTheRotatedRefreshToken(self):
         """After A's refresh rotated the grant, B's refresh sends the new refresh token."""
         (ta, ra), (tb, rb) = self.a, self.b

@@ -182,7 +182,10 @@ class AccessTokens:
                 self._rotation.rotated(account, base, grant.refreshToken)
         await self._rotation.save(account.id)
         if current:
-            await self._cache.persist(account.id, entry)
+            # Saved for other instances and the next start while this login
+            # goes on; the refresh lease is kept until it is.
+            release = self._flight.keep(account.id)
+            ensureDeferred(self._cache.persist(account.id, entry)).addBoth(lambda _: release())
         log.info(
             "new provider access token for {account}, valid {lifetime:.0f}s",
             account=account.id,
