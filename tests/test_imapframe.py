@@ -193,3 +193,20 @@ def test_tagged_fetch():
         s.skim(FETCH[:cut])
         s.skim(FETCH[cut:])
         assert s.tagged == 1 and s.atBoundary
+
+
+@given(streams(), st.booleans())
+def test_oneStepAgreesWithTheLoop(case, heads):
+    """Cut at line ends (the usual reads), skim's one step leaves the loop's state."""
+    stream, _ = case
+    lines = stream.splitlines(keepends=True)
+    quick: list[bytes] = []
+    slow: list[bytes] = []
+    a = Scanner(onStart=quick.append if heads else None)
+    b = Scanner(onStart=slow.append if heads else None)
+    for line in lines:
+        a.skim(line)
+        b._skim(line)
+        state = ("tagged", "atBoundary", "literal", "announced", "nonSynchronizing")
+        assert [getattr(a, n) for n in state] == [getattr(b, n) for n in state]
+    assert quick == slow

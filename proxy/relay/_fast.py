@@ -328,8 +328,11 @@ class _Batch:
             self.original(data)
         finally:
             self.gathering = False
-            if self.pending:
-                self.flush()
+            pending = self.pending
+            if pending:  # flush(), inline: this runs once a read
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                self.sink(data)
 
     def gather(self, data: bytes) -> Any:
         if not self.gathering:

@@ -58,6 +58,7 @@ class ImapBoundaries:
         "_tail",
         "_toClient",
         "_toUpstream",
+        "afterWrite",
     )
 
     def __init__(self) -> None:
@@ -73,6 +74,7 @@ class ImapBoundaries:
         self.loggedOut = False
         # The last bytes the client got (for ``farewell``).
         self._tail = b""
+        self.afterWrite: Callable[[], None] | None = None
 
     def _command(self, head: bytes) -> None:
         words = head.split(None, 2)
@@ -123,7 +125,8 @@ class ImapBoundaries:
 
     # The relays are bound methods, not closures: fewer objects a session.
     # Each direction is made once per session: a second call replaces the
-    # first's writer.
+    # first's writer. ``afterWrite``, when set, is called after each write
+    # (the splice's wait for a quiet session).
     def toClient(self, write: Write) -> Write:
         """``write``, after following what the client gets."""
         self._toClient = write
@@ -144,11 +147,17 @@ class ImapBoundaries:
             self._tail = data[-_TAIL_KEPT:]
         else:
             self._tail = (self._tail + data)[-_TAIL_KEPT:]
-        return self._toClient(data)
+        result = self._toClient(data)
+        if self.afterWrite is not None:
+            self.afterWrite()
+        return result
 
     def _relayToUpstream(self, data: bytes) -> Any:
         self.up.skim(data)
-        return self._toUpstream(data)
+        result = self._toUpstream(data)
+        if self.afterWrite is not None:
+            self.afterWrite()
+        return result
 
 
 class _Lines:
@@ -177,6 +186,7 @@ class SmtpBoundaries:
     """The framing state of both directions of one spliced SMTP session."""
 
     def __init__(self) -> None:
+        self.afterWrite: Callable[[], None] | None = None
         self._replies = _Lines(self._reply)
         self._commands = _Lines(self._command)
         # The commands sent and not yet answered, oldest first (verbs, and
@@ -247,11 +257,17 @@ class SmtpBoundaries:
         pos, end = 0, len(data)
         while pos < end:
             pos = self._replies.feed(data, pos)
-        return self._toClient(data)
+        result = self._toClient(data)
+        if self.afterWrite is not None:
+            self.afterWrite()
+        return result
 
     def _relayToUpstream(self, data: bytes) -> Any:
         self._follow(data)
-        return self._toUpstream(data)
+        result = self._toUpstream(data)
+        if self.afterWrite is not None:
+            self.afterWrite()
+        return result
 
     def _follow(self, data: bytes) -> None:
         pos, end = 0, len(data)

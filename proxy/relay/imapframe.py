@@ -126,6 +126,25 @@ class Scanner:
 
     def skim(self, data: bytes) -> None:
         """Follow ``data`` keeping only the state: no piece, no bound on a line."""
+        if self.literal or self._partial or data[-1:] != b"\n" or b"}" in data:
+            self._skim(data)
+            return
+        # The usual read: whole lines, none announcing a literal (each
+        # announcement ends in "}"), nothing partial before. One step.
+        onStart = self.onStart
+        if onStart is None:
+            if self.atBoundary and data[:1] not in _UNTAGGED:
+                self.tagged += 1
+            self.tagged += len(_TAGGED_START.findall(data))
+        elif data.find(b"\n") != len(data) - 1:
+            self._skim(data)  # more than one command: each is looked at
+            return
+        head = data[:HEAD] if self.atBoundary else None
+        self.announced, self.nonSynchronizing, self.atBoundary = None, False, True
+        if head is not None and onStart is not None:
+            onStart(head)
+
+    def _skim(self, data: bytes) -> None:
         pos, end = 0, len(data)
         while pos < end:
             if self.literal:

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from .. import auditlog
 from . import _fast, ending
 from .boundary import ImapBoundaries, SmtpBoundaries
+from .ending import TAIL
 from .transports import keepDeclarations
 
 _NOTHING_LOST: frozenset[str] = frozenset()
@@ -138,12 +139,11 @@ class Splice:
         # which may answer a command itself through the client's writer).
         b = self.boundaries
         self._sendToClient = b.toClient(_fast.directWriter(ct))
-        self._fromProvider = self.toClientSink(self._watchedToClient)
-        self._sendToUpstream = b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut)))
+        self._fromProvider = self.toClientSink(self._sendToClient)
         toClient = _fast.batchReads(
             ut, self._keepingTail if self._audit is not None else self._fromProvider
         )
-        toUpstream = _fast.batchReads(ct, self._watchedToUpstream)
+        toUpstream = _fast.batchReads(ct, b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut))))
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
         ct.registerProducer(ut, True)
@@ -163,23 +163,11 @@ class Splice:
         keepDeclarations(ut)
 
     # The relay's steps are bound methods, not closures: a held session is
-    # fewer objects. ``write``, then the last line of ``closeWhenIdle`` once
-    # the session is quiet:
-    def _watchedToClient(self, data: bytes) -> Any:
-        result = self._sendToClient(data)
-        if self._lastLine is not None:
-            self._lastLineIfQuiet()
-        return result
-
-    def _watchedToUpstream(self, data: bytes) -> Any:
-        result = self._sendToUpstream(data)
-        if self._lastLine is not None:
-            self._lastLineIfQuiet()
-        return result
-
+    # fewer objects.
     def _keepingTail(self, data: bytes) -> Any:
         """The provider's bytes, their end kept (for the audit event's ``closed_by``)."""
-        self._tail = ending.joinTail(self._tail, data)
+        # ending.joinTail, inline: this runs once a read.
+        self._tail = data[-TAIL:] if len(data) >= TAIL else (self._tail + data)[-TAIL:]
         return self._fromProvider(data)
 
     def closeWhenIdle(self, line: bytes) -> None:
@@ -192,6 +180,8 @@ class Splice:
         if self._ended:
             return
         self._lastLine = line
+        # Looked at after each write, in either direction, until sent.
+        self.boundaries.afterWrite = self._lastLineIfQuiet
         if self._spliced:
             self._lastLineIfQuiet()
 
@@ -199,6 +189,7 @@ class Splice:
         line = self._lastLine
         if line is not None and self.boundaries.quiet and not self._ended:
             self._lastLine = None
+            self.boundaries.afterWrite = None
             self.closeWith(line, "shutdown")
 
     def whenClosed(self) -> Deferred[None]:
