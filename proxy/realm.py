@@ -208,8 +208,7 @@ class UpstreamRealm:
             log.info("login of {account} takes a spare provider connection", account=accountId)
         await self._clearReason(account, isCertificateReason)
         if self.warm is not None:
-            # The next spare is begun once this login has been answered.
-            self._clock.callLater(0, self.warm.loggedIn, account)
+            self.warm.loggedIn(account)
         return UpstreamSession(proto, accountId, tid, restrictions)
 
     async def _loginSMTP(self, accountId: str, tid: str, ehlo: str) -> SubmissionSession:

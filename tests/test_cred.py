@@ -120,26 +120,6 @@ class UpstreamRealmTests(SynchronousTestCase):
         self.assertEqual((session.account, session.tokenId), ("alice", "token-id"))
         self.assertEqual(self.connect.tokens, ["at-1"])
 
-    def test_theNextSpareIsBegunAfterTheLoginIsAnswered(self):
-        """
-        The realm tells the spares of a login only in the reactor's next
-        turn: connecting a spare is not done before the client has its OK.
-        """
-        told: list[str] = []
-
-        class Spares:
-            def take(self, account: Account) -> None:
-                return None
-
-            def loggedIn(self, account: Account) -> None:
-                told.append(account.id)
-
-        self.realm.warm = Spares()
-        self.loggedIn("at-1")
-        self.assertEqual(told, [])
-        self.clock.advance(0)
-        self.assertEqual(told, ["alice"])
-
     def test_refusedCachedTokenIsRefreshedAndRetriedOnce(self):
         """The provider refuses a cached token: one refresh, one more login, which succeeds."""
         self.loggedIn("at-1")

@@ -183,6 +183,7 @@ class SpareRulesTests(SynchronousTestCase):
     def spare(self, tokenExpires: float | None) -> FakeUpstream:
         self.warm.loggedIn(account())
         self.warm.loggedIn(account())
+        self.clock.advance(0)
         proto = FakeUpstream()
         proto.tokenExpires = tokenExpires  # type: ignore[attr-defined]
         self.made[-1].callback(proto)

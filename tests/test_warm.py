@@ -68,6 +68,7 @@ class WarmUpstreamsTests(SynchronousTestCase):
         self.warm.loggedIn(acct)
         self.clock.advance(10)
         self.warm.loggedIn(acct)
+        self.clock.advance(0)  # connected in the next turn, after the login's answer
         self.assertEqual(self.made[-1][0], acct.id)
         proto = FakeUpstream()
         self.made[-1][1].callback(proto)
@@ -126,9 +127,11 @@ class WarmUpstreamsTests(SynchronousTestCase):
         """A spare that cannot be made is simply not there; a later login may try again."""
         self.warm.loggedIn(account())
         self.warm.loggedIn(account())
+        self.clock.advance(0)
         self.made[-1][1].errback(Unavailable("upstream-unreachable"))
         self.assertIsNone(self.warm.take(account()))
         self.warm.loggedIn(account())
+        self.clock.advance(0)
         self.assertEqual(len(self.made), 2)
         self.made[-1][1].errback(Failure(Unavailable("upstream-unreachable")))
 
@@ -136,10 +139,12 @@ class WarmUpstreamsTests(SynchronousTestCase):
         """An account at its connection cap gets no spare (None), and may get one later."""
         self.warm.loggedIn(account())
         self.warm.loggedIn(account())
+        self.clock.advance(0)
         self.made[-1][1].callback(None)
         self.assertEqual(len(self.warm), 0)
         self.assertIsNone(self.warm.take(account()))
         self.warm.loggedIn(account())
+        self.clock.advance(0)
         self.assertEqual(len(self.made), 2)
         self.made[-1][1].callback(FakeUpstream())
         self.assertEqual(len(self.warm), 1)
@@ -149,7 +154,41 @@ class WarmUpstreamsTests(SynchronousTestCase):
         self.spare(account())
         self.warm.loggedIn(account())
         self.warm.loggedIn(account())
+        self.clock.advance(0)
         self.assertEqual(len(self.made), 1)
+
+    def test_theSpareIsConnectedAfterTheLoginIsAnswered(self):
+        """
+        ``loggedIn`` is called before the login is answered: the spare's
+        connection is begun in the reactor's next turn, not at once.
+        """
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        self.assertEqual(self.made, [])
+        self.clock.advance(0)
+        self.assertEqual([m[0] for m in self.made], ["alice"])
+
+    def test_aCloseBeforeTheSpareIsBegunMakesNone(self):
+        """An account closed in the login's own turn gets no spare, and nothing is dialled."""
+        registry = SessionRegistry(spares=self.warm)
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        registry.close(account="alice")
+        self.clock.advance(0)
+        self.assertEqual(self.made, [])
+        self.assertEqual(len(self.warm), 0)
+        self.warm.loggedIn(account())
+        self.clock.advance(0)
+        self.assertEqual(len(self.made), 1, "a later login may make one again")
+        self.made[-1][1].callback(None)
+
+    def test_stopCancelsASpareNotYetBegun(self):
+        """A stop between a login and the next turn leaves no call behind and dials nothing."""
+        self.warm.loggedIn(account())
+        self.warm.loggedIn(account())
+        self.warm.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.made, [])
 
     def test_theCapLogsOutTheOldest(self):
         """At ``maxSpares`` the oldest spare makes room."""
@@ -368,6 +407,7 @@ class WarmStopWhileConnectingTests(_Driver):
         warm.loggedIn(acct)
         clock.advance(1)
         warm.loggedIn(acct)
+        clock.advance(0)
         self.assertEqual(len(pending), 1)
 
         # A real UpstreamProtocol, logged in (state "ready"), as connect gives it.
@@ -415,6 +455,7 @@ class SpareAfterAccountCloseTests(SynchronousTestCase):
         warm.loggedIn(acct)
         clock.advance(1)
         warm.loggedIn(acct)
+        clock.advance(0)  # the warm-up is connecting
         registry.close(account=acct.id)  # accounts remove (here or via the bus)
         proto = FakeUpstream()
         pending[0].callback(proto)

@@ -83,6 +83,8 @@ class WarmUpstreams:
         self.maxSpares = maxSpares
         self._spares: OrderedDict[str, _Spare] = OrderedDict()
         self._warming: set[str] = set()
+        # Spares to be connected in the reactor's next turn (``loggedIn``).
+        self._starting: dict[str, Any] = {}
         # Accounts whose spare under way must be thrown away when it comes.
         self._unwanted: set[str] = set()
         self._logins: dict[str, deque[float]] = {}
@@ -128,7 +130,17 @@ class WarmUpstreams:
             return
         if account.id in self._spares or account.id in self._warming:
             return
+        # Warming from now on (a discard marks it unwanted), but connected in
+        # the reactor's next turn: after the login that called this is answered.
         self._warming.add(account.id)
+        self._starting[account.id] = self._clock.callLater(0, self._start, account)
+
+    def _start(self, account: Account) -> None:
+        del self._starting[account.id]
+        if self._stopped or account.id in self._unwanted:
+            self._warming.discard(account.id)
+            self._unwanted.discard(account.id)
+            return
         ensureDeferred(self._warm(account)).addErrback(
             lambda f: log.failure("making a spare connection failed", f)
         )
@@ -202,6 +214,9 @@ class WarmUpstreams:
     def stop(self) -> None:
         """Log out every spare and make no more."""
         self._stopped = True
+        for call in self._starting.values():
+            call.cancel()
+        self._starting.clear()
         while self._spares:
             _, spare = self._spares.popitem()
             self._drop(spare)
