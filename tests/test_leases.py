@@ -196,6 +196,34 @@ class LeasedRefreshTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(db).value, "at-A")
         self.assertEqual(len(rb.calls), 0)
 
+    def test_anOlderTokenNeverLandsAfterANewerOne(self):
+        """
+        The first token's save is slow; the provider refuses that token and
+        a second refresh brings another: it is saved after the first, so
+        the store ends with the newer one.
+        """
+        ta, ra = self.a
+        held: list[Deferred[None]] = []
+
+        def persist(*entry: object) -> Deferred[None]:
+            if entry[1] == "at-1":  # a busy store connection
+                d: Deferred[None] = Deferred()
+                held.append(d)
+                return d.addCallback(lambda _: self.store.persist(*entry))  # type: ignore[arg-type]
+            return self.store.persist(*entry)  # type: ignore[arg-type]
+
+        ta._cache._persist = persist
+        first = ta.get(account())
+        ra.answer(Grant("at-1", 3600.0))
+        self.assertEqual(self.successResultOf(first).value, "at-1")
+        second = ta.get(account(), stale="at-1")
+        ra.answer(Grant("at-2", 3600.0))
+        self.assertEqual(self.successResultOf(second).value, "at-2")
+        self.assertNotIn("alice", self.store.saved, "at-2 waits for at-1's save")
+        held[0].callback(None)
+        self.assertEqual(self.store.saved["alice"][0], "at-2")
+        self.assertNotIn("alice", self.lock.held)
+
     def test_theNextHolderUsesTheRotatedRefreshToken(self):
         """After A's refresh rotated the grant, B's refresh sends the new refresh token."""
         (ta, ra), (tb, rb) = self.a, self.b

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from ..errors import CertificateRejected, GrantInvalid, ProxyError, Unavailable
 from ..model import Account
-from .cache import AccessToken, TokenCache
+from .cache import AccessToken, Entry, TokenCache
 from .refresher import Grant
 from .retry import RetryingRefresh, RetryPolicy
 from .rotation import RotatedRefreshTokens
@@ -67,6 +67,8 @@ class AccessTokens:
         # and the logins waiting for an early refresh, told when one does.
         self._troubled: set[str] = set()
         self._trouble: dict[str, list[Deferred[None]]] = {}
+        # Each account's latest save under way (``_save``): the next waits for it.
+        self._saving: dict[str, Deferred[None]] = {}
 
     def forget(self, accountId: str) -> None:
         self._cache.forget(accountId)
@@ -182,16 +184,34 @@ class AccessTokens:
                 self._rotation.rotated(account, base, grant.refreshToken)
         await self._rotation.save(account.id)
         if current:
-            # Saved for other instances and the next start while this login
-            # goes on; the refresh lease is kept until it is.
-            release = self._flight.keep(account.id)
-            ensureDeferred(self._cache.persist(account.id, entry)).addBoth(lambda _: release())
+            ensureDeferred(self._save(account.id, entry))
         log.info(
             "new provider access token for {account}, valid {lifetime:.0f}s",
             account=account.id,
             lifetime=entry[2],
         )
         return AccessToken(grant.accessToken, entry[1], fresh=True)
+
+    async def _save(self, accountId: str, entry: Entry) -> None:
+        """
+        Save a new token for other instances and the next start while the
+        login goes on. The refresh lease is kept until it is saved, and the
+        saves of one account go one after another: an older token never
+        lands after a newer one.
+        """
+        release = self._flight.keep(accountId)
+        before = self._saving.get(accountId)
+        done: Deferred[None] = Deferred()
+        self._saving[accountId] = done
+        try:
+            if before is not None:
+                await before
+            await self._cache.persist(accountId, entry)  # logs its own failure
+        finally:
+            release()
+            if self._saving.get(accountId) is done:
+                del self._saving[accountId]
+            done.callback(None)
 
     async def _reauthRequired(self, accountId: str, error: GrantInvalid, old: str = "-") -> None:
         reason = "invalid_grant" + (f": {error.detail}" if error.detail else "")
