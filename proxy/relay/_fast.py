@@ -7,12 +7,10 @@ is probed once at start-up (:func:`configure`, from ``makeService``) over an
 in-memory TLS pair and a socket pair. The fast paths are on only when every
 probe passes; otherwise the whole process relays through Twisted's public
 interfaces and says why in one log line. The functions exported here never
-raise: with the fast paths off, or should hooking one connection fail
-anyway, they do what Twisted's public path does.
+raise: off, or failing to hook, they do what Twisted's public path does.
 
-The PROXY-protocol parsers are not a fast path (Twisted exports none): they
-are probed when the listeners are checked at start-up, and a ``haproxy:``
-listener is refused with one line when they are missing.
+Twisted's PROXY-protocol parsers (not a fast path) are probed when the
+listeners are checked: a ``haproxy:`` listener is refused without them.
 """
 
 from __future__ import annotations
@@ -103,12 +101,10 @@ def probe() -> FastPaths:
 
 def eagerWrites(transport: Any) -> None:
     """
-    Make the TCP connection under ``transport`` (below TLS and PROXY-protocol
-    wrappers) send at once what it is given while nothing is queued, as
-    asyncio's transports do, instead of queueing it until the reactor's next
-    turn reports the socket writable: one reactor turn and two epoll updates
-    fewer per relayed reply. Anything the socket does not take is queued as
-    before, with the same flow control. A no-op on the public path.
+    Make the TCP connection under ``transport`` send at once while nothing
+    is queued (as asyncio does), not at the reactor's next turn: one turn
+    and two epoll updates fewer per relayed reply. What the socket does not
+    take is queued as before. A no-op on the public path.
     """
     if not _paths.enabled:
         return
@@ -221,9 +217,8 @@ def directWriter(transport: Any) -> Callable[[bytes], None]:
 
 def flushWrites(transport: Any) -> None:
     """Send now what ``transport``'s TLS layer holds for the next turn (a login's answer)."""
-    tls = _bufferingTLS(transport) if _paths.enabled else None
     try:
-        if tls is not None:
+        if (tls := _bufferingTLS(transport) if _paths.enabled else None) is not None:
             tls._aggregator.flush()  # private: it holds this turn's writes
     except Exception:
         log.failure("a TLS write not sent at once; it goes at the reactor's next turn")
@@ -328,11 +323,8 @@ class _Batch:
             self.original(data)
         finally:
             self.gathering = False
-            pending = self.pending
-            if pending:  # flush(), inline: this runs once a read
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                self.sink(data)
+            if self.pending:
+                self.flush()
 
     def gather(self, data: bytes) -> Any:
         if not self.gathering:
@@ -408,14 +400,10 @@ def _probeTLS() -> None:
 
 class ProxyHeaderReader:
     """
-    Reads one PROXY-protocol header (version 1 or 2) with Twisted's parsers,
-    which its public API does not export (only ``proxyEndpoint``, which
-    starts the protocol before the header arrives).
-
-    :meth:`feed` returns ``(info, rest)`` once the header is complete
-    (``info`` a ``twisted.protocols.haproxy`` ``ProxyInfo``: ``source``,
-    ``destination``), ``(None, b"")`` while it is not, and raises
-    ``ValueError`` for anything that is not a header.
+    Reads one PROXY-protocol header (v1 or v2) with Twisted's parsers, which
+    its public API does not export. :meth:`feed` returns ``(info, rest)``
+    once the header is whole (``info``: a ``ProxyInfo``), ``(None, b"")``
+    before, and raises ``ValueError`` for anything that is not a header.
     """
 
     def __init__(self) -> None:

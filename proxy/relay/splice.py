@@ -13,7 +13,6 @@ from twisted.logger import Logger
 from .. import auditlog
 from . import _fast, ending
 from .boundary import ImapBoundaries, SmtpBoundaries
-from .ending import TAIL
 from .transports import keepDeclarations
 
 _NOTHING_LOST: frozenset[str] = frozenset()
@@ -166,8 +165,7 @@ class Splice:
     # fewer objects.
     def _keepingTail(self, data: bytes) -> Any:
         """The provider's bytes, their end kept (for the audit event's ``closed_by``)."""
-        # ending.joinTail, inline: this runs once a read.
-        self._tail = data[-TAIL:] if len(data) >= TAIL else (self._tail + data)[-TAIL:]
+        self._tail = ending.joinTail(self._tail, data)
         return self._fromProvider(data)
 
     def closeWhenIdle(self, line: bytes) -> None:
