@@ -14,15 +14,18 @@ import tempfile
 from typing import Any
 
 import pytest
+from OpenSSL import SSL
 from twisted.internet import ssl, task, tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from proxy.relay import Splice, _fast, ending
+from proxy.relay import Splice, _fast, _probe, ending
 from tests.relaypaths import relayFixture  # noqa: F401  (the relay fixture)
 from tests.upstream.certs import make_pki
 
@@ -209,17 +212,16 @@ def test_fastPathsHookOnlyWhenOn(relay, pki):
     """Fast: a reply leaves in the turn it arrived, in one write; plain: Twisted's writes."""
     s = Session(pki, True)
     s.splice()
-    tlsLayer = s.clientSide.transport
     before = s.clientWire.writes
     s.providerWrites(b"x" * (3 * 16384))  # three TLS records
     s.clock.advance(0)  # the provider's TLS layer sends them
     # Deliver them to the proxy in one read, without another reactor turn.
     s.upstreamLeg.pump(advanceClock=False)
     if relay == "fast":
-        assert "dataReceived" in vars(tlsLayer)
+        assert "recv" in vars(s.upstreamSide.transport.getHandle())
         assert s.clientWire.writes == before + 1
     else:
-        assert "dataReceived" not in vars(tlsLayer)
+        assert "recv" not in vars(s.upstreamSide.transport.getHandle())
         # Twisted's aggregation waits for the reactor's next turn.
         assert s.clientWire.writes == before
     s.settle()
@@ -407,7 +409,7 @@ def test_aFailedProbeTurnsTheFastPathsOffWithOneLogLine(pki, monkeypatch):
         s.settle()
         assert s.provider.received == b"a2 SELECT INBOX\r\n"
         assert s.client.received == b"* 3 EXISTS\r\n"
-        assert "dataReceived" not in vars(s.clientSide.transport)
+        assert "recv" not in vars(s.clientSide.transport.getHandle())
     finally:
         globalLogPublisher.removeObserver(observer)
         _fast._paths = previous
@@ -435,6 +437,73 @@ def test_anUnknownModeIsRefused():
 def test_proxyHeaderParsersAreProbed():
     """Twisted's PROXY-protocol parsers pass their probe on the tested versions."""
     assert _fast.proxyHeaderProblem() is None
+
+
+# -- batched TLS reads ------------------------------------------------------------
+
+
+def _readingPair(monkeypatch: Any) -> tuple[Any, list[int], list[Any]]:
+    """A probe's TLS pair whose server reads in batches; counts its SSL reads, keeps its loss."""
+    pair = _probe.tlsPair()
+    _fast._batchReads(pair.server)
+    reads = [0]
+    recv = SSL.Connection.recv
+
+    def counted(self: Any, *args: Any) -> bytes:
+        reads[0] += 1
+        return recv(self, *args)
+
+    monkeypatch.setattr(SSL.Connection, "recv", counted)
+    lost: list[Any] = []
+    pair.serverApp.connectionLost = lost.append  # type: ignore[method-assign]
+    return pair, reads, lost
+
+
+def _sent(pair: Any, *chunks: bytes) -> bytes:
+    """What the client's TLS layer puts on the wire for ``chunks``, taken off it."""
+    for chunk in chunks:
+        pair.client.write(chunk)
+    pair.clock.advance(0)
+    wire = pair.clientWire.value()
+    pair.clientWire.clear()
+    return wire  # type: ignore[no-any-return]
+
+
+def test_oneRecordIsOneSSLRead(monkeypatch):
+    """The read that would only fail with WantReadError is not made."""
+    pair, reads, lost = _readingPair(monkeypatch)
+    pair.server.dataReceived(_sent(pair, b"a1 NOOP\r\n"))
+    assert pair.serverApp.received == [b"a1 NOOP\r\n"]
+    assert reads == [1]
+    assert lost == []
+
+
+def test_anErrorAfterRecordsComesAfterThem(monkeypatch):
+    """Records, then one that fails to decrypt, in one read: the good ones, then the loss."""
+    pair, reads, lost = _readingPair(monkeypatch)
+    good = _sent(pair, b"x" * 16384, b"y" * 16384)
+    bad = bytearray(_sent(pair, b"z" * 100))
+    bad[-1] ^= 1  # the last record's tag
+    pair.server.dataReceived(good + bytes(bad))
+    assert pair.serverApp.received == [b"x" * 16384 + b"y" * 16384]
+    assert reads == [3]  # the third raised, and was raised again at the next call
+    assert pair.serverWire.disconnecting
+    pair.server.connectionLost(Failure(ConnectionDone()))
+    (reason,) = lost
+    assert reason.check(SSL.Error)
+
+
+def test_theEndOfTLSAfterRecordsComesAfterThem(monkeypatch):
+    """Records and the client's close_notify in one read: the records, then a clean end."""
+    pair, reads, lost = _readingPair(monkeypatch)
+    pair.client.write(b"a1 LOGOUT\r\n")
+    pair.client.loseConnection()
+    pair.server.dataReceived(_sent(pair))
+    assert pair.serverApp.received == [b"a1 LOGOUT\r\n"]
+    assert pair.serverWire.disconnecting
+    pair.server.connectionLost(Failure(ConnectionDone()))
+    (reason,) = lost
+    assert reason.check(ConnectionDone)
 
 
 # -- eager TCP writes -------------------------------------------------------------

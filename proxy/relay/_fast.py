@@ -15,6 +15,7 @@ listeners are checked: a ``haproxy:`` listener is refused without them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import types
@@ -29,6 +30,13 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 from .transports import transportChain
+
+try:
+    # pyOpenSSL's bindings of OpenSSL (private; probed before any use).
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover
+    _ffi = _lib = None
 
 log = Logger(namespace="proxy.relay")
 
@@ -54,8 +62,7 @@ class FastPaths:
     reason: str
 
 
-# Twisted's public path until configure() says otherwise: nothing private
-# runs in a process (or a test) that never probed.
+# Twisted's public path until configure() says otherwise (unprobed: nothing private).
 _paths = FastPaths(False, "not probed")
 
 
@@ -176,7 +183,8 @@ def _probeEagerWrites() -> None:
         conn.abortConnection()
         _check(conn._aborting, "abortConnection does not set _aborting")
         conn.write(b"late")
-        _check(_recv(b) == b"", "a write after abortConnection was sent")
+        with contextlib.suppress(BlockingIOError):  # nothing to read: as it should be
+            _check(not b.recv(16), "a write after abortConnection was sent")
     finally:
         a.close()
         b.close()
@@ -185,13 +193,6 @@ def _probeEagerWrites() -> None:
 def _check(condition: Any, problem: str) -> None:
     if not condition:
         raise AssertionError(problem)
-
-
-def _recv(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(16)
-    except BlockingIOError:
-        return b""
 
 
 # -- direct TLS writes and batched TLS reads -----------------------------------
@@ -228,10 +229,9 @@ def _directWriter(tls: Any) -> Callable[[bytes], None]:
     # The aggregator (private) holds what was written in this turn, e.g. the
     # login's tagged OK: it goes first.
     tls._aggregator.flush()
-    # The TLS connection: records are encrypted into it and read out of its
-    # memory BIO directly. (getHandle() warns that it may return something
-    # else one day: then this falls back.)
-    if not isinstance(tls.getHandle(), SSL.Connection):
+    # Records are encrypted into the TLS connection and read out of its BIO
+    # directly. (getHandle() may return something else one day: then this falls back.)
+    if not isinstance(tls.getHandle(), SSL.Connection) or tls._tlsConnection is not tls.getHandle():
         raise TypeError("the TLS layer's connection is not an OpenSSL connection")
     return types.MethodType(_directWrite, tls)
 
@@ -244,96 +244,98 @@ def _directWrite(tls: Any, data: bytes) -> None:
     if tls._appSendBuffer or tls._lostTLSConnection or tls.disconnecting:
         TLSMemoryBIOProtocol.write(tls, data)
         return
-    conn = tls.getHandle()
+    conn = tls._tlsConnection  # private: getHandle() without the call
     sent, size = 0, len(data)
-    view = memoryview(data)
     try:
-        while sent < size:
-            sent += conn.send(view[sent : sent + TLS_RECORD])
+        if size <= TLS_RECORD:
+            sent = conn.send(data)
+        else:
+            view = memoryview(data)
+            while sent < size:
+                sent += conn.send(view[sent : sent + TLS_RECORD])
     except SSL.Error:
         # Let Twisted's own path buffer (WantRead) or fail the connection.
         TLSMemoryBIOProtocol.write(tls, data[sent:])
         return
     finally:
-        out = []
         # Room for all the records at once: the ciphertext of ``sent``
         # bytes, with each record's header and tag.
         room = sent + 64 * (sent // TLS_RECORD + 2)
-        while True:
-            try:
-                out.append(conn.bio_read(room))
-            except SSL.WantReadError:
-                break
-            if len(out[-1]) < room:
-                break
+        out = b""
+        try:
+            while True:
+                chunk = conn.bio_read(room)
+                out = out + chunk if out else chunk
+                if len(chunk) < room:
+                    break
+        except SSL.WantReadError:
+            pass
         if out:
-            tls.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            tls.transport.write(out)
 
 
-def batchReads(transport: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def batchReads(transport: Any) -> None:
     """
-    ``sink``, fed everything one read of ``transport``'s TLS layer decrypts
-    to at once instead of one call per 16 KiB TLS record: a relayed 64 KiB
-    read is then one write (and one send) on the other side, not four.
-    Twisted's TLS layer does all the decrypting and all the error and
-    shutdown handling, unchanged; only its deliveries are gathered. ``sink``
-    itself on the public path.
-
-    :param sink: where the protocol above the TLS layer sends what it reads.
-    :return: what that protocol should send it to instead.
+    Make one read of ``transport``'s TLS layer one delivery, not one per
+    16 KiB TLS record: a relayed 64 KiB read is one write on the other side,
+    not four. Twisted's TLS layer does all the decrypting, error and shutdown
+    handling; only the ``recv`` it calls is replaced. Public path: a no-op.
     """
     tls = _bufferingTLS(transport) if _paths.enabled else None
-    if tls is None:
-        return sink
-    try:
-        return _batchReads(tls, sink)
-    except Exception:
-        log.failure("batched TLS reads not hooked; this connection uses Twisted's reads")
-        return sink
-
-
-def _batchReads(tls: Any, sink: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    # Public names only, but it relies on a behaviour the probe checks: the
-    # TLS layer hands on every record of one read within its dataReceived.
-    batch = _Batch(tls.dataReceived, sink)
-    tls.dataReceived = batch.dataReceived
-    return batch.gather
-
-
-class _Batch:
-    """One TLS layer's deliveries of one read, gathered for ``sink`` (slots: one a direction)."""
-
-    __slots__ = ("original", "sink", "pending", "gathering")
-
-    def __init__(self, original: Callable[[bytes], None], sink: Callable[[bytes], Any]):
-        self.original = original
-        self.sink = sink
-        self.pending: list[bytes] = []
-        self.gathering = False
-
-    def flush(self) -> None:
-        pending = self.pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self.sink(data)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.gathering = True
+    if tls is not None:
         try:
-            self.original(data)
-        finally:
-            self.gathering = False
-            if self.pending:
-                self.flush()
+            _batchReads(tls)
+        except Exception:
+            log.failure("batched TLS reads not hooked; this connection uses Twisted's reads")
 
-    def gather(self, data: bytes) -> Any:
-        if not self.gathering:
-            return self.sink(data)
-        pending = self.pending
-        pending.append(data)
-        if len(pending) >= SEND_RECORDS:  # each at most one record
-            self.flush()
-        return None
+
+def _batchReads(tls: Any) -> None:
+    conn = tls.getHandle()
+    if not isinstance(conn, SSL.Connection) or not tls._handshakeDone:  # private
+        raise TypeError("not an OpenSSL connection past its handshake")
+    conn.recv = _Reads(conn).recv  # type: ignore[method-assign]
+
+
+class _Reads:
+    """
+    A TLS connection's ``recv`` for Twisted's loop, which calls it until
+    WantReadError. One call returns all the records of the last network read;
+    the next raises WantReadError without a failing SSL_read (a costly path,
+    twice a relayed round trip). An error after some records comes next call.
+    """
+
+    __slots__ = ("conn", "ssl", "incoming", "error")
+
+    def __init__(self, conn: SSL.Connection):
+        self.conn = conn
+        # Private: the SSL object, and the memory BIO Twisted writes into.
+        self.ssl = conn._ssl  # type: ignore[attr-defined]
+        self.incoming = conn._into_ssl  # type: ignore[attr-defined]
+        self.error: SSL.Error | None = None
+
+    def recv(self, bufsiz: int, flags: Any = None) -> bytes:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        ssl, incoming, null = self.ssl, self.incoming, _ffi.NULL
+        # Decrypted bytes held, or bytes not yet decrypted: else SSL_read
+        # would only say WantRead (past the handshake, which reads none).
+        if not (_lib.SSL_pending(ssl) or _lib.BIO_get_mem_data(incoming, null)):
+            raise SSL.WantReadError()
+        data = SSL.Connection.recv(self.conn, bufsiz, flags)
+        # More records to read? (What did not fit ``bufsiz``: the next call.)
+        if not _lib.BIO_get_mem_data(incoming, null):
+            return data
+        records = [data]
+        while len(records) < SEND_RECORDS and _lib.BIO_get_mem_data(incoming, null):
+            try:
+                records.append(SSL.Connection.recv(self.conn, bufsiz, flags))
+            except SSL.WantReadError:
+                break  # a partial record: the rest comes with the next read
+            except SSL.Error as e:
+                self.error = e
+                break
+        return b"".join(records)
 
 
 def _bufferingTLS(transport: Any) -> Any:
@@ -361,9 +363,7 @@ def sessionReused(connection: Any) -> bool | None:
     try:
         # pyOpenSSL has no public call for SSL_session_reused: its private
         # bindings (_util.lib) and the connection's SSL pointer (_ssl).
-        from OpenSSL._util import lib
-
-        return bool(lib.SSL_session_reused(connection._ssl))
+        return bool(_lib.SSL_session_reused(connection._ssl))
     except Exception:
         return None
 
@@ -383,15 +383,15 @@ def _probeTLS() -> None:
     write(b"x" * (3 * TLS_RECORD))
     pair.pump()
     _check(pair.serverReceived() == b"first " + b"x" * (3 * TLS_RECORD), "direct TLS writes")
-    # Batched reads: three records read at once reach the sink in one call.
-    got: list[bytes] = []
-    pair.serverApp.sink = _batchReads(pair.server, got.append)
+    # Batched reads: three records read at once reach the protocol in one
+    # call, and only then does Twisted's loop stop.
+    _batchReads(pair.server)
     write(b"y" * (3 * TLS_RECORD))
     pair.pump()
+    got = pair.serverApp.received
     _check(got == [b"y" * (3 * TLS_RECORD)], "batched TLS reads did not gather one read")
-    from OpenSSL._util import lib
-
-    reused = lib.SSL_session_reused(pair.client.getHandle()._ssl)
+    got.clear()
+    reused = _lib.SSL_session_reused(pair.client.getHandle()._ssl)
     _check(reused == 0, "SSL_session_reused is wrong on a fresh session")
 
 

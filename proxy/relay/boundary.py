@@ -91,13 +91,6 @@ class ImapBoundaries:
             elif verb == b"LOGOUT":
                 self.loggedOut = True
 
-    def _responses(self) -> None:
-        """Tagged responses begun since the last look answer the oldest commands."""
-        new, self._tagged = self.down.tagged - self._tagged, self.down.tagged
-        self.answered = min(self.sent, self.answered + new)
-        if self.answered == self.sent:
-            self.idling = False
-
     @property
     def betweenResponses(self) -> bool:
         """A line of the proxy's own may go to the client now."""
@@ -139,10 +132,13 @@ class ImapBoundaries:
 
     def _relayToClient(self, data: bytes) -> Any:
         down = self.down
-        tagged = down.tagged
         down.skim(data)
-        if down.tagged != tagged:
-            self._responses()
+        if down.tagged != self._tagged:
+            # Tagged responses begun since the last read answer the oldest commands.
+            new, self._tagged = down.tagged - self._tagged, down.tagged
+            self.answered = min(self.sent, self.answered + new)
+            if self.answered == self.sent:
+                self.idling = False
         if len(data) >= _TAIL_KEPT:
             self._tail = data[-_TAIL_KEPT:]
         else:

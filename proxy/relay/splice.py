@@ -139,10 +139,10 @@ class Splice:
         b = self.boundaries
         self._sendToClient = b.toClient(_fast.directWriter(ct))
         self._fromProvider = self.toClientSink(self._sendToClient)
-        toClient = _fast.batchReads(
-            ut, self._keepingTail if self._audit is not None else self._fromProvider
-        )
-        toUpstream = _fast.batchReads(ct, b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut))))
+        toClient = self._keepingTail if self._audit is not None else self._fromProvider
+        toUpstream = b.toUpstream(self.toUpstreamSink(_fast.directWriter(ut)))
+        _fast.batchReads(ut)
+        _fast.batchReads(ct)
         leftover = self.upstream.takeOver(toClient, self._upstreamLost)
         self.client.sink = toUpstream
         ct.registerProducer(ut, True)
