@@ -17,7 +17,7 @@ import pytest
 from OpenSSL import SSL
 from twisted.internet import ssl, task, tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -217,15 +217,27 @@ def test_fastPathsHookOnlyWhenOn(relay, pki):
     s.clock.advance(0)  # the provider's TLS layer sends them
     # Deliver them to the proxy in one read, without another reactor turn.
     s.upstreamLeg.pump(advanceClock=False)
+    hooked = ["recv" in vars(side.transport.getHandle()) for side in (s.clientSide, s.upstreamSide)]
     if relay == "fast":
-        assert "recv" in vars(s.upstreamSide.transport.getHandle())
+        assert hooked == [True, True]
         assert s.clientWire.writes == before + 1
     else:
-        assert "recv" not in vars(s.upstreamSide.transport.getHandle())
+        assert hooked == [False, False]
         # Twisted's aggregation waits for the reactor's next turn.
         assert s.clientWire.writes == before
     s.settle()
     assert s.client.received == b"x" * (3 * 16384)
+
+
+def test_aTLSConnectionThatTakesLessThanARecordStillSendsItAll(relay, pki):
+    """Records smaller than 16 KiB (a client's max_fragment_length): every byte goes."""
+    s = Session(pki, True)
+    conn = s.clientSide.transport.getHandle()
+    conn.send = lambda data: SSL.Connection.send(conn, bytes(data[:512]))
+    s.splice()
+    s.providerWrites(b"x" * 4000 + b"\r\n")
+    s.settle()
+    assert s.client.received == b"x" * 4000 + b"\r\n"
 
 
 def test_flushWritesSendsWhatTheTLSLayerHoldsNow(relay, pki):
@@ -491,6 +503,18 @@ def test_anErrorAfterRecordsComesAfterThem(monkeypatch):
     pair.server.connectionLost(Failure(ConnectionDone()))
     (reason,) = lost
     assert reason.check(SSL.Error)
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
+def test_anEndWithoutCloseNotifyIsToldAsTwistedTellsIt(monkeypatch, cut):
+    """The connection lost without close_notify, its last record whole or cut: not a clean end."""
+    pair, reads, lost = _readingPair(monkeypatch)
+    wire = _sent(pair, b"a1 NOOP\r\n")
+    pair.server.dataReceived(wire[:-5] if cut else wire)
+    pair.server.connectionLost(Failure(ConnectionDone()))
+    assert pair.serverApp.received == ([] if cut else [b"a1 NOOP\r\n"])
+    (reason,) = lost
+    assert reason.check(ConnectionLost)
 
 
 def test_theEndOfTLSAfterRecordsComesAfterThem(monkeypatch):

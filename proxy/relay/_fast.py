@@ -1,13 +1,12 @@
 """
 The one module that uses private names of Twisted and pyOpenSSL; each
-access says why beside it.
-
-Private names change without notice, so every name and behaviour used here
-is probed once at start-up (:func:`configure`, from ``makeService``) over an
-in-memory TLS pair and a socket pair. The fast paths are on only when every
-probe passes; otherwise the whole process relays through Twisted's public
-interfaces and says why in one log line. The functions exported here never
-raise: off, or failing to hook, they do what Twisted's public path does.
+access says why beside it. Private names change without notice, so every
+name and behaviour used here is probed once at start-up (:func:`configure`,
+from ``makeService``) over an in-memory TLS pair and a socket pair. The fast
+paths are on only when every probe passes; otherwise the whole process
+relays through Twisted's public interfaces and says why in one log line.
+The functions exported here never raise: off, or failing to hook, they do
+what Twisted's public path does.
 
 Twisted's PROXY-protocol parsers (not a fast path) are probed when the
 listeners are checked: a ``haproxy:`` listener is refused without them.
@@ -31,20 +30,16 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 from .transports import transportChain
 
-try:
-    # pyOpenSSL's bindings of OpenSSL (private; probed before any use).
+with contextlib.suppress(ImportError):  # pyOpenSSL's private bindings: else a probe fails
     from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _lib
-except ImportError:  # pragma: no cover
-    _ffi = _lib = None
 
 log = Logger(namespace="proxy.relay")
 
 MODES = ("fast", "plain")
 
-# TLS's largest record; the most decrypted records handed on at once; how much
-# a TCP connection reads at a time with the fast paths on (fewer, larger reads
-# and writes for bulk transfers).
+# TLS's largest record; the most decrypted records handed on at once; a TCP
+# connection's read size with the fast paths on (fewer, larger reads and writes).
 TLS_RECORD = 16384
 SEND_RECORDS = 16
 READ_SIZE = 262144
@@ -53,8 +48,7 @@ READ_SIZE = 262144
 @attrs.frozen
 class FastPaths:
     """
-    :ivar enabled: whether this process uses eager TCP writes, direct TLS
-        writes and batched TLS reads.
+    :ivar enabled: whether this process uses eager TCP writes, direct TLS writes, batched TLS reads.
     :ivar reason: why they are off (or ``"all probes passed"``).
     """
 
@@ -247,9 +241,9 @@ def _directWrite(tls: Any, data: bytes) -> None:
     conn = tls._tlsConnection  # private: getHandle() without the call
     sent, size = 0, len(data)
     try:
-        if size <= TLS_RECORD:
+        if 0 < size <= TLS_RECORD:
             sent = conn.send(data)
-        else:
+        if sent < size:  # more than a record, or smaller records (max_fragment_length)
             view = memoryview(data)
             while sent < size:
                 sent += conn.send(view[sent : sent + TLS_RECORD])
@@ -293,7 +287,9 @@ def _batchReads(tls: Any) -> None:
     conn = tls.getHandle()
     if not isinstance(conn, SSL.Connection) or not tls._handshakeDone:  # private
         raise TypeError("not an OpenSSL connection past its handshake")
-    conn.recv = _Reads(conn).recv  # type: ignore[method-assign]
+    reads = _Reads(conn)
+    conn.recv = reads.recv  # type: ignore[method-assign]
+    conn.bio_shutdown = reads.bioShutdown  # type: ignore[method-assign]
 
 
 class _Reads:
@@ -301,7 +297,8 @@ class _Reads:
     A TLS connection's ``recv`` for Twisted's loop, which calls it until
     WantReadError. One call returns all the records of the last network read;
     the next raises WantReadError without a failing SSL_read (a costly path,
-    twice a relayed round trip). An error after some records comes next call.
+    twice a relayed round trip). An error after some records comes next call
+    (OpenSSL has failed the connection by then: a reply to them fails too).
     """
 
     __slots__ = ("conn", "ssl", "incoming", "error")
@@ -337,6 +334,12 @@ class _Reads:
                 break
         return b"".join(records)
 
+    def bioShutdown(self) -> None:
+        # The network's end (Twisted's connectionLost): pyOpenSSL's own reads
+        # from here, which tell a close without close_notify, or a cut record.
+        del self.conn.recv, self.conn.bio_shutdown
+        self.conn.bio_shutdown()
+
 
 def _bufferingTLS(transport: Any) -> Any:
     """The ``BufferingTLSTransport`` that ``transport.write`` goes through, if any."""
@@ -361,8 +364,7 @@ def sessionReused(connection: Any) -> bool | None:
     if not _paths.enabled:
         return None
     try:
-        # pyOpenSSL has no public call for SSL_session_reused: its private
-        # bindings (_util.lib) and the connection's SSL pointer (_ssl).
+        # No public call for SSL_session_reused: the private bindings, _ssl.
         return bool(_lib.SSL_session_reused(connection._ssl))
     except Exception:
         return None
@@ -376,23 +378,21 @@ def _probeTLS() -> None:
         _check(isinstance(tls, BufferingTLSTransport), "the TLS layer does not buffer")
         _check(isinstance(tls.getHandle(), SSL.Connection), "the TLS handle is not OpenSSL's")
         _check(tls._appSendBuffer == [] and tls._lostTLSConnection is False, "TLS layer state")
-    # Direct writes: what is written arrives, in order, after what was
-    # aggregated before.
+    # Direct writes: what is written arrives, in order, after what was aggregated.
     pair.client.write(b"first ")
     write = _directWriter(pair.client)
     write(b"x" * (3 * TLS_RECORD))
     pair.pump()
     _check(pair.serverReceived() == b"first " + b"x" * (3 * TLS_RECORD), "direct TLS writes")
-    # Batched reads: three records read at once reach the protocol in one
-    # call, and only then does Twisted's loop stop.
+    # Batched reads: three records read at once reach the protocol in one call.
     _batchReads(pair.server)
     write(b"y" * (3 * TLS_RECORD))
     pair.pump()
-    got = pair.serverApp.received
-    _check(got == [b"y" * (3 * TLS_RECORD)], "batched TLS reads did not gather one read")
-    got.clear()
-    reused = _lib.SSL_session_reused(pair.client.getHandle()._ssl)
-    _check(reused == 0, "SSL_session_reused is wrong on a fresh session")
+    _check(pair.serverApp.received == [b"y" * (3 * TLS_RECORD)], "batched TLS reads")
+    conn = pair.server.getHandle()
+    pair.server.connectionLost(None)  # without close_notify: pyOpenSSL's own reads again
+    _check("recv" not in vars(conn), "the TLS layer's end does not go through bio_shutdown")
+    _check(_lib.SSL_session_reused(pair.client.getHandle()._ssl) == 0, "SSL_session_reused")
 
 
 # -- PROXY-protocol headers ----------------------------------------------------
