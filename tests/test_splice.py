@@ -240,6 +240,23 @@ def test_aTLSConnectionThatTakesLessThanARecordStillSendsItAll(relay, pki):
     assert s.client.received == b"x" * 4000 + b"\r\n"
 
 
+def test_aLostTLSLayerIsLeftToTwistedQuietly(relay, pki):
+    """A leg lost before the splice hooks it: Twisted's own writes and reads, no failure logged."""
+    s = Session(pki, True)
+    tls = s.clientSide.transport
+    tls.connectionLost(Failure(ConnectionDone()))
+    failures: list[dict] = []
+    observer = lambda event: "log_failure" in event and failures.append(event)  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert _fast.directWriter(tls) == tls.write
+        _fast.batchReads(tls)
+        _fast.flushWrites(tls)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert failures == []
+
+
 def test_flushWritesSendsWhatTheTLSLayerHoldsNow(relay, pki):
     """Fast: a login's answer leaves in this turn; plain: at the next, as Twisted has it."""
     s = Session(pki, True)

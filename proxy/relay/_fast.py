@@ -342,14 +342,13 @@ class _Reads:
 
 
 def _bufferingTLS(transport: Any) -> Any:
-    """The ``BufferingTLSTransport`` that ``transport.write`` goes through, if any."""
+    """The live ``BufferingTLSTransport`` that ``transport.write`` goes through, if any."""
     for t in transportChain(transport):
-        if isinstance(t, BufferingTLSTransport):
-            return t
         if getattr(type(t), "TLS", None) is not None and vars(t).get("TLS"):
             # STARTTLS on a TCP connection: its protocol is the TLS layer.
-            protocol = getattr(t, "protocol", None)
-            return protocol if isinstance(protocol, BufferingTLSTransport) else None
+            t = getattr(t, "protocol", None)
+        if isinstance(t, BufferingTLSTransport):
+            return t if t.getHandle() is not None else None
         if not isinstance(t, ProtocolWrapper):
             return None
         # A wrapper (connection limits, PROXY protocol) writes to what it wraps.
