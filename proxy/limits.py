@@ -342,6 +342,10 @@ class LimitedProtocol(ProtocolWrapper, TimeoutMixin):
 
     def loggedIn(self) -> None:
         self.factory.limiter.loggedIn(self)
+        if not self._handshaking:
+            # No handshake left to time (STARTTLS comes before a login): reads
+            # go straight to the session, one step fewer on every relayed read.
+            self.dataReceived = self.wrappedProtocol.dataReceived  # type: ignore[method-assign]
 
     def handshakeStarting(self) -> None:
         if self._handshaking or self._closing:

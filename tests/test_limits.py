@@ -129,6 +129,8 @@ class PerAddressTests(LimiterTestCase):
         proto, _ = self.connect(factory)
         limits.loggedIn(proto.wrappedProtocol.transport)
         self.assertEqual((self.limiter.preauth, self.limiter.open), (0, 1))
+        # Its reads now go straight to the session.
+        self.assertEqual(proto.dataReceived, proto.wrappedProtocol.dataReceived)
         again, _ = self.connect(factory)
         self.assertEqual(again.wrappedProtocol.made, 1)
 
