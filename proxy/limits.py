@@ -401,6 +401,7 @@ class LimitedProtocol(ProtocolWrapper, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         self.factory.limiter.closed(self)
+        vars(self).pop("dataReceived", None)  # set by loggedIn: it holds the session
         if self._admitted:
             ProtocolWrapper.connectionLost(self, reason)
 

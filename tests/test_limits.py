@@ -126,13 +126,15 @@ class PerAddressTests(LimiterTestCase):
     def test_loggedInNoLongerCounts(self):
         """A logged-in connection leaves room for the next pre-auth one from its address."""
         factory = self.factory(maxPreauthPerAddress=1)
-        proto, _ = self.connect(factory)
+        proto, transport = self.connect(factory)
         limits.loggedIn(proto.wrappedProtocol.transport)
         self.assertEqual((self.limiter.preauth, self.limiter.open), (0, 1))
-        # Its reads now go straight to the session.
+        # Its reads now go straight to the session, until it is lost.
         self.assertEqual(proto.dataReceived, proto.wrappedProtocol.dataReceived)
         again, _ = self.connect(factory)
         self.assertEqual(again.wrappedProtocol.made, 1)
+        self.lose(proto, transport)
+        self.assertNotIn("dataReceived", vars(proto))
 
     def test_addressKeys(self):
         """IPv4 and IPv4-mapped addresses count alone; IPv6 ones by their /64."""

@@ -8,9 +8,11 @@ and the eager TCP writes, over a real socket pair.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import tempfile
+import weakref
 from typing import Any
 
 import pytest
@@ -217,7 +219,10 @@ def test_fastPathsHookOnlyWhenOn(relay, pki):
     s.clock.advance(0)  # the provider's TLS layer sends them
     # Deliver them to the proxy in one read, without another reactor turn.
     s.upstreamLeg.pump(advanceClock=False)
-    hooked = ["recv" in vars(side.transport.getHandle()) for side in (s.clientSide, s.upstreamSide)]
+    hooked = [
+        type(side.transport.getHandle()) is not SSL.Connection
+        for side in (s.clientSide, s.upstreamSide)
+    ]
     if relay == "fast":
         assert hooked == [True, True]
         assert s.clientWire.writes == before + 1
@@ -438,7 +443,7 @@ def test_aFailedProbeTurnsTheFastPathsOffWithOneLogLine(pki, monkeypatch):
         s.settle()
         assert s.provider.received == b"a2 SELECT INBOX\r\n"
         assert s.client.received == b"* 3 EXISTS\r\n"
-        assert "recv" not in vars(s.clientSide.transport.getHandle())
+        assert type(s.clientSide.transport.getHandle()) is SSL.Connection
     finally:
         globalLogPublisher.removeObserver(observer)
         _fast._paths = previous
@@ -532,6 +537,45 @@ def test_anEndWithoutCloseNotifyIsToldAsTwistedTellsIt(monkeypatch, cut):
     assert pair.serverApp.received == ([] if cut else [b"a1 NOOP\r\n"])
     (reason,) = lost
     assert reason.check(ConnectionLost)
+
+
+def _freedAfter(end: str, batched: bool) -> bool:
+    """Whether the server's TLS connection is freed, without the cycle collector, once ended."""
+    gc.collect()
+    gc.disable()
+    try:
+        pair = _probe.tlsPair()
+        if batched:
+            _fast._batchReads(pair.server)
+        conn = weakref.ref(pair.server.getHandle())
+        wire = _sent(pair, b"* BYE\r\n", b"a1 OK LOGOUT\r\n")
+        if end == "close_notify":
+            pair.client.loseConnection()
+            wire += _sent(pair)
+        elif end == "bad record":
+            bad = bytearray(_sent(pair, b"x" * 100))
+            bad[-1] ^= 1
+            wire += bytes(bad)
+        pair.server.dataReceived(wire)
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        assert pair.serverApp.received == [b"* BYE\r\na1 OK LOGOUT\r\n"]
+        del pair
+        return conn() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("end", ["close_notify", "bad record", "no close_notify"])
+def test_anEndedConnectionIsFreedAsTwistedFreesIt(end):
+    """
+    Nothing of the batched reads keeps a TLS connection (and OpenSSL's
+    buffers) after its end until a collection: no cycle through it, nor
+    through a stored error's traceback. (Twisted's own failures keep it, in
+    their frames, when the end is an error.)
+    """
+    assert _freedAfter(end, batched=True) == _freedAfter(end, batched=False)
+    if end == "close_notify":
+        assert _freedAfter(end, batched=True)
 
 
 def test_theEndOfTLSAfterRecordsComesAfterThem(monkeypatch):

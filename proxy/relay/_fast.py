@@ -287,58 +287,53 @@ def _batchReads(tls: Any) -> None:
     conn = tls.getHandle()
     if not isinstance(conn, SSL.Connection) or not tls._handshakeDone:  # private
         raise TypeError("not an OpenSSL connection past its handshake")
-    reads = _Reads(conn)
-    conn.recv = reads.recv  # type: ignore[method-assign]
-    conn.bio_shutdown = reads.bioShutdown  # type: ignore[method-assign]
+    # A class, not bound methods: no cycle holds OpenSSL's memory after the end.
+    conn.__class__ = _BatchedConnection
 
 
-class _Reads:
+class _BatchedConnection(SSL.Connection):
     """
-    A TLS connection's ``recv`` for Twisted's loop, which calls it until
-    WantReadError. One call returns all the records of the last network read;
-    the next raises WantReadError without a failing SSL_read (a costly path,
-    twice a relayed round trip). An error after some records comes next call
-    (OpenSSL has failed the connection by then: a reply to them fails too).
+    A TLS connection whose ``recv`` (Twisted's loop calls it until
+    WantReadError) returns all the records of the last network read in one
+    call; the next raises WantReadError without a failing SSL_read (a costly
+    path, twice a relayed round trip). An error after some records comes next
+    call (OpenSSL has failed the connection by then: a reply to them fails too).
     """
 
-    __slots__ = ("conn", "ssl", "incoming", "error")
-
-    def __init__(self, conn: SSL.Connection):
-        self.conn = conn
-        # Private: the SSL object, and the memory BIO Twisted writes into.
-        self.ssl = conn._ssl  # type: ignore[attr-defined]
-        self.incoming = conn._into_ssl  # type: ignore[attr-defined]
-        self.error: SSL.Error | None = None
+    _imapproxyError: SSL.Error | None = None
 
     def recv(self, bufsiz: int, flags: Any = None) -> bytes:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        ssl, incoming, null = self.ssl, self.incoming, _ffi.NULL
+        if self._imapproxyError is not None:
+            try:
+                raise self._imapproxyError  # no local: it would hold this frame
+            finally:
+                self._imapproxyError = None
+        # Private: the SSL object, and the memory BIO Twisted writes into.
+        ssl, incoming, null = self._ssl, self._into_ssl, _ffi.NULL
         # Decrypted bytes held, or bytes not yet decrypted: else SSL_read
         # would only say WantRead (past the handshake, which reads none).
         if not (_lib.SSL_pending(ssl) or _lib.BIO_get_mem_data(incoming, null)):
             raise SSL.WantReadError()
-        data = SSL.Connection.recv(self.conn, bufsiz, flags)
+        data = SSL.Connection.recv(self, bufsiz, flags)
         # More records to read? (What did not fit ``bufsiz``: the next call.)
         if not _lib.BIO_get_mem_data(incoming, null):
             return data
         records = [data]
         while len(records) < SEND_RECORDS and _lib.BIO_get_mem_data(incoming, null):
             try:
-                records.append(SSL.Connection.recv(self.conn, bufsiz, flags))
+                records.append(SSL.Connection.recv(self, bufsiz, flags))
             except SSL.WantReadError:
                 break  # a partial record: the rest comes with the next read
             except SSL.Error as e:
-                self.error = e
+                self._imapproxyError = e.with_traceback(None)
                 break
         return b"".join(records)
 
-    def bioShutdown(self) -> None:
+    def bio_shutdown(self) -> None:
         # The network's end (Twisted's connectionLost): pyOpenSSL's own reads
         # from here, which tell a close without close_notify, or a cut record.
-        del self.conn.recv, self.conn.bio_shutdown
-        self.conn.bio_shutdown()
+        self.__class__ = SSL.Connection  # type: ignore[assignment]
+        SSL.Connection.bio_shutdown(self)
 
 
 def _bufferingTLS(transport: Any) -> Any:
@@ -390,7 +385,7 @@ def _probeTLS() -> None:
     _check(pair.serverApp.received == [b"y" * (3 * TLS_RECORD)], "batched TLS reads")
     conn = pair.server.getHandle()
     pair.server.connectionLost(None)  # without close_notify: pyOpenSSL's own reads again
-    _check("recv" not in vars(conn), "the TLS layer's end does not go through bio_shutdown")
+    _check(type(conn) is SSL.Connection, "the TLS layer's end does not go through bio_shutdown")
     _check(_lib.SSL_session_reused(pair.client.getHandle()._ssl) == 0, "SSL_session_reused")
 
 
