@@ -8,6 +8,7 @@ and the eager TCP writes, over a real socket pair.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -23,7 +24,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
@@ -539,8 +540,13 @@ def test_anEndWithoutCloseNotifyIsToldAsTwistedTellsIt(monkeypatch, cut):
     assert reason.check(ConnectionLost)
 
 
-def _freedAfter(end: str, batched: bool) -> bool:
-    """Whether the server's TLS connection is freed, without the cycle collector, once ended."""
+def _endedWith(end: str, batched: bool) -> tuple[bool, Any]:
+    """
+    The server's TLS connection ended by ``end`` after two records: whether it
+    is freed without the cycle collector, and the reason its protocol got.
+    ``reply``: the protocol answers the records at once (the bad record after
+    them has failed the connection already); ``raise``: it raises.
+    """
     gc.collect()
     gc.disable()
     try:
@@ -548,34 +554,46 @@ def _freedAfter(end: str, batched: bool) -> bool:
         if batched:
             _fast._batchReads(pair.server)
         conn = weakref.ref(pair.server.getHandle())
+        lost: list[Any] = []
+        pair.serverApp.connectionLost = lost.append  # type: ignore[method-assign]
+        if end == "reply":
+            # At once, not at the next turn as the TLS layer's aggregated writes go.
+            pair.serverApp.sink = lambda data, tls=pair.server: TLSMemoryBIOProtocol.write(
+                tls, b"a1 OK\r\n"
+            )
+        elif end == "raise":
+            pair.serverApp.sink = lambda data: 1 / 0
         wire = _sent(pair, b"* BYE\r\n", b"a1 OK LOGOUT\r\n")
         if end == "close_notify":
             pair.client.loseConnection()
             wire += _sent(pair)
-        elif end == "bad record":
+        else:
             bad = bytearray(_sent(pair, b"x" * 100))
             bad[-1] ^= 1
             wire += bytes(bad)
-        pair.server.dataReceived(wire)
+        with contextlib.suppress(ZeroDivisionError):
+            pair.server.dataReceived(wire)
         pair.server.connectionLost(Failure(ConnectionDone()))
-        assert pair.serverApp.received == [b"* BYE\r\na1 OK LOGOUT\r\n"]
-        del pair
-        return conn() is None
+        (reason,) = lost
+        del pair, lost
+        return conn() is None, reason.type
     finally:
         gc.enable()
 
 
-@pytest.mark.parametrize("end", ["close_notify", "bad record", "no close_notify"])
-def test_anEndedConnectionIsFreedAsTwistedFreesIt(end):
+@pytest.mark.parametrize("end", ["close_notify", "reply", "raise"])
+def test_anEndedConnectionIsFreedAndToldAsTwistedDoes(end):
     """
-    Nothing of the batched reads keeps a TLS connection (and OpenSSL's
-    buffers) after its end until a collection: no cycle through it, nor
-    through a stored error's traceback. (Twisted's own failures keep it, in
-    their frames, when the end is an error.)
+    However a batched TLS connection ends, its protocol is told the reason
+    Twisted tells (but for a reply that fails first), and nothing of the
+    batching keeps the connection (and OpenSSL's buffers) until a collection:
+    no cycle through it, and a stored error never raised keeps no traceback.
     """
-    assert _freedAfter(end, batched=True) == _freedAfter(end, batched=False)
-    if end == "close_notify":
-        assert _freedAfter(end, batched=True)
+    freed, reason = _endedWith(end, batched=True)
+    if end != "reply":  # (the reply fails first: OpenSSL read the bad record with the rest)
+        assert reason == _endedWith(end, batched=False)[1]
+    if end != "raise":  # (Twisted's own failure then keeps it, in its frames)
+        assert freed
 
 
 def test_theEndOfTLSAfterRecordsComesAfterThem(monkeypatch):

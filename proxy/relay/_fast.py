@@ -285,8 +285,8 @@ def batchReads(transport: Any) -> None:
 
 def _batchReads(tls: Any) -> None:
     conn = tls.getHandle()
-    if not isinstance(conn, SSL.Connection) or not tls._handshakeDone:  # private
-        raise TypeError("not an OpenSSL connection past its handshake")
+    if type(conn) not in (SSL.Connection, _BatchedConnection) or not tls._handshakeDone:  # private
+        raise TypeError("not a plain OpenSSL connection past its handshake")
     # A class, not bound methods: no cycle holds OpenSSL's memory after the end.
     conn.__class__ = _BatchedConnection
 
@@ -331,8 +331,10 @@ class _BatchedConnection(SSL.Connection):
 
     def bio_shutdown(self) -> None:
         # The network's end (Twisted's connectionLost): pyOpenSSL's own reads
-        # from here, which tell a close without close_notify, or a cut record.
-        self.__class__ = SSL.Connection  # type: ignore[assignment]
+        # from here, which tell a close without close_notify, or a cut record;
+        # unless an error is still to be raised (it says more).
+        if self._imapproxyError is None:
+            self.__class__ = SSL.Connection  # type: ignore[assignment]
         SSL.Connection.bio_shutdown(self)
 
 
@@ -383,9 +385,11 @@ def _probeTLS() -> None:
     write(b"y" * (3 * TLS_RECORD))
     pair.pump()
     _check(pair.serverApp.received == [b"y" * (3 * TLS_RECORD)], "batched TLS reads")
+    # The end (Twisted's connectionLost calls bio_shutdown): pyOpenSSL's own
+    # reads again. Called directly: a lost layer's failure would be garbage.
     conn = pair.server.getHandle()
-    pair.server.connectionLost(None)  # without close_notify: pyOpenSSL's own reads again
-    _check(type(conn) is SSL.Connection, "the TLS layer's end does not go through bio_shutdown")
+    conn.bio_shutdown()
+    _check(type(conn) is SSL.Connection, "bio_shutdown does not restore pyOpenSSL's reads")
     _check(_lib.SSL_session_reused(pair.client.getHandle()._ssl) == 0, "SSL_session_reused")
 
 
