@@ -542,7 +542,7 @@ def test_anEndWithoutCloseNotifyIsToldAsTwistedTellsIt(monkeypatch, cut):
 
 def _endedWith(end: str, batched: bool) -> tuple[bool, Any]:
     """
-    The server's TLS connection ended by ``end`` after two records: whether it
+    The server's TLS connection ended by ``end`` after a record: whether it
     is freed without the cycle collector, and the reason its protocol got.
     ``reply``: the protocol answers the records at once (the bad record after
     them has failed the connection already); ``raise``: it raises.

@@ -293,11 +293,11 @@ def _batchReads(tls: Any) -> None:
 
 class _BatchedConnection(SSL.Connection):
     """
-    A TLS connection whose ``recv`` (Twisted's loop calls it until
-    WantReadError) returns all the records of the last network read in one
-    call; the next raises WantReadError without a failing SSL_read (a costly
-    path, twice a relayed round trip). An error after some records comes next
-    call (OpenSSL has failed the connection by then: a reply to them fails too).
+    A TLS connection whose ``recv`` (Twisted's loop calls it until WantReadError)
+    returns all the records of the last network read in one call; the next raises
+    WantReadError without a failing SSL_read (a costly path, twice a round trip).
+    An error after some records comes next call (OpenSSL has failed the
+    connection by then: a reply to them fails, the reason Twisted then gives).
     """
 
     _imapproxyError: SSL.Error | None = None
@@ -306,12 +306,12 @@ class _BatchedConnection(SSL.Connection):
         if self._imapproxyError is not None:
             try:
                 raise self._imapproxyError  # no local: it would hold this frame
-            finally:
+            finally:  # raised once, and the connection has ended: pyOpenSSL's reads again
                 self._imapproxyError = None
+                self.__class__ = SSL.Connection  # type: ignore[assignment]
         # Private: the SSL object, and the memory BIO Twisted writes into.
         ssl, incoming, null = self._ssl, self._into_ssl, _ffi.NULL
-        # Decrypted bytes held, or bytes not yet decrypted: else SSL_read
-        # would only say WantRead (past the handshake, which reads none).
+        # Nothing decrypted held, nothing to decrypt: SSL_read would say WantRead.
         if not (_lib.SSL_pending(ssl) or _lib.BIO_get_mem_data(incoming, null)):
             raise SSL.WantReadError()
         data = SSL.Connection.recv(self, bufsiz, flags)
@@ -330,9 +330,8 @@ class _BatchedConnection(SSL.Connection):
         return b"".join(records)
 
     def bio_shutdown(self) -> None:
-        # The network's end (Twisted's connectionLost): pyOpenSSL's own reads
-        # from here, which tell a close without close_notify, or a cut record;
-        # unless an error is still to be raised (it says more).
+        # The network's end (Twisted's connectionLost): pyOpenSSL's reads tell an
+        # end without close_notify, or a cut record; a stored error says more.
         if self._imapproxyError is None:
             self.__class__ = SSL.Connection  # type: ignore[assignment]
         SSL.Connection.bio_shutdown(self)
@@ -372,7 +371,7 @@ def _probeTLS() -> None:
     pair = tlsPair()
     for tls in (pair.client, pair.server):
         _check(isinstance(tls, BufferingTLSTransport), "the TLS layer does not buffer")
-        _check(isinstance(tls.getHandle(), SSL.Connection), "the TLS handle is not OpenSSL's")
+        _check(type(tls.getHandle()) is SSL.Connection, "the TLS handle is not OpenSSL's")
         _check(tls._appSendBuffer == [] and tls._lostTLSConnection is False, "TLS layer state")
     # Direct writes: what is written arrives, in order, after what was aggregated.
     pair.client.write(b"first ")
@@ -385,12 +384,15 @@ def _probeTLS() -> None:
     write(b"y" * (3 * TLS_RECORD))
     pair.pump()
     _check(pair.serverApp.received == [b"y" * (3 * TLS_RECORD)], "batched TLS reads")
-    # The end (Twisted's connectionLost calls bio_shutdown): pyOpenSSL's own
-    # reads again. Called directly: a lost layer's failure would be garbage.
-    conn = pair.server.getHandle()
-    conn.bio_shutdown()
-    _check(type(conn) is SSL.Connection, "bio_shutdown does not restore pyOpenSSL's reads")
     _check(_lib.SSL_session_reused(pair.client.getHandle()._ssl) == 0, "SSL_session_reused")
+    # Twisted's connectionLost calls bio_shutdown: pyOpenSSL's reads come back. (A
+    # close_notify left unread ends it without a failure, which would be garbage.)
+    conn = pair.server.getHandle()
+    pair.client.loseConnection()
+    pair.clock.advance(0)
+    conn.bio_write(pair.clientWire.value())
+    pair.server.connectionLost(None)
+    _check(type(conn) is SSL.Connection, "the TLS layer's end does not go through bio_shutdown")
 
 
 # -- PROXY-protocol headers ----------------------------------------------------
