@@ -50,6 +50,14 @@ class ResumptionTests(SynchronousTestCase):
 
     def setUp(self):
         useRelay(self, self.relay)
+        # Every connection a test makes, held until the test ends. OpenSSL
+        # marks a session not resumable when a connection that holds it is
+        # freed without having sent close_notify (SSL_free, by way of
+        # ssl_clear_bad_session), and these connections are never closed.
+        # Held, none is freed while the test runs; dropped, the garbage
+        # collector's timing would decide whether the kept session resumes.
+        self.connections = []
+        self.addCleanup(self.connections.clear)
 
     @classmethod
     def setUpClass(cls):
@@ -77,12 +85,13 @@ class ResumptionTests(SynchronousTestCase):
         clock = task.Clock()  # small TLS writes are flushed on the next "turn"
         server = TLSMemoryBIOFactory(serverOptions, False, Factory.forProtocol(Greeter), clock)
         client = TLSMemoryBIOFactory(options, True, Factory.forProtocol(lambda: reader), clock)
-        c, _s, pump = connectedServerAndClient(
+        c, s, pump = connectedServerAndClient(
             lambda: server.buildProtocol(None), lambda: client.buildProtocol(None)
         )
         for _ in range(5):
             pump.flush()
             clock.advance(0)
+        self.connections.append((c, s, pump))
         return c, reader
 
     def test_theNextConnectionResumes(self):
@@ -120,6 +129,29 @@ class ResumptionTests(SynchronousTestCase):
             self.assertEqual(reader.data, b"* OK hello\r\n")
             self.assertEqual(reused(later), 1)
             options.remember(later)
+
+    def test_aConnectionFreedWithoutCloseNotifyCostsOneFullHandshake(self):
+        """
+        When the connection holding the kept session ends without
+        close_notify (a provider that drops it, an abort) and is freed,
+        OpenSSL no longer resumes that session: the next connection makes a
+        full handshake, its session is kept, and the one after resumes.
+        """
+        import gc
+
+        server, options = self.serverOptions(), self.clientOptions()
+        for n in range(2):
+            tls, reader = self.connect(server, options)
+            self.assertEqual(reused(tls), 0 if n == 0 else 1)
+            options.remember(tls)
+        del tls, reader
+        self.connections.clear()
+        gc.collect()
+        for expected in (0, 1):  # a full handshake, then resumption again
+            tls, reader = self.connect(server, options)
+            self.assertEqual(reader.data, b"* OK hello\r\n")
+            self.assertEqual(reused(tls), expected)
+            options.remember(tls)
 
     @staticmethod
     def recording(check, calls, n):
