@@ -12,7 +12,10 @@ a third between runs of ``bench.login_cpu``:
 ``venv`` stands for the installed code. Without ``--spares`` each login makes
 its upstream connection (``--warm-upstream 0``, as ``bench.login_cpu``); with
 it, each takes the spare connection made after the one before, and the CPU
-includes making that spare.
+includes making that spare. With ``--cold`` each measured login is the first
+of a fresh account, so it includes the token refresh (the provider's answer,
+the store's write); registering ``--logins`` such accounts in each rig, by the
+admin command, takes a few minutes first.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from bench.measure import await_spare
 from bench.rig import Rig
 
 
-def _rig(stack: contextlib.ExitStack, tree: str, spares: bool) -> Rig:
+def _rig(stack: contextlib.ExitStack, tree: str, spares: bool, cold: int) -> Rig:
     own = {"tree": None if tree == "venv" else os.path.abspath(tree), "spares": spares}
-    return smallRig(stack, type("PairProxy", (_NoSpares,), own))
+    return smallRig(stack, type("PairProxy", (_NoSpares,), own), cold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,15 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("b", help="'venv' or a source tree")
     ap.add_argument("--logins", type=int, default=400)
     ap.add_argument("--spares", action="store_true", help="logins take spare connections")
+    ap.add_argument("--cold", action="store_true", help="each login the first of a fresh account")
     args = ap.parse_args(argv)
+    if args.cold and args.spares:
+        ap.error("--cold and --spares exclude each other: a fresh account has no spare")
+    cold = args.logins if args.cold else 0
     with contextlib.ExitStack() as stack:
-        rigs = [_rig(stack, tree, args.spares) for tree in (args.a, args.b)]
+        rigs = [_rig(stack, tree, args.spares, cold) for tree in (args.a, args.b)]
         targets = [r.targets["imapproxy"] for r in rigs]
         pids = [r.proxy.pid() for r in rigs if r.proxy is not None]
         logins = [0, 0]
         made = [0, 0]  # spares made before each side's last login
 
-        def login(k: int) -> float:
+        def login(k: int, fresh: int | None = None) -> float:
+            """Side *k*'s next login: account 0's, or the *fresh*th cold account's."""
             t = targets[k]
             if args.spares and t.spares_made is not None:
                 # An account gets a spare from its second login on.
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     await_spare(t, made[k])
                 made[k] = t.spares_made()
             logins[k] += 1
-            c, elapsed = connect_login(t.port, t.ctx, t.logins[0])
+            who = t.logins[0] if fresh is None else t.cold[fresh]()
+            c, elapsed = connect_login(t.port, t.ctx, who)
             c.logout()
             c.close()
             return elapsed
@@ -67,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         times: list[list[float]] = [[], []]
         for i in range(args.logins):
             for k in (0, 1) if i % 2 == 0 else (1, 0):
-                times[k].append(login(k))
+                times[k].append(login(k, i if args.cold else None))
         after = [cpuTimes(p) for p in pids]
     cpu = [1e6 * sum(a - b for a, b in zip(after[k], before[k], strict=True)) for k in (0, 1)]
     per = [c / args.logins for c in cpu]
     med = [1e3 * statistics.median(t) for t in times]
     print(
-        f"{args.logins} logins each{' (spares)' if args.spares else ''}: "
+        f"{args.logins} logins each{' (spares)' if args.spares else ''}"
+        f"{' (first of an account)' if args.cold else ''}: "
         f"A {args.a} {per[0]:.0f} us/login, median {med[0]:.2f} ms; "
         f"B {args.b} {per[1]:.0f} us/login, median {med[1]:.2f} ms; "
         f"A/B CPU {per[0] / per[1]:.3f}, latency {med[0] / med[1]:.3f}; "

@@ -5,6 +5,8 @@ front of one Dovecot, this checkout's (``after``) and another source tree's
 same large FETCH through each, interleaved run by run so that the rest of the
 machine weighs on both alike. Prints the median MB/s of each and the relay's
 CPU seconds per GB relayed (summed over the runs: /proc counts 10 ms ticks).
+Both proxies get the rig's options; a tree older than them runs through
+``bench.tree``'s wrapper.
 
     python -m bench.relay_ab --before /tmp/before --size-mb 20 --runs 30
 """
@@ -22,9 +24,8 @@ import time
 from bench.client import Login, connect_login
 from bench.rig import Rig
 from bench.stats import cpu_seconds
-from tests.conftest import OAUTH2_DEADLINE
+from bench.tree import ProxyProcess
 from tests.imaputil import message
-from tests.upstream.proxyproc import ProxyProcess
 
 
 def main() -> None:
@@ -40,21 +41,13 @@ def main() -> None:
         rig.start()
         rig.populate(0, message(int(args.size_mb * 1e6), "large"))
         assert rig.proxy and rig.pki and rig.big
-        # The same store and options; only the code differs (PYTHONPATH first).
-        before = ProxyProcess(
-            os.path.join(work, "proxy"),
-            env={"REQUESTS_CA_BUNDLE": rig.pki.ca_cert},
-            server_prefix=["env", f"PYTHONPATH={os.path.abspath(args.before)}"],
-        )
+        # The same store and options; only the code differs (the tree's
+        # proxy/ first on PYTHONPATH, and bench.tree's wrapper for a tree
+        # older than the options the rig passes).
+        tree = type("Before", (ProxyProcess,), {"tree": os.path.abspath(args.before)})
+        before = tree(os.path.join(work, "proxy"), env={"REQUESTS_CA_BUNDLE": rig.pki.ca_cert})
         stack.callback(before.stop)
-        before.start(
-            "--port",
-            f"ssl:0:interface=127.0.0.1:privateKey={rig.pki.key}:certKey={rig.pki.cert}",
-            "--oauth2-deadline",
-            str(OAUTH2_DEADLINE),
-            "--smtp-port",
-            "none",
-        )
+        before.start(*rig.proxy_args())
         ports = {"before": before.ports["ssl"], "after": rig.proxy.ports["ssl"]}
         pids = {"before": before.pid(), "after": rig.proxy.pid()}
         login = Login.password(rig.big.account, rig.big.token)
