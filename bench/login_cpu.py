@@ -113,14 +113,14 @@ def _countCalls(pid: int, workdir: str, keep: str) -> int:
     return sum(nc for _cc, nc, *_ in pstats.Stats(path).stats.values())  # type: ignore[attr-defined]
 
 
-def smallRig(stack: contextlib.ExitStack, proxy: type[ProxyProcess], cold: int = 0) -> Rig:
-    """A rig (one small mailbox, *cold* fresh accounts) whose proxy is a ``proxy``."""
+def smallRig(stack: contextlib.ExitStack, proxy: type[ProxyProcess]) -> Rig:
+    """A rig (one small mailbox, no cold accounts) whose proxy is a ``proxy``."""
     work = tempfile.mkdtemp(prefix="imapproxy-logincpu-")
     stack.callback(shutil.rmtree, work, True)
     rig = Rig(work, stack, proxy_class=proxy)
     rig.start()
     rig.populate(1, message(1000, "big"))
-    rig.make_targets(cold)
+    rig.make_targets(0)
     return rig
 
 

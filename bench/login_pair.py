@@ -15,7 +15,7 @@ it, each takes the spare connection made after the one before, and the CPU
 includes making that spare. With ``--cold`` each measured login is the first
 of a fresh account, so it includes the token refresh (the provider's answer,
 the store's write); registering ``--logins`` such accounts in each rig, by the
-admin command, takes a few minutes first.
+admin command, takes about a second each first.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import contextlib
 import os
 import statistics
 
-from bench.client import connect_login
+from bench.client import Login, connect_login
 from bench.login_cpu import _NoSpares, cpuTimes, smallRig
 from bench.measure import await_spare
 from bench.rig import Rig
 
 
-def _rig(stack: contextlib.ExitStack, tree: str, spares: bool, cold: int) -> Rig:
+def _rig(stack: contextlib.ExitStack, tree: str, spares: bool) -> Rig:
     own = {"tree": None if tree == "venv" else os.path.abspath(tree), "spares": spares}
-    return smallRig(stack, type("PairProxy", (_NoSpares,), own), cold)
+    return smallRig(stack, type("PairProxy", (_NoSpares,), own))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cold and args.spares:
         ap.error("--cold and --spares exclude each other: a fresh account has no spare")
-    cold = args.logins if args.cold else 0
     with contextlib.ExitStack() as stack:
-        rigs = [_rig(stack, tree, args.spares, cold) for tree in (args.a, args.b)]
+        rigs = [_rig(stack, tree, args.spares) for tree in (args.a, args.b)]
         targets = [r.targets["imapproxy"] for r in rigs]
+        # Only the proxy's fresh accounts (make_targets' cold runs would
+        # register direct and second-login ones too, three times the wait).
+        n = args.logins if args.cold else 0
+        fresh = [
+            [Login.password(mb.account, mb.token) for mb in (r.register() for _ in range(n))]
+            for r in rigs
+        ]
         pids = [r.proxy.pid() for r in rigs if r.proxy is not None]
         logins = [0, 0]
         made = [0, 0]  # spares made before each side's last login
 
-        def login(k: int, fresh: int | None = None) -> float:
-            """Side *k*'s next login: account 0's, or the *fresh*th cold account's."""
+        def login(k: int, i: int | None = None) -> float:
+            """Side *k*'s next login: account 0's, or its *i*th fresh account's."""
             t = targets[k]
             if args.spares and t.spares_made is not None:
                 # An account gets a spare from its second login on.
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     await_spare(t, made[k])
                 made[k] = t.spares_made()
             logins[k] += 1
-            who = t.logins[0] if fresh is None else t.cold[fresh]()
+            who = t.logins[0] if i is None else fresh[k][i]
             c, elapsed = connect_login(t.port, t.ctx, who)
             c.logout()
             c.close()
